@@ -1,0 +1,122 @@
+//! Making memory device-visible: the [`DeviceView`] seam and its backends.
+//!
+//! "Device-visible" means different things on different machines, and the pool must not care:
+//! - [`vfio::VfioType1`]: an IOMMU mapping made with `VFIO_IOMMU_MAP_DMA`; the device address is
+//!   an IOVA we allocate ([`crate::iova`]).
+//! - [`noiommu::NoIommu`]: no IOMMU at all (VFIO no-IOMMU mode, uio, confidential VMs without a
+//!   vIOMMU); the device address is the physical address, read from `/proc/self/pagemap`.
+//! - [`identity::Identity`]: tests only; the device address is the virtual address.
+//! - vhost-user regions (`SET_MEM_TABLE` / `ADD_MEM_REG`) live in `drivers/vhost-user-blk`, which
+//!   implements this same trait.
+//!
+//! An iommufd backend (kernel ≥ 6.6: `/dev/iommu`, IOAS map/unmap) is the next one to add; it fits
+//! this trait unchanged: `share` becomes `IOMMU_IOAS_MAP` with a fixed IOVA.
+//!
+//! ## Contract
+//! - [`DeviceView::share`] is called once per chunk (one IOMMU mapping, one region); it may block
+//!   (ioctls, page pinning): only setup and the grower thread call it.
+//! - The returned [`DeviceAddr`] covers the whole region contiguously.
+//! - [`DeviceView::unshare`] is called with exactly what `share` was given and returned, after the
+//!   device can no longer have any I/O in flight to that region.
+
+pub mod identity;
+pub mod noiommu;
+pub mod vfio;
+
+use crate::memory::HostRegion;
+use crate::DeviceAddr;
+
+/// How much of a backend's mapping budget is in use.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ShareUsage {
+    /// Live mappings (IOMMU mappings, regions) made through this view.
+    pub mappings: u64,
+    /// The backend's limit on live mappings, if it has one (VFIO's `dma_avail` at open time,
+    /// 65,535 by default; 32 vhost-user memory slots).
+    pub mapping_limit: Option<u64>,
+    /// Bytes currently shared.
+    pub bytes: u64,
+}
+
+/// Makes host memory reachable by one device and says at which device address.
+///
+/// Implementations must be thread-safe; the pool calls `share`/`unshare` only from setup and its
+/// grower thread, and [`crate::pool`]'s direct-mapping path from the caller's thread.
+pub trait DeviceView: Send + Sync + std::fmt::Debug {
+    /// Makes `region` device-visible as one contiguous range of device addresses and returns the
+    /// address of its first byte. May block.
+    fn share(&self, region: &HostRegion<'_>) -> Result<DeviceAddr, ShareError>;
+
+    /// Undoes a [`DeviceView::share`] of exactly this region at exactly this address.
+    fn unshare(&self, region: &HostRegion<'_>, addr: DeviceAddr) -> Result<(), ShareError>;
+
+    /// Mappings in use and the limit.
+    fn usage(&self) -> ShareUsage;
+
+    /// A short name for logs and stats ("vfio-type1", "no-iommu", "identity", "vhost-user").
+    fn kind(&self) -> &'static str;
+}
+
+/// What went wrong making memory device-visible, each variant saying what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    /// The backend's mapping limit is reached.
+    #[error(
+        "device mapping limit reached: {used} of {limit} mappings in use; grow in larger \
+         chunks (fewer mappings) or raise vfio_iommu_type1's dma_entry_limit module parameter"
+    )]
+    MappingLimit {
+        /// Mappings in use.
+        used: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// No device address space left that satisfies the IOMMU's ranges and the DMA mask.
+    #[error("no {len} B of device address space left below the DMA mask {mask:#x}: {detail}")]
+    AddressSpace {
+        /// Bytes wanted.
+        len: u64,
+        /// The device's DMA mask.
+        mask: u64,
+        /// What the allocator says.
+        detail: String,
+    },
+    /// The region cannot be shared this way (e.g. not physically contiguous without an IOMMU,
+    /// not page-aligned, no memfd for a backend that needs one).
+    #[error("cannot share this memory: {0}")]
+    Unsuitable(String),
+    /// The region was not shared (or not at that address) when unsharing.
+    #[error("region at {addr:#x} (+{len} B) is not shared at device address {iova:#x}")]
+    NotShared {
+        /// Host address.
+        addr: usize,
+        /// Length.
+        len: usize,
+        /// Device address given.
+        iova: u64,
+    },
+    /// A VFIO operation failed.
+    #[error("VFIO: {what}: {detail}")]
+    Vfio {
+        /// The operation.
+        what: &'static str,
+        /// The error text from vfio-ioctls or the kernel.
+        detail: String,
+    },
+    /// No permission: not root, or no access to /dev/vfio or /proc/self/pagemap.
+    #[error("permission denied opening {path}: {hint}")]
+    Permission {
+        /// The file.
+        path: String,
+        /// What to do.
+        hint: &'static str,
+    },
+    /// Any other system call failure.
+    #[error("{what} failed: {source}")]
+    Os {
+        /// The call that failed.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+}
