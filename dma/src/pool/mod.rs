@@ -1,1 +1,788 @@
-//! (being written)
+//! The pool: device-visible buffers whose allocation awaits capacity instead of failing.
+//!
+//! # Shape
+//! A [`Pool`] holds chunks of DMA memory ([`crate::memory::Chunk`]) that one
+//! [`DeviceView`] has made device-visible (one IOMMU mapping per chunk). Buffers are carved
+//! from chunks by a buddy allocator ([`buddy`]) in power-of-two sizes from 512 B to
+//! `max_buffer` (2 MiB by default), naturally aligned within their chunk. Chunks must sit at
+//! device addresses aligned to at least 4 KiB (checked; the VFIO view aligns them to 2 MiB), so
+//! a buffer of 4 KiB or more is 4 KiB aligned (NVMe PRPs need that), and a buffer of size 2^k
+//! never crosses a 2^k boundary of the device address space up to the chunk's alignment.
+//! Power-of-two rounding wastes up to half a buffer in the worst case (a 2.1 KiB request takes
+//! 4 KiB); storage and network sizes cluster on powers of two, and it buys O(1) per-core caches
+//! and natural alignment. [`PoolStats::in_use_bytes`] counts the rounded sizes.
+//!
+//! # Paths
+//! - **Hot path** ([`cache`]): the calling CPU's cache of free blocks, one uncontended lock.
+//! - **Slow path**: the shared [`arena`] under one mutex (`global`), refilling caches in
+//!   batches. Never held across a system call.
+//! - **Waiting** ([`Pool::alloc`], [`Pool::map`]): when the arena has nothing (or only the
+//!   reserve) left, the request joins the [`WaitQueue`] (FIFO, size-aware, with an aging bound,
+//!   see [`crate::wait`]), the grower is woken, and the future parks. Released space goes to
+//!   the oldest waiter it fits. A dropped future loses nothing: a grant it never took goes back
+//!   and to the next waiter. While anyone waits, newcomers queue behind them (no barging) and
+//!   releases bypass the per-core caches so waiters see the space.
+//! - **Immediate path** ([`Pool::try_alloc`], [`Pool::try_map`]): for pollers and completion
+//!   reapers, which must never wait. Cache, then the arena including the **reserve**
+//!   (`reserve_bytes` kept back from awaitable requests), then, if enabled, a **transient** chunk
+//!   made just for this burst and given back as soon as it is idle, then
+//!   [`PoolError::Exhausted`] with the pool's state. It never waits for a lock held across a
+//!   system call.
+//! - **Grower** ([`grower`]): a dedicated thread (mmap, hugepage faults and VFIO ioctls block:
+//!   never on an async worker) that grows by whole chunks when free space falls below the low
+//!   watermark or anyone waits, up to `max_bytes`; backs off after a failure, except that a
+//!   waiter older than `grow_after` forces growth at once (the bounded wait: a waiter cannot be
+//!   left behind a backoff forever); and gives back chunks idle for `shrink_delay` when enough
+//!   would stay free (hysteresis), never below the prefill.
+//!
+//! # The reaper rule
+//! A task that reaps completions for a device must use only the immediate path. If it awaited
+//! its own pool, it could wait for space that only its own reaping would free: a deadlock.
+//!
+//! # Security
+//! Every buffer handed out is zeroed, or fully overwritten by the caller's data for this
+//! mapping, before its device address is returned: a device never sees another mapping's bytes.
+
+pub mod arena;
+pub mod buddy;
+mod buf;
+mod cache;
+mod config;
+mod error;
+mod grower;
+mod mapping;
+mod stats;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+pub use buf::DmaBuf;
+pub use config::{AtCap, PoolConfig, MIN_BUFFER};
+pub use error::PoolError;
+pub use grower::MaintainReport;
+pub use mapping::{Direction, Mapping, MapFuture, UserBuf};
+pub use stats::{PoolStats, WaitPercentiles};
+
+use crate::memory::Chunk;
+use crate::share::DeviceView;
+use crate::sync::{Arc, AtomicUsize, Mutex, Ordering};
+use crate::wait::{Ticket, WaitQueue, WakeList};
+
+use arena::{Arena, Block};
+use buddy::Buddy;
+use cache::Caches;
+use stats::Counters;
+
+/// A pool of device-visible DMA buffers. Cheap to clone (all clones share one pool).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), tidepool::pool::PoolError> {
+/// use std::sync::Arc;
+/// use tidepool::pool::{Direction, Pool, PoolConfig};
+/// use tidepool::share::identity::Identity;
+///
+/// let pool = Pool::new(Arc::new(Identity::new()), PoolConfig::default())?;
+/// let data = vec![7u8; 4096];
+/// let mapping = pool.map(&data[..], Direction::ToDevice).await?;
+/// let iova = mapping.device_addr(); // put this in a command for the device
+/// # let _ = iova;
+/// mapping.unmap();
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+/// Everything the pool's handles, buffers and grower share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub cfg: PoolConfig,
+    pub view: Arc<dyn DeviceView>,
+    pub caches: Caches,
+    /// The arena, the waiter queue and the grower's bookkeeping. The only lock of the slow path.
+    pub global: Mutex<Global>,
+    /// A mirror of `global.queue.waiting()`, written under `global`, read without it on the hot
+    /// path to decide whether releases must go to waiters. A stale read is harmless: a release
+    /// that misses a brand-new waiter lands in a cache, and the grower's drain or forced growth
+    /// (after `grow_after`) bounds how long that waiter can be left behind it.
+    pub waiting: AtomicUsize,
+    pub counters: Counters,
+    pub grower: Arc<grower::Signal>,
+}
+
+/// State behind [`Shared::global`].
+#[derive(Debug)]
+pub(crate) struct Global {
+    pub arena: Arena,
+    pub queue: WaitQueue<Block>,
+    /// Waiters with a deadline (timeouts, or `AtCap::Fail`): key → (ticket, waker). The grower
+    /// wakes them when the deadline passes so that they can give up.
+    pub deadlines: std::collections::BTreeMap<(Instant, u64), std::task::Waker>,
+    pub next_deadline_id: u64,
+    /// Bytes the grower is making right now (not yet in the arena), counted against the cap.
+    pub growing_bytes: u64,
+    /// Transient chunks that went idle, for the grower to unshare and free.
+    pub retired: Vec<u32>,
+    /// When the pool last grew (shrinking waits `shrink_delay` after it).
+    pub last_grow: Option<Instant>,
+    /// Growth failed: don't retry on the watermark before this.
+    pub backoff_until: Option<Instant>,
+    pub backoff: Duration,
+    /// When growth last failed.
+    pub last_failure: Option<Instant>,
+}
+
+/// Which path a request came from, for the reserve rule.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Caller {
+    /// May wait: must leave the reserve alone.
+    Awaitable,
+    /// Must not wait: may use the reserve.
+    Immediate,
+}
+
+impl Pool {
+    /// Makes a pool over `view`, prefilling `cfg.prefill_bytes` (made and shared now, blocking)
+    /// and starting the grower thread unless `cfg.background` is off.
+    pub fn new(view: Arc<dyn DeviceView>, cfg: PoolConfig) -> Result<Pool, PoolError> {
+        cfg.validate()?;
+        let shared = Arc::new(Shared {
+            caches: Caches::new(PoolConfig::min_order(), cfg.max_order(), cfg.cache_bytes_per_class),
+            global: Mutex::new(Global {
+                arena: Arena::default(),
+                queue: WaitQueue::new(cfg.fairness),
+                deadlines: Default::default(),
+                next_deadline_id: 0,
+                growing_bytes: 0,
+                retired: Vec::new(),
+                last_grow: None,
+                backoff_until: None,
+                backoff: grower::MIN_BACKOFF,
+                last_failure: None,
+            }),
+            waiting: AtomicUsize::new(0),
+            counters: Counters::new(cfg.histogram_max_ns),
+            grower: Arc::new(grower::Signal::default()),
+            view,
+            cfg,
+        });
+        for _ in 0..shared.cfg.prefill_bytes / shared.cfg.chunk_bytes {
+            let (chunk, dev, buddy) = shared.make_chunk(shared.cfg.chunk_bytes)?;
+            let mut g = shared.global.lock().unwrap();
+            g.arena.insert(chunk, dev, buddy, false);
+            shared.publish_capacity(&g);
+        }
+        if shared.cfg.background {
+            grower::spawn(&shared);
+        }
+        Ok(Pool { shared })
+    }
+
+    /// The pool's configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.shared.cfg
+    }
+
+    /// The device view the pool shares its chunks through.
+    pub fn view(&self) -> &Arc<dyn DeviceView> {
+        &self.shared.view
+    }
+
+    /// An owned, zeroed device-visible buffer of at least `len` bytes, waiting for capacity if
+    /// there is none. Cancel-safe: dropping the future at any point loses nothing.
+    pub fn alloc(&self, len: usize) -> Alloc<'_> {
+        Alloc::new(self, len, None)
+    }
+
+    /// As [`Pool::alloc`], failing with [`PoolError::Timeout`] after `timeout`.
+    pub fn alloc_timeout(&self, len: usize, timeout: Duration) -> Alloc<'_> {
+        Alloc::new(self, len, Some(timeout))
+    }
+
+    /// An owned, zeroed buffer now, or an error: never waits (the immediate path). Uses the
+    /// per-core cache, the arena *and its reserve*, then a transient chunk if enabled.
+    pub fn try_alloc(&self, len: usize) -> Result<DmaBuf, PoolError> {
+        let order = self.check_len(len)?;
+        let block = self.shared.alloc_immediate(order, len)?;
+        Ok(DmaBuf::new_zeroed(self.shared.clone(), block, len))
+    }
+
+    /// A snapshot of the pool's state and history.
+    pub fn stats(&self) -> PoolStats {
+        self.shared.stats()
+    }
+
+    /// Runs one step of the grower's work on the calling thread: retire idle transient chunks,
+    /// expire deadlines, grow if needed, shrink if allowed. The background thread calls this;
+    /// with `background: false` (tests, models) the caller does. Blocks while growing.
+    pub fn maintain(&self) -> MaintainReport {
+        self.shared.maintain(Instant::now())
+    }
+
+    /// Validates a length and returns its size class.
+    fn check_len(&self, len: usize) -> Result<u32, PoolError> {
+        if len == 0 {
+            return Err(PoolError::ZeroLength);
+        }
+        if len > self.shared.cfg.max_buffer {
+            return Err(PoolError::TooLarge {
+                len,
+                max: self.shared.cfg.max_buffer,
+            });
+        }
+        Ok(self.shared.cfg.order_for(len))
+    }
+}
+
+impl Shared {
+    /// Makes a chunk of `len` bytes and shares it. Blocks; holds no lock.
+    fn make_chunk(&self, len: usize) -> Result<(Chunk, crate::DeviceAddr, Buddy), PoolError> {
+        let chunk = Chunk::new(len, &self.cfg.memory)?;
+        let dev = self.view.share(&chunk.region())?;
+        if dev.0 % crate::pool::buf::DEVICE_PAGE as u64 != 0 {
+            let _ = self.view.unshare(&chunk.region(), dev);
+            return Err(PoolError::Misaligned {
+                addr: dev.0 as usize,
+                align: crate::pool::buf::DEVICE_PAGE,
+            });
+        }
+        let end = dev.0.checked_add(len as u64 - 1);
+        if end.is_none_or(|e| e > self.cfg.dma_mask) {
+            let _ = self.view.unshare(&chunk.region(), dev);
+            return Err(PoolError::AboveDmaMask {
+                addr: dev.0,
+                len,
+                mask: self.cfg.dma_mask,
+            });
+        }
+        let max_order = self.cfg.max_order();
+        let buddy = Buddy::new(len as u64, PoolConfig::min_order(), max_order)
+            .expect("chunk length is a multiple of max_buffer (validated)");
+        Ok((chunk, dev, buddy))
+    }
+
+    /// Copies the arena's capacity figures to the stats. Call with `global` held.
+    fn publish_capacity(&self, g: &Global) {
+        let c = &self.counters;
+        c.capacity_bytes.store(g.arena.capacity_bytes, Ordering::Relaxed);
+        c.chunks.store(g.arena.chunks, Ordering::Relaxed);
+        c.peak_allocated_bytes
+            .fetch_max(g.arena.allocated_bytes, Ordering::Relaxed);
+    }
+
+    /// Hot path: a block from this CPU's cache. Awaitable callers skip it while anyone waits
+    /// (no barging past the queue).
+    fn alloc_cached(&self, order: u32, caller: Caller, len: usize) -> Option<Block> {
+        if caller == Caller::Awaitable && self.waiting.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        if self.caches.limit(order) == 0 {
+            return None;
+        }
+        let mut c = self.caches.local();
+        let class = self.caches.class(order);
+        let b = c.classes[class].pop()?;
+        c.in_use += b.size() as i64;
+        let _ = len;
+        Some(b)
+    }
+
+    /// Slow path: a block from the arena under the pool lock, refilling this CPU's cache on
+    /// the way. Awaitable callers must leave `reserve_bytes` free and may not pass waiters.
+    /// Returns None if the caller must wait (or, immediate, try something else).
+    fn alloc_arena(&self, g: &mut Global, order: u32, caller: Caller) -> Option<Block> {
+        let size = 1u64 << order;
+        let block = match caller {
+            Caller::Awaitable => {
+                if g.queue.has_waiters() || g.arena.free_bytes < size + self.cfg.reserve_bytes as u64 {
+                    return None;
+                }
+                g.arena.alloc(order, false)?
+            }
+            Caller::Immediate => {
+                let before = g.arena.free_bytes;
+                let b = g.arena.alloc(order, true)?;
+                if before < size + self.cfg.reserve_bytes as u64 {
+                    Counters::bump(&self.counters.reserve_allocs);
+                }
+                b
+            }
+        };
+        self.publish_capacity(g);
+        if g.arena.free_bytes < self.cfg.low_watermark as u64 {
+            self.grower.wake();
+        }
+        Some(block)
+    }
+
+    /// Refills this CPU's cache with half its limit of `order` blocks, if the arena has room
+    /// above the reserve and nobody waits. Takes the pool lock, then (after releasing it) the
+    /// cache lock.
+    fn refill(&self, order: u32) {
+        let want = self.caches.limit(order) / 2;
+        if want == 0 {
+            return;
+        }
+        let mut got = Vec::with_capacity(want);
+        {
+            let mut g = self.global.lock().unwrap();
+            let room = g.arena.free_bytes.saturating_sub(self.cfg.reserve_bytes as u64 + self.cfg.low_watermark as u64);
+            let n = want.min((room >> order) as usize);
+            if n == 0 || g.queue.has_waiters() {
+                return;
+            }
+            g.arena.alloc_batch(order, n, &mut got);
+            self.publish_capacity(&g);
+        }
+        Counters::bump(&self.counters.cache_refills);
+        let mut c = self.caches.local();
+        let class = self.caches.class(order);
+        c.classes[class].extend(got);
+    }
+
+    /// One awaitable attempt without waiting: cache, then arena. Counts the block as in use.
+    fn alloc_now(&self, order: u32, len: usize) -> Option<Block> {
+        if let Some(b) = self.alloc_cached(order, Caller::Awaitable, len) {
+            return Some(b);
+        }
+        let b = {
+            let mut g = self.global.lock().unwrap();
+            self.alloc_arena(&mut g, order, Caller::Awaitable)?
+        };
+        self.count_in_use(b.size() as i64);
+        self.refill(order);
+        Some(b)
+    }
+
+    /// The immediate path: cache, arena with reserve, transient chunk, error.
+    fn alloc_immediate(&self, order: u32, len: usize) -> Result<Block, PoolError> {
+        if let Some(b) = self.alloc_cached(order, Caller::Immediate, len) {
+            return Ok(b);
+        }
+        let got = {
+            let mut g = self.global.lock().unwrap();
+            self.alloc_arena(&mut g, order, Caller::Immediate)
+        };
+        if let Some(b) = got {
+            self.count_in_use(b.size() as i64);
+            if self.waiting.load(Ordering::Relaxed) == 0 {
+                self.refill(order);
+            }
+            return Ok(b);
+        }
+        self.grower.wake();
+        let why = match self.alloc_transient(order) {
+            Ok(b) => {
+                self.count_in_use(b.size() as i64);
+                return Ok(b);
+            }
+            Err(why) => why,
+        };
+        Counters::bump(&self.counters.immediate_failures);
+        Err(PoolError::Exhausted {
+            len,
+            why,
+            stats: Box::new(self.stats()),
+        })
+    }
+
+    /// Makes a transient chunk big enough for one block of `order` (a whole number of pages),
+    /// outside any lock, inserts it and allocates from it.
+    fn alloc_transient(&self, order: u32) -> Result<Block, String> {
+        if !self.cfg.transient {
+            return Err("pool and reserve empty, transient chunks disabled".into());
+        }
+        let page = self.cfg.memory.page_size.bytes();
+        let len = (1usize << order).div_ceil(page) * page;
+        let len = len.div_ceil(self.cfg.max_buffer) * self.cfg.max_buffer;
+        {
+            let mut g = self.global.lock().unwrap();
+            if g.arena.capacity_bytes + g.growing_bytes + len as u64 > self.cfg.max_bytes as u64 {
+                return Err(format!("pool and reserve empty, and a {len} B transient chunk would pass the cap"));
+            }
+            g.growing_bytes += len as u64;
+        }
+        let made = self.make_chunk(len);
+        let mut g = self.global.lock().unwrap();
+        g.growing_bytes -= len as u64;
+        let (chunk, dev, buddy) = made.map_err(|e| format!("transient chunk failed: {e}"))?;
+        let slot = g.arena.insert(chunk, dev, buddy, true);
+        Counters::bump(&self.counters.transient_allocs);
+        // Other immediate callers may have raced into the new chunk; it still has room for us
+        // unless it was filled, in which case any transient chunk with room will do.
+        let b = g.arena.alloc(order, true).ok_or_else(|| "transient chunk taken by others".to_string());
+        if b.is_err() {
+            g.retired.push(slot);
+        }
+        self.publish_capacity(&g);
+        b
+    }
+
+    /// Adds `bytes` to this CPU's in-use count.
+    fn count_in_use(&self, bytes: i64) {
+        self.caches.local().in_use += bytes;
+    }
+
+    /// Gives a block back: to this CPU's cache when nobody waits and the cache has room, else
+    /// to the arena, handing it (or what it coalesces into) to waiters.
+    pub(crate) fn release(&self, block: Block) {
+        let size = block.size() as i64;
+        let order = block.order as u32;
+        let cacheable = !block.transient
+            && self.caches.limit(order) > 0
+            && self.waiting.load(Ordering::Relaxed) == 0;
+        let mut back = Vec::new();
+        {
+            let mut c = self.caches.local();
+            c.in_use -= size;
+            if cacheable {
+                let class = self.caches.class(order);
+                let limit = self.caches.limit(order);
+                let list = &mut c.classes[class];
+                list.push(block);
+                if list.len() <= limit {
+                    return;
+                }
+                let keep = limit / 2;
+                back.extend(list.drain(keep..));
+            } else {
+                back.push(block);
+            }
+        }
+        self.give_back(back);
+    }
+
+    /// Returns blocks to the arena and serves waiters. Takes the pool lock; wakes after
+    /// releasing it.
+    fn give_back(&self, blocks: Vec<Block>) {
+        let mut wakes = WakeList::new();
+        {
+            let mut g = self.global.lock().unwrap();
+            let now = Instant::now();
+            let mut retired = false;
+            for b in blocks {
+                if let Some(slot) = g.arena.free(b, now) {
+                    g.retired.push(slot);
+                    retired = true;
+                }
+            }
+            self.dispatch(&mut g, now, &mut wakes);
+            if retired {
+                self.grower.wake();
+            }
+        }
+        wakes.wake_all();
+    }
+
+    /// Hands free space to waiters in the queue's fair order, keeping the reserve. Call with
+    /// the pool lock held; wake `wakes` after releasing it.
+    fn dispatch(&self, g: &mut Global, now: Instant, wakes: &mut WakeList) {
+        let reserve = self.cfg.reserve_bytes as u64;
+        let Global { arena, queue, .. } = g;
+        if !queue.has_waiters() {
+            return;
+        }
+        queue.dispatch(now, wakes, |size| {
+            if arena.free_bytes < size + reserve {
+                return None;
+            }
+            arena.alloc(size.trailing_zeros(), false)
+        });
+        self.waiting.store(queue.waiting(), Ordering::Relaxed);
+        self.publish_capacity(g);
+    }
+
+    /// Moves every CPU's cached blocks back to the arena (grower: before shrinking, and when
+    /// waiters have waited long enough that cached space matters).
+    pub(crate) fn drain_caches(&self) {
+        let mut back = Vec::new();
+        for c in self.caches.each() {
+            let mut c = c.lock().unwrap();
+            for class in c.classes.iter_mut() {
+                back.append(class);
+            }
+        }
+        if !back.is_empty() {
+            self.give_back(back);
+        }
+    }
+
+    /// Bytes in use: the sum of every CPU's count.
+    fn in_use_bytes(&self) -> u64 {
+        let sum: i64 = self.caches.each().map(|c| c.lock().unwrap().in_use).sum();
+        sum.max(0) as u64
+    }
+
+    fn stats(&self) -> PoolStats {
+        let c = &self.counters;
+        let r = |a: &crate::sync::AtomicU64| a.load(Ordering::Relaxed);
+        let (waiters, waiting_bytes) = {
+            let g = self.global.lock().unwrap();
+            (g.queue.waiting() as u64, g.queue.waiting_bytes())
+        };
+        let wait = PoolStats::percentiles(&c.wait_ns.lock().unwrap());
+        PoolStats {
+            capacity_bytes: r(&c.capacity_bytes),
+            in_use_bytes: self.in_use_bytes(),
+            peak_allocated_bytes: r(&c.peak_allocated_bytes),
+            chunks: r(&c.chunks),
+            waiters,
+            waiting_bytes,
+            waits: r(&c.waits),
+            timeouts: r(&c.timeouts),
+            grows: r(&c.grows),
+            sync_grows: r(&c.sync_grows),
+            shrinks: r(&c.shrinks),
+            growth_failures: r(&c.growth_failures),
+            last_growth_error: c.last_growth_error.lock().unwrap().clone(),
+            transient_allocs: r(&c.transient_allocs),
+            reserve_allocs: r(&c.reserve_allocs),
+            immediate_failures: r(&c.immediate_failures),
+            cache_refills: r(&c.cache_refills),
+            wait,
+            mappings: self.view.usage(),
+        }
+    }
+}
+
+impl Drop for Shared {
+    /// Last handle gone (no pool clone, buffer or grower reference left): stop the grower and
+    /// unshare every chunk before its memory is unmapped.
+    fn drop(&mut self) {
+        self.grower.shutdown();
+        let slots = self.global.get_mut().unwrap().arena.drain_all();
+        for s in slots {
+            if let Err(e) = self.view.unshare(&s.chunk.region(), s.dev) {
+                // The memory is about to be unmapped while the device may still reach it: the
+                // view refused, so leak the chunk rather than free memory a device can write.
+                eprintln!("tidepool: unsharing a chunk at teardown failed ({e}); leaking it");
+                std::mem::forget(s.chunk);
+            }
+        }
+    }
+}
+
+/// The future of [`Pool::alloc`]: resolves to a zeroed [`DmaBuf`].
+///
+/// Cancel-safe: dropping it while queued removes the request; dropping it after space was
+/// granted but before it was polled gives the space back to the next waiter.
+#[must_use = "futures do nothing unless awaited"]
+#[derive(Debug)]
+pub struct Alloc<'p> {
+    pool: &'p Pool,
+    len: usize,
+    timeout: Option<Duration>,
+    state: AllocState,
+}
+
+#[derive(Debug)]
+enum AllocState {
+    Start,
+    Queued {
+        ticket: Ticket,
+        since: Instant,
+        deadline: Option<(Instant, u64)>,
+    },
+    Done,
+}
+
+impl<'p> Alloc<'p> {
+    fn new(pool: &'p Pool, len: usize, timeout: Option<Duration>) -> Alloc<'p> {
+        Alloc {
+            pool,
+            len,
+            timeout,
+            state: AllocState::Start,
+        }
+    }
+
+    /// The block behind the future's result, without zeroing (map paths overwrite it).
+    fn poll_block(&mut self, cx: &mut Context<'_>) -> Poll<Result<Block, PoolError>> {
+        let shared = &self.pool.shared;
+        match self.state {
+            AllocState::Done => panic!("Alloc polled after completion"),
+            AllocState::Start => {
+                let order = match self.pool.check_len(self.len) {
+                    Ok(o) => o,
+                    Err(e) => {
+                        self.state = AllocState::Done;
+                        return Poll::Ready(Err(e));
+                    }
+                };
+                if let Some(b) = shared.alloc_now(order, self.len) {
+                    self.state = AllocState::Done;
+                    return Poll::Ready(Ok(b));
+                }
+                let now = Instant::now();
+                let mut g = shared.global.lock().unwrap();
+                // Recheck under the lock: space may have come back since alloc_now looked.
+                if let Some(b) = shared.alloc_arena(&mut g, order, Caller::Awaitable) {
+                    drop(g);
+                    shared.count_in_use(b.size() as i64);
+                    self.state = AllocState::Done;
+                    return Poll::Ready(Ok(b));
+                }
+                let ticket = g.queue.enqueue(1u64 << order, now, cx.waker());
+                shared.waiting.store(g.queue.waiting(), Ordering::Relaxed);
+                let fail_at_cap = shared.cfg.at_cap == AtCap::Fail;
+                let deadline = self
+                    .timeout
+                    .map(|t| now + t)
+                    .into_iter()
+                    .chain(fail_at_cap.then(|| now + shared.cfg.grow_after))
+                    .min()
+                    .map(|at| {
+                        let id = g.next_deadline_id;
+                        g.next_deadline_id += 1;
+                        g.deadlines.insert((at, id), cx.waker().clone());
+                        (at, id)
+                    });
+                drop(g);
+                shared.grower.wake();
+                self.state = AllocState::Queued {
+                    ticket,
+                    since: now,
+                    deadline,
+                };
+                Poll::Pending
+            }
+            AllocState::Queued {
+                ticket,
+                since,
+                deadline,
+            } => {
+                let mut g = shared.global.lock().unwrap();
+                let polled = g.queue.poll(ticket, cx.waker());
+                let now = Instant::now();
+                let outcome = match polled {
+                    Poll::Ready(Ok(b)) => Some(Ok(b)),
+                    Poll::Ready(Err(e)) => {
+                        // Our own ticket, polled only while queued: cannot happen. Report it
+                        // rather than panic in a driver's I/O path.
+                        Some(Err(PoolError::Internal(e.to_string())))
+                    }
+                    Poll::Pending => match deadline {
+                        Some((at, id)) if now >= at => {
+                            if self.timeout.is_some_and(|t| now >= since + t) {
+                                Some(Err(PoolError::Timeout {
+                                    len: self.len,
+                                    waited: now - since,
+                                }))
+                            } else if g.arena.capacity_bytes + g.growing_bytes
+                                >= shared.cfg.max_bytes as u64
+                            {
+                                Some(Err(PoolError::AtCap {
+                                    len: self.len,
+                                    cap: shared.cfg.max_bytes,
+                                }))
+                            } else {
+                                // AtCap::Fail deadline but growth is still possible: re-arm.
+                                g.deadlines.remove(&(at, id));
+                                let at = now + shared.cfg.grow_after;
+                                g.deadlines.insert((at, id), cx.waker().clone());
+                                self.state = AllocState::Queued {
+                                    ticket,
+                                    since,
+                                    deadline: Some((at, id)),
+                                };
+                                None
+                            }
+                        }
+                        Some((at, id)) => {
+                            if let Some(w) = g.deadlines.get_mut(&(at, id)) {
+                                if !w.will_wake(cx.waker()) {
+                                    *w = cx.waker().clone();
+                                }
+                            }
+                            None
+                        }
+                        None => None,
+                    },
+                };
+                let Some(outcome) = outcome else {
+                    return Poll::Pending;
+                };
+                if let AllocState::Queued { deadline: Some(k), .. } = self.state {
+                    g.deadlines.remove(&k);
+                }
+                let outcome = match outcome {
+                    Ok(b) => Ok(b),
+                    Err(e) => {
+                        // Giving up: a grant may have arrived since the poll above; take it.
+                        match g.queue.cancel(ticket) {
+                            Some(b) => Ok(b),
+                            None => Err(e),
+                        }
+                    }
+                };
+                shared.waiting.store(g.queue.waiting(), Ordering::Relaxed);
+                let mut wakes = WakeList::new();
+                // The head may have changed: others may now be served.
+                shared.dispatch(&mut g, now, &mut wakes);
+                drop(g);
+                wakes.wake_all();
+                self.state = AllocState::Done;
+                match outcome {
+                    Ok(b) => {
+                        shared.count_in_use(b.size() as i64);
+                        shared.counters.record_wait(now - since);
+                        Poll::Ready(Ok(b))
+                    }
+                    Err(e) => {
+                        if matches!(e, PoolError::Timeout { .. }) {
+                            Counters::bump(&shared.counters.timeouts);
+                        }
+                        Poll::Ready(Err(e))
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Future for Alloc<'_> {
+    type Output = Result<DmaBuf, PoolError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let len = self.len;
+        match self.poll_block(cx) {
+            Poll::Ready(Ok(b)) => Poll::Ready(Ok(DmaBuf::new_zeroed(self.pool.shared.clone(), b, len))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Alloc<'_> {
+    /// Cancellation: leave the queue, giving back a grant that was never taken.
+    fn drop(&mut self) {
+        if let AllocState::Queued {
+            ticket, deadline, ..
+        } = self.state
+        {
+            let shared = &self.pool.shared;
+            let mut wakes = WakeList::new();
+            {
+                let mut g = shared.global.lock().unwrap();
+                if let Some(k) = deadline {
+                    g.deadlines.remove(&k);
+                }
+                let now = Instant::now();
+                if let Some(b) = g.queue.cancel(ticket) {
+                    if let Some(slot) = g.arena.free(b, now) {
+                        g.retired.push(slot);
+                    }
+                }
+                shared.waiting.store(g.queue.waiting(), Ordering::Relaxed);
+                shared.dispatch(&mut g, now, &mut wakes);
+            }
+            wakes.wake_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,242 @@
+//! The arena: every chunk the pool holds, each with its buddy allocator, behind the pool's one
+//! shared lock.
+//!
+//! The arena is plain data; [`super::Shared::global`] guards it. It never makes a system call:
+//! chunks are made and shared by the grower (or setup, or the immediate path's transient
+//! allocation) *before* they are inserted, and removed chunks are unshared and freed *after*
+//! they leave, always outside the lock.
+//!
+//! Allocation prefers the lowest-numbered chunk with room, so prefill chunks are used first and
+//! chunks added under a spike are the first to drain and be given back.
+
+use std::ptr::NonNull;
+use std::time::Instant;
+
+use crate::memory::Chunk;
+use crate::DeviceAddr;
+
+use super::buddy::Buddy;
+
+/// One buffer's worth of a chunk: where it is for the CPU and for the device.
+///
+/// A block is a capability: whoever holds it owns those bytes until it is given back to the
+/// arena. Blocks are never cloned.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Block {
+    /// The chunk's slot in the arena.
+    pub slot: u32,
+    /// log2 of the block size.
+    pub order: u8,
+    /// Offset within the chunk.
+    pub offset: u64,
+    /// First byte, in this process.
+    pub ptr: NonNull<u8>,
+    /// First byte, for the device.
+    pub dev: DeviceAddr,
+    /// Whether the block lives in a transient chunk (never cached: it must drain promptly).
+    pub transient: bool,
+}
+
+// SAFETY: a Block is an exclusive claim on a range of a chunk that outlives it (chunks are only
+// freed when idle); the pointer carries no thread affinity.
+unsafe impl Send for Block {}
+// SAFETY: shared references to a Block only read its fields.
+unsafe impl Sync for Block {}
+
+impl Block {
+    /// The block's size in bytes.
+    pub fn size(&self) -> usize {
+        1usize << self.order
+    }
+}
+
+/// One chunk in the arena.
+#[derive(Debug)]
+pub(crate) struct ChunkSlot {
+    pub chunk: Chunk,
+    pub dev: DeviceAddr,
+    pub buddy: Buddy,
+    /// When the chunk last became wholly free (None while anything is allocated).
+    pub idle_since: Option<Instant>,
+    /// Made by the immediate path for one burst; given back as soon as it is idle.
+    pub transient: bool,
+}
+
+/// All chunks, their allocators, and the byte counts derived from them.
+#[derive(Debug, Default)]
+pub(crate) struct Arena {
+    slots: Vec<Option<ChunkSlot>>,
+    /// Free bytes in non-transient chunks' allocators (per-core caches not included).
+    pub free_bytes: u64,
+    /// Bytes of every chunk held, transient ones included.
+    pub capacity_bytes: u64,
+    /// Bytes taken out of the allocators (in use plus cached in per-core caches).
+    pub allocated_bytes: u64,
+    /// Chunks held.
+    pub chunks: u64,
+}
+
+impl Arena {
+    /// Adds a chunk (already shared at `dev`) and returns its slot.
+    pub fn insert(&mut self, chunk: Chunk, dev: DeviceAddr, buddy: Buddy, transient: bool) -> u32 {
+        let len = chunk.len() as u64;
+        let slot = ChunkSlot {
+            chunk,
+            dev,
+            buddy,
+            idle_since: Some(Instant::now()),
+            transient,
+        };
+        self.capacity_bytes += len;
+        self.chunks += 1;
+        if !transient {
+            self.free_bytes += len;
+        }
+        match self.slots.iter().position(Option::is_none) {
+            Some(i) => {
+                self.slots[i] = Some(slot);
+                i as u32
+            }
+            None => {
+                self.slots.push(Some(slot));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Takes an idle chunk out of the arena (to be unshared and freed by the caller outside the
+    /// lock). Returns None if the slot is empty or anything in it is still allocated.
+    pub fn remove_idle(&mut self, slot: u32) -> Option<ChunkSlot> {
+        let s = self.slots.get_mut(slot as usize)?;
+        if !s.as_ref()?.buddy.is_idle() {
+            return None;
+        }
+        let taken = s.take()?;
+        let len = taken.chunk.len() as u64;
+        self.capacity_bytes -= len;
+        self.chunks -= 1;
+        if !taken.transient {
+            self.free_bytes -= len;
+        }
+        Some(taken)
+    }
+
+    /// Allocates a block of `order` from the lowest chunk with room. Transient chunks are used
+    /// only if `use_transient` (the immediate path).
+    pub fn alloc(&mut self, order: u32, use_transient: bool) -> Option<Block> {
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            let Some(s) = s else { continue };
+            if s.transient && !use_transient {
+                continue;
+            }
+            if let Some(offset) = s.buddy.alloc(order) {
+                s.idle_since = None;
+                let size = 1u64 << order;
+                self.allocated_bytes += size;
+                if !s.transient {
+                    self.free_bytes -= size;
+                }
+                return Some(Arena::block(i as u32, s, order, offset));
+            }
+        }
+        None
+    }
+
+    /// Allocates up to `n` blocks of `order` from non-transient chunks into `out` (a per-core
+    /// cache refill); returns how many.
+    pub fn alloc_batch(&mut self, order: u32, n: usize, out: &mut Vec<Block>) -> usize {
+        let mut got = 0;
+        let mut offsets = Vec::with_capacity(n);
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if got == n {
+                break;
+            }
+            let Some(s) = s else { continue };
+            if s.transient {
+                continue;
+            }
+            offsets.clear();
+            let k = s.buddy.alloc_batch(order, n - got, &mut offsets);
+            if k == 0 {
+                continue;
+            }
+            s.idle_since = None;
+            let bytes = (k as u64) << order;
+            self.allocated_bytes += bytes;
+            self.free_bytes -= bytes;
+            out.extend(offsets.iter().map(|&off| Arena::block(i as u32, s, order, off)));
+            got += k;
+        }
+        got
+    }
+
+    fn block(slot: u32, s: &ChunkSlot, order: u32, offset: u64) -> Block {
+        // SAFETY: offset + (1 << order) lies inside the chunk (the buddy manages [0, len)), so
+        // the pointer stays within the chunk's mapping.
+        let ptr = unsafe { NonNull::new_unchecked(s.chunk.as_ptr().add(offset as usize)) };
+        Block {
+            slot,
+            order: order as u8,
+            offset,
+            ptr,
+            dev: s.dev.offset(offset),
+            transient: s.transient,
+        }
+    }
+
+    /// Gives a block back. Returns the slot if it was a transient chunk that is now idle (the
+    /// caller retires it).
+    ///
+    /// A block that does not belong here is a bug in the pool (blocks are capabilities minted
+    /// only by this arena); it is reported and leaked rather than corrupting the allocator.
+    pub fn free(&mut self, block: Block, now: Instant) -> Option<u32> {
+        let Some(Some(s)) = self.slots.get_mut(block.slot as usize) else {
+            debug_assert!(false, "block for an empty slot: {block:?}");
+            return None;
+        };
+        if let Err(e) = s.buddy.free(block.offset, block.order as u32) {
+            debug_assert!(false, "bad free {block:?}: {e}");
+            return None;
+        }
+        let size = block.size() as u64;
+        self.allocated_bytes -= size;
+        if !s.transient {
+            self.free_bytes += size;
+        }
+        if s.buddy.is_idle() {
+            s.idle_since = Some(now);
+            if s.transient {
+                return Some(block.slot);
+            }
+        }
+        None
+    }
+
+    /// Non-transient chunks idle since before `before`, newest slot first.
+    pub fn idle_candidates(&self, before: Instant) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let s = s.as_ref()?;
+                (!s.transient && s.idle_since.is_some_and(|t| t <= before)).then_some(i as u32)
+            })
+            .collect();
+        v.reverse();
+        v
+    }
+
+    /// The length of the chunk in `slot`.
+    pub fn chunk_len(&self, slot: u32) -> Option<u64> {
+        Some(self.slots.get(slot as usize)?.as_ref()?.chunk.len() as u64)
+    }
+
+    /// Takes every chunk out, whatever its state (pool teardown).
+    pub fn drain_all(&mut self) -> Vec<ChunkSlot> {
+        self.free_bytes = 0;
+        self.capacity_bytes = 0;
+        self.chunks = 0;
+        self.slots.drain(..).flatten().collect()
+    }
+}

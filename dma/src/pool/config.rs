@@ -1,0 +1,160 @@
+//! Pool configuration: sizes, watermarks, the reserve, waiting rules.
+
+use std::time::Duration;
+
+use crate::memory::MemoryConfig;
+use crate::wait::FairnessConfig;
+
+use super::PoolError;
+
+/// The smallest buffer the pool hands out: 512 B (one disk sector). Smaller requests round up.
+pub const MIN_BUFFER: usize = 512;
+
+/// What an awaitable allocation does when the pool is at its hard cap and nothing is free.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default, serde::Serialize)]
+pub enum AtCap {
+    /// Keep waiting for space to be released (the default: at the cap, waiting is the point).
+    #[default]
+    Wait,
+    /// Fail with [`PoolError::AtCap`] once the bounded wait has passed.
+    Fail,
+}
+
+/// How a [`super::Pool`] sizes, grows, shrinks and waits.
+///
+/// The defaults suit a storage driver: 16 MiB prefilled, growth in 16 MiB chunks (one IOMMU
+/// mapping each) up to 1 GiB, buffers from 512 B to 2 MiB, 1/16 of capacity reserved for the
+/// immediate path, and a waiter that has waited 1 ms triggers growth.
+///
+/// ```
+/// use tidepool::pool::PoolConfig;
+/// let cfg = PoolConfig { prefill_bytes: 4 << 20, max_bytes: 64 << 20, ..PoolConfig::default() };
+/// assert!(cfg.validate().is_ok());
+/// ```
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PoolConfig {
+    /// Where chunk memory comes from (page size, 4 KiB fallback).
+    pub memory: MemoryConfig,
+    /// Bytes per chunk: the growth batch, one `DeviceView::share` (one IOMMU mapping) each.
+    /// A multiple of the page size and of `max_buffer`.
+    pub chunk_bytes: usize,
+    /// Bytes made and shared at creation; the shrinker never goes below this floor.
+    pub prefill_bytes: usize,
+    /// Hard cap on shared bytes, transient chunks included.
+    pub max_bytes: usize,
+    /// The largest single buffer (a power of two ≥ 4 KiB, ≤ `chunk_bytes`). Larger transfers use
+    /// scatter-gather.
+    pub max_buffer: usize,
+    /// Background growth starts when free bytes fall below this.
+    pub low_watermark: usize,
+    /// A chunk is given back only if at least this much stays free afterwards (hysteresis: must
+    /// exceed `low_watermark + chunk_bytes`).
+    pub high_watermark: usize,
+    /// A chunk must be wholly idle this long before it is given back; growth also blocks
+    /// shrinking for this long.
+    pub shrink_delay: Duration,
+    /// Bytes kept for the immediate path ([`super::Pool::try_alloc`]); awaitable allocations
+    /// wait rather than dip into it.
+    pub reserve_bytes: usize,
+    /// Let the immediate path create a one-off chunk when the pool and reserve are empty
+    /// (as Linux's SWIOTLB_DYNAMIC does); it is freed as soon as it is idle.
+    pub transient: bool,
+    /// A waiter that has waited this long makes the grower grow now, ignoring its backoff
+    /// (the bounded wait: no livelock behind a slow grower).
+    pub grow_after: Duration,
+    /// What happens at the cap when nothing is free.
+    pub at_cap: AtCap,
+    /// The waiter queue's fairness bounds.
+    #[serde(skip)]
+    pub fairness: FairnessConfig,
+    /// Bytes each per-core cache may hold per size class.
+    pub cache_bytes_per_class: usize,
+    /// Run the background grower/shrinker thread. Off only for deterministic tests and models,
+    /// which then call [`super::Pool::maintain`] themselves.
+    pub background: bool,
+    /// The highest device address the device can reach (e.g. `u32::MAX` for 32-bit devices).
+    /// A chunk shared above it is refused. The view (e.g. the IOVA allocator) should already
+    /// keep below it; this is the pool's own check.
+    pub dma_mask: u64,
+    /// Wait-time histogram bound, in nanoseconds (longer waits are clamped).
+    pub histogram_max_ns: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            memory: MemoryConfig::default(),
+            chunk_bytes: 16 << 20,
+            prefill_bytes: 16 << 20,
+            max_bytes: 1 << 30,
+            max_buffer: 2 << 20,
+            low_watermark: 4 << 20,
+            high_watermark: 24 << 20,
+            shrink_delay: Duration::from_secs(5),
+            reserve_bytes: 1 << 20,
+            transient: true,
+            grow_after: Duration::from_millis(1),
+            at_cap: AtCap::Wait,
+            fairness: FairnessConfig::default(),
+            cache_bytes_per_class: 256 << 10,
+            background: true,
+            dma_mask: u64::MAX,
+            histogram_max_ns: 60_000_000_000,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Checks the configuration, naming the first field that is wrong and why.
+    pub fn validate(&self) -> Result<(), PoolError> {
+        let bad = |field: &'static str, why: String| Err(PoolError::Config { field, why });
+        let page = self.memory.page_size.bytes();
+        if self.chunk_bytes == 0 || self.chunk_bytes % page != 0 {
+            return bad("chunk_bytes", format!("{} is not a non-zero multiple of the {page} B page", self.chunk_bytes));
+        }
+        if !self.max_buffer.is_power_of_two() || self.max_buffer < 4096 {
+            return bad("max_buffer", format!("{} is not a power of two ≥ 4096", self.max_buffer));
+        }
+        if self.max_buffer > self.chunk_bytes || self.chunk_bytes % self.max_buffer != 0 {
+            return bad("max_buffer", format!("{} must divide chunk_bytes {}", self.max_buffer, self.chunk_bytes));
+        }
+        if self.prefill_bytes % self.chunk_bytes != 0 {
+            return bad("prefill_bytes", format!("{} is not a multiple of chunk_bytes {}", self.prefill_bytes, self.chunk_bytes));
+        }
+        if self.max_bytes < self.prefill_bytes.max(self.chunk_bytes) {
+            return bad("max_bytes", format!("{} is below the prefill {} or one chunk {}", self.max_bytes, self.prefill_bytes, self.chunk_bytes));
+        }
+        if self.reserve_bytes > self.max_bytes / 2 {
+            return bad("reserve_bytes", format!("{} is more than half the cap {}", self.reserve_bytes, self.max_bytes));
+        }
+        if self.high_watermark < self.low_watermark + self.chunk_bytes {
+            return bad(
+                "high_watermark",
+                format!(
+                    "{} must be ≥ low_watermark + chunk_bytes = {} so growth and shrinking cannot oscillate",
+                    self.high_watermark,
+                    self.low_watermark + self.chunk_bytes
+                ),
+            );
+        }
+        if self.histogram_max_ns < 1000 {
+            return bad("histogram_max_ns", "must be at least 1000".into());
+        }
+        Ok(())
+    }
+
+    /// The size class (log2 of the block size) for a request of `len` bytes.
+    pub(crate) fn order_for(&self, len: usize) -> u32 {
+        len.max(MIN_BUFFER).next_power_of_two().trailing_zeros()
+    }
+
+    /// log2 of [`MIN_BUFFER`].
+    pub(crate) const fn min_order() -> u32 {
+        MIN_BUFFER.trailing_zeros()
+    }
+
+    /// log2 of `max_buffer`.
+    pub(crate) fn max_order(&self) -> u32 {
+        self.max_buffer.trailing_zeros()
+    }
+}

@@ -1,0 +1,320 @@
+//! The grower: the one thread where the pool's blocking work happens.
+//!
+//! Making a chunk faults hugepages in (≈0.3–2.6 ms per 2 MiB page here) and sharing it is an
+//! ioctl; unsharing and unmapping likewise. None of that may run on an async worker or a
+//! poller, so a dedicated thread does it, woken through [`Signal`]:
+//!
+//! 1. **Retire** transient chunks that went idle (unshare, free).
+//! 2. **Expire** waiters' deadlines (wake them so they can time out).
+//! 3. **Grow** by whole chunks when anyone waits (enough for the waiting bytes plus the
+//!    reserve) or when free space is below `low_watermark`, up to `max_bytes`. After a failure
+//!    (no hugepages, mapping refused) it backs off exponentially (10 ms → 1 s) and records
+//!    why; but a waiter that has waited `grow_after` forces one attempt at once (the bounded
+//!    wait: no waiter is left behind a backoff, and failure cannot spin).
+//! 4. **Shrink**: chunks wholly idle for `shrink_delay`, while nobody waits and the pool has not
+//!    grown for `shrink_delay`, are unshared and freed — newest first, never below the prefill,
+//!    and only while at least `high_watermark` stays free. Since `high_watermark ≥
+//!    low_watermark + chunk_bytes`, a chunk given back cannot by itself push free space under the
+//!    growth threshold: a steady load does not oscillate.
+//!
+//! Waiters left waiting while space sits in other CPUs' caches: when the oldest waiter has
+//! waited `grow_after`, the grower drains every cache back to the arena first.
+//!
+//! The thread holds only a weak reference to the pool: when the last handle and buffer are
+//! gone the pool is dropped and the thread exits.
+
+use std::time::{Duration, Instant};
+
+use crate::sync::{AtomicBool, Condvar, Mutex, Ordering};
+use crate::wait::WakeList;
+
+use super::stats::Counters;
+use super::Shared;
+
+/// The first backoff after a failed growth.
+pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(10);
+/// The longest backoff.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What one [`super::Pool::maintain`] step did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MaintainReport {
+    /// Chunks added.
+    pub grew: usize,
+    /// Whether growth was forced by a waiter's bounded wait.
+    pub forced: bool,
+    /// Chunks given back by the shrinker.
+    pub shrank: usize,
+    /// Transient chunks given back.
+    pub retired: usize,
+    /// Waiters woken because their deadline passed.
+    pub expired: usize,
+    /// Growth attempts that failed.
+    pub failed: usize,
+    /// When the grower should look again even if nobody signals it.
+    pub next_wake: Option<Duration>,
+}
+
+/// How the pool wakes its grower, and how the grower is stopped.
+#[derive(Debug, Default)]
+pub(crate) struct Signal {
+    /// Set by wakers, cleared by the grower. Lets `wake` skip the lock when already pending.
+    pending: AtomicBool,
+    /// Guards `shutdown` and the condvar's sleeps.
+    state: Mutex<SignalState>,
+    cond: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SignalState {
+    shutdown: bool,
+    #[cfg(not(loom))]
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Signal {
+    /// Asks the grower to run a step soon. Cheap when a request is already pending.
+    pub fn wake(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            let _st = self.state.lock().unwrap();
+            self.cond.notify_one();
+        }
+    }
+
+    /// Sleeps until woken, shut down, or `timeout`. Returns false on shutdown.
+    fn sleep(&self, timeout: Duration) -> bool {
+        let mut st = self.state.lock().unwrap();
+        if !st.shutdown && !self.pending.load(Ordering::Acquire) {
+            st = self.cond.wait_timeout(st, timeout).unwrap().0;
+        }
+        self.pending.store(false, Ordering::Release);
+        !st.shutdown
+    }
+
+    /// Stops the grower thread and waits for it, unless called from the grower itself (its
+    /// own last reference dropped the pool: it exits on its next check).
+    pub fn shutdown(&self) {
+        let handle = {
+            let mut st = self.state.lock().unwrap();
+            st.shutdown = true;
+            self.cond.notify_all();
+            #[cfg(not(loom))]
+            {
+                st.thread.take()
+            }
+        };
+        #[cfg(not(loom))]
+        if let Some(h) = handle {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+        #[cfg(loom)]
+        let _ = handle;
+    }
+
+    fn is_shut_down(&self) -> bool {
+        self.state.lock().unwrap().shutdown
+    }
+}
+
+/// Starts the grower thread for `shared`.
+#[cfg(not(loom))]
+pub(crate) fn spawn(shared: &std::sync::Arc<Shared>) {
+    let weak = std::sync::Arc::downgrade(shared);
+    let signal = shared.grower.clone();
+    let handle = std::thread::Builder::new()
+        .name("tidepool-grower".into())
+        .spawn(move || loop {
+            let next = {
+                let Some(shared) = weak.upgrade() else { return };
+                if signal.is_shut_down() {
+                    return;
+                }
+                let r = shared.maintain(Instant::now());
+                r.next_wake.unwrap_or(Duration::from_secs(1))
+            };
+            // Sleeps without holding the pool alive.
+            if !signal.sleep(next) {
+                return;
+            }
+        })
+        .expect("spawning the tidepool grower thread");
+    shared.grower.state.lock().unwrap().thread = Some(handle);
+}
+
+/// Loom models run the grower's steps by hand (`background: false`).
+#[cfg(loom)]
+pub(crate) fn spawn(_shared: &crate::sync::Arc<Shared>) {
+    panic!("PoolConfig::background must be false under loom");
+}
+
+impl Shared {
+    /// One step of the grower's work (see the module doc). Blocks while growing or shrinking;
+    /// takes the pool lock only around bookkeeping, never across a system call.
+    pub(crate) fn maintain(&self, now: Instant) -> MaintainReport {
+        let mut report = MaintainReport::default();
+        let cfg = &self.cfg;
+        let chunk = cfg.chunk_bytes as u64;
+
+        // Waiters stuck while space sits in per-core caches: bring it back first.
+        let stuck = {
+            let g = self.global.lock().unwrap();
+            g.queue.oldest().is_some_and(|(_, _, t)| now.duration_since(t) >= cfg.grow_after)
+        };
+        if stuck {
+            self.drain_caches();
+        }
+
+        let mut wakes = WakeList::new();
+        let (retired, grow_chunks, forced) = {
+            let mut g = self.global.lock().unwrap();
+            let slots: Vec<u32> = std::mem::take(&mut g.retired);
+            let retired: Vec<_> = slots.into_iter().filter_map(|s| g.arena.remove_idle(s)).collect();
+
+            let later = g.deadlines.split_off(&(now, u64::MAX));
+            let expired = std::mem::replace(&mut g.deadlines, later);
+            report.expired = expired.len();
+            for (_, w) in expired {
+                wakes.push(w);
+            }
+
+            let free = g.arena.free_bytes;
+            let room = (cfg.max_bytes as u64).saturating_sub(g.arena.capacity_bytes + g.growing_bytes);
+            let in_backoff = g.backoff_until.is_some_and(|t| t > now);
+            let oldest = g.queue.oldest();
+            // A waiter past its bounded wait forces an attempt, unless one already failed
+            // after it started waiting and the backoff still runs (failure must not spin).
+            let forced = oldest.is_some_and(|(_, _, t)| {
+                now.duration_since(t) >= cfg.grow_after
+                    && (!in_backoff || g.last_failure.is_none_or(|f| f < t))
+            });
+            let want = if g.queue.has_waiters() {
+                let short = (g.queue.waiting_bytes() + cfg.reserve_bytes as u64).saturating_sub(free);
+                if in_backoff && !forced {
+                    0
+                } else {
+                    short.max(chunk)
+                }
+            } else if free < cfg.low_watermark as u64 && !in_backoff {
+                chunk
+            } else {
+                0
+            };
+            let n = want.div_ceil(chunk).min(room / chunk);
+            g.growing_bytes += n * chunk;
+            self.publish_capacity(&g);
+            (retired, n, forced && n > 0)
+        };
+        wakes.wake_all();
+        report.retired = retired.len();
+        self.unshare_all(retired);
+
+        report.forced = forced;
+        for i in 0..grow_chunks {
+            let made = self.make_chunk(cfg.chunk_bytes);
+            let mut wakes = WakeList::new();
+            let mut g = self.global.lock().unwrap();
+            match made {
+                Ok((c, dev, buddy)) => {
+                    g.growing_bytes -= chunk;
+                    g.arena.insert(c, dev, buddy, false);
+                    g.last_grow = Some(Instant::now());
+                    g.backoff = MIN_BACKOFF;
+                    g.backoff_until = None;
+                    report.grew += 1;
+                    Counters::bump(&self.counters.grows);
+                    if forced {
+                        Counters::bump(&self.counters.sync_grows);
+                    }
+                    self.dispatch(&mut g, Instant::now(), &mut wakes);
+                    drop(g);
+                    wakes.wake_all();
+                }
+                Err(e) => {
+                    g.growing_bytes -= (grow_chunks - i) * chunk;
+                    g.last_failure = Some(Instant::now());
+                    g.backoff_until = Some(Instant::now() + g.backoff);
+                    g.backoff = (g.backoff * 2).min(MAX_BACKOFF);
+                    self.publish_capacity(&g);
+                    drop(g);
+                    report.failed += 1;
+                    Counters::bump(&self.counters.growth_failures);
+                    *self.counters.last_growth_error.lock().unwrap() = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+
+        report.shrank = self.shrink(now);
+
+        // When to look again without being asked.
+        let g = self.global.lock().unwrap();
+        let mut next: Option<Instant> = g.deadlines.keys().next().map(|(t, _)| *t);
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some((_, _, t)) = g.queue.oldest() {
+            consider((t + cfg.grow_after).max(now + Duration::from_micros(100)));
+        }
+        if let Some(t) = g.backoff_until {
+            consider(t);
+        }
+        if g.arena.capacity_bytes > cfg.prefill_bytes as u64 || !g.retired.is_empty() {
+            let tick = (cfg.shrink_delay / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+            consider(now + tick);
+        }
+        report.next_wake = next.map(|t| t.saturating_duration_since(Instant::now()));
+        report
+    }
+
+    /// Gives back chunks idle for `shrink_delay` while enough stays free. Returns how many.
+    fn shrink(&self, now: Instant) -> usize {
+        let cfg = &self.cfg;
+        let eligible = {
+            let g = self.global.lock().unwrap();
+            g.arena.capacity_bytes > cfg.prefill_bytes as u64
+                && !g.queue.has_waiters()
+                && g.last_grow.is_none_or(|t| now.duration_since(t) >= cfg.shrink_delay)
+        };
+        if !eligible {
+            return 0;
+        }
+        // Cached blocks keep a chunk from looking idle.
+        self.drain_caches();
+        let gone = {
+            let mut g = self.global.lock().unwrap();
+            let Some(before) = now.checked_sub(cfg.shrink_delay) else {
+                return 0;
+            };
+            let mut gone = Vec::new();
+            for slot in g.arena.idle_candidates(before) {
+                let len = g.arena.chunk_len(slot).unwrap_or(0);
+                if g.arena.capacity_bytes < cfg.prefill_bytes as u64 + len
+                    || g.arena.free_bytes < cfg.high_watermark as u64 + len
+                {
+                    break;
+                }
+                gone.extend(g.arena.remove_idle(slot));
+            }
+            self.publish_capacity(&g);
+            gone
+        };
+        let n = gone.len();
+        for _ in 0..n {
+            Counters::bump(&self.counters.shrinks);
+        }
+        self.unshare_all(gone);
+        n
+    }
+
+    /// Unshares and frees chunks that left the arena. A chunk the view refuses to unshare is
+    /// leaked, never freed while a device might still reach it.
+    fn unshare_all(&self, slots: Vec<super::arena::ChunkSlot>) {
+        for s in slots {
+            if let Err(e) = self.view.unshare(&s.chunk.region(), s.dev) {
+                *self.counters.last_growth_error.lock().unwrap() =
+                    Some(format!("unsharing a chunk failed, leaked it: {e}"));
+                std::mem::forget(s.chunk);
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Pool statistics: counters kept cheaply, a snapshot API, and a JSON form.
+//!
+//! Counters that change on the hot path (bytes in use) live in the per-core caches, under the
+//! cache's own lock, and are summed on [`super::Pool::stats`]; everything else changes only on
+//! the slow path and is kept here in relaxed atomics (monotonic counters: no ordering with other
+//! memory is needed to read them). The wait-time histogram is behind its own mutex and touched
+//! once per completed wait.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::share::ShareUsage;
+use crate::sync::{AtomicU64, Mutex, Ordering};
+
+/// Slow-path counters. All relaxed: each is an independent monotonic count or gauge.
+#[derive(Debug)]
+pub(crate) struct Counters {
+    pub capacity_bytes: AtomicU64,
+    pub peak_allocated_bytes: AtomicU64,
+    pub chunks: AtomicU64,
+    pub waits: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub grows: AtomicU64,
+    pub sync_grows: AtomicU64,
+    pub shrinks: AtomicU64,
+    pub growth_failures: AtomicU64,
+    pub transient_allocs: AtomicU64,
+    pub reserve_allocs: AtomicU64,
+    pub immediate_failures: AtomicU64,
+    pub cache_refills: AtomicU64,
+    /// The last growth failure's message. Guarded by its own mutex (slow path only).
+    pub last_growth_error: Mutex<Option<String>>,
+    /// Wait times in nanoseconds. Guarded by its own mutex; recorded once per completed wait.
+    pub wait_ns: Mutex<Histogram<u64>>,
+}
+
+impl Counters {
+    pub fn new(histogram_max_ns: u64) -> Counters {
+        Counters {
+            capacity_bytes: AtomicU64::new(0),
+            peak_allocated_bytes: AtomicU64::new(0),
+            chunks: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            grows: AtomicU64::new(0),
+            sync_grows: AtomicU64::new(0),
+            shrinks: AtomicU64::new(0),
+            growth_failures: AtomicU64::new(0),
+            transient_allocs: AtomicU64::new(0),
+            reserve_allocs: AtomicU64::new(0),
+            immediate_failures: AtomicU64::new(0),
+            cache_refills: AtomicU64::new(0),
+            last_growth_error: Mutex::new(None),
+            wait_ns: Mutex::new(
+                Histogram::new_with_bounds(1, histogram_max_ns, 3)
+                    .expect("bounds validated by PoolConfig::validate"),
+            ),
+        }
+    }
+
+    /// Adds one to a counter.
+    pub fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one completed wait.
+    pub fn record_wait(&self, waited: Duration) {
+        Counters::bump(&self.waits);
+        let ns = (waited.as_nanos() as u64).max(1);
+        let mut h = self.wait_ns.lock().unwrap();
+        h.saturating_record(ns);
+    }
+}
+
+/// Wait-time percentiles, in nanoseconds.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct WaitPercentiles {
+    /// Completed waits recorded.
+    pub count: u64,
+    /// Median.
+    pub p50_ns: u64,
+    /// 99th percentile.
+    pub p99_ns: u64,
+    /// 99.9th percentile.
+    pub p999_ns: u64,
+    /// Longest.
+    pub max_ns: u64,
+}
+
+/// A snapshot of a pool's state and history. Cheap to take (no lock held across anything slow).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct PoolStats {
+    /// Bytes shared with the device (prefill + growth + transient chunks).
+    pub capacity_bytes: u64,
+    /// Bytes of buffers handed out and not yet released (block sizes, i.e. after rounding).
+    pub in_use_bytes: u64,
+    /// Highest bytes taken out of the chunks' allocators (in use plus per-core cached).
+    pub peak_allocated_bytes: u64,
+    /// Chunks (IOMMU mappings) held.
+    pub chunks: u64,
+    /// Awaitable requests queued now.
+    pub waiters: u64,
+    /// Bytes those waiters want.
+    pub waiting_bytes: u64,
+    /// Completed waits.
+    pub waits: u64,
+    /// Waits that ended in a timeout.
+    pub timeouts: u64,
+    /// Chunks added after creation.
+    pub grows: u64,
+    /// Of those, growths forced by the bounded wait.
+    pub sync_grows: u64,
+    /// Chunks given back.
+    pub shrinks: u64,
+    /// Failed growth attempts.
+    pub growth_failures: u64,
+    /// Why the last growth failed.
+    pub last_growth_error: Option<String>,
+    /// Transient chunks made for the immediate path.
+    pub transient_allocs: u64,
+    /// Immediate requests served from the reserve.
+    pub reserve_allocs: u64,
+    /// Immediate requests that failed.
+    pub immediate_failures: u64,
+    /// Per-core cache refills from the shared allocator.
+    pub cache_refills: u64,
+    /// Wait times.
+    pub wait: WaitPercentiles,
+    /// The device view's mapping budget.
+    pub mappings: ShareUsage,
+}
+
+impl PoolStats {
+    /// The snapshot as JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("stats serialize")
+    }
+
+    pub(crate) fn percentiles(h: &Histogram<u64>) -> WaitPercentiles {
+        if h.is_empty() {
+            return WaitPercentiles::default();
+        }
+        WaitPercentiles {
+            count: h.len(),
+            p50_ns: h.value_at_quantile(0.5),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            max_ns: h.max(),
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! Unit tests of the pool against the identity view (no device), on locked 4 KiB pages so
+//! they run on machines without hugepages.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Duration;
+
+use super::*;
+use crate::memory::{MemoryConfig, PageSize};
+use crate::share::identity::Identity;
+
+/// A small pool: 256 KiB chunks of 4 KiB pages, buffers up to 64 KiB, no background thread
+/// unless asked, no reserve unless asked.
+pub(crate) fn small_config() -> PoolConfig {
+    PoolConfig {
+        memory: MemoryConfig {
+            page_size: PageSize::Small4K,
+            allow_small_pages: true,
+        },
+        chunk_bytes: 256 << 10,
+        prefill_bytes: 256 << 10,
+        max_bytes: 1 << 20,
+        max_buffer: 64 << 10,
+        low_watermark: 0,
+        high_watermark: 256 << 10,
+        shrink_delay: Duration::from_millis(50),
+        reserve_bytes: 0,
+        transient: false,
+        grow_after: Duration::from_millis(1),
+        cache_bytes_per_class: 16 << 10,
+        background: false,
+        ..PoolConfig::default()
+    }
+}
+
+fn pool(cfg: PoolConfig) -> Pool {
+    Pool::new(Arc::new(Identity::new()), cfg).unwrap()
+}
+
+/// A waker that counts its wakes.
+#[derive(Default)]
+struct CountingWaker(std::sync::atomic::AtomicUsize);
+impl Wake for CountingWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+impl CountingWaker {
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn poll_once<F: Future>(f: std::pin::Pin<&mut F>, w: &Arc<CountingWaker>) -> Poll<F::Output> {
+    let waker = Waker::from(w.clone());
+    f.poll(&mut Context::from_waker(&waker))
+}
+
+/// Reads a buffer's bytes (no device involved in these tests).
+fn bytes(b: &DmaBuf) -> Vec<u8> {
+    let mut v = vec![0; b.capacity()];
+    b.read_at(0, &mut v).unwrap();
+    v
+}
+
+#[test]
+fn bad_input_gets_typed_errors() {
+    let p = pool(small_config());
+    assert!(matches!(p.try_alloc(0), Err(PoolError::ZeroLength)));
+    assert!(matches!(
+        p.try_alloc((64 << 10) + 1),
+        Err(PoolError::TooLarge { max: 65536, .. })
+    ));
+    let data = [1u8; 16];
+    assert!(matches!(
+        p.try_map(&data[..], Direction::FromDevice),
+        Err(PoolError::Direction(Direction::FromDevice))
+    ));
+    let mut buf = p.try_alloc(100).unwrap();
+    assert!(matches!(
+        buf.write_at(500, &[0; 100]),
+        Err(PoolError::OutOfBounds { capacity: 512, .. })
+    ));
+    let bad = PoolConfig {
+        max_buffer: 3000,
+        ..small_config()
+    };
+    assert!(matches!(
+        Pool::new(Arc::new(Identity::new()), bad),
+        Err(PoolError::Config {
+            field: "max_buffer",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn buffers_are_zeroed_aligned_and_return_to_zero_in_use() {
+    let p = pool(small_config());
+    let mut live = Vec::new();
+    for len in [1, 511, 512, 513, 4096, 5000, 65536] {
+        let mut b = p.try_alloc(len).unwrap();
+        assert!(bytes(&b).iter().all(|&x| x == 0), "fresh buffer zeroed");
+        let align = b.capacity().min(4096) as u64;
+        assert_eq!(b.device_addr().0 % align, 0, "len {len} aligned to {align}");
+        b.write_at(0, &vec![0xAB; len]).unwrap();
+        live.push(b);
+    }
+    assert!(p.stats().in_use_bytes > 0);
+    drop(live);
+    assert_eq!(p.stats().in_use_bytes, 0);
+    // Reused memory is zeroed again for the next user.
+    for _ in 0..64 {
+        let b = p.try_alloc(4096).unwrap();
+        assert!(bytes(&b).iter().all(|&x| x == 0));
+    }
+}
+
+#[test]
+fn map_directions_copy_in_zero_and_copy_out_once() {
+    let p = pool(small_config());
+    let src: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+    let m = p.try_map(&src, Direction::ToDevice).unwrap();
+    let got = bytes(m.buffer());
+    assert_eq!(&got[..3000], &src[..]);
+    assert!(got[3000..].iter().all(|&x| x == 0), "tail beyond the data is zeroed");
+    m.unmap();
+
+    let mut dst = vec![0x55u8; 3000];
+    let m = p.try_map(&mut dst, Direction::FromDevice).unwrap();
+    assert!(bytes(m.buffer()).iter().all(|&x| x == 0), "FromDevice hands the device zeroes");
+    // The "device" writes.
+    // SAFETY: the identity view has no device; this test plays its part.
+    unsafe { std::ptr::write_bytes(m.buffer().as_ptr(), 0xEE, 3000) };
+    m.unmap();
+    assert!(dst.iter().all(|&x| x == 0xEE));
+
+    // Dropping without unmap abandons: no copy out.
+    let mut dst = vec![1u8; 64];
+    let m = p.try_map(&mut dst, Direction::Bidirectional).unwrap();
+    // SAFETY: as above.
+    unsafe { std::ptr::write_bytes(m.buffer().as_ptr(), 9, 64) };
+    drop(m);
+    assert!(dst.iter().all(|&x| x == 1));
+
+    // Scatter-gather: segments gathered in order, scattered back in order.
+    let (mut a, mut b) = (vec![1u8; 1000], vec![2u8; 3000]);
+    let m = p
+        .try_map_sg(vec![(&mut a).into(), (&mut b).into()], Direction::Bidirectional)
+        .unwrap();
+    assert_eq!(m.len(), 4000);
+    let got = bytes(m.buffer());
+    assert!(got[..1000].iter().all(|&x| x == 1) && got[1000..4000].iter().all(|&x| x == 2));
+    // SAFETY: as above.
+    unsafe { std::ptr::write_bytes(m.buffer().as_ptr().add(999), 7, 2) };
+    m.unmap();
+    assert_eq!((a[999], b[0], b[1]), (7, 7, 2));
+    assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+#[test]
+fn awaiting_alloc_waits_for_release_and_wakes() {
+    let p = pool(small_config());
+    let all: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    assert!(matches!(p.try_alloc(4096), Err(PoolError::Exhausted { .. })));
+    let w = Arc::new(CountingWaker::default());
+    let mut fut = pin!(p.alloc(64 << 10));
+    assert!(poll_once(fut.as_mut(), &w).is_pending());
+    assert_eq!(p.stats().waiters, 1);
+    drop(all);
+    assert_eq!(w.count(), 1, "the release woke the waiter");
+    let Poll::Ready(Ok(b)) = poll_once(fut.as_mut(), &w) else {
+        panic!("granted")
+    };
+    assert_eq!(b.capacity(), 64 << 10);
+    assert_eq!(p.stats().waits, 1);
+    drop(b);
+    assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+#[test]
+fn cancelled_waiters_lose_nothing() {
+    let p = pool(small_config());
+    let all: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    let (w1, w2) = (Arc::new(CountingWaker::default()), Arc::new(CountingWaker::default()));
+    let mut f1 = Box::pin(p.alloc(64 << 10));
+    let mut f2 = Box::pin(p.alloc(64 << 10));
+    assert!(poll_once(f1.as_mut(), &w1).is_pending());
+    assert!(poll_once(f2.as_mut(), &w2).is_pending());
+    // Space is granted to f1 (FIFO), which is dropped before it polls: f2 must get it.
+    let mut all = all;
+    all.pop();
+    assert_eq!((w1.count(), w2.count()), (1, 0));
+    drop(f1);
+    assert_eq!(w2.count(), 1, "the dropped grant went to the next waiter");
+    let Poll::Ready(Ok(b)) = poll_once(f2.as_mut(), &w2) else {
+        panic!("f2 granted")
+    };
+    // A queued (not granted) future dropped leaves nothing behind.
+    let w3 = Arc::new(CountingWaker::default());
+    let mut f3 = Box::pin(p.alloc(4096));
+    assert!(poll_once(f3.as_mut(), &w3).is_pending());
+    drop(f3);
+    assert_eq!(p.stats().waiters, 0);
+    drop((all, b));
+    assert_eq!(p.stats().in_use_bytes, 0);
+    assert_eq!(p.try_alloc(64 << 10).map(|b| b.capacity()).unwrap(), 64 << 10);
+}
+
+#[test]
+fn small_waiters_pass_a_large_one_but_not_forever() {
+    let cfg = PoolConfig {
+        fairness: crate::wait::FairnessConfig {
+            max_bypass: 2,
+            aging: Duration::from_secs(60),
+        },
+        ..small_config()
+    };
+    let p = pool(cfg);
+    let mut held: Vec<_> = (0..64).map(|_| p.try_alloc(4096).unwrap()).collect();
+    let w = Arc::new(CountingWaker::default());
+    let mut big = Box::pin(p.alloc(64 << 10));
+    assert!(poll_once(big.as_mut(), &w).is_pending());
+    let mut smalls: Vec<_> = (0..4).map(|_| Box::pin(p.alloc(4096))).collect();
+    for s in &mut smalls {
+        assert!(poll_once(s.as_mut(), &w).is_pending());
+    }
+    // Each 4 KiB release fits a small waiter, not the big one: two may pass it...
+    held.pop();
+    held.pop();
+    let w2 = Arc::new(CountingWaker::default());
+    let mut got = Vec::new();
+    let mut ready = |smalls: &mut Vec<std::pin::Pin<Box<Alloc<'_>>>>| {
+        let mut still = Vec::new();
+        for mut s in smalls.drain(..) {
+            match poll_once(s.as_mut(), &w2) {
+                Poll::Ready(r) => got.push(r.unwrap()),
+                Poll::Pending => still.push(s),
+            }
+        }
+        *smalls = still;
+        got.len()
+    };
+    assert_eq!(ready(&mut smalls), 2, "two small waiters passed the big one");
+    // ...then space is kept for the big one: further releases go to it, not to the two
+    // small waiters still queued. Free the chunk's first 64 KiB (a whole buddy block).
+    held.sort_by_key(|b| b.device_addr());
+    let first: Vec<_> = held.drain(..16).collect();
+    drop(first);
+    assert_eq!(ready(&mut smalls), 2, "no small waiter passed the starving big one");
+    assert!(poll_once(big.as_mut(), &w).is_ready(), "big waiter served once 64 KiB freed");
+    drop(held);
+}
+
+#[test]
+fn immediate_path_uses_reserve_then_transient_then_fails_clearly() {
+    let cfg = PoolConfig {
+        reserve_bytes: 64 << 10,
+        transient: true,
+        max_bytes: 320 << 10,
+        ..small_config()
+    };
+    let p = pool(cfg);
+    // Awaitable allocations stop at the reserve: 3 of the 4 64 KiB blocks.
+    let w = Arc::new(CountingWaker::default());
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut f = Box::pin(p.alloc(64 << 10));
+        let Poll::Ready(Ok(b)) = poll_once(f.as_mut(), &w) else { panic!() };
+        held.push(b);
+    }
+    let mut f = Box::pin(p.alloc(64 << 10));
+    assert!(poll_once(f.as_mut(), &w).is_pending(), "the reserve is not for waiters");
+    drop(f);
+    // The immediate path takes the reserve...
+    held.push(p.try_alloc(64 << 10).unwrap());
+    assert_eq!(p.stats().reserve_allocs, 1);
+    // ...then a transient chunk...
+    held.push(p.try_alloc(64 << 10).unwrap());
+    let s = p.stats();
+    // (a 64 KiB request makes a 64 KiB transient chunk: pages of 4 KiB, whole max_buffers)
+    assert_eq!((s.transient_allocs, s.capacity_bytes), (1, 320 << 10));
+    // ...then the cap stops the next one with a clear error.
+    let err = p.try_alloc(64 << 10).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, PoolError::Exhausted { .. }), "{msg}");
+    assert!(msg.contains("cap"), "{msg}");
+    assert_eq!(p.stats().immediate_failures, 1);
+    // The transient chunk goes back as soon as it is idle.
+    held.pop();
+    p.maintain();
+    assert_eq!(p.stats().capacity_bytes, 256 << 10);
+    drop(held);
+    assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+#[test]
+fn waiters_make_the_grower_grow_and_idle_chunks_shrink_back() {
+    let p = pool(small_config());
+    let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    let w = Arc::new(CountingWaker::default());
+    let mut f = Box::pin(p.alloc(64 << 10));
+    assert!(poll_once(f.as_mut(), &w).is_pending());
+    std::thread::sleep(Duration::from_millis(2));
+    let r = p.maintain();
+    assert_eq!(r.grew, 1, "{r:?}");
+    assert!(r.forced, "the waiter passed grow_after");
+    assert_eq!(w.count(), 1);
+    let Poll::Ready(Ok(b)) = poll_once(f.as_mut(), &w) else { panic!() };
+    let s = p.stats();
+    assert_eq!((s.capacity_bytes, s.grows, s.sync_grows, s.mappings.mappings), (512 << 10, 1, 1, 2));
+    drop((held, b));
+    // Idle, but not for shrink_delay yet.
+    assert_eq!(p.maintain().shrank, 0);
+    std::thread::sleep(Duration::from_millis(60));
+    let r = p.maintain();
+    assert_eq!(r.shrank, 1, "{r:?}");
+    let s = p.stats();
+    assert_eq!((s.capacity_bytes, s.shrinks, s.mappings.mappings), (256 << 10, 1, 1));
+    // Never below the prefill.
+    std::thread::sleep(Duration::from_millis(60));
+    assert_eq!(p.maintain().shrank, 0);
+}
+
+#[test]
+fn timeouts_and_at_cap_failure() {
+    let cfg = PoolConfig {
+        max_bytes: 256 << 10,
+        at_cap: AtCap::Fail,
+        ..small_config()
+    };
+    let p = pool(cfg);
+    let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    let w = Arc::new(CountingWaker::default());
+    let mut f = Box::pin(p.alloc_timeout(4096, Duration::from_secs(30)));
+    assert!(poll_once(f.as_mut(), &w).is_pending());
+    std::thread::sleep(Duration::from_millis(3));
+    let r = p.maintain();
+    assert_eq!(r.expired, 1, "the grow_after deadline of AtCap::Fail passed");
+    let r = poll_once(f.as_mut(), &w);
+    assert!(matches!(r, Poll::Ready(Err(PoolError::AtCap { .. }))), "{r:?}");
+    drop(f);
+
+    let p2 = pool(PoolConfig {
+        max_bytes: 256 << 10,
+        ..small_config()
+    });
+    let held2: Vec<_> = (0..4).map(|_| p2.try_alloc(64 << 10).unwrap()).collect();
+    let mut f = Box::pin(p2.alloc_timeout(4096, Duration::from_millis(10)));
+    assert!(poll_once(f.as_mut(), &w).is_pending());
+    std::thread::sleep(Duration::from_millis(12));
+    p2.maintain();
+    assert!(matches!(poll_once(f.as_mut(), &w), Poll::Ready(Err(PoolError::Timeout { .. }))));
+    assert_eq!((p2.stats().timeouts, p2.stats().waiters), (1, 0));
+    drop((held, held2));
+}
+
+#[test]
+fn background_grower_serves_waiters_on_tokio() {
+    let cfg = PoolConfig {
+        background: true,
+        ..small_config()
+    };
+    let p = pool(cfg);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+        // Nothing is free: the grower must add a chunk for this to complete.
+        let b = tokio::time::timeout(Duration::from_secs(5), p.alloc(64 << 10))
+            .await
+            .expect("grower served the waiter")
+            .unwrap();
+        assert!(p.stats().grows >= 1);
+        drop((held, b));
+    });
+    assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+#[test]
+fn stats_serialize_to_json() {
+    let p = pool(small_config());
+    let _b = p.try_alloc(1000).unwrap();
+    let json = p.stats().to_json();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["in_use_bytes"], 1024);
+    assert_eq!(v["capacity_bytes"], 256 << 10);
+    assert_eq!(v["mappings"]["mappings"], 1);
+}
+
+#[test]
+fn dma_mask_is_enforced_on_new_chunks() {
+    // Identity addresses are user-space virtual addresses, far above 4 GiB on x86_64.
+    let cfg = PoolConfig {
+        dma_mask: u32::MAX as u64,
+        ..small_config()
+    };
+    let view = Arc::new(Identity::new());
+    let err = Pool::new(view.clone(), cfg).unwrap_err();
+    assert!(matches!(err, PoolError::AboveDmaMask { mask: 0xffff_ffff, .. }), "{err}");
+    assert_eq!(view.usage().mappings, 0, "the refused chunk was unshared");
+}
+
+#[test]
+fn teardown_unshares_every_chunk() {
+    let view = Arc::new(Identity::new());
+    {
+        let p = Pool::new(view.clone(), PoolConfig { background: true, ..small_config() }).unwrap();
+        let b = p.try_alloc(4096).unwrap();
+        drop(p);
+        // The buffer keeps the pool alive.
+        assert_eq!(view.usage().mappings, 1);
+        drop(b);
+    }
+    assert_eq!(view.usage().mappings, 0);
+}
