@@ -287,6 +287,15 @@ impl Buddy {
             .find(|&k| !self.list(k).is_empty())
     }
 
+    /// Number of free blocks of exactly `order` (0 for an order out of range). For stats: a pool
+    /// with free bytes but no large free block is fragmented.
+    pub fn free_blocks(&self, order: u32) -> usize {
+        if order < self.min_order || order > self.max_order {
+            return 0;
+        }
+        self.list(order).len()
+    }
+
     /// `true` if [`Buddy::alloc`] of `order` would succeed now (`order` is in range and a free
     /// block of that order or larger exists).
     pub fn can_alloc(&self, order: u32) -> bool {
@@ -570,6 +579,27 @@ mod tests {
             .iter()
             .enumerate()
             .all(|(i, &o)| o == i as u64 * 4 * KIB));
+        check_invariants(&b);
+    }
+
+    #[test]
+    fn reuses_the_lowest_free_block() {
+        let mut b = Buddy::new(4 * MIB, 9, 21).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(b.alloc_batch(21, 2, &mut out), 2);
+        assert_eq!(out, vec![0, 2 * MIB]);
+        b.free(0, 21).unwrap();
+        // The free top block at 0 is split rather than anything above it.
+        assert_eq!(b.alloc(12), Some(0));
+        assert_eq!(b.free_blocks(20), 1);
+        assert_eq!(b.free_blocks(12), 1);
+        assert_eq!(b.free_blocks(8), 0);
+        b.free(2 * MIB, 21).unwrap();
+        assert_eq!(
+            b.alloc(21),
+            Some(2 * MIB),
+            "whole top block kept for large requests"
+        );
         check_invariants(&b);
     }
 
