@@ -220,7 +220,8 @@ impl Implementation {
 
     /// The implementations this CPU can run.
     pub fn available() -> impl Iterator<Item = Implementation> {
-        ALL.into_iter().filter(|implementation| implementation.is_available())
+        ALL.into_iter()
+            .filter(|implementation| implementation.is_available())
     }
 
     /// The implementation this module picks for this CPU when nothing is forced.
@@ -1285,7 +1286,9 @@ mod tests {
         }
         let error = "memcpy".parse::<Implementation>().unwrap_err();
         assert_eq!(error, CopyError::UnknownName("memcpy".into()));
-        assert!(error.to_string().contains("expected avx, sse2, rep-movsb or portable"));
+        assert!(error
+            .to_string()
+            .contains("expected avx, sse2, rep-movsb or portable"));
     }
 
     #[test]

@@ -164,7 +164,11 @@ impl Arena {
             let bytes = (k as u64) << order;
             self.allocated_bytes += bytes;
             self.free_bytes -= bytes;
-            out.extend(offsets.iter().map(|&off| Arena::block(i as u32, s, order, off)));
+            out.extend(
+                offsets
+                    .iter()
+                    .map(|&off| Arena::block(i as u32, s, order, off)),
+            );
             got += k;
         }
         got

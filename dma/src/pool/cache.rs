@@ -66,11 +66,13 @@ impl Caches {
         if cfg!(loom) {
             return 1;
         }
-        std::thread::available_parallelism().map_or(1, |n| n.get()).max(
-            // CPUs may be numbered beyond the ones we are allowed on.
-            // SAFETY: sysconf has no memory effects.
-            unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize,
-        )
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .max(
+                // CPUs may be numbered beyond the ones we are allowed on.
+                // SAFETY: sysconf has no memory effects.
+                unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize,
+            )
     }
 
     /// The calling CPU's cache, locked.

@@ -20,6 +20,17 @@ pub enum AtCap {
     Fail,
 }
 
+/// The 2024 Linux swiotlb throttling RFC's rule, for comparison (the policy lab): once more
+/// than `high_percent` of capacity is allocated, awaitable requests wait until it falls below
+/// `low_percent`. Disables the per-core caches (every request must see the rule).
+#[derive(Copy, Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Throttle {
+    /// Start holding awaitable requests above this share of capacity (e.g. 70.0).
+    pub high_percent: f64,
+    /// Let them go again below this share (e.g. 65.0).
+    pub low_percent: f64,
+}
+
 /// How a [`super::Pool`] sizes, grows, shrinks and waits.
 ///
 /// The defaults suit a storage driver: 16 MiB prefilled, growth in 16 MiB chunks (one IOMMU
@@ -64,6 +75,12 @@ pub struct PoolConfig {
     pub grow_after: Duration,
     /// What happens at the cap when nothing is free.
     pub at_cap: AtCap,
+    /// Whether awaitable requests ([`super::Pool::alloc`], [`super::Pool::map`]) wait at all.
+    /// `false` makes them take the immediate path and fail when it fails: the classic
+    /// swiotlb and SWIOTLB_DYNAMIC behaviours, kept for comparison.
+    pub waiting: bool,
+    /// The throttling RFC's rule, for comparison; `None` (the default) for Tidepool's own.
+    pub throttle: Option<Throttle>,
     /// The waiter queue's fairness bounds.
     #[serde(skip)]
     pub fairness: FairnessConfig,
@@ -95,6 +112,8 @@ impl Default for PoolConfig {
             transient: true,
             grow_after: Duration::from_millis(1),
             at_cap: AtCap::Wait,
+            waiting: true,
+            throttle: None,
             fairness: FairnessConfig::default(),
             cache_bytes_per_class: 256 << 10,
             background: true,
@@ -110,22 +129,55 @@ impl PoolConfig {
         let bad = |field: &'static str, why: String| Err(PoolError::Config { field, why });
         let page = self.memory.page_size.bytes();
         if self.chunk_bytes == 0 || self.chunk_bytes % page != 0 {
-            return bad("chunk_bytes", format!("{} is not a non-zero multiple of the {page} B page", self.chunk_bytes));
+            return bad(
+                "chunk_bytes",
+                format!(
+                    "{} is not a non-zero multiple of the {page} B page",
+                    self.chunk_bytes
+                ),
+            );
         }
         if !self.max_buffer.is_power_of_two() || self.max_buffer < 4096 {
-            return bad("max_buffer", format!("{} is not a power of two ≥ 4096", self.max_buffer));
+            return bad(
+                "max_buffer",
+                format!("{} is not a power of two ≥ 4096", self.max_buffer),
+            );
         }
         if self.max_buffer > self.chunk_bytes || self.chunk_bytes % self.max_buffer != 0 {
-            return bad("max_buffer", format!("{} must divide chunk_bytes {}", self.max_buffer, self.chunk_bytes));
+            return bad(
+                "max_buffer",
+                format!(
+                    "{} must divide chunk_bytes {}",
+                    self.max_buffer, self.chunk_bytes
+                ),
+            );
         }
         if self.prefill_bytes % self.chunk_bytes != 0 {
-            return bad("prefill_bytes", format!("{} is not a multiple of chunk_bytes {}", self.prefill_bytes, self.chunk_bytes));
+            return bad(
+                "prefill_bytes",
+                format!(
+                    "{} is not a multiple of chunk_bytes {}",
+                    self.prefill_bytes, self.chunk_bytes
+                ),
+            );
         }
         if self.max_bytes < self.prefill_bytes.max(self.chunk_bytes) {
-            return bad("max_bytes", format!("{} is below the prefill {} or one chunk {}", self.max_bytes, self.prefill_bytes, self.chunk_bytes));
+            return bad(
+                "max_bytes",
+                format!(
+                    "{} is below the prefill {} or one chunk {}",
+                    self.max_bytes, self.prefill_bytes, self.chunk_bytes
+                ),
+            );
         }
         if self.reserve_bytes > self.max_bytes / 2 {
-            return bad("reserve_bytes", format!("{} is more than half the cap {}", self.reserve_bytes, self.max_bytes));
+            return bad(
+                "reserve_bytes",
+                format!(
+                    "{} is more than half the cap {}",
+                    self.reserve_bytes, self.max_bytes
+                ),
+            );
         }
         if self.high_watermark < self.low_watermark + self.chunk_bytes {
             return bad(
@@ -136,6 +188,18 @@ impl PoolConfig {
                     self.low_watermark + self.chunk_bytes
                 ),
             );
+        }
+        if let Some(t) = self.throttle {
+            if !(0.0 < t.low_percent && t.low_percent <= t.high_percent && t.high_percent <= 100.0)
+            {
+                return bad(
+                    "throttle",
+                    format!(
+                        "need 0 < low ({}) ≤ high ({}) ≤ 100",
+                        t.low_percent, t.high_percent
+                    ),
+                );
+            }
         }
         if self.histogram_max_ns < 1000 {
             return bad("histogram_max_ns", "must be at least 1000".into());

@@ -160,7 +160,9 @@ impl Shared {
         // Waiters stuck while space sits in per-core caches: bring it back first.
         let stuck = {
             let g = self.global.lock().unwrap();
-            g.queue.oldest().is_some_and(|(_, _, t)| now.duration_since(t) >= cfg.grow_after)
+            g.queue
+                .oldest()
+                .is_some_and(|(_, _, t)| now.duration_since(t) >= cfg.grow_after)
         };
         if stuck {
             self.drain_caches();
@@ -170,7 +172,10 @@ impl Shared {
         let (retired, grow_chunks, forced) = {
             let mut g = self.global.lock().unwrap();
             let slots: Vec<u32> = std::mem::take(&mut g.retired);
-            let retired: Vec<_> = slots.into_iter().filter_map(|s| g.arena.remove_idle(s)).collect();
+            let retired: Vec<_> = slots
+                .into_iter()
+                .filter_map(|s| g.arena.remove_idle(s))
+                .collect();
 
             let later = g.deadlines.split_off(&(now, u64::MAX));
             let expired = std::mem::replace(&mut g.deadlines, later);
@@ -180,7 +185,8 @@ impl Shared {
             }
 
             let free = g.arena.free_bytes;
-            let room = (cfg.max_bytes as u64).saturating_sub(g.arena.capacity_bytes + g.growing_bytes);
+            let room =
+                (cfg.max_bytes as u64).saturating_sub(g.arena.capacity_bytes + g.growing_bytes);
             let in_backoff = g.backoff_until.is_some_and(|t| t > now);
             let oldest = g.queue.oldest();
             // A waiter past its bounded wait forces an attempt, unless one already failed
@@ -190,7 +196,8 @@ impl Shared {
                     && (!in_backoff || g.last_failure.is_none_or(|f| f < t))
             });
             let want = if g.queue.has_waiters() {
-                let short = (g.queue.waiting_bytes() + cfg.reserve_bytes as u64).saturating_sub(free);
+                let short =
+                    (g.queue.waiting_bytes() + cfg.reserve_bytes as u64).saturating_sub(free);
                 if in_backoff && !forced {
                     0
                 } else {
@@ -259,7 +266,8 @@ impl Shared {
             consider(t);
         }
         if g.arena.capacity_bytes > cfg.prefill_bytes as u64 || !g.retired.is_empty() {
-            let tick = (cfg.shrink_delay / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+            let tick =
+                (cfg.shrink_delay / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
             consider(now + tick);
         }
         report.next_wake = next.map(|t| t.saturating_duration_since(Instant::now()));
@@ -273,7 +281,8 @@ impl Shared {
             let g = self.global.lock().unwrap();
             g.arena.capacity_bytes > cfg.prefill_bytes as u64
                 && !g.queue.has_waiters()
-                && g.last_grow.is_none_or(|t| now.duration_since(t) >= cfg.shrink_delay)
+                && g.last_grow
+                    .is_none_or(|t| now.duration_since(t) >= cfg.shrink_delay)
         };
         if !eligible {
             return 0;

@@ -266,12 +266,20 @@ impl Pool {
     }
 
     /// The immediate-path [`Pool::map`]: never waits (see [`Pool::try_alloc`]).
-    pub fn try_map<'a>(&self, buf: impl Into<UserBuf<'a>>, dir: Direction) -> Result<Mapping<'a>, PoolError> {
+    pub fn try_map<'a>(
+        &self,
+        buf: impl Into<UserBuf<'a>>,
+        dir: Direction,
+    ) -> Result<Mapping<'a>, PoolError> {
         self.try_map_sg(vec![buf.into()], dir)
     }
 
     /// The immediate-path [`Pool::map_sg`].
-    pub fn try_map_sg<'a>(&self, segs: Vec<UserBuf<'a>>, dir: Direction) -> Result<Mapping<'a>, PoolError> {
+    pub fn try_map_sg<'a>(
+        &self,
+        segs: Vec<UserBuf<'a>>,
+        dir: Direction,
+    ) -> Result<Mapping<'a>, PoolError> {
         let len = self.check_segments(&segs, dir)?;
         let order = self.check_len(len)?;
         let block = self.shared.alloc_immediate(order, len)?;

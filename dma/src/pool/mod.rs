@@ -59,10 +59,10 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 pub use buf::DmaBuf;
-pub use config::{AtCap, PoolConfig, MIN_BUFFER};
+pub use config::{AtCap, PoolConfig, Throttle, MIN_BUFFER};
 pub use error::PoolError;
 pub use grower::MaintainReport;
-pub use mapping::{Direction, Mapping, MapFuture, UserBuf};
+pub use mapping::{Direction, MapFuture, Mapping, UserBuf};
 pub use stats::{PoolStats, WaitPercentiles};
 
 use crate::memory::Chunk;
@@ -133,6 +133,8 @@ pub(crate) struct Global {
     pub backoff: Duration,
     /// When growth last failed.
     pub last_failure: Option<Instant>,
+    /// [`Throttle`] in force: awaitable requests wait.
+    pub throttled: bool,
 }
 
 /// Which path a request came from, for the reserve rule.
@@ -150,7 +152,15 @@ impl Pool {
     pub fn new(view: Arc<dyn DeviceView>, cfg: PoolConfig) -> Result<Pool, PoolError> {
         cfg.validate()?;
         let shared = Arc::new(Shared {
-            caches: Caches::new(PoolConfig::min_order(), cfg.max_order(), cfg.cache_bytes_per_class),
+            caches: Caches::new(
+                PoolConfig::min_order(),
+                cfg.max_order(),
+                if cfg.throttle.is_some() {
+                    0
+                } else {
+                    cfg.cache_bytes_per_class
+                },
+            ),
             global: Mutex::new(Global {
                 arena: Arena::default(),
                 queue: WaitQueue::new(cfg.fairness),
@@ -162,6 +172,7 @@ impl Pool {
                 backoff_until: None,
                 backoff: grower::MIN_BACKOFF,
                 last_failure: None,
+                throttled: false,
             }),
             waiting: AtomicUsize::new(0),
             counters: Counters::new(cfg.histogram_max_ns),
@@ -267,7 +278,8 @@ impl Shared {
     /// Copies the arena's capacity figures to the stats. Call with `global` held.
     fn publish_capacity(&self, g: &Global) {
         let c = &self.counters;
-        c.capacity_bytes.store(g.arena.capacity_bytes, Ordering::Relaxed);
+        c.capacity_bytes
+            .store(g.arena.capacity_bytes, Ordering::Relaxed);
         c.chunks.store(g.arena.chunks, Ordering::Relaxed);
         c.peak_allocated_bytes
             .fetch_max(g.arena.allocated_bytes, Ordering::Relaxed);
@@ -275,7 +287,7 @@ impl Shared {
 
     /// Hot path: a block from this CPU's cache. Awaitable callers skip it while anyone waits
     /// (no barging past the queue).
-    fn alloc_cached(&self, order: u32, caller: Caller, len: usize) -> Option<Block> {
+    fn alloc_cached(&self, order: u32, caller: Caller) -> Option<Block> {
         if caller == Caller::Awaitable && self.waiting.load(Ordering::Relaxed) > 0 {
             return None;
         }
@@ -286,7 +298,6 @@ impl Shared {
         let class = self.caches.class(order);
         let b = c.classes[class].pop()?;
         c.in_use += b.size() as i64;
-        let _ = len;
         Some(b)
     }
 
@@ -297,10 +308,15 @@ impl Shared {
         let size = 1u64 << order;
         let block = match caller {
             Caller::Awaitable => {
-                if g.queue.has_waiters() || g.arena.free_bytes < size + self.cfg.reserve_bytes as u64 {
+                if g.queue.has_waiters()
+                    || g.throttled
+                    || g.arena.free_bytes < size + self.cfg.reserve_bytes as u64
+                {
                     return None;
                 }
-                g.arena.alloc(order, false)?
+                let b = g.arena.alloc(order, false)?;
+                self.update_throttle(g);
+                b
             }
             Caller::Immediate => {
                 let before = g.arena.free_bytes;
@@ -329,7 +345,10 @@ impl Shared {
         let mut got = Vec::with_capacity(want);
         {
             let mut g = self.global.lock().unwrap();
-            let room = g.arena.free_bytes.saturating_sub(self.cfg.reserve_bytes as u64 + self.cfg.low_watermark as u64);
+            let room = g
+                .arena
+                .free_bytes
+                .saturating_sub(self.cfg.reserve_bytes as u64 + self.cfg.low_watermark as u64);
             let n = want.min((room >> order) as usize);
             if n == 0 || g.queue.has_waiters() {
                 return;
@@ -344,8 +363,8 @@ impl Shared {
     }
 
     /// One awaitable attempt without waiting: cache, then arena. Counts the block as in use.
-    fn alloc_now(&self, order: u32, len: usize) -> Option<Block> {
-        if let Some(b) = self.alloc_cached(order, Caller::Awaitable, len) {
+    fn alloc_now(&self, order: u32) -> Option<Block> {
+        if let Some(b) = self.alloc_cached(order, Caller::Awaitable) {
             return Some(b);
         }
         let b = {
@@ -359,7 +378,7 @@ impl Shared {
 
     /// The immediate path: cache, arena with reserve, transient chunk, error.
     fn alloc_immediate(&self, order: u32, len: usize) -> Result<Block, PoolError> {
-        if let Some(b) = self.alloc_cached(order, Caller::Immediate, len) {
+        if let Some(b) = self.alloc_cached(order, Caller::Immediate) {
             return Ok(b);
         }
         let got = {
@@ -401,7 +420,9 @@ impl Shared {
         {
             let mut g = self.global.lock().unwrap();
             if g.arena.capacity_bytes + g.growing_bytes + len as u64 > self.cfg.max_bytes as u64 {
-                return Err(format!("pool and reserve empty, and a {len} B transient chunk would pass the cap"));
+                return Err(format!(
+                    "pool and reserve empty, and a {len} B transient chunk would pass the cap"
+                ));
             }
             g.growing_bytes += len as u64;
         }
@@ -413,7 +434,10 @@ impl Shared {
         Counters::bump(&self.counters.transient_allocs);
         // Other immediate callers may have raced into the new chunk; it still has room for us
         // unless it was filled, in which case any transient chunk with room will do.
-        let b = g.arena.alloc(order, true).ok_or_else(|| "transient chunk taken by others".to_string());
+        let b = g
+            .arena
+            .alloc(order, true)
+            .ok_or_else(|| "transient chunk taken by others".to_string());
         if b.is_err() {
             g.retired.push(slot);
         }
@@ -477,19 +501,46 @@ impl Shared {
         wakes.wake_all();
     }
 
-    /// Hands free space to waiters in the queue's fair order, keeping the reserve. Call with
-    /// the pool lock held; wake `wakes` after releasing it.
+    /// Sets or clears [`Global::throttled`] from the allocated share of capacity (only with a
+    /// [`Throttle`] configured). Call with the pool lock held.
+    fn update_throttle(&self, g: &mut Global) {
+        if let Some(t) = self.cfg.throttle {
+            let share =
+                100.0 * g.arena.allocated_bytes as f64 / g.arena.capacity_bytes.max(1) as f64;
+            if share > t.high_percent {
+                g.throttled = true;
+            } else if share < t.low_percent {
+                g.throttled = false;
+            }
+        }
+    }
+
+    /// Hands free space to waiters in the queue's fair order, keeping the reserve (and the
+    /// throttle, if configured). Call with the pool lock held; wake `wakes` after releasing it.
     fn dispatch(&self, g: &mut Global, now: Instant, wakes: &mut WakeList) {
         let reserve = self.cfg.reserve_bytes as u64;
-        let Global { arena, queue, .. } = g;
+        self.update_throttle(g);
+        let throttle = self.cfg.throttle;
+        let Global {
+            arena,
+            queue,
+            throttled,
+            ..
+        } = g;
         if !queue.has_waiters() {
             return;
         }
         queue.dispatch(now, wakes, |size| {
-            if arena.free_bytes < size + reserve {
+            if *throttled || arena.free_bytes < size + reserve {
                 return None;
             }
-            arena.alloc(size.trailing_zeros(), false)
+            let b = arena.alloc(size.trailing_zeros(), false)?;
+            if let Some(t) = throttle {
+                let share =
+                    100.0 * arena.allocated_bytes as f64 / arena.capacity_bytes.max(1) as f64;
+                *throttled = share > t.high_percent;
+            }
+            Some(b)
         });
         self.waiting.store(queue.waiting(), Ordering::Relaxed);
         self.publish_capacity(g);
@@ -612,7 +663,11 @@ impl<'p> Alloc<'p> {
                         return Poll::Ready(Err(e));
                     }
                 };
-                if let Some(b) = shared.alloc_now(order, self.len) {
+                if !shared.cfg.waiting {
+                    self.state = AllocState::Done;
+                    return Poll::Ready(shared.alloc_immediate(order, self.len));
+                }
+                if let Some(b) = shared.alloc_now(order) {
                     self.state = AllocState::Done;
                     return Poll::Ready(Ok(b));
                 }
@@ -705,7 +760,10 @@ impl<'p> Alloc<'p> {
                 let Some(outcome) = outcome else {
                     return Poll::Pending;
                 };
-                if let AllocState::Queued { deadline: Some(k), .. } = self.state {
+                if let AllocState::Queued {
+                    deadline: Some(k), ..
+                } = self.state
+                {
                     g.deadlines.remove(&k);
                 }
                 let outcome = match outcome {
@@ -749,7 +807,9 @@ impl Future for Alloc<'_> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let len = self.len;
         match self.poll_block(cx) {
-            Poll::Ready(Ok(b)) => Poll::Ready(Ok(DmaBuf::new_zeroed(self.pool.shared.clone(), b, len))),
+            Poll::Ready(Ok(b)) => {
+                Poll::Ready(Ok(DmaBuf::new_zeroed(self.pool.shared.clone(), b, len)))
+            }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
         }

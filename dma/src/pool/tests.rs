@@ -125,12 +125,18 @@ fn map_directions_copy_in_zero_and_copy_out_once() {
     let m = p.try_map(&src, Direction::ToDevice).unwrap();
     let got = bytes(m.buffer());
     assert_eq!(&got[..3000], &src[..]);
-    assert!(got[3000..].iter().all(|&x| x == 0), "tail beyond the data is zeroed");
+    assert!(
+        got[3000..].iter().all(|&x| x == 0),
+        "tail beyond the data is zeroed"
+    );
     m.unmap();
 
     let mut dst = vec![0x55u8; 3000];
     let m = p.try_map(&mut dst, Direction::FromDevice).unwrap();
-    assert!(bytes(m.buffer()).iter().all(|&x| x == 0), "FromDevice hands the device zeroes");
+    assert!(
+        bytes(m.buffer()).iter().all(|&x| x == 0),
+        "FromDevice hands the device zeroes"
+    );
     // The "device" writes.
     // SAFETY: the identity view has no device; this test plays its part.
     unsafe { std::ptr::write_bytes(m.buffer().as_ptr(), 0xEE, 3000) };
@@ -148,7 +154,10 @@ fn map_directions_copy_in_zero_and_copy_out_once() {
     // Scatter-gather: segments gathered in order, scattered back in order.
     let (mut a, mut b) = (vec![1u8; 1000], vec![2u8; 3000]);
     let m = p
-        .try_map_sg(vec![(&mut a).into(), (&mut b).into()], Direction::Bidirectional)
+        .try_map_sg(
+            vec![(&mut a).into(), (&mut b).into()],
+            Direction::Bidirectional,
+        )
         .unwrap();
     assert_eq!(m.len(), 4000);
     let got = bytes(m.buffer());
@@ -164,7 +173,10 @@ fn map_directions_copy_in_zero_and_copy_out_once() {
 fn awaiting_alloc_waits_for_release_and_wakes() {
     let p = pool(small_config());
     let all: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
-    assert!(matches!(p.try_alloc(4096), Err(PoolError::Exhausted { .. })));
+    assert!(matches!(
+        p.try_alloc(4096),
+        Err(PoolError::Exhausted { .. })
+    ));
     let w = Arc::new(CountingWaker::default());
     let mut fut = pin!(p.alloc(64 << 10));
     assert!(poll_once(fut.as_mut(), &w).is_pending());
@@ -184,7 +196,10 @@ fn awaiting_alloc_waits_for_release_and_wakes() {
 fn cancelled_waiters_lose_nothing() {
     let p = pool(small_config());
     let all: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
-    let (w1, w2) = (Arc::new(CountingWaker::default()), Arc::new(CountingWaker::default()));
+    let (w1, w2) = (
+        Arc::new(CountingWaker::default()),
+        Arc::new(CountingWaker::default()),
+    );
     let mut f1 = Box::pin(p.alloc(64 << 10));
     let mut f2 = Box::pin(p.alloc(64 << 10));
     assert!(poll_once(f1.as_mut(), &w1).is_pending());
@@ -206,7 +221,10 @@ fn cancelled_waiters_lose_nothing() {
     assert_eq!(p.stats().waiters, 0);
     drop((all, b));
     assert_eq!(p.stats().in_use_bytes, 0);
-    assert_eq!(p.try_alloc(64 << 10).map(|b| b.capacity()).unwrap(), 64 << 10);
+    assert_eq!(
+        p.try_alloc(64 << 10).map(|b| b.capacity()).unwrap(),
+        64 << 10
+    );
 }
 
 #[test]
@@ -243,14 +261,25 @@ fn small_waiters_pass_a_large_one_but_not_forever() {
         *smalls = still;
         got.len()
     };
-    assert_eq!(ready(&mut smalls), 2, "two small waiters passed the big one");
+    assert_eq!(
+        ready(&mut smalls),
+        2,
+        "two small waiters passed the big one"
+    );
     // ...then space is kept for the big one: further releases go to it, not to the two
     // small waiters still queued. Free the chunk's first 64 KiB (a whole buddy block).
     held.sort_by_key(|b| b.device_addr());
     let first: Vec<_> = held.drain(..16).collect();
     drop(first);
-    assert_eq!(ready(&mut smalls), 2, "no small waiter passed the starving big one");
-    assert!(poll_once(big.as_mut(), &w).is_ready(), "big waiter served once 64 KiB freed");
+    assert_eq!(
+        ready(&mut smalls),
+        2,
+        "no small waiter passed the starving big one"
+    );
+    assert!(
+        poll_once(big.as_mut(), &w).is_ready(),
+        "big waiter served once 64 KiB freed"
+    );
     drop(held);
 }
 
@@ -268,11 +297,16 @@ fn immediate_path_uses_reserve_then_transient_then_fails_clearly() {
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut f = Box::pin(p.alloc(64 << 10));
-        let Poll::Ready(Ok(b)) = poll_once(f.as_mut(), &w) else { panic!() };
+        let Poll::Ready(Ok(b)) = poll_once(f.as_mut(), &w) else {
+            panic!()
+        };
         held.push(b);
     }
     let mut f = Box::pin(p.alloc(64 << 10));
-    assert!(poll_once(f.as_mut(), &w).is_pending(), "the reserve is not for waiters");
+    assert!(
+        poll_once(f.as_mut(), &w).is_pending(),
+        "the reserve is not for waiters"
+    );
     drop(f);
     // The immediate path takes the reserve...
     held.push(p.try_alloc(64 << 10).unwrap());
@@ -308,9 +342,14 @@ fn waiters_make_the_grower_grow_and_idle_chunks_shrink_back() {
     assert_eq!(r.grew, 1, "{r:?}");
     assert!(r.forced, "the waiter passed grow_after");
     assert_eq!(w.count(), 1);
-    let Poll::Ready(Ok(b)) = poll_once(f.as_mut(), &w) else { panic!() };
+    let Poll::Ready(Ok(b)) = poll_once(f.as_mut(), &w) else {
+        panic!()
+    };
     let s = p.stats();
-    assert_eq!((s.capacity_bytes, s.grows, s.sync_grows, s.mappings.mappings), (512 << 10, 1, 1, 2));
+    assert_eq!(
+        (s.capacity_bytes, s.grows, s.sync_grows, s.mappings.mappings),
+        (512 << 10, 1, 1, 2)
+    );
     drop((held, b));
     // Idle, but not for shrink_delay yet.
     assert_eq!(p.maintain().shrank, 0);
@@ -318,7 +357,10 @@ fn waiters_make_the_grower_grow_and_idle_chunks_shrink_back() {
     let r = p.maintain();
     assert_eq!(r.shrank, 1, "{r:?}");
     let s = p.stats();
-    assert_eq!((s.capacity_bytes, s.shrinks, s.mappings.mappings), (256 << 10, 1, 1));
+    assert_eq!(
+        (s.capacity_bytes, s.shrinks, s.mappings.mappings),
+        (256 << 10, 1, 1)
+    );
     // Never below the prefill.
     std::thread::sleep(Duration::from_millis(60));
     assert_eq!(p.maintain().shrank, 0);
@@ -338,9 +380,15 @@ fn timeouts_and_at_cap_failure() {
     assert!(poll_once(f.as_mut(), &w).is_pending());
     std::thread::sleep(Duration::from_millis(3));
     let r = p.maintain();
-    assert_eq!(r.expired, 1, "the grow_after deadline of AtCap::Fail passed");
+    assert_eq!(
+        r.expired, 1,
+        "the grow_after deadline of AtCap::Fail passed"
+    );
     let r = poll_once(f.as_mut(), &w);
-    assert!(matches!(r, Poll::Ready(Err(PoolError::AtCap { .. }))), "{r:?}");
+    assert!(
+        matches!(r, Poll::Ready(Err(PoolError::AtCap { .. }))),
+        "{r:?}"
+    );
     drop(f);
 
     let p2 = pool(PoolConfig {
@@ -352,7 +400,10 @@ fn timeouts_and_at_cap_failure() {
     assert!(poll_once(f.as_mut(), &w).is_pending());
     std::thread::sleep(Duration::from_millis(12));
     p2.maintain();
-    assert!(matches!(poll_once(f.as_mut(), &w), Poll::Ready(Err(PoolError::Timeout { .. }))));
+    assert!(matches!(
+        poll_once(f.as_mut(), &w),
+        Poll::Ready(Err(PoolError::Timeout { .. }))
+    ));
     assert_eq!((p2.stats().timeouts, p2.stats().waiters), (1, 0));
     drop((held, held2));
 }
@@ -402,7 +453,16 @@ fn dma_mask_is_enforced_on_new_chunks() {
     };
     let view = Arc::new(Identity::new());
     let err = Pool::new(view.clone(), cfg).unwrap_err();
-    assert!(matches!(err, PoolError::AboveDmaMask { mask: 0xffff_ffff, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            PoolError::AboveDmaMask {
+                mask: 0xffff_ffff,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(view.usage().mappings, 0, "the refused chunk was unshared");
 }
 
@@ -410,7 +470,14 @@ fn dma_mask_is_enforced_on_new_chunks() {
 fn teardown_unshares_every_chunk() {
     let view = Arc::new(Identity::new());
     {
-        let p = Pool::new(view.clone(), PoolConfig { background: true, ..small_config() }).unwrap();
+        let p = Pool::new(
+            view.clone(),
+            PoolConfig {
+                background: true,
+                ..small_config()
+            },
+        )
+        .unwrap();
         let b = p.try_alloc(4096).unwrap();
         drop(p);
         // The buffer keeps the pool alive.
@@ -418,4 +485,56 @@ fn teardown_unshares_every_chunk() {
         drop(b);
     }
     assert_eq!(view.usage().mappings, 0);
+}
+
+#[test]
+fn throttle_holds_awaitable_requests_between_the_thresholds() {
+    let p = pool(PoolConfig {
+        throttle: Some(Throttle {
+            high_percent: 70.0,
+            low_percent: 65.0,
+        }),
+        ..small_config()
+    });
+    let w = Arc::new(CountingWaker::default());
+    let mut held = Vec::new();
+    // 256 KiB of 16 KiB blocks: 16 blocks; above 70% (11.2 blocks) the 12th allocation throttles.
+    loop {
+        let mut f = Box::pin(p.alloc(16 << 10));
+        match poll_once(f.as_mut(), &w) {
+            Poll::Ready(r) => held.push(r.unwrap()),
+            Poll::Pending => {
+                drop(f);
+                break;
+            }
+        }
+    }
+    assert_eq!(held.len(), 12, "allocations stop once above 70%");
+    // The immediate path is not throttled.
+    held.push(p.try_alloc(16 << 10).unwrap());
+    // Releasing down to 12/16 = 75% and 11/16 = 68.75% keeps the throttle; 10/16 = 62.5% lifts it.
+    let mut f = Box::pin(p.alloc(16 << 10));
+    assert!(poll_once(f.as_mut(), &w).is_pending());
+    held.pop();
+    held.pop();
+    assert_eq!(w.count(), 0, "still above the low threshold");
+    held.pop();
+    assert_eq!(w.count(), 1, "below 65%: the waiter is served");
+    assert!(matches!(poll_once(f.as_mut(), &w), Poll::Ready(Ok(_))));
+}
+
+#[test]
+fn without_waiting_awaitable_requests_fail_like_swiotlb() {
+    let p = pool(PoolConfig {
+        waiting: false,
+        ..small_config()
+    });
+    let w = Arc::new(CountingWaker::default());
+    let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    let mut f = Box::pin(p.alloc(4096));
+    assert!(matches!(
+        poll_once(f.as_mut(), &w),
+        Poll::Ready(Err(PoolError::Exhausted { .. }))
+    ));
+    drop(held);
 }
