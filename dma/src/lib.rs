@@ -25,6 +25,7 @@
 pub mod copy;
 pub mod iova;
 pub mod memory;
+pub mod policy;
 pub mod pool;
 pub mod share;
 pub(crate) mod sync;

@@ -845,4 +845,4 @@ impl Drop for Alloc<'_> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -682,7 +682,7 @@ impl VfioDevice {
     fn config_offset(&self, offset: u64, len: usize) -> Result<u64, ShareError> {
         let size = self.raw.get_region_size(VFIO_PCI_CONFIG_REGION_INDEX);
         let end = offset.checked_add(len as u64);
-        if end.map_or(true, |end| end > size) {
+        if end.is_none_or(|end| end > size) {
             return Err(ShareError::BadAccess {
                 what: "PCI config space",
                 offset,
