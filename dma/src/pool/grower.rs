@@ -155,7 +155,6 @@ impl Shared {
     pub(crate) fn maintain(&self, now: Instant) -> MaintainReport {
         let mut report = MaintainReport::default();
         let cfg = &self.cfg;
-        let chunk = cfg.chunk_bytes as u64;
 
         // Waiters stuck while space sits in per-core caches: bring it back first.
         let stuck = {
@@ -169,7 +168,7 @@ impl Shared {
         }
 
         let mut wakes = WakeList::new();
-        let (retired, grow_chunks, forced) = {
+        let (retired, grow_chunks, chunk, forced) = {
             let mut g = self.global.lock().unwrap();
             let slots: Vec<u32> = std::mem::take(&mut g.retired);
             let retired: Vec<_> = slots
@@ -187,6 +186,7 @@ impl Shared {
             let free = g.arena.free_bytes;
             let room =
                 (cfg.max_bytes as u64).saturating_sub(g.arena.capacity_bytes + g.growing_bytes);
+            let chunk = self.growth_chunk_bytes(room);
             let in_backoff = g.backoff_until.is_some_and(|t| t > now);
             let oldest = g.queue.oldest();
             // A waiter past its bounded wait forces an attempt, unless one already failed
@@ -211,7 +211,7 @@ impl Shared {
             let n = want.div_ceil(chunk).min(room / chunk);
             g.growing_bytes += n * chunk;
             self.publish_capacity(&g);
-            (retired, n, forced && n > 0)
+            (retired, n, chunk, forced && n > 0)
         };
         wakes.wake_all();
         report.retired = retired.len();
@@ -219,7 +219,7 @@ impl Shared {
 
         report.forced = forced;
         for i in 0..grow_chunks {
-            let made = self.make_chunk(cfg.chunk_bytes);
+            let made = self.make_chunk(chunk as usize);
             let mut wakes = WakeList::new();
             let mut g = self.global.lock().unwrap();
             match made {
@@ -272,6 +272,26 @@ impl Shared {
         }
         report.next_wake = next.map(|t| t.saturating_duration_since(Instant::now()));
         report
+    }
+
+    /// The size of the next growth chunk: `chunk_bytes`, or more when the view has few mapping
+    /// slots left (vhost-user backends take 32 regions), so that the cap stays reachable with
+    /// the slots that remain: `room / free slots`, rounded up to whole pages and buffers.
+    /// When no slot is left, growth fails with the view's clear `MappingLimit` error.
+    fn growth_chunk_bytes(&self, room: u64) -> u64 {
+        let base = self.cfg.chunk_bytes as u64;
+        let usage = self.view.usage();
+        let Some(limit) = usage.mapping_limit else {
+            return base;
+        };
+        let free_slots = limit.saturating_sub(usage.mappings);
+        if free_slots == 0 {
+            return base;
+        }
+        // Both are powers of two: the larger is a multiple of the smaller.
+        let unit = (self.cfg.memory.page_size.bytes().max(self.cfg.max_buffer)) as u64;
+        let spread = room.div_ceil(free_slots).div_ceil(unit) * unit;
+        base.max(spread)
     }
 
     /// Gives back chunks idle for `shrink_delay` while enough stays free. Returns how many.

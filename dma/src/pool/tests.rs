@@ -538,3 +538,29 @@ fn without_waiting_awaitable_requests_fail_like_swiotlb() {
     ));
     drop(held);
 }
+
+#[test]
+fn few_mapping_slots_make_growth_chunks_larger() {
+    // A view with 3 slots: prefill takes one; 768 KiB of room over 2 slots: 384 KiB chunks.
+    let view = Arc::new(Identity::with_limit(3));
+    let p = Pool::new(view, small_config()).unwrap();
+    let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    let w = Arc::new(CountingWaker::default());
+    let mut f = Box::pin(p.alloc(64 << 10));
+    assert!(poll_once(f.as_mut(), &w).is_pending());
+    std::thread::sleep(Duration::from_millis(2));
+    assert_eq!(p.maintain().grew, 1);
+    assert_eq!(p.stats().capacity_bytes, (256 + 384) << 10);
+    let Poll::Ready(Ok(b)) = poll_once(f.as_mut(), &w) else {
+        panic!()
+    };
+    // Fill it, grow into the last slot, and reach the cap exactly.
+    let more: Vec<_> = (0..5).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    let mut f = Box::pin(p.alloc(64 << 10));
+    assert!(poll_once(f.as_mut(), &w).is_pending());
+    std::thread::sleep(Duration::from_millis(2));
+    assert_eq!(p.maintain().grew, 1);
+    let s = p.stats();
+    assert_eq!((s.capacity_bytes, s.mappings.mappings), (1 << 20, 3));
+    drop((held, b, more, f));
+}
