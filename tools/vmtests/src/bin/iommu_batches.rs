@@ -17,6 +17,9 @@
 //! 3. **A 4 MiB mask.** Room for one 2 MiB chunk above the reserved null page: the second map
 //!    must fail with `ShareError::AddressSpace` and must not use up a mapping.
 //!
+//! 4. **Two controllers, one container** (only with `--vfio-nvme 2`): one view, one mapping,
+//!    Identify through it from both.
+//!
 //! Prints every number it checks; exit 0 = pass.
 
 #[path = "../admin_identify.rs"]
@@ -26,7 +29,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use tidepool::memory::{Chunk, PageSize};
-use tidepool::share::vfio::{IovaRange, VfioDevice, VfioType1};
+use tidepool::share::vfio::{IovaRange, VfioContainer, VfioDevice, VfioType1};
 use tidepool::share::{DeviceView, ShareError};
 use tidepool::DeviceAddr;
 use tidepool_vmtests::HarnessEnv;
@@ -55,6 +58,37 @@ fn run() -> Result<(), String> {
     full_mask(bdf)?;
     mask_32bit(bdf)?;
     tiny_mask(bdf)?;
+    if env.vfio_nvme_bdfs.len() >= 2 {
+        shared_container(&env.vfio_nvme_bdfs[..2])?;
+    } else {
+        println!("phase 4 skipped: one vfio NVMe function (run with --vfio-nvme 2)");
+    }
+    Ok(())
+}
+
+/// Two controllers in one container share one view: one mapping serves both.
+fn shared_container(bdfs: &[String]) -> Result<(), String> {
+    println!("phase 4: {} and {} in one container", bdfs[0], bdfs[1]);
+    let container = VfioContainer::new().map_err(|e| e.to_string())?;
+    let a = container.open_device(&bdfs[0]).map_err(|e| e.to_string())?;
+    let b = container.open_device(&bdfs[1]).map_err(|e| e.to_string())?;
+    let view = container.view(u64::MAX).map_err(|e| e.to_string())?;
+    let again = container.view(u64::MAX).map_err(|e| e.to_string())?;
+    if !Arc::ptr_eq(&view, &again) {
+        return Err("a container must have exactly one view".into());
+    }
+    match container.view(0xffff_ffff) {
+        Err(ShareError::Unsuitable(_)) => {}
+        other => return Err(format!("a narrower mask than the view's gave {other:?}")),
+    }
+    let avail0 = dma_avail(&view)?;
+    let chunk = hugepage_chunk(1)?;
+    let iova = map_checked(&view, &chunk, avail0)?;
+    identify_through(&a, &chunk, iova)?;
+    identify_through(&b, &chunk, iova)?;
+    view.unshare(&chunk.region(), iova)
+        .map_err(|e| e.to_string())?;
+    println!("  one mapping at {:#x} served both controllers", iova.0);
     Ok(())
 }
 
