@@ -47,7 +47,6 @@
 //! and [`super::direct`]'s unsafe constructors guarantee this).
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -337,7 +336,7 @@ impl VfioContainer {
     /// exists, that it is bound to `vfio-pci`, that it has an IOMMU group, that
     /// `/dev/vfio/<group>` can be opened and that the group is viable (every device in it bound
     /// to vfio-pci or to no driver). The first device opened sets the container's IOMMU type
-    /// (type1v2). Blocking; setup only.
+    /// (type1v2). Devices of a group already in this container reuse it. Blocking; setup only.
     pub fn open_device(self: &Arc<Self>, bdf: &str) -> Result<VfioDevice, ShareError> {
         let bdf = Bdf::parse(bdf)?;
         let sysfs = bdf.sysfs_path();
@@ -370,21 +369,6 @@ impl VfioContainer {
                     .into(),
             )
         })?;
-        let group_path = format!("/dev/vfio/{group}");
-        if let Err(e) = OpenOptions::new().read(true).write(true).open(&group_path) {
-            return Err(match e.kind() {
-                io::ErrorKind::PermissionDenied | io::ErrorKind::NotFound => {
-                    ShareError::Permission {
-                        path: group_path,
-                        hint: HINT_NO_VFIO,
-                    }
-                }
-                // EBUSY: another process (or container) holds the group.
-                _ => device_err(format!(
-                    "cannot open {group_path}: {e}; is another process using this device?"
-                )),
-            });
-        }
         let ops: Arc<dyn VfioOps> = self.raw.clone();
         let raw = RawDevice::new(&sysfs, ops, false).map_err(|e| match e {
             VfioError::GroupViable => device_err(format!(
@@ -392,6 +376,20 @@ impl VfioContainer {
                  vfio-pci or to no driver; now: {}",
                 group_members(group)
             )),
+            // The group file opens once per process: vfio-ioctls reuses it for a second
+            // device of the same group, so EBUSY means another process or container has it.
+            VfioError::OpenGroup(e, _) => match e.kind() {
+                io::ErrorKind::PermissionDenied | io::ErrorKind::NotFound => {
+                    ShareError::Permission {
+                        path: format!("/dev/vfio/{group}"),
+                        hint: HINT_NO_VFIO,
+                    }
+                }
+                _ => device_err(format!(
+                    "cannot open /dev/vfio/{group}: {e}; is another process or container \
+                     using this IOMMU group?"
+                )),
+            },
             e => vfio_error("open device", e),
         })?;
         let mut device = VfioDevice {

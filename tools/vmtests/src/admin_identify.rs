@@ -44,7 +44,8 @@ pub fn identify_controller(
     data_iova: u64,
 ) -> Result<Completion, String> {
     let e = |what: &str, err: tidepool::share::ShareError| format!("{what}: {err}");
-    dev.enable_bus_master().map_err(|err| e("enable bus master", err))?;
+    dev.enable_bus_master()
+        .map_err(|err| e("enable bus master", err))?;
     let cap = bar.read64(REG_CAP).map_err(|err| e("read CAP", err))?;
     let timeout = Duration::from_millis(500 * ((cap >> 24) & 0xff).max(1));
     let stride = 4usize << ((cap >> 32) & 0xf);
@@ -56,11 +57,15 @@ pub fn identify_controller(
         unsafe { queues.cast::<u32>().add(i).write_volatile(0) };
     }
     let q = QUEUE_ENTRIES - 1;
-    bar.write32(REG_AQA, (q << 16) | q).map_err(|err| e("AQA", err))?;
-    bar.write64(REG_ASQ, queues_iova).map_err(|err| e("ASQ", err))?;
-    bar.write64(REG_ACQ, queues_iova + 4096).map_err(|err| e("ACQ", err))?;
+    bar.write32(REG_AQA, (q << 16) | q)
+        .map_err(|err| e("AQA", err))?;
+    bar.write64(REG_ASQ, queues_iova)
+        .map_err(|err| e("ASQ", err))?;
+    bar.write64(REG_ACQ, queues_iova + 4096)
+        .map_err(|err| e("ACQ", err))?;
     // EN, NVM command set, 4 KiB pages, SQE 2^6 = 64 B, CQE 2^4 = 16 B.
-    bar.write32(REG_CC, 1 | (6 << 16) | (4 << 20)).map_err(|err| e("CC", err))?;
+    bar.write32(REG_CC, 1 | (6 << 16) | (4 << 20))
+        .map_err(|err| e("CC", err))?;
     wait_ready(bar, true, timeout)?;
 
     let cid: u16 = 0x1d;
@@ -75,7 +80,8 @@ pub fn identify_controller(
         unsafe { queues.cast::<u32>().add(i).write_volatile(*dw) };
     }
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    bar.write32(DOORBELLS, 1).map_err(|err| e("SQ0 tail doorbell", err))?;
+    bar.write32(DOORBELLS, 1)
+        .map_err(|err| e("SQ0 tail doorbell", err))?;
 
     let cqe = queues.wrapping_add(4096).cast::<u32>();
     let start = Instant::now();
@@ -90,7 +96,8 @@ pub fn identify_controller(
         }
         std::thread::sleep(Duration::from_micros(50));
     };
-    bar.write32(DOORBELLS + stride, 1).map_err(|err| e("CQ0 head doorbell", err))?;
+    bar.write32(DOORBELLS + stride, 1)
+        .map_err(|err| e("CQ0 head doorbell", err))?;
     disable(bar, timeout)?;
     Ok(Completion {
         status: (dw3 >> 17) as u16,
@@ -117,7 +124,9 @@ fn wait_ready(bar: &Bar, ready: bool, timeout: Duration) -> Result<(), String> {
             return Ok(());
         }
         if start.elapsed() > timeout {
-            return Err(format!("CSTS.RDY did not become {ready} within {timeout:?}"));
+            return Err(format!(
+                "CSTS.RDY did not become {ready} within {timeout:?}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -133,6 +142,7 @@ pub fn read_device_bytes(p: *const u8, len: usize) -> Vec<u8> {
 }
 
 /// An ASCII field of the Identify data, trimmed.
+#[allow(dead_code)] // not every test that includes this file prints Identify strings
 pub fn ascii_field(data: &[u8], range: std::ops::Range<usize>) -> String {
     String::from_utf8_lossy(&data[range])
         .trim_matches(|c: char| c == ' ' || c == '\0')

@@ -60,7 +60,10 @@ fn run() -> Result<(), String> {
         d_iova.0, c.status, c.cid
     );
     if c.cid != 0x1d {
-        return Err(format!("completion for the wrong command: cid {:#x}", c.cid));
+        return Err(format!(
+            "completion for the wrong command: cid {:#x}",
+            c.cid
+        ));
     }
     if changed != 0 {
         return Err("the device wrote memory that was unmapped from the IOMMU".into());
