@@ -31,6 +31,7 @@ if [ -c /dev/ttyS1 ]; then
     exec </dev/null >/dev/ttyS1 2>&1
 fi
 
+# shellcheck source=/dev/null # written by tools/vm/run
 . /etc/tidepool/config
 
 say() { echo "TIDEPOOL-$*"; }
@@ -88,7 +89,7 @@ TIDEPOOL_KERNEL_NVME_DEV=""
 if [ -n "$TP_KERNEL_NVME_BDF" ]; then
     i=0
     while [ $i -lt 100 ]; do
-        for ns in /sys/bus/pci/devices/$TP_KERNEL_NVME_BDF/nvme/nvme*/nvme*n1; do
+        for ns in "/sys/bus/pci/devices/$TP_KERNEL_NVME_BDF"/nvme/nvme*/nvme*n1; do
             [ -e "$ns" ] && TIDEPOOL_KERNEL_NVME_DEV=/dev/$(basename "$ns")
         done
         [ -n "$TIDEPOOL_KERNEL_NVME_DEV" ] && [ -b "$TIDEPOOL_KERNEL_NVME_DEV" ] && break
@@ -101,16 +102,19 @@ if [ -n "$TP_KERNEL_NVME_BDF" ]; then
 fi
 
 # --- the environment every test sees ----------------------------------------------------------
+# shellcheck disable=SC2086 # split the list into $1, $2, ...
 set -- $TP_VFIO_BDFS
 export TIDEPOOL_IN_VM=1
 export TIDEPOOL_NVME_BDF="${1:-}"
-export TIDEPOOL_NVME_BDFS="$(echo $TP_VFIO_BDFS | tr ' ' ',')"
+TIDEPOOL_NVME_BDFS=$(echo "$TP_VFIO_BDFS" | tr ' ' ',')
+export TIDEPOOL_NVME_BDFS
 export TIDEPOOL_KERNEL_NVME_BDF="$TP_KERNEL_NVME_BDF"
 export TIDEPOOL_KERNEL_NVME_DEV
 export TIDEPOOL_HUGETLBFS=/dev/hugepages
 export TIDEPOOL_IOMMU="$TP_IOMMU"
 if [ -f /etc/tidepool/env ]; then
     set -a
+    # shellcheck source=/dev/null # written by tools/vm/run from --env
     . /etc/tidepool/env
     set +a
 fi

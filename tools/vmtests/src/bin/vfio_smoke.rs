@@ -29,11 +29,12 @@ use std::process::ExitCode;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use tidepool_vmtests::mmio::{ConfigSpace, MmioError, MmioRegion};
 use tidepool_vmtests::{EnvError, HarnessEnv};
 use vfio_bindings::bindings::vfio::{
     VFIO_BASE, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
     VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
-    VFIO_REGION_INFO_FLAG_MMAP, VFIO_TYPE,
+    VFIO_TYPE,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioOps};
 
@@ -60,6 +61,9 @@ const REG_VS: usize = 0x08;
 const REG_CC: usize = 0x14;
 const REG_CSTS: usize = 0x1c;
 
+/// The registers plus the admin queue doorbells: 8 KiB at least.
+const NVME_MIN_BAR_SIZE: u64 = 0x2000;
+
 /// What can stop the smoke test before it gets to compare values.
 #[derive(Debug, thiserror::Error)]
 enum SmokeError {
@@ -81,18 +85,8 @@ enum SmokeError {
     IommuInfoMalformed(&'static str),
     #[error("reading PCI config space (VFIO region {VFIO_PCI_CONFIG_REGION_INDEX}) failed: {0}")]
     ConfigRead(#[source] io::Error),
-    #[error("BAR{index} cannot hold the NVMe registers: size {size:#x}, flags {flags:#x} (want an mmappable region of at least 8 KiB; is {index} the register BAR?)")]
-    UnusableBar { index: u32, size: u64, flags: u32 },
-    #[error(
-        "mmap of BAR{index} ({size:#x} bytes at device-fd offset {offset:#x}) failed: {source}"
-    )]
-    BarMmap {
-        index: u32,
-        size: u64,
-        offset: u64,
-        #[source]
-        source: io::Error,
-    },
+    #[error("NVMe register BAR: {0}")]
+    Bar(#[from] MmioError),
     #[error("allocating one 2 MiB hugepage failed: {0} (are hugepages reserved? see /proc/sys/vm/nr_hugepages)")]
     Hugepage(#[source] io::Error),
     #[error("no valid IOVA range can hold a 2 MiB mapping at a 2 MiB aligned address above 0")]
@@ -186,9 +180,10 @@ fn run() -> Result<Vec<String>, SmokeError> {
     }
 
     // 3. PCI identity from config space.
-    let config_offset = device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX);
     let mut id = [0u8; 12];
-    pread_exact(device.as_raw_fd(), &mut id, config_offset).map_err(SmokeError::ConfigRead)?;
+    ConfigSpace::new(&device)
+        .read(0, &mut id)
+        .map_err(SmokeError::ConfigRead)?;
     let vendor = u16::from_le_bytes([id[0], id[1]]);
     let device_id = u16::from_le_bytes([id[2], id[3]]);
     let class = u32::from_le_bytes([id[9], id[10], id[11], 0]);
@@ -205,13 +200,13 @@ fn run() -> Result<Vec<String>, SmokeError> {
     }
 
     // 4. Registers through the mmapped BAR.
-    let bar = MmioRegion::map_bar(&device, NVME_REGISTER_BAR)?;
-    let cap = NvmeCap(u64::from(bar.read32(REG_CAP)) | u64::from(bar.read32(REG_CAP + 4)) << 32);
+    let bar = MmioRegion::map_bar(&device, NVME_REGISTER_BAR, NVME_MIN_BAR_SIZE)?;
+    let cap = NvmeCap(bar.read64(REG_CAP));
     let vs = bar.read32(REG_VS);
     let (cc, csts) = (bar.read32(REG_CC), bar.read32(REG_CSTS));
     println!(
         "vfio_smoke: BAR{NVME_REGISTER_BAR}: {} KiB mmapped; CAP={:#018x} VS={vs:#010x} (NVMe {}.{}.{}) CC={cc:#x} CSTS={csts:#x}",
-        bar.len / 1024,
+        bar.len() / 1024,
         cap.0,
         vs >> 16,
         (vs >> 8) & 0xff,
@@ -336,22 +331,6 @@ fn pick_iova(ranges: &[(u64, u64)]) -> Option<u64> {
 unsafe fn dma_map(container: &VfioContainer, iova: u64, page: &HugePage) -> Result<(), VfioError> {
     // SAFETY: forwarded to the caller (see this function's contract).
     unsafe { container.vfio_dma_map(iova, HUGEPAGE_SIZE, page.ptr.as_ptr()) }
-}
-
-/// Reads exactly `buf.len()` bytes at `offset` of the file descriptor `fd`.
-fn pread_exact(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let offset = libc::off_t::try_from(offset)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-    // SAFETY: `buf` is a valid, writable buffer of `buf.len()` bytes for the whole call.
-    let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast::<c_void>(), buf.len(), offset) };
-    match usize::try_from(n) {
-        Err(_) => Err(io::Error::last_os_error()),
-        Ok(n) if n == buf.len() => Ok(()),
-        Ok(n) => Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("short read: {n} of {} bytes", buf.len()),
-        )),
-    }
 }
 
 /// The NVMe CAP register (Controller Capabilities), decoded.
@@ -482,71 +461,6 @@ fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
 }
 fn read_u64(buf: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_ne_bytes(buf.get(at..at + 8)?.try_into().ok()?))
-}
-
-/// A device register region (a BAR) mmapped from the VFIO device fd. Only volatile, aligned
-/// 32-bit accesses inside its bounds are offered.
-struct MmioRegion {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl MmioRegion {
-    /// Mmaps BAR `index` of `device` read/write, shared.
-    fn map_bar(device: &VfioDevice, index: u32) -> Result<MmioRegion, SmokeError> {
-        let size = device.get_region_size(index);
-        let flags = device.get_region_flags(index);
-        let offset = device.get_region_offset(index);
-        if size < 0x2000 || flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
-            return Err(SmokeError::UnusableBar { index, size, flags });
-        }
-        let mmap_err = |source| SmokeError::BarMmap {
-            index,
-            size,
-            offset,
-            source,
-        };
-        let len = usize::try_from(size)
-            .map_err(|_| mmap_err(io::Error::other("size exceeds the address space")))?;
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| mmap_err(io::Error::other("offset too large")))?;
-        // SAFETY: a fresh shared mapping chosen by the kernel (no fixed address), so no existing
-        // memory is replaced; the result is checked before use.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                device.as_raw_fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(mmap_err(io::Error::last_os_error()));
-        }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| mmap_err(io::Error::other("null")))?;
-        Ok(MmioRegion { ptr, len })
-    }
-
-    /// Reads the 32-bit register at byte `offset` (must be 4-byte aligned and inside the region;
-    /// otherwise returns all ones, like a PCI read of nothing).
-    fn read32(&self, offset: usize) -> u32 {
-        let in_bounds = matches!(offset.checked_add(4), Some(end) if end <= self.len);
-        if offset & 3 != 0 || !in_bounds {
-            return u32::MAX;
-        }
-        // SAFETY: `offset + 4 <= len` and the mapping is live while `self` is; device registers
-        // must be read with one volatile, aligned access, and the base is page aligned.
-        unsafe { self.ptr.as_ptr().add(offset).cast::<u32>().read_volatile() }
-    }
-}
-
-impl Drop for MmioRegion {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping created in `map_bar`; nothing refers to it any more.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len) };
-    }
 }
 
 /// One anonymous, populated 2 MiB hugepage. Its bytes are only ever touched through raw
