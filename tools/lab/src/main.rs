@@ -89,7 +89,8 @@ fn main() -> ExitCode {
             report(&opts, command).map(|_| out)
         }
         Cmd::Generate { out, seed, scale } => (|| {
-            std::fs::create_dir_all(&out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+            std::fs::create_dir_all(&out)
+                .map_err(|e| format!("creating {}: {e}", out.display()))?;
             for name in workload::WORKLOADS {
                 let t = workload::generate(name, seed, scale).expect("built-in workload");
                 let path = out.join(format!("{name}.csv"));

@@ -190,9 +190,19 @@ pub fn compute(trace: &Trace, run: &RunResult) -> Metrics {
     }
     let s = &run.stats;
     Metrics {
-        peak_bytes: run.samples.iter().map(|s| s.capacity_bytes).max().unwrap_or(0),
+        peak_bytes: run
+            .samples
+            .iter()
+            .map(|s| s.capacity_bytes)
+            .max()
+            .unwrap_or(0),
         avg_bytes: time_average(&run.samples),
-        peak_in_use_bytes: run.samples.iter().map(|s| s.in_use_bytes).max().unwrap_or(0),
+        peak_in_use_bytes: run
+            .samples
+            .iter()
+            .map(|s| s.in_use_bytes)
+            .max()
+            .unwrap_or(0),
         requests: reqs.len() as u64,
         released: run.outcomes.len() as u64,
         failed_awaitable,

@@ -118,7 +118,10 @@ pub fn memory_over_time(
     for l in lines {
         let col = color(l.policy);
         let s = c
-            .draw_series(LineSeries::new(l.points.iter().copied(), col.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                l.points.iter().copied(),
+                col.stroke_width(2),
+            ))
             .map_err(|x| e(&x))?;
         if text {
             s.label(l.policy.name()).legend(move |(x, y)| {
@@ -150,16 +153,20 @@ pub fn latency_cdf(path: &Path, title: &str, lines: &[Line<'_>], text: bool) -> 
     let mut b = ChartBuilder::on(&root);
     b.margin(10);
     if text {
-        b.caption(format!("{title}: map latency CDF (lab-measured, successful maps)"), ("sans-serif", 20))
-            .x_label_area_size(40)
-            .y_label_area_size(60);
+        b.caption(
+            format!("{title}: map latency CDF (lab-measured, successful maps)"),
+            ("sans-serif", 20),
+        )
+        .x_label_area_size(40)
+        .y_label_area_size(60);
     }
     let mut c = b
         .build_cartesian_2d((xmin..xmax).log_scale(), 0f64..1.001)
         .map_err(|x| e(&x))?;
     let mut mesh = c.configure_mesh();
     if text {
-        mesh.x_desc("map latency (µs, log)").y_desc("fraction of maps ≤ x");
+        mesh.x_desc("map latency (µs, log)")
+            .y_desc("fraction of maps ≤ x");
     } else {
         mesh.x_labels(0).y_labels(0);
     }

@@ -179,11 +179,16 @@ mod tests {
         let base = Base::for_trace(128 << 10, false);
         for p in Policy::ALL {
             let cfg = base.config(p, 10 << 20);
-            cfg.validate().unwrap_or_else(|e| panic!("{}: {e}", p.name()));
+            cfg.validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", p.name()));
             assert_eq!(Policy::parse(p.name()), Some(p));
         }
         let s = base.config(Policy::Static, 5 << 20);
-        assert_eq!((s.prefill_bytes, s.max_bytes), (6 << 20, 6 << 20), "rounded to chunks");
+        assert_eq!(
+            (s.prefill_bytes, s.max_bytes),
+            (6 << 20, 6 << 20),
+            "rounded to chunks"
+        );
         assert!(!s.waiting && !base.config(Policy::Dynamic, 0).waiting);
         assert!(base.config(Policy::Throttle, 0).throttle.is_some());
         assert!(base.config(Policy::Tidepool, 0).waiting);

@@ -133,12 +133,25 @@ pub fn run_policy(
     Ok((r, m))
 }
 
-/// The static search of the module doc. Returns the clean run, its size and the probes.
+/// What the static search found.
+#[derive(Debug)]
+pub struct StaticFound {
+    /// The clean run at the size found (or the cap's run if even the cap failed).
+    pub run: RunResult,
+    /// Its metrics.
+    pub metrics: Metrics,
+    /// The pool size found, bytes.
+    pub size_bytes: u64,
+    /// Every probe: (pool bytes, clean).
+    pub probes: Vec<(u64, bool)>,
+}
+
+/// The static search of the module doc.
 pub fn static_search(
     trace: &Trace,
     base: &Base,
     opts: &RunOptions,
-) -> Result<(RunResult, Metrics, u64, Vec<(u64, bool)>), RunError> {
+) -> Result<StaticFound, RunError> {
     let chunk = base.chunk_bytes as u64;
     let probe_opts = RunOptions {
         stop_on_failure: true,
@@ -147,7 +160,13 @@ pub fn static_search(
     let cap_chunks = (base.cap_bytes as u64 / chunk).max(1);
     let mut probes = Vec::new();
     let mut try_size = |chunks: u64| -> Result<Option<(RunResult, Metrics)>, RunError> {
-        let (r, m) = run_policy(trace, base, Policy::Static, (chunks * chunk) as usize, &probe_opts)?;
+        let (r, m) = run_policy(
+            trace,
+            base,
+            Policy::Static,
+            (chunks * chunk) as usize,
+            &probe_opts,
+        )?;
         let clean = r.outcomes.iter().all(|o| o.result != MapResult::Failed)
             && r.outcomes.len() == trace.requests.len();
         probes.push((chunks * chunk, clean));
@@ -161,7 +180,12 @@ pub fn static_search(
             None if hi >= cap_chunks => {
                 // Even the cap fails: report the cap's run as is.
                 let (r, m) = run_policy(trace, base, Policy::Static, (hi * chunk) as usize, opts)?;
-                return Ok((r, m, hi * chunk, probes));
+                return Ok(StaticFound {
+                    run: r,
+                    metrics: m,
+                    size_bytes: hi * chunk,
+                    probes,
+                });
             }
             None => {
                 lo = hi;
@@ -179,7 +203,12 @@ pub fn static_search(
             None => lo = mid,
         }
     }
-    Ok((best.0, best.1, hi * chunk, probes))
+    Ok(StaticFound {
+        run: best.0,
+        metrics: best.1,
+        size_bytes: hi * chunk,
+        probes,
+    })
 }
 
 /// (s, MiB) capacity series thinned to one point per 10 ms (the max in each bin, so peaks
@@ -274,10 +303,16 @@ pub fn run_workload(
     let tidepool = result(Policy::Tidepool, None, &r, m);
     drop(r);
 
-    let (r, m, size, probes) = static_search(trace, &base, opts)?;
-    log("static", &m);
-    policies.push(result(Policy::Static, Some(size), &r, m));
-    drop(r);
+    let found = static_search(trace, &base, opts)?;
+    log("static", &found.metrics);
+    let probes = found.probes;
+    policies.push(result(
+        Policy::Static,
+        Some(found.size_bytes),
+        &found.run,
+        found.metrics,
+    ));
+    drop(found.run);
 
     let (r, m) = run_policy(trace, &base, Policy::Dynamic, 0, opts)?;
     log("dynamic", &m);
@@ -300,11 +335,7 @@ pub fn run_workload(
             let fixed = p.fixed_bytes.unwrap_or(0) as usize;
             let (_, m) = run_policy(&alone, &base, p.policy, fixed, opts)?;
             let alone_mbps = m.devices.iter().map(|d| d.achieved_mbps).sum::<f64>();
-            let shared_mbps = p
-                .metrics
-                .devices
-                .get(fast)
-                .map_or(0.0, |d| d.achieved_mbps);
+            let shared_mbps = p.metrics.devices.get(fast).map_or(0.0, |d| d.achieved_mbps);
             eprintln!(
                 "  {name:8} {:9} fast device alone {alone_mbps:.1} MB/s, shared {shared_mbps:.1} MB/s",
                 p.policy.name()
@@ -342,7 +373,10 @@ pub fn targets(workloads: &[WorkloadResult]) -> Vec<Target> {
             let (t, s) = (&t.metrics, &s.metrics);
             out.push(Target {
                 what: "bursty: tidepool has 0 failed awaitable and 0 failed immediate maps".into(),
-                measured: format!("{} awaitable, {} immediate", t.failed_awaitable, t.failed_immediate),
+                measured: format!(
+                    "{} awaitable, {} immediate",
+                    t.failed_awaitable, t.failed_immediate
+                ),
                 met: t.failed_awaitable == 0 && t.failed_immediate == 0,
             });
             out.push(Target {
@@ -490,7 +524,10 @@ pub fn report(opts: &ReportOptions, command: String) -> Result<Report, String> {
     let mut traces = Vec::new();
     for name in &opts.workloads {
         let trace = workload::generate(name, opts.seed, opts.scale).ok_or_else(|| {
-            format!("unknown workload {name:?}; built-in: {:?}", workload::WORKLOADS)
+            format!(
+                "unknown workload {name:?}; built-in: {:?}",
+                workload::WORKLOADS
+            )
         })?;
         traces.push((name.clone(), trace));
     }

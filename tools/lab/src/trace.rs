@@ -75,7 +75,9 @@ pub enum TraceError {
         source: std::io::Error,
     },
     /// A line is malformed.
-    #[error("trace line {line}: {why} (expected time_us,size,direction,hold_us,may_wait[,device])")]
+    #[error(
+        "trace line {line}: {why} (expected time_us,size,direction,hold_us,may_wait[,device])"
+    )]
     Parse {
         /// 1-based line number.
         line: usize,
@@ -167,17 +169,18 @@ impl Trace {
             if let Some(rest) = line.strip_prefix("#!") {
                 let f: Vec<&str> = rest.split_whitespace().collect();
                 if f.len() != 4 || f[0] != "device" {
-                    return Err(bad("a `#!` line must be `#! device ID NAME QUEUE_DEPTH`".into()));
+                    return Err(bad(
+                        "a `#!` line must be `#! device ID NAME QUEUE_DEPTH`".into()
+                    ));
                 }
-                let id: usize = f[1].parse().map_err(|_| bad(format!("device id {:?}", f[1])))?;
+                let id: usize = f[1]
+                    .parse()
+                    .map_err(|_| bad(format!("device id {:?}", f[1])))?;
                 let queue_depth = match f[3] {
                     "unlimited" => None,
-                    q => Some(
-                        q.parse::<usize>()
-                            .ok()
-                            .filter(|&q| q > 0)
-                            .ok_or_else(|| bad(format!("queue depth {q:?}: a number > 0 or `unlimited`")))?,
-                    ),
+                    q => Some(q.parse::<usize>().ok().filter(|&q| q > 0).ok_or_else(|| {
+                        bad(format!("queue depth {q:?}: a number > 0 or `unlimited`"))
+                    })?),
                 };
                 if id > 1024 {
                     return Err(bad(format!("device id {id} is above 1024")));
@@ -287,10 +290,14 @@ mod tests {
 
     #[test]
     fn bad_lines_name_the_line() {
-        let e = Trace::from_csv("time_us,size,direction,hold_us,may_wait\n0,0,to,1,1\n").unwrap_err();
+        let e =
+            Trace::from_csv("time_us,size,direction,hold_us,may_wait\n0,0,to,1,1\n").unwrap_err();
         assert!(matches!(e, TraceError::Parse { line: 2, .. }), "{e}");
         let e = Trace::from_csv("0,10,sideways,1,1\n").unwrap_err();
         assert!(e.to_string().contains("sideways"));
-        assert!(matches!(Trace::from_csv("# nothing\n"), Err(TraceError::Empty)));
+        assert!(matches!(
+            Trace::from_csv("# nothing\n"),
+            Err(TraceError::Empty)
+        ));
     }
 }

@@ -201,9 +201,10 @@ fn multi(rng: &mut Rng, secs: f64) -> Trace {
     let end = secs * 1e6;
     let mut reqs = Vec::new();
     // (device, rate req/s, size, hold median µs, sigma)
-    for (device, rate, size, hold, sigma) in
-        [(0usize, 2000.0, 128 * KIB, 40_000.0, 0.3), (1, 10_000.0, 16 * KIB, 1000.0, 0.2)]
-    {
+    for (device, rate, size, hold, sigma) in [
+        (0usize, 2000.0, 128 * KIB, 40_000.0, 0.3),
+        (1, 10_000.0, 16 * KIB, 1000.0, 0.2),
+    ] {
         let mut t = 0.0;
         loop {
             t += rng.exponential(1e6 / rate);
@@ -292,7 +293,11 @@ mod tests {
         for name in WORKLOADS {
             let a = generate(name, 1, 0.2).unwrap();
             assert_eq!(a, generate(name, 1, 0.2).unwrap(), "{name} reproducible");
-            assert_ne!(a, generate(name, 2, 0.2).unwrap(), "{name} depends on the seed");
+            assert_ne!(
+                a,
+                generate(name, 2, 0.2).unwrap(),
+                "{name} depends on the seed"
+            );
             assert!(!a.requests.is_empty());
         }
         let net = generate("network", 1, 1.0).unwrap();
@@ -309,7 +314,10 @@ mod tests {
             bins[(r.time_us / 10_000) as usize] += 1;
         }
         let max = *bins.iter().max().unwrap() as f64;
-        assert!(max > 5.0 * mean_per_10ms, "max {max} vs mean {mean_per_10ms}");
+        assert!(
+            max > 5.0 * mean_per_10ms,
+            "max {max} vs mean {mean_per_10ms}"
+        );
     }
 
     #[test]
@@ -323,7 +331,10 @@ mod tests {
             device,
         };
         // Two overlapping (4 KiB + 1000 B → 1 KiB block), then one after both ended.
-        let t = Trace::new(disk(), vec![r(0, 4096, 10, 0), r(5, 1000, 10, 0), r(30, 65536, 1, 0)]);
+        let t = Trace::new(
+            disk(),
+            vec![r(0, 4096, 10, 0), r(5, 1000, 10, 0), r(30, 65536, 1, 0)],
+        );
         assert_eq!(ideal_peak_bytes(&t), 65536);
         let t = Trace::new(disk(), vec![r(0, 4096, 10, 0), r(5, 1000, 10, 0)]);
         assert_eq!(ideal_peak_bytes(&t), 4096 + 1024);
