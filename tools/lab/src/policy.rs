@@ -1,0 +1,196 @@
+//! The four policies under test, each a [`PoolConfig`] of the same `tidepool::pool::Pool`.
+//!
+//! Nothing is re-implemented: the lab only chooses knobs.
+//!
+//! | policy | prefill | growth | shrink | awaitable maps | rule |
+//! |--------|---------|--------|--------|----------------|------|
+//! | `static` | the size found by search | none (`max = prefill`) | none | fail when full (`waiting: false`) | classic swiotlb |
+//! | `dynamic` | 4 MiB | background + transient chunks | never (`shrink_delay` 1 day) | fail when full (`waiting: false`) | Linux SWIOTLB_DYNAMIC |
+//! | `throttle` | tidepool's peak | none | none | wait above 70 % until below 65 % | the 2024 throttling RFC |
+//! | `tidepool` | 4 MiB | background + transient chunks | after 100 ms idle | wait (FIFO), 1 MiB reserve for immediate maps | Tidepool |
+//!
+//! Shared by all: 2 MiB chunks (one hugepage; one IOMMU mapping each), 4 KiB pages unless
+//! hugepages are asked for, `max_buffer` the trace's largest request rounded up to a power of
+//! two (at least 128 KiB: so a transient chunk is not a whole 2 MiB for a small request), and
+//! a 512 MiB cap for the growing policies.
+//!
+//! Tidepool's lab defaults were set once, from costs, not per workload:
+//! - `shrink_delay` 100 ms: making a 2 MiB chunk costs ≈ 0.3–1 ms here, so regrowing at most
+//!   once per 100 ms per chunk costs under 1 % of a core;
+//! - `low_watermark` 2 MiB (one chunk) and `high_watermark` 4 MiB (the smallest the pool
+//!   accepts: low + one chunk): grow one chunk ahead, give back down to two chunks of slack;
+//! - `reserve_bytes` 1 MiB (the pool's default) for immediate maps.
+//!
+//! Why the throttle pool is sized at tidepool's peak: the RFC keeps swiotlb fixed and makes
+//! may-block requests wait instead of failing, so its pitch is "a smaller fixed pool". Giving it
+//! exactly the peak that tidepool needed compares the two ways of living in the same peak
+//! memory: throttling pays with waits all the time, tidepool pays with growth and a
+//! time-varying footprint. (Sizing it at the static pool's size would make it static.)
+
+use std::time::Duration;
+
+use tidepool::memory::{MemoryConfig, PageSize};
+use tidepool::pool::{PoolConfig, Throttle};
+
+/// One of the policies compared.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Classic swiotlb: one fixed pool, maps fail when it is full.
+    Static,
+    /// SWIOTLB_DYNAMIC: grows in the background and with transient chunks, never shrinks,
+    /// maps fail when nothing can be had at once.
+    Dynamic,
+    /// The 2024 throttling RFC: fixed pool, may-block maps wait above a high-water mark.
+    Throttle,
+    /// Tidepool: awaiting maps, immediate reserve, background growth and shrinking.
+    Tidepool,
+}
+
+impl Policy {
+    /// All policies, in report order.
+    pub const ALL: [Policy; 4] = [
+        Policy::Static,
+        Policy::Dynamic,
+        Policy::Throttle,
+        Policy::Tidepool,
+    ];
+
+    /// The policy's name in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Static => "static",
+            Policy::Dynamic => "dynamic",
+            Policy::Throttle => "throttle",
+            Policy::Tidepool => "tidepool",
+        }
+    }
+
+    /// Parses a policy name.
+    pub fn parse(s: &str) -> Option<Policy> {
+        Policy::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+/// What all policies share for one trace.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Base {
+    /// Bytes per chunk (the growth step and the static search's step).
+    pub chunk_bytes: usize,
+    /// Largest buffer (power of two).
+    pub max_buffer: usize,
+    /// Hard cap for growing policies.
+    pub cap_bytes: usize,
+    /// Use 2 MiB hugepages (falling back to 4 KiB pages when none are free).
+    pub hugepages: bool,
+}
+
+impl Base {
+    /// The shared settings for a trace whose largest request is `max_request` bytes.
+    pub fn for_trace(max_request: usize, hugepages: bool) -> Base {
+        Base {
+            chunk_bytes: 2 << 20,
+            max_buffer: max_request.next_power_of_two().clamp(128 << 10, 2 << 20),
+            cap_bytes: 512 << 20,
+            hugepages,
+        }
+    }
+
+    fn common(&self) -> PoolConfig {
+        PoolConfig {
+            memory: MemoryConfig {
+                page_size: if self.hugepages {
+                    PageSize::Huge2M
+                } else {
+                    PageSize::Small4K
+                },
+                allow_small_pages: true,
+            },
+            chunk_bytes: self.chunk_bytes,
+            max_buffer: self.max_buffer,
+            max_bytes: self.cap_bytes,
+            ..PoolConfig::default()
+        }
+    }
+
+    /// The pool configuration of `policy`. `fixed_bytes` is the size of a fixed pool
+    /// (`static`, `throttle`), rounded up to whole chunks; ignored by the others.
+    pub fn config(&self, policy: Policy, fixed_bytes: usize) -> PoolConfig {
+        let chunk = self.chunk_bytes;
+        let fixed = fixed_bytes.div_ceil(chunk).max(1) * chunk;
+        let c = self.common();
+        match policy {
+            Policy::Static => PoolConfig {
+                prefill_bytes: fixed,
+                max_bytes: fixed,
+                low_watermark: 0,
+                high_watermark: chunk,
+                reserve_bytes: 0,
+                transient: false,
+                waiting: false,
+                background: false,
+                ..c
+            },
+            Policy::Dynamic => PoolConfig {
+                prefill_bytes: 2 * chunk,
+                low_watermark: chunk,
+                high_watermark: 2 * chunk,
+                shrink_delay: Duration::from_secs(86_400),
+                reserve_bytes: 0,
+                transient: true,
+                waiting: false,
+                ..c
+            },
+            Policy::Throttle => PoolConfig {
+                prefill_bytes: fixed,
+                max_bytes: fixed,
+                low_watermark: 0,
+                high_watermark: chunk,
+                reserve_bytes: 0,
+                transient: false,
+                waiting: true,
+                throttle: Some(Throttle {
+                    high_percent: 70.0,
+                    low_percent: 65.0,
+                }),
+                background: true,
+                ..c
+            },
+            Policy::Tidepool => PoolConfig {
+                prefill_bytes: 2 * chunk,
+                low_watermark: chunk,
+                high_watermark: 2 * chunk,
+                shrink_delay: Duration::from_millis(100),
+                reserve_bytes: 1 << 20,
+                transient: true,
+                waiting: true,
+                ..c
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_policy_config_is_valid_and_distinct() {
+        let base = Base::for_trace(128 << 10, false);
+        for p in Policy::ALL {
+            let cfg = base.config(p, 10 << 20);
+            cfg.validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", p.name()));
+            assert_eq!(Policy::parse(p.name()), Some(p));
+        }
+        let s = base.config(Policy::Static, 5 << 20);
+        assert_eq!(
+            (s.prefill_bytes, s.max_bytes),
+            (6 << 20, 6 << 20),
+            "rounded to chunks"
+        );
+        assert!(!s.waiting && !base.config(Policy::Dynamic, 0).waiting);
+        assert!(base.config(Policy::Throttle, 0).throttle.is_some());
+        assert!(base.config(Policy::Tidepool, 0).waiting);
+    }
+}
