@@ -182,7 +182,9 @@ pub enum IovaError {
         mask: u64,
     },
     /// The alignment is not a power of two.
-    #[error("IOVA alignment {align} is not a power of two; pass 1 for none, or the page/chunk size")]
+    #[error(
+        "IOVA alignment {align} is not a power of two; pass 1 for none, or the page/chunk size"
+    )]
     BadAlign {
         /// The alignment given.
         align: u64,
@@ -365,7 +367,13 @@ impl IovaAllocator {
             });
         };
         // `first_fit` checked that `start + len - 1` neither wraps nor leaves the extent.
-        self.carve(extent_start, IovaRange { start, end: start + (len - 1) });
+        self.carve(
+            extent_start,
+            IovaRange {
+                start,
+                end: start + (len - 1),
+            },
+        );
         Ok(start)
     }
 
@@ -823,7 +831,10 @@ mod tests {
         );
         // Everything above a 32-bit mask, or only page 0 below it: nothing usable.
         assert_eq!(
-            IovaAllocator::new(&[IovaRange::new(1 << 32, 1 << 40).unwrap()], u32::MAX as u64),
+            IovaAllocator::new(
+                &[IovaRange::new(1 << 32, 1 << 40).unwrap()],
+                u32::MAX as u64
+            ),
             Err(IovaError::EmptyRanges { mask: 0xffff_ffff })
         );
         assert_eq!(

@@ -74,6 +74,9 @@ pub(crate) struct Arena {
     pub allocated_bytes: u64,
     /// Chunks held.
     pub chunks: u64,
+    /// The highest `allocated_bytes` since the grower last looked (it folds this into its
+    /// decaying peak and resets it).
+    pub allocated_high: u64,
 }
 
 impl Arena {
@@ -133,6 +136,7 @@ impl Arena {
                 s.idle_since = None;
                 let size = 1u64 << order;
                 self.allocated_bytes += size;
+                self.allocated_high = self.allocated_high.max(self.allocated_bytes);
                 if !s.transient {
                     self.free_bytes -= size;
                 }
@@ -163,6 +167,7 @@ impl Arena {
             s.idle_since = None;
             let bytes = (k as u64) << order;
             self.allocated_bytes += bytes;
+            self.allocated_high = self.allocated_high.max(self.allocated_bytes);
             self.free_bytes -= bytes;
             out.extend(
                 offsets

@@ -64,6 +64,11 @@ pub struct PoolConfig {
     /// A chunk must be wholly idle this long before it is given back; growth also blocks
     /// shrinking for this long.
     pub shrink_delay: Duration,
+    /// The shrinker keeps capacity at least at the recent peak of allocated bytes, decaying
+    /// by half every `peak_half_life`: a pool that needed 40 MiB a moment ago keeps most of
+    /// it through a short lull instead of giving it back and growing again at the next burst.
+    /// `Duration::ZERO` disables this (only `shrink_delay` and the watermarks apply).
+    pub peak_half_life: Duration,
     /// Bytes kept for the immediate path ([`super::Pool::try_alloc`]); awaitable allocations
     /// wait rather than dip into it.
     pub reserve_bytes: usize,
@@ -108,6 +113,7 @@ impl Default for PoolConfig {
             low_watermark: 4 << 20,
             high_watermark: 24 << 20,
             shrink_delay: Duration::from_secs(5),
+            peak_half_life: Duration::from_secs(5),
             reserve_bytes: 1 << 20,
             transient: true,
             grow_after: Duration::from_millis(1),

@@ -15,7 +15,9 @@
 //!    grown for `shrink_delay`, are unshared and freed — newest first, never below the prefill,
 //!    and only while at least `high_watermark` stays free. Since `high_watermark ≥
 //!    low_watermark + chunk_bytes`, a chunk given back cannot by itself push free space under the
-//!    growth threshold: a steady load does not oscillate.
+//!    growth threshold: a steady load does not oscillate. Nor does a bursty one: capacity is
+//!    also kept at the recent peak of allocated bytes, which decays by half every
+//!    `peak_half_life`, so a lull between bursts does not give back what the next burst needs.
 //!
 //! Waiters left waiting while space sits in other CPUs' caches: when the oldest waiter has
 //! waited `grow_after`, the grower drains every cache back to the arena first.
@@ -294,11 +296,29 @@ impl Shared {
         base.max(spread)
     }
 
-    /// Gives back chunks idle for `shrink_delay` while enough stays free. Returns how many.
+    /// Folds the allocation high-water mark since the last look into the decaying recent
+    /// peak. Call with the pool lock held.
+    fn decay_peak(&self, g: &mut super::Global, now: Instant) {
+        let half = self.cfg.peak_half_life;
+        let decayed = if half.is_zero() {
+            0.0
+        } else {
+            let halves =
+                now.saturating_duration_since(g.peak_updated).as_secs_f64() / half.as_secs_f64();
+            g.recent_peak * 0.5f64.powf(halves)
+        };
+        g.recent_peak = decayed.max(g.arena.allocated_high as f64);
+        g.arena.allocated_high = g.arena.allocated_bytes;
+        g.peak_updated = now;
+    }
+
+    /// Gives back chunks idle for `shrink_delay` while enough stays free and the capacity
+    /// stays at the decaying recent peak. Returns how many.
     fn shrink(&self, now: Instant) -> usize {
         let cfg = &self.cfg;
         let eligible = {
-            let g = self.global.lock().unwrap();
+            let mut g = self.global.lock().unwrap();
+            self.decay_peak(&mut g, now);
             g.arena.capacity_bytes > cfg.prefill_bytes as u64
                 && !g.queue.has_waiters()
                 && g.last_grow
@@ -319,6 +339,7 @@ impl Shared {
                 let len = g.arena.chunk_len(slot).unwrap_or(0);
                 if g.arena.capacity_bytes < cfg.prefill_bytes as u64 + len
                     || g.arena.free_bytes < cfg.high_watermark as u64 + len
+                    || ((g.arena.capacity_bytes - len) as f64) < g.recent_peak
                 {
                     break;
                 }

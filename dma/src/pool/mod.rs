@@ -135,6 +135,10 @@ pub(crate) struct Global {
     pub last_failure: Option<Instant>,
     /// [`Throttle`] in force: awaitable requests wait.
     pub throttled: bool,
+    /// The decaying recent peak of allocated bytes (see `PoolConfig::peak_half_life`), and
+    /// when it was last decayed.
+    pub recent_peak: f64,
+    pub peak_updated: Instant,
 }
 
 /// Which path a request came from, for the reserve rule.
@@ -173,6 +177,8 @@ impl Pool {
                 backoff: grower::MIN_BACKOFF,
                 last_failure: None,
                 throttled: false,
+                recent_peak: 0.0,
+                peak_updated: Instant::now(),
             }),
             waiting: AtomicUsize::new(0),
             counters: Counters::new(cfg.histogram_max_ns),

@@ -26,6 +26,7 @@ pub(crate) fn small_config() -> PoolConfig {
         low_watermark: 0,
         high_watermark: 256 << 10,
         shrink_delay: Duration::from_millis(50),
+        peak_half_life: Duration::ZERO,
         reserve_bytes: 0,
         transient: false,
         grow_after: Duration::from_millis(1),
@@ -563,4 +564,29 @@ fn few_mapping_slots_make_growth_chunks_larger() {
     let s = p.stats();
     assert_eq!((s.capacity_bytes, s.mappings.mappings), (1 << 20, 3));
     drop((held, b, more, f));
+}
+
+#[test]
+fn shrinking_keeps_the_decaying_recent_peak() {
+    let p = pool(PoolConfig {
+        peak_half_life: Duration::from_millis(100),
+        ..small_config()
+    });
+    let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    let w = Arc::new(CountingWaker::default());
+    let mut f = Box::pin(p.alloc(64 << 10));
+    assert!(poll_once(f.as_mut(), &w).is_pending());
+    std::thread::sleep(Duration::from_millis(2));
+    assert_eq!(p.maintain().grew, 1);
+    let Poll::Ready(Ok(b)) = poll_once(f.as_mut(), &w) else {
+        panic!()
+    };
+    drop((held, b));
+    // Idle past shrink_delay, but the peak (320 KiB allocated, folded in at this look) is
+    // above the 256 KiB that would remain.
+    std::thread::sleep(Duration::from_millis(60));
+    assert_eq!(p.maintain().shrank, 0, "kept for the recent peak");
+    // After 3.5 half-lives the peak is ~28 KiB: the chunk goes.
+    std::thread::sleep(Duration::from_millis(350));
+    assert_eq!(p.maintain().shrank, 1);
 }
