@@ -22,9 +22,12 @@
 //! 1. **4K aliasing (host, AMD EPYC with FSRM, glibc 2.36).** For copies of 2 KiB–128 KiB where
 //!    `(dst - src) mod 4096` lies between 4 and 28, `memcpy` drops from ~45 GB/s to 1.6–2.5 GB/s:
 //!    a 4 KiB copy takes 2.1 µs instead of ~60 ns. Two adjacent `Vec`s hit this, and so does a
-//!    bounce buffer that happens to sit a few bytes after the caller's data modulo 4 KiB. The
-//!    cause: a load whose address matches a still-pending store in bits 11:0 is predicted to
-//!    depend on it and waits (and `rep movsb` on this CPU suffers the same way).
+//!    bounce buffer that happens to sit a few bytes after the caller's data modulo 4 KiB. On
+//!    that CPU the culprit is `rep movsb` itself (which glibc uses there): the `copy` bench
+//!    measures a bare `rep movsb` at 1.2–1.7 GB/s for `delta` 4 and 16 at every size from 512 B
+//!    to 256 KiB, and at full speed for `delta` 0, 32, 63, 256, 1024 and 4092. On Intel CPUs the
+//!    same effect is documented for ordinary loads: a load whose address matches a pending
+//!    store in bits 11:0 is assumed to depend on it and waits ("4K aliasing").
 //! 2. **`rep movsb` under emulation (guest, QEMU TCG).** Above 8 KiB glibc switches to
 //!    `rep movsb` (the emulated CPU reports ERMS but not FSRM) and TCG executes `rep movsb` at
 //!    ~24 MB/s: a 128 KiB copy took 5.1 ms instead of ~0.17 ms with an SSE2 loop.
@@ -38,22 +41,28 @@
 //! has the same address bits 11:0, so for a small `delta` every load waits for a store. Copying
 //! backwards turns that distance into `4096 - delta`, by which time the store has long left the
 //! store buffer. So: `delta` in `1..2048` → copy backwards, otherwise forwards; either way a load
-//! never aliases a store issued less than 2 KiB of copying earlier. (Proven by the `copy` bench:
-//! no offset pair is slow.)
+//! never aliases a store issued less than 2 KiB of copying earlier. The choice costs nothing:
+//! on the AMD host the vector loops measured the same forwards and backwards (with the rule
+//! disabled, a forward AVX copy at `delta` 4 ran as fast as at `delta` 0), and the `copy` bench
+//! shows no slow offset pair for them.
 //!
-//! `rep movsb` is used only by [`Implementation::RepMovsb`], which is chosen only when the CPU
-//! reports FSRM (fast short `rep movsb`, CPUID.(EAX=7,ECX=0):EDX bit 4) — an emulator that
-//! implements FSRM claims to run it fast — and even then the aliasing window goes to the vector
-//! loop instead, because `rep movsb` cannot copy backwards quickly.
+//! `rep movsb` is used only by [`Implementation::RepMovsb`], which detection picks only on a CPU
+//! that reports FSRM (fast short `rep movsb`, CPUID.(EAX=7,ECX=0):EDX bit 4; an emulator that
+//! reports FSRM claims to run it fast) and has no AVX. Even then a copy whose `delta` lies in
+//! `1..64` goes to the backward vector loop instead, because `rep movsb` is slow there (trap 1)
+//! and cannot copy backwards quickly.
 //!
 //! Zeroing uses the same vector store loop (`rep stosb` has the same emulation problem).
 //!
 //! ## How the implementation is chosen
 //! Once per process, on first use (the choice is cached in an atomic; detection is idempotent,
 //! so a race between two first users is harmless):
-//! - x86_64 with FSRM → [`Implementation::RepMovsb`]... unless benchmarks on that machine say
-//!   otherwise — see [`Implementation::detect`] for the rule actually applied;
-//! - x86_64 with AVX → [`Implementation::Avx`];
+//! - x86_64 with AVX → [`Implementation::Avx`]. On the AMD host (FSRM *and* AVX) the `copy`
+//!   bench found the AVX loop as fast as `rep movsb` (outside its slow window) from 4 KiB to
+//!   256 KiB and faster at 512 B (~25–50 ns against ~35–110 ns: `rep movsb` has a start-up
+//!   cost), so FSRM alone is not a reason to prefer it;
+//! - x86_64 without AVX but with FSRM and ERMS → [`Implementation::RepMovsb`] (the only loop
+//!   left would move 16 bytes per instruction);
 //! - other x86_64 → [`Implementation::Sse2`] (SSE2 is part of the x86_64 baseline);
 //! - other architectures → [`Implementation::Portable`], which is
 //!   `core::ptr::copy_nonoverlapping`/`write_bytes`: the platform `memcpy`. It does not promise
@@ -179,12 +188,12 @@ pub enum Implementation {
     Sse2 = 2,
     /// 32-byte AVX loads and stores, direction chosen against 4K aliasing (x86_64 with AVX).
     Avx = 3,
-    /// `rep movsb` (x86_64 with ERMS), except in the 4K-aliasing window, where it uses the AVX
-    /// (or SSE2) backward loop; zeroing uses the vector loop.
+    /// `rep movsb` (x86_64 with ERMS), except when `(dst - src) mod 4096` is in `1..64`, where
+    /// it uses the AVX (or SSE2) backward loop; zeroing uses the vector loop.
     RepMovsb = 4,
 }
 
-/// Every implementation, best first (the order [`Implementation::available`] keeps).
+/// Every implementation, in the order [`Implementation::available`] lists them.
 const ALL: [Implementation; 4] = [
     Implementation::Avx,
     Implementation::Sse2,
@@ -226,16 +235,16 @@ impl Implementation {
 
     /// The implementation this module picks for this CPU when nothing is forced.
     ///
-    /// The rule: `rep-movsb` where the CPU reports FSRM, else `avx` where it has AVX, else
-    /// `sse2` on x86_64; `portable` elsewhere.
+    /// The rule (the module doc says why): `avx` where the CPU has AVX, else `rep-movsb` where
+    /// it reports FSRM and ERMS, else `sse2` on x86_64; `portable` elsewhere.
     pub fn detect() -> Implementation {
         #[cfg(target_arch = "x86_64")]
         {
-            if x86::has_fsrm() && x86::has_erms() {
-                return Implementation::RepMovsb;
-            }
             if Implementation::Avx.is_available() {
                 return Implementation::Avx;
+            }
+            if x86::has_fsrm() && x86::has_erms() {
+                return Implementation::RepMovsb;
             }
             Implementation::Sse2
         }
@@ -315,19 +324,19 @@ impl Copier {
         match Implementation::from_u8(ACTIVE.load(Ordering::Relaxed)) {
             Some(implementation) => Copier { implementation },
             None => {
-                let implementation = Implementation::detect();
-                // Losing a race here to `force_implementation` would undo the force, so only
-                // fill an empty slot.
-                let _ = ACTIVE.compare_exchange(
+                let detected = Implementation::detect();
+                // Only fill an empty slot: overwriting would undo a concurrent
+                // `force_implementation`.
+                let implementation = match ACTIVE.compare_exchange(
                     0,
-                    implementation as u8,
+                    detected as u8,
                     Ordering::Relaxed,
                     Ordering::Relaxed,
-                );
-                Implementation::from_u8(ACTIVE.load(Ordering::Relaxed))
-                    .map_or(Copier { implementation }, |implementation| Copier {
-                        implementation,
-                    })
+                ) {
+                    Ok(_) => detected,
+                    Err(current) => Implementation::from_u8(current).unwrap_or(detected),
+                };
+                Copier { implementation }
             }
         }
     }
@@ -410,6 +419,11 @@ mod x86 {
     /// recent stores: copy backwards instead.
     const ALIAS_WINDOW: usize = 2048;
 
+    /// `(dst - src) mod 4096` below which (and above 0) `rep movsb` is slow (measured: 4 and
+    /// 16 slow, 32 and more fast, on AMD EPYC with FSRM; 64 leaves a margin): use the vector
+    /// loop instead.
+    const REP_MOVSB_ALIAS_WINDOW: usize = 64;
+
     /// Whether the CPU reports fast short `rep movsb` (CPUID.(EAX=7,ECX=0):EDX bit 4).
     pub(super) fn has_fsrm() -> bool {
         // SAFETY: CPUID is present on every x86_64 CPU; leaf 0 is always valid and says
@@ -437,10 +451,23 @@ mod x86 {
         delta != 0 && delta < ALIAS_WINDOW
     }
 
+    /// Whether `rep movsb` from `src` to `dst` would be slow (see [`REP_MOVSB_ALIAS_WINDOW`]).
+    #[inline(always)]
+    fn rep_movsb_aliases(src: *const u8, dst: *const u8) -> bool {
+        let delta = (dst as usize).wrapping_sub(src as usize) % 4096;
+        delta != 0 && delta < REP_MOVSB_ALIAS_WINDOW
+    }
+
     /// [`forward_aliases`] on addresses, for the tests of the direction rule.
     #[cfg(test)]
     pub(super) fn forward_aliases_for_test(src: usize, dst: usize) -> bool {
         forward_aliases(src as *const u8, dst as *const u8)
+    }
+
+    /// [`rep_movsb_aliases`] on addresses, for the tests of the `rep movsb` rule.
+    #[cfg(test)]
+    pub(super) fn rep_movsb_aliases_for_test(src: usize, dst: usize) -> bool {
+        rep_movsb_aliases(src as *const u8, dst as *const u8)
     }
 
     /// One vector width's kernels: SSE2 (16 bytes) or AVX (32 bytes).
@@ -996,13 +1023,13 @@ mod x86 {
         unsafe { copy_vector::<Avx>(src, dst, len) }
     }
 
-    /// `rep movsb`, except where `dst - src` falls in the 4K-aliasing window, which goes to the
-    /// backward vector loop.
+    /// `rep movsb`, except where `dst - src` falls in `rep movsb`'s 4K-aliasing window, which
+    /// goes to the (then backward) vector loop.
     ///
     /// # Safety
     /// Both ranges valid for `len` bytes, disjoint; the CPU has ERMS.
     pub(super) unsafe fn copy_rep_movsb(src: *const u8, dst: *mut u8, len: usize) {
-        if forward_aliases(src, dst) {
+        if rep_movsb_aliases(src, dst) {
             // SAFETY: forwarded; AVX is used only when detected.
             unsafe {
                 if std::arch::is_x86_feature_detected!("avx") {
@@ -1215,6 +1242,14 @@ mod tests {
             assert!(!aliases(4095));
             assert!(!aliases(4096));
             assert!(aliases(4096 + 16));
+
+            let rep_movsb_aliases =
+                |delta: usize| x86::rep_movsb_aliases_for_test(base, base + delta);
+            assert!(!rep_movsb_aliases(0));
+            assert!(rep_movsb_aliases(4));
+            assert!(rep_movsb_aliases(63));
+            assert!(!rep_movsb_aliases(64));
+            assert!(!rep_movsb_aliases(4092));
         }
     }
 
@@ -1263,10 +1298,10 @@ mod tests {
         let detected = Implementation::detect();
         #[cfg(target_arch = "x86_64")]
         {
-            let expected = if x86::has_fsrm() && x86::has_erms() {
-                Implementation::RepMovsb
-            } else if std::arch::is_x86_feature_detected!("avx") {
+            let expected = if std::arch::is_x86_feature_detected!("avx") {
                 Implementation::Avx
+            } else if x86::has_fsrm() && x86::has_erms() {
+                Implementation::RepMovsb
             } else {
                 Implementation::Sse2
             };
@@ -1276,6 +1311,21 @@ mod tests {
         #[cfg(not(target_arch = "x86_64"))]
         assert_eq!(detected, Implementation::Portable);
         assert!(Implementation::Portable.is_available());
+    }
+
+    /// The CPUID reading of FSRM agrees with the kernel's (`/proc/cpuinfo` names it `fsrm`).
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn fsrm_detection_agrees_with_the_kernel() {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").expect("Linux has /proc/cpuinfo");
+        let flags = cpuinfo
+            .lines()
+            .find(|line| line.starts_with("flags"))
+            .expect("x86 /proc/cpuinfo has a flags line");
+        let kernel_says = flags.split_whitespace().any(|flag| flag == "fsrm");
+        assert_eq!(x86::has_fsrm(), kernel_says);
+        let kernel_says_erms = flags.split_whitespace().any(|flag| flag == "erms");
+        assert_eq!(x86::has_erms(), kernel_says_erms);
     }
 
     #[test]
