@@ -19,6 +19,7 @@
 //! - [`DeviceView::unshare`] is called with exactly what `share` was given and returned, after the
 //!   device can no longer have any I/O in flight to that region.
 
+pub mod direct;
 pub mod identity;
 pub mod noiommu;
 pub mod vfio;
@@ -110,6 +111,31 @@ pub enum ShareError {
         path: String,
         /// What to do.
         hint: &'static str,
+    },
+    /// A PCI device cannot be used from userspace as asked (bad address, missing, bound to
+    /// another driver, no IOMMU group, group not viable); `problem` says how to fix it.
+    #[error("PCI device {bdf}: {problem}")]
+    Device {
+        /// The PCI address as given.
+        bdf: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
+    /// A register or config-space access outside the region or not naturally aligned: a
+    /// driver bug; check the offset against the device's specification.
+    #[error(
+        "{what} access of {width} B at offset {offset:#x} is outside the {size} B region or \
+         not aligned to {width} B"
+    )]
+    BadAccess {
+        /// Which region ("BAR", "PCI config space").
+        what: &'static str,
+        /// Offset of the access.
+        offset: u64,
+        /// Bytes accessed.
+        width: u64,
+        /// Size of the region.
+        size: u64,
     },
     /// Any other system call failure.
     #[error("{what} failed: {source}")]

@@ -1,1 +1,1287 @@
-//! (being written)
+//! VFIO type1: PCI functions bound to `vfio-pci`, and IOMMU mappings made with
+//! `VFIO_IOMMU_MAP_DMA`.
+//!
+//! ## Objects and their lifetimes
+//! - [`VfioContainer`]: one `/dev/vfio/vfio` container = one IOMMU domain = one IOVA space.
+//!   Several devices (from one or more IOMMU groups) can be opened into the same container with
+//!   [`VfioContainer::open_device`]; they then see the same mappings.
+//! - [`VfioDevice`]: one PCI function: config space, BAR mappings ([`Bar`]), reset, bus
+//!   mastering and MSI-X to eventfds.
+//! - [`VfioType1`]: the [`DeviceView`] of a container. There is exactly **one view per
+//!   container** ([`VfioContainer::view`] returns the same one every time) because the view owns
+//!   the container's IOVA allocator: two allocators over one IOVA space would hand out the same
+//!   addresses twice. When devices with different DMA masks share a container, create the view
+//!   with the narrowest mask (asking later for a narrower mask than the view has is an error).
+//!
+//! The shortcut [`VfioDevice::open`] makes a container, opens one device in it and returns the
+//! device together with the container's view.
+//!
+//! ## How `share` works (and why it is correct)
+//! 1. The region is checked: non-empty, page-aligned start and length for its page size.
+//! 2. Under the view's lock, an IOVA extent of exactly `region.len` bytes, aligned to the
+//!    region's page size, is taken from the allocator, which only hands out addresses inside the
+//!    IOMMU's valid ranges (the `VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE` capability of
+//!    `VFIO_IOMMU_GET_INFO`, read once when the view is made) and at or below the DMA mask.
+//!    Aligning the IOVA to the page size lets the IOMMU use large pages for hugepage chunks.
+//! 3. The lock is dropped and the whole region is mapped with **one** `VFIO_IOMMU_MAP_DMA`
+//!    (read + write), so a chunk of many hugepages costs one of the container's `dma_avail`
+//!    mappings (65,535 by default, the `dma_entry_limit` module parameter).
+//! 4. On success the mapping is recorded; on failure the IOVA is given back, and `ENOSPC`
+//!    becomes [`ShareError::MappingLimit`].
+//!
+//! `unshare` removes the record (checking that the region and address match what was shared),
+//! unmaps with `VFIO_IOMMU_UNMAP_DMA`, and only after the kernel confirms the unmap of exactly
+//! that many bytes frees the IOVA extent. If the unmap fails the record is put back and the IOVA
+//! stays reserved, so an address the device may still reach is never handed out again.
+//!
+//! ## Locking
+//! [`VfioType1`] holds one `Mutex` around the allocator and the table of live mappings. The
+//! ioctls themselves run outside the lock: the kernel serialises changes to one container, and
+//! our bookkeeping guarantees no two calls ever work on the same IOVA extent.
+//!
+//! ## Memory safety
+//! `VFIO_IOMMU_MAP_DMA` gives the device read/write access to the mapped memory until it is
+//! unmapped. [`DeviceView::share`] is a safe trait method, so the rule is carried by the
+//! [`HostRegion`] contract: a region passed to `share` must stay mapped in this process until it
+//! is unshared, and must only be accessed through raw pointers while shared (the pool's chunks
+//! and [`super::direct`]'s unsafe constructors guarantee this).
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_BASE, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
+    VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, VFIO_PCI_BAR5_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_TYPE,
+};
+use vfio_ioctls::{VfioContainer as RawContainer, VfioDevice as RawDevice, VfioError, VfioOps};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{DeviceView, ShareError, ShareUsage};
+pub use crate::iova::IovaRange;
+use crate::memory::HostRegion;
+use crate::DeviceAddr;
+
+/// `VFIO_IOMMU_GET_INFO` = `_IO(VFIO_TYPE, VFIO_BASE + 12)` (linux/vfio.h); VFIO ioctls encode
+/// no size or direction.
+const VFIO_IOMMU_GET_INFO: u64 = ((VFIO_TYPE as u64) << 8) | (VFIO_BASE as u64 + 12);
+/// `VFIO_DEVICE_RESET` = `_IO(VFIO_TYPE, VFIO_BASE + 11)`.
+const VFIO_DEVICE_RESET: u64 = ((VFIO_TYPE as u64) << 8) | (VFIO_BASE as u64 + 11);
+
+/// Size of `struct vfio_iommu_type1_info` (argsz, flags, iova_pgsizes, cap_offset, pad).
+const IOMMU_INFO_LEN: usize = 24;
+
+/// PCI config space: COMMAND register offset and its bits.
+const PCI_COMMAND: u64 = 0x04;
+/// COMMAND bit 1: respond to memory-space (BAR) accesses.
+const PCI_COMMAND_MEMORY: u16 = 1 << 1;
+/// COMMAND bit 2: the function may master the bus, i.e. do DMA.
+const PCI_COMMAND_MASTER: u16 = 1 << 2;
+
+const HINT_NO_VFIO: &str = "load the VFIO driver (`modprobe vfio-pci`), bind the device to \
+     vfio-pci, boot with the IOMMU on (intel_iommu=on / amd_iommu=on) and run as root or give \
+     this user access to /dev/vfio/*";
+
+/// A PCI address `domain:bus:device.function`, e.g. `0000:00:04.0`, validated.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Bdf(String);
+
+impl Bdf {
+    /// Parses `DDDD:BB:DD.F` (hex domain, bus and device, function 0-7) or the short
+    /// `BB:DD.F`, which means domain 0. The result is always in the long, lower-case form that
+    /// sysfs uses.
+    ///
+    /// ```
+    /// use tidepool::share::vfio::Bdf;
+    /// assert_eq!(Bdf::parse("00:04.0").unwrap().as_str(), "0000:00:04.0");
+    /// assert!(Bdf::parse("0000:00:04.8").is_err());
+    /// ```
+    pub fn parse(text: &str) -> Result<Bdf, ShareError> {
+        let bad = || ShareError::Device {
+            bdf: text.to_string(),
+            problem: "not a PCI address: expected domain:bus:device.function in hex, like \
+                      0000:00:04.0 (see `lspci -D`)"
+                .into(),
+        };
+        let parts: Vec<&str> = text.trim().split(':').collect();
+        let (domain, bus, devfn) = match parts.as_slice() {
+            [d, b, df] => (*d, *b, *df),
+            [b, df] => ("0000", *b, *df),
+            _ => return Err(bad()),
+        };
+        let (dev, func) = devfn.split_once('.').ok_or_else(bad)?;
+        let hex = |s: &str, digits: usize, max: u32| -> Option<u32> {
+            if s.len() != digits || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return None;
+            }
+            u32::from_str_radix(s, 16).ok().filter(|&v| v <= max)
+        };
+        let domain = hex(domain, 4, 0xffff).ok_or_else(bad)?;
+        let bus = hex(bus, 2, 0xff).ok_or_else(bad)?;
+        let dev = hex(dev, 2, 0x1f).ok_or_else(bad)?;
+        let func = hex(func, 1, 7).ok_or_else(bad)?;
+        Ok(Bdf(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}")))
+    }
+
+    /// The address as text, `0000:00:04.0`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `/sys/bus/pci/devices/<bdf>`.
+    pub fn sysfs_path(&self) -> PathBuf {
+        Path::new("/sys/bus/pci/devices").join(&self.0)
+    }
+}
+
+impl std::fmt::Display for Bdf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What `VFIO_IOMMU_GET_INFO` says about a container's IOMMU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IommuInfo {
+    /// Bitmap of the IOMMU page sizes (bit n set: 2^n-byte pages supported).
+    pub iova_pgsizes: u64,
+    /// Valid IOVA ranges, from the `IOVA_RANGE` capability. Kernels older than 5.4 do not report
+    /// it; then this is the whole 64-bit space and only the DMA mask limits addresses.
+    pub iova_ranges: Vec<IovaRange>,
+    /// Mappings the container can still make (`DMA_AVAIL` capability, kernel ≥ 5.10).
+    pub dma_avail: Option<u32>,
+}
+
+/// Parses the buffer `VFIO_IOMMU_GET_INFO` filled: the fixed header and its capability chain.
+///
+/// Pure and bounds-checked: every capability must lie inside `buf`, and the chain must move
+/// strictly forward (so a corrupt chain cannot loop).
+pub fn parse_iommu_info(buf: &[u8]) -> Result<IommuInfo, ShareError> {
+    let corrupt = |why: &str| ShareError::Vfio {
+        what: "VFIO_IOMMU_GET_INFO",
+        detail: format!("malformed reply ({why}); this is a kernel/ABI mismatch, please report it"),
+    };
+    let u16_at = |off: usize| -> Option<u16> {
+        Some(u16::from_ne_bytes(buf.get(off..off + 2)?.try_into().ok()?))
+    };
+    let u32_at = |off: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(buf.get(off..off + 4)?.try_into().ok()?))
+    };
+    let u64_at = |off: usize| -> Option<u64> {
+        Some(u64::from_ne_bytes(buf.get(off..off + 8)?.try_into().ok()?))
+    };
+    let flags = u32_at(4).ok_or_else(|| corrupt("short header"))?;
+    let iova_pgsizes = u64_at(8).ok_or_else(|| corrupt("short header"))?;
+    let mut info = IommuInfo {
+        iova_pgsizes,
+        iova_ranges: Vec::new(),
+        dma_avail: None,
+    };
+    let mut saw_ranges = false;
+    let mut off = if flags & VFIO_IOMMU_INFO_CAPS != 0 {
+        u32_at(16).ok_or_else(|| corrupt("short header"))? as usize
+    } else {
+        0
+    };
+    while off != 0 {
+        if off < IOMMU_INFO_LEN {
+            return Err(corrupt("capability inside the header"));
+        }
+        let id = u16_at(off).ok_or_else(|| corrupt("capability header out of bounds"))?;
+        let next = u32_at(off + 4).ok_or_else(|| corrupt("capability header out of bounds"))?;
+        match u32::from(id) {
+            VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE => {
+                let n = u32_at(off + 8).ok_or_else(|| corrupt("IOVA range cap truncated"))?;
+                for i in 0..n as usize {
+                    let at = off + 16 + i * 16;
+                    let start = u64_at(at).ok_or_else(|| corrupt("IOVA range out of bounds"))?;
+                    let end = u64_at(at + 8).ok_or_else(|| corrupt("IOVA range out of bounds"))?;
+                    if end < start {
+                        return Err(corrupt("IOVA range ends before it starts"));
+                    }
+                    info.iova_ranges.push(IovaRange { start, end });
+                }
+                saw_ranges = true;
+            }
+            VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL => {
+                info.dma_avail =
+                    Some(u32_at(off + 8).ok_or_else(|| corrupt("DMA avail cap truncated"))?);
+            }
+            _ => {} // migration and future capabilities: not ours
+        }
+        if next != 0 && (next as usize) <= off {
+            return Err(corrupt("capability chain goes backwards"));
+        }
+        off = next as usize;
+    }
+    if !saw_ranges {
+        info.iova_ranges.push(IovaRange {
+            start: 0,
+            end: u64::MAX,
+        });
+    }
+    Ok(info)
+}
+
+/// Issues `VFIO_IOMMU_GET_INFO` on a container whose IOMMU type is set, growing the buffer
+/// until the capability chain fits, and parses it.
+fn query_iommu_info(container: BorrowedFd<'_>) -> Result<IommuInfo, ShareError> {
+    let mut buf = vec![0u8; IOMMU_INFO_LEN];
+    // The kernel answers a short buffer with the size it needs; it can only grow once, but a
+    // few rounds guard against a racing change without looping forever.
+    for _ in 0..4 {
+        let argsz = buf.len() as u32;
+        buf.fill(0);
+        buf[..4].copy_from_slice(&argsz.to_ne_bytes());
+        ioctl_iommu_get_info(container, &mut buf).map_err(|e| ShareError::Vfio {
+            what: "VFIO_IOMMU_GET_INFO",
+            detail: format!("{e}; open a device in the container before asking for its view"),
+        })?;
+        let needed = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if needed <= buf.len() {
+            return parse_iommu_info(&buf);
+        }
+        buf = vec![0u8; needed.min(1 << 20)];
+    }
+    Err(ShareError::Vfio {
+        what: "VFIO_IOMMU_GET_INFO",
+        detail: "the reply kept growing; retry".into(),
+    })
+}
+
+/// The raw `VFIO_IOMMU_GET_INFO` ioctl. `buf` must start with its own length as `argsz`.
+fn ioctl_iommu_get_info(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
+    if buf.len() < IOMMU_INFO_LEN
+        || u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize != buf.len()
+    {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: the kernel reads `argsz` from the start of `buf` and writes at most `argsz` bytes,
+    // which we checked equals `buf.len()`; `buf` is valid, writable and not aliased for the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), VFIO_IOMMU_GET_INFO as _, buf.as_mut_ptr()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Turns a vfio-ioctls error into ours.
+fn vfio_error(what: &'static str, e: VfioError) -> ShareError {
+    let mut detail = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    ShareError::Vfio { what, detail }
+}
+
+/// One VFIO container (one IOMMU domain, one IOVA space) using the type1v2 IOMMU driver.
+///
+/// Open devices into it with [`VfioContainer::open_device`], then get its one
+/// [`VfioType1`] view with [`VfioContainer::view`]. The container stays open while any device
+/// or the view holds it; when the last device is closed the kernel drops the IOMMU domain and
+/// every mapping in it, so unshare (drop the pool) before closing the last device.
+///
+/// ```no_run
+/// use tidepool::share::vfio::VfioContainer;
+/// let container = VfioContainer::new()?;
+/// let nvme0 = container.open_device("0000:00:04.0")?;
+/// let nvme1 = container.open_device("0000:00:05.0")?; // same IOVA space
+/// let view = container.view(u64::MAX)?; // one view for both
+/// # Ok::<(), tidepool::share::ShareError>(())
+/// ```
+pub struct VfioContainer {
+    raw: Arc<RawContainer>,
+    /// The one view; created on first [`VfioContainer::view`]. Lock order: this lock, then the
+    /// view's own state lock (never the other way round).
+    view: Mutex<Option<Arc<VfioType1>>>,
+}
+
+impl std::fmt::Debug for VfioContainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioContainer")
+            .field("fd", &self.raw.as_raw_fd())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VfioContainer {
+    /// Opens `/dev/vfio/vfio` and checks the API version and type1v2 support.
+    ///
+    /// Errors: [`ShareError::Permission`] with a hint when `/dev/vfio/vfio` is missing or not
+    /// accessible (VFIO not loaded, not root).
+    pub fn new() -> Result<Arc<VfioContainer>, ShareError> {
+        let raw = RawContainer::new(None).map_err(|e| match e {
+            VfioError::OpenContainer(_) => ShareError::Permission {
+                path: "/dev/vfio/vfio".into(),
+                hint: HINT_NO_VFIO,
+            },
+            e => vfio_error("open container", e),
+        })?;
+        Ok(Arc::new(VfioContainer {
+            raw: Arc::new(raw),
+            view: Mutex::new(None),
+        }))
+    }
+
+    /// Opens the PCI function `bdf` into this container.
+    ///
+    /// Checks, each with an error that says what to do: the address format, that the device
+    /// exists, that it is bound to `vfio-pci`, that it has an IOMMU group, that
+    /// `/dev/vfio/<group>` can be opened and that the group is viable (every device in it bound
+    /// to vfio-pci or to no driver). The first device opened sets the container's IOMMU type
+    /// (type1v2). Blocking; setup only.
+    pub fn open_device(self: &Arc<Self>, bdf: &str) -> Result<VfioDevice, ShareError> {
+        let bdf = Bdf::parse(bdf)?;
+        let sysfs = bdf.sysfs_path();
+        let device_err = |problem: String| ShareError::Device {
+            bdf: bdf.to_string(),
+            problem,
+        };
+        if !sysfs.exists() {
+            return Err(device_err(format!(
+                "no such PCI device ({} does not exist); list devices with `lspci -D`",
+                sysfs.display()
+            )));
+        }
+        match current_driver(&sysfs).as_deref() {
+            Some("vfio-pci") => {}
+            other => {
+                let now = other.map_or("no driver".to_string(), |d| format!("driver {d}"));
+                return Err(device_err(format!(
+                    "bound to {now}, not vfio-pci; bind it as root: `modprobe vfio-pci; \
+                     echo vfio-pci > {p}/driver_override; \
+                     echo {bdf} > {p}/driver/unbind; echo {bdf} > /sys/bus/pci/drivers_probe`",
+                    p = sysfs.display()
+                )));
+            }
+        }
+        let group = iommu_group(&sysfs).ok_or_else(|| {
+            device_err(
+                "has no IOMMU group: the IOMMU is off or absent; boot with intel_iommu=on \
+                 (or amd_iommu=on), or use the no-IOMMU backend"
+                    .into(),
+            )
+        })?;
+        let group_path = format!("/dev/vfio/{group}");
+        if let Err(e) = OpenOptions::new().read(true).write(true).open(&group_path) {
+            return Err(match e.kind() {
+                io::ErrorKind::PermissionDenied | io::ErrorKind::NotFound => {
+                    ShareError::Permission {
+                        path: group_path,
+                        hint: HINT_NO_VFIO,
+                    }
+                }
+                // EBUSY: another process (or container) holds the group.
+                _ => device_err(format!(
+                    "cannot open {group_path}: {e}; is another process using this device?"
+                )),
+            });
+        }
+        let ops: Arc<dyn VfioOps> = self.raw.clone();
+        let raw = RawDevice::new(&sysfs, ops, false).map_err(|e| match e {
+            VfioError::GroupViable => device_err(format!(
+                "IOMMU group {group} is not viable: every device in it must be bound to \
+                 vfio-pci or to no driver; now: {}",
+                group_members(group)
+            )),
+            e => vfio_error("open device", e),
+        })?;
+        let mut device = VfioDevice {
+            bdf,
+            raw,
+            container: Arc::clone(self),
+            vendor_id: 0,
+            device_id: 0,
+        };
+        device.vendor_id = device.read_config_u16(0x00)?;
+        device.device_id = device.read_config_u16(0x02)?;
+        Ok(device)
+    }
+
+    /// What the IOMMU says now (valid IOVA ranges, mappings still available). Needs at least
+    /// one device opened in the container. Blocking ioctl; cheap.
+    pub fn iommu_info(&self) -> Result<IommuInfo, ShareError> {
+        query_iommu_info(self.container_fd())
+    }
+
+    /// The container's one [`VfioType1`] view, made on the first call with `dma_mask` (the
+    /// highest address the devices can generate, e.g. `u32::MAX as u64` for 32-bit DMA).
+    ///
+    /// Later calls return the same view if its mask is no wider than `dma_mask`; asking for a
+    /// narrower mask than the view was made with is an error, because addresses already handed
+    /// out might be unreachable: make the view with the narrowest mask of all devices first.
+    /// Needs at least one device opened. Takes the container's view lock.
+    pub fn view(&self, dma_mask: u64) -> Result<Arc<VfioType1>, ShareError> {
+        let mut slot = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(view) = slot.as_ref() {
+            if view.dma_mask <= dma_mask {
+                return Ok(Arc::clone(view));
+            }
+            return Err(ShareError::Unsuitable(format!(
+                "this container's view was made with DMA mask {:#x}, wider than {dma_mask:#x}; \
+                 create the view with the narrowest mask of all devices first",
+                view.dma_mask
+            )));
+        }
+        let info = self.iommu_info()?;
+        let view = Arc::new(VfioType1::new(Arc::clone(&self.raw), info, dma_mask)?);
+        *slot = Some(Arc::clone(&view));
+        Ok(view)
+    }
+
+    fn container_fd(&self) -> BorrowedFd<'_> {
+        borrow_fd(self.raw.as_raw_fd(), self)
+    }
+}
+
+/// Borrows a raw fd for as long as `_owner` is borrowed.
+fn borrow_fd<T: ?Sized>(fd: RawFd, _owner: &T) -> BorrowedFd<'_> {
+    // SAFETY: every caller passes the fd of a file owned by `_owner` (a container or device
+    // that closes it only on drop), so the fd stays open for the borrow's lifetime.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+/// The name of the driver bound to the device at `sysfs`, if any.
+fn current_driver(sysfs: &Path) -> Option<String> {
+    let link = std::fs::read_link(sysfs.join("driver")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+/// The IOMMU group number of the device at `sysfs`, if it has one.
+fn iommu_group(sysfs: &Path) -> Option<u32> {
+    let link = std::fs::read_link(sysfs.join("iommu_group")).ok()?;
+    link.file_name()?.to_str()?.parse().ok()
+}
+
+/// "0000:00:04.0 (vfio-pci), 0000:00:04.1 (nvme)" for the devices in an IOMMU group.
+fn group_members(group: u32) -> String {
+    let dir = format!("/sys/kernel/iommu_groups/{group}/devices");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return format!("(cannot list {dir})");
+    };
+    let mut members: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let driver = current_driver(&e.path()).unwrap_or_else(|| "no driver".into());
+            format!("{name} ({driver})")
+        })
+        .collect();
+    members.sort();
+    members.join(", ")
+}
+
+/// One PCI function bound to `vfio-pci`, opened in a [`VfioContainer`].
+///
+/// Dropping it closes the device; the container lives on while other devices or its view hold
+/// it. All methods take `&self` and are safe to call from several threads (each is one
+/// `pread`/`pwrite`/ioctl on the device fd); read-modify-write sequences such as
+/// [`VfioDevice::enable_bus_master`] are not atomic against other writers of the same register.
+pub struct VfioDevice {
+    bdf: Bdf,
+    raw: RawDevice,
+    container: Arc<VfioContainer>,
+    vendor_id: u16,
+    device_id: u16,
+}
+
+impl std::fmt::Debug for VfioDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioDevice")
+            .field("bdf", &self.bdf)
+            .field("vendor_id", &format_args!("{:#06x}", self.vendor_id))
+            .field("device_id", &format_args!("{:#06x}", self.device_id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl VfioDevice {
+    /// Opens `bdf` in a new container and returns it with the container's view (made with
+    /// `dma_mask`). Use [`VfioContainer`] directly to put several devices in one container.
+    ///
+    /// ```no_run
+    /// use tidepool::share::{vfio::VfioDevice, DeviceView};
+    /// let (nvme, view) = VfioDevice::open("0000:00:04.0", u64::MAX)?;
+    /// println!("{:04x}:{:04x}, {} mappings left", nvme.vendor_id(), nvme.device_id(),
+    ///          view.usage().mapping_limit.unwrap_or(0));
+    /// # Ok::<(), tidepool::share::ShareError>(())
+    /// ```
+    pub fn open(bdf: &str, dma_mask: u64) -> Result<(VfioDevice, Arc<VfioType1>), ShareError> {
+        let container = VfioContainer::new()?;
+        let device = container.open_device(bdf)?;
+        let view = container.view(dma_mask)?;
+        Ok((device, view))
+    }
+
+    /// The device's PCI address.
+    pub fn bdf(&self) -> &Bdf {
+        &self.bdf
+    }
+
+    /// PCI vendor id (config offset 0).
+    pub fn vendor_id(&self) -> u16 {
+        self.vendor_id
+    }
+
+    /// PCI device id (config offset 2).
+    pub fn device_id(&self) -> u16 {
+        self.device_id
+    }
+
+    /// The container the device is in.
+    pub fn container(&self) -> &Arc<VfioContainer> {
+        &self.container
+    }
+
+    /// Reads `buf.len()` bytes of PCI config space at `offset` (VFIO region 7). Out-of-range
+    /// reads are [`ShareError::BadAccess`].
+    pub fn read_config(&self, offset: u64, buf: &mut [u8]) -> Result<(), ShareError> {
+        let at = self.config_offset(offset, buf.len())?;
+        let n = nix::sys::uio::pread(self.device_fd(), buf, at as libc::off_t).map_err(|e| {
+            ShareError::Os {
+                what: "pread of PCI config space",
+                source: e.into(),
+            }
+        })?;
+        short_io(n, buf.len(), "pread of PCI config space")
+    }
+
+    /// Writes `buf` to PCI config space at `offset`. VFIO filters what may be written
+    /// (it virtualises BARs and the MSI/MSI-X capabilities).
+    pub fn write_config(&self, offset: u64, buf: &[u8]) -> Result<(), ShareError> {
+        let at = self.config_offset(offset, buf.len())?;
+        let n = nix::sys::uio::pwrite(self.device_fd(), buf, at as libc::off_t).map_err(|e| {
+            ShareError::Os {
+                what: "pwrite of PCI config space",
+                source: e.into(),
+            }
+        })?;
+        short_io(n, buf.len(), "pwrite of PCI config space")
+    }
+
+    /// Reads a little-endian `u16` from config space.
+    pub fn read_config_u16(&self, offset: u64) -> Result<u16, ShareError> {
+        let mut b = [0u8; 2];
+        self.read_config(offset, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// Reads a little-endian `u32` from config space.
+    pub fn read_config_u32(&self, offset: u64) -> Result<u32, ShareError> {
+        let mut b = [0u8; 4];
+        self.read_config(offset, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Writes a little-endian `u16` to config space.
+    pub fn write_config_u16(&self, offset: u64, value: u16) -> Result<(), ShareError> {
+        self.write_config(offset, &value.to_le_bytes())
+    }
+
+    /// Lets the device do DMA: sets the COMMAND register's bus-master bit (2), and the
+    /// memory-space bit (1) so its BARs decode. Read-modify-write; call during setup.
+    pub fn enable_bus_master(&self) -> Result<(), ShareError> {
+        let cmd = self.read_config_u16(PCI_COMMAND)?;
+        self.write_config_u16(PCI_COMMAND, cmd | PCI_COMMAND_MASTER | PCI_COMMAND_MEMORY)
+    }
+
+    /// Resets the function (`VFIO_DEVICE_RESET`: FLR, PM or bus reset, whichever the kernel
+    /// has for it). Blocking (up to ~100 ms for an FLR).
+    pub fn reset(&self) -> Result<(), ShareError> {
+        ioctl_device_reset(self.device_fd()).map_err(|e| ShareError::Vfio {
+            what: "VFIO_DEVICE_RESET",
+            detail: format!("{e}; the device may not support function reset"),
+        })
+    }
+
+    /// How many MSI-X vectors the device has (0 if none).
+    pub fn msix_vectors(&self) -> u32 {
+        self.raw
+            .get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX)
+            .map_or(0, |irq| irq.count)
+    }
+
+    /// Routes MSI-X vectors `0..fds.len()` to these eventfds (vector i signals `fds[i]`).
+    pub fn enable_msix(&self, fds: &[EventFd]) -> Result<(), ShareError> {
+        let available = self.msix_vectors();
+        if fds.is_empty() || fds.len() as u64 > u64::from(available) {
+            return Err(ShareError::Unsuitable(format!(
+                "asked for {} MSI-X vectors, the device has {available}",
+                fds.len()
+            )));
+        }
+        self.raw
+            .enable_msix(fds.iter().collect())
+            .map_err(|e| vfio_error("enable MSI-X", e))
+    }
+
+    /// Makes `n` fresh non-blocking eventfds and routes MSI-X vectors `0..n` to them.
+    pub fn enable_msix_eventfds(&self, n: usize) -> Result<Vec<EventFd>, ShareError> {
+        let fds = (0..n)
+            .map(|_| {
+                EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| ShareError::Os {
+                    what: "eventfd",
+                    source: e,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.enable_msix(&fds)?;
+        Ok(fds)
+    }
+
+    /// Stops MSI-X delivery (all vectors).
+    pub fn disable_msix(&self) -> Result<(), ShareError> {
+        self.raw
+            .disable_msix()
+            .map_err(|e| vfio_error("disable MSI-X", e))
+    }
+
+    /// Maps BAR `index` (0-5) into this process. The BAR must be memory (not I/O ports) and
+    /// mmappable; the mapping stays valid after the device is dropped, until the [`Bar`] is.
+    pub fn bar(&self, index: u32) -> Result<Bar, ShareError> {
+        let bad = |why: &str| {
+            ShareError::Unsuitable(format!("BAR{index} of {}: {why}", self.bdf.as_str()))
+        };
+        if index > VFIO_PCI_BAR5_REGION_INDEX {
+            return Err(bad("BAR index must be 0-5"));
+        }
+        let size = self.raw.get_region_size(index);
+        if size == 0 {
+            return Err(bad("not implemented by the device"));
+        }
+        if self.raw.get_region_flags(index) & VFIO_REGION_INFO_FLAG_MMAP == 0 {
+            return Err(bad("VFIO does not allow mmap of it (I/O port BAR?)"));
+        }
+        let len = usize::try_from(size).map_err(|_| bad("too large to map"))?;
+        let offset = self.raw.get_region_offset(index);
+        let ptr = mmap_region(self.device_fd(), len, offset).map_err(|e| ShareError::Os {
+            what: "mmap of a BAR",
+            source: e,
+        })?;
+        Ok(Bar { ptr, len, index })
+    }
+
+    /// The underlying vfio-ioctls device, for what this wrapper does not cover.
+    pub fn raw(&self) -> &RawDevice {
+        &self.raw
+    }
+
+    fn device_fd(&self) -> BorrowedFd<'_> {
+        borrow_fd(self.raw.as_raw_fd(), self)
+    }
+
+    /// The device-fd file offset of config-space `offset`, checked against the region.
+    fn config_offset(&self, offset: u64, len: usize) -> Result<u64, ShareError> {
+        let size = self.raw.get_region_size(VFIO_PCI_CONFIG_REGION_INDEX);
+        let end = offset.checked_add(len as u64);
+        if end.map_or(true, |end| end > size) {
+            return Err(ShareError::BadAccess {
+                what: "PCI config space",
+                offset,
+                width: len as u64,
+                size,
+            });
+        }
+        Ok(self.raw.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX) + offset)
+    }
+}
+
+/// Checks a `pread`/`pwrite` moved every byte.
+fn short_io(done: usize, wanted: usize, what: &'static str) -> Result<(), ShareError> {
+    if done == wanted {
+        return Ok(());
+    }
+    Err(ShareError::Os {
+        what,
+        source: io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("moved {done} of {wanted} bytes"),
+        ),
+    })
+}
+
+/// The raw `VFIO_DEVICE_RESET` ioctl.
+fn ioctl_device_reset(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: VFIO_DEVICE_RESET takes no argument and touches no memory of ours.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), VFIO_DEVICE_RESET as _) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Maps `len` bytes of a device-fd region at file offset `offset`, shared, read-write.
+fn mmap_region(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<NonNull<u8>> {
+    let offset = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: a fresh mapping (addr NULL) of a device region; no existing memory is affected.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            offset,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))
+}
+
+/// A mapped PCI BAR: device registers, accessed only with volatile loads and stores.
+///
+/// Every accessor checks that the access lies inside the BAR and is naturally aligned, and
+/// returns [`ShareError::BadAccess`] otherwise. [`Bar::as_ptr`] gives the base for drivers that
+/// precompute doorbell addresses; they take on those checks themselves.
+#[derive(Debug)]
+pub struct Bar {
+    ptr: NonNull<u8>,
+    len: usize,
+    index: u32,
+}
+
+// SAFETY: the Bar owns an MMIO mapping, not Rust data; volatile accesses from any thread are
+// what the hardware sees, and nothing in it is tied to a thread.
+unsafe impl Send for Bar {}
+// SAFETY: every access through `&Bar` is a single volatile load or store to device registers;
+// the device, not Rust, defines what concurrent accesses mean.
+unsafe impl Sync for Bar {}
+
+impl Bar {
+    /// The BAR's index (0-5).
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The mapped length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: an empty BAR is never mapped.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The base of the mapping. Accesses through it must be volatile, aligned and in bounds.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Reads the 32-bit register at `offset`.
+    pub fn read32(&self, offset: usize) -> Result<u32, ShareError> {
+        let p = self.at::<u32>(offset)?;
+        // SAFETY: `at` checked that p is inside the mapping and 4-byte aligned.
+        Ok(unsafe { p.read_volatile() })
+    }
+
+    /// Writes the 32-bit register at `offset`.
+    pub fn write32(&self, offset: usize, value: u32) -> Result<(), ShareError> {
+        let p = self.at::<u32>(offset)?;
+        // SAFETY: `at` checked that p is inside the mapping and 4-byte aligned.
+        unsafe { p.write_volatile(value) };
+        Ok(())
+    }
+
+    /// Reads the 64-bit register at `offset` (one 8-byte access).
+    pub fn read64(&self, offset: usize) -> Result<u64, ShareError> {
+        let p = self.at::<u64>(offset)?;
+        // SAFETY: `at` checked that p is inside the mapping and 8-byte aligned.
+        Ok(unsafe { p.read_volatile() })
+    }
+
+    /// Writes the 64-bit register at `offset` (one 8-byte access).
+    pub fn write64(&self, offset: usize, value: u64) -> Result<(), ShareError> {
+        let p = self.at::<u64>(offset)?;
+        // SAFETY: `at` checked that p is inside the mapping and 8-byte aligned.
+        unsafe { p.write_volatile(value) };
+        Ok(())
+    }
+
+    /// A pointer to a `T` at `offset`, if it lies inside the BAR and is aligned.
+    fn at<T>(&self, offset: usize) -> Result<*mut T, ShareError> {
+        let width = std::mem::size_of::<T>();
+        let fits = offset.checked_add(width).is_some_and(|end| end <= self.len);
+        if !fits || offset % width != 0 {
+            return Err(ShareError::BadAccess {
+                what: "BAR",
+                offset: offset as u64,
+                width: width as u64,
+                size: self.len as u64,
+            });
+        }
+        Ok(self.ptr.as_ptr().wrapping_add(offset).cast())
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len is exactly the mapping made in `mmap_region`, owned by this Bar; no
+        // access through it can happen after drop (as_ptr users must not outlive the Bar).
+        let r = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        debug_assert_eq!(r, 0, "munmap of a BAR failed");
+    }
+}
+
+/// One live IOMMU mapping made by [`VfioType1::share`].
+#[derive(Copy, Clone, Debug)]
+struct Mapping {
+    vaddr: usize,
+    len: usize,
+}
+
+/// The view's bookkeeping, behind its one lock.
+#[derive(Debug)]
+struct Type1State {
+    iova: iova_adapter::IovaSpace,
+    /// Live mappings by IOVA.
+    live: BTreeMap<u64, Mapping>,
+    bytes: u64,
+}
+
+/// The [`DeviceView`] of a VFIO type1 container: device address = an IOVA we allocate.
+///
+/// Get it from [`VfioContainer::view`] or [`VfioDevice::open`]. See the module docs for the
+/// algorithm and locking.
+pub struct VfioType1 {
+    container: Arc<RawContainer>,
+    dma_mask: u64,
+    ranges: Vec<IovaRange>,
+    /// `dma_avail` when the view was made (no mapping existed then): the container's limit.
+    limit: Option<u64>,
+    state: Mutex<Type1State>,
+}
+
+impl std::fmt::Debug for VfioType1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioType1")
+            .field("dma_mask", &format_args!("{:#x}", self.dma_mask))
+            .field("ranges", &self.ranges)
+            .field("usage", &self.usage())
+            .finish()
+    }
+}
+
+impl VfioType1 {
+    fn new(
+        container: Arc<RawContainer>,
+        info: IommuInfo,
+        dma_mask: u64,
+    ) -> Result<VfioType1, ShareError> {
+        let iova = iova_adapter::IovaSpace::new(&info.iova_ranges, dma_mask)?;
+        Ok(VfioType1 {
+            container,
+            dma_mask,
+            ranges: info.iova_ranges,
+            limit: info.dma_avail.map(u64::from),
+            state: Mutex::new(Type1State {
+                iova,
+                live: BTreeMap::new(),
+                bytes: 0,
+            }),
+        })
+    }
+
+    /// The highest device address this view hands out.
+    pub fn dma_mask(&self) -> u64 {
+        self.dma_mask
+    }
+
+    /// The IOMMU's valid IOVA ranges, as read when the view was made.
+    pub fn iova_ranges(&self) -> &[IovaRange] {
+        &self.ranges
+    }
+
+    /// Asks the kernel again (`VFIO_IOMMU_GET_INFO`): the container's current state, e.g. its
+    /// remaining `dma_avail`. Blocking ioctl; for diagnostics and tests.
+    pub fn iommu_info(&self) -> Result<IommuInfo, ShareError> {
+        query_iommu_info(borrow_fd(self.container.as_raw_fd(), self))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Type1State> {
+        // A panic while holding the lock cannot leave the allocator and table half-updated in a
+        // way that matters more than refusing all further DMA, so keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Checks a region can be mapped as one IOMMU mapping.
+fn check_region(region: &HostRegion<'_>) -> Result<(), ShareError> {
+    let page = region.page_size;
+    if region.len == 0
+        || !page.is_power_of_two()
+        || page < 4096
+        || region.start() % page != 0
+        || region.len % page != 0
+    {
+        return Err(ShareError::Unsuitable(format!(
+            "region at {:#x} (+{} B) is not a non-empty whole number of its {} B pages",
+            region.start(),
+            region.len,
+            page
+        )));
+    }
+    Ok(())
+}
+
+impl DeviceView for VfioType1 {
+    /// Allocates an IOVA extent (page-size aligned, inside the valid ranges, below the mask) and
+    /// maps the whole region with one `VFIO_IOMMU_MAP_DMA`. Takes the state lock twice, briefly;
+    /// the ioctl runs unlocked. Blocks (page pinning).
+    fn share(&self, region: &HostRegion<'_>) -> Result<DeviceAddr, ShareError> {
+        check_region(region)?;
+        let len = region.len as u64;
+        let iova = self.lock().iova.alloc(len, region.page_size as u64)?;
+        // SAFETY: the HostRegion contract (module docs): the region stays mapped in this process
+        // until it is unshared, and while shared it is touched only through raw pointers, never
+        // Rust references — the requirements of vfio_dma_map.
+        let mapped = unsafe {
+            self.container
+                .vfio_dma_map(iova, region.len, region.addr.as_ptr())
+        };
+        let mut state = self.lock();
+        match mapped {
+            Ok(()) => {
+                state.live.insert(
+                    iova,
+                    Mapping {
+                        vaddr: region.start(),
+                        len: region.len,
+                    },
+                );
+                state.bytes += len;
+                Ok(DeviceAddr(iova))
+            }
+            Err(e) => {
+                state.iova.free(iova, len);
+                let used = state.live.len() as u64;
+                drop(state);
+                match e {
+                    VfioError::IommuDmaMap(errno) if errno.errno() == libc::ENOSPC => {
+                        Err(ShareError::MappingLimit {
+                            used,
+                            limit: self.limit.unwrap_or(used),
+                        })
+                    }
+                    VfioError::IommuDmaMap(errno) if errno.errno() == libc::ENOMEM => {
+                        Err(ShareError::Vfio {
+                            what: "VFIO_IOMMU_MAP_DMA",
+                            detail: format!(
+                                "{errno}: pinning failed; raise RLIMIT_MEMLOCK \
+                                 (`ulimit -l unlimited`) or run as root"
+                            ),
+                        })
+                    }
+                    e => Err(vfio_error("VFIO_IOMMU_MAP_DMA", e)),
+                }
+            }
+        }
+    }
+
+    /// Unmaps a region shared at `addr` and frees its IOVA once the kernel confirmed the unmap.
+    /// Takes the state lock twice, briefly; the ioctl runs unlocked.
+    fn unshare(&self, region: &HostRegion<'_>, addr: DeviceAddr) -> Result<(), ShareError> {
+        let not_shared = || ShareError::NotShared {
+            addr: region.start(),
+            len: region.len,
+            iova: addr.0,
+        };
+        let mapping = {
+            let mut state = self.lock();
+            match state.live.get(&addr.0) {
+                Some(m) if m.vaddr == region.start() && m.len == region.len => {}
+                _ => return Err(not_shared()),
+            }
+            let m = state.live.remove(&addr.0).ok_or_else(not_shared)?;
+            state.bytes -= m.len as u64;
+            m
+        };
+        let unmapped = self.container.vfio_dma_unmap(addr.0, mapping.len);
+        let mut state = self.lock();
+        match unmapped {
+            Ok(()) => {
+                state.iova.free(addr.0, mapping.len as u64);
+                Ok(())
+            }
+            Err(e) => {
+                // The device may still reach it: keep the IOVA reserved and the record.
+                state.live.insert(addr.0, mapping);
+                state.bytes += mapping.len as u64;
+                Err(vfio_error("VFIO_IOMMU_UNMAP_DMA", e))
+            }
+        }
+    }
+
+    fn usage(&self) -> ShareUsage {
+        let state = self.lock();
+        ShareUsage {
+            mappings: state.live.len() as u64,
+            mapping_limit: self.limit,
+            bytes: state.bytes,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "vfio-type1"
+    }
+}
+
+/// The seam between this view and [`crate::iova`]: keeps the allocator's API in one place.
+mod iova_adapter {
+    use super::{IovaRange, ShareError};
+
+    /// The container's IOVA space.
+    #[derive(Debug)]
+    pub(super) struct IovaSpace {
+        mask: u64,
+        inner: crate::iova::IovaAllocator,
+    }
+
+    impl IovaSpace {
+        /// An allocator over `ranges` (inclusive ends) clipped to `mask`.
+        pub(super) fn new(ranges: &[IovaRange], mask: u64) -> Result<IovaSpace, ShareError> {
+            let inner = crate::iova::IovaAllocator::new(ranges, mask).map_err(|e| {
+                ShareError::AddressSpace {
+                    len: 0,
+                    mask,
+                    detail: e.to_string(),
+                }
+            })?;
+            Ok(IovaSpace { mask, inner })
+        }
+
+        /// `len` bytes aligned to `align`, all at or below the mask.
+        pub(super) fn alloc(&mut self, len: u64, align: u64) -> Result<u64, ShareError> {
+            self.inner
+                .alloc(len, align)
+                .map_err(|e| ShareError::AddressSpace {
+                    len,
+                    mask: self.mask,
+                    detail: e.to_string(),
+                })
+        }
+
+        /// Gives back an extent from [`IovaSpace::alloc`].
+        pub(super) fn free(&mut self, iova: u64, len: u64) {
+            // A failed free means our own bookkeeping is wrong; the address stays reserved,
+            // which is the safe outcome.
+            let _ = self.inner.free(iova, len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a GET_INFO reply with the given capabilities (each: id, body bytes).
+    fn reply(pgsizes: u64, caps: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut buf = vec![0u8; IOMMU_INFO_LEN];
+        let flags = if caps.is_empty() {
+            1
+        } else {
+            1 | VFIO_IOMMU_INFO_CAPS
+        };
+        buf[4..8].copy_from_slice(&flags.to_ne_bytes());
+        buf[8..16].copy_from_slice(&pgsizes.to_ne_bytes());
+        let mut offsets = Vec::new();
+        for (id, body) in caps {
+            let off = buf.len();
+            offsets.push(off);
+            buf.extend_from_slice(&id.to_ne_bytes());
+            buf.extend_from_slice(&1u16.to_ne_bytes());
+            buf.extend_from_slice(&0u32.to_ne_bytes()); // next, patched below
+            buf.extend_from_slice(body);
+        }
+        for (i, &off) in offsets.iter().enumerate() {
+            let next = offsets.get(i + 1).copied().unwrap_or(0) as u32;
+            buf[off + 4..off + 8].copy_from_slice(&next.to_ne_bytes());
+        }
+        if let Some(&first) = offsets.first() {
+            buf[16..20].copy_from_slice(&(first as u32).to_ne_bytes());
+        }
+        let argsz = buf.len() as u32;
+        buf[..4].copy_from_slice(&argsz.to_ne_bytes());
+        buf
+    }
+
+    fn ranges_body(ranges: &[(u64, u64)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(ranges.len() as u32).to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        for &(s, e) in ranges {
+            b.extend_from_slice(&s.to_ne_bytes());
+            b.extend_from_slice(&e.to_ne_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn parses_intel_iommu_reply() {
+        // What QEMU's intel-iommu reports (vm.md): two ranges around the MSI window, 65535.
+        let buf = reply(
+            0x4020_1000,
+            &[
+                (
+                    VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE as u16,
+                    ranges_body(&[(0, 0xfedf_ffff), (0xfef0_0000, 0x7f_ffff_ffff)]),
+                ),
+                (2, vec![0u8; 24]), // migration cap: skipped
+                (
+                    VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL as u16,
+                    65535u32.to_ne_bytes().to_vec(),
+                ),
+            ],
+        );
+        let info = parse_iommu_info(&buf).unwrap();
+        assert_eq!(info.iova_pgsizes, 0x4020_1000);
+        assert_eq!(
+            info.iova_ranges,
+            vec![
+                IovaRange {
+                    start: 0,
+                    end: 0xfedf_ffff
+                },
+                IovaRange {
+                    start: 0xfef0_0000,
+                    end: 0x7f_ffff_ffff
+                }
+            ]
+        );
+        assert_eq!(info.dma_avail, Some(65535));
+    }
+
+    #[test]
+    fn no_caps_means_whole_space_and_unknown_limit() {
+        let info = parse_iommu_info(&reply(0x1000, &[])).unwrap();
+        assert_eq!(
+            info.iova_ranges,
+            vec![IovaRange {
+                start: 0,
+                end: u64::MAX
+            }]
+        );
+        assert_eq!(info.dma_avail, None);
+    }
+
+    #[test]
+    fn malformed_replies_are_errors_not_panics() {
+        // Range count larger than the buffer.
+        let mut buf = reply(
+            0x1000,
+            &[(
+                VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE as u16,
+                ranges_body(&[(0, 0xffff)]),
+            )],
+        );
+        buf[IOMMU_INFO_LEN + 8..IOMMU_INFO_LEN + 12].copy_from_slice(&1000u32.to_ne_bytes());
+        assert!(matches!(
+            parse_iommu_info(&buf),
+            Err(ShareError::Vfio { .. })
+        ));
+        // A chain pointing at itself.
+        let mut buf = reply(0x1000, &[(3, 7u32.to_ne_bytes().to_vec())]);
+        let me = (IOMMU_INFO_LEN as u32).to_ne_bytes();
+        buf[IOMMU_INFO_LEN + 4..IOMMU_INFO_LEN + 8].copy_from_slice(&me);
+        assert!(parse_iommu_info(&buf).is_err());
+        // Capability offset pointing into the header, or past the end.
+        let mut buf = reply(0x1000, &[(3, 7u32.to_ne_bytes().to_vec())]);
+        buf[16..20].copy_from_slice(&4u32.to_ne_bytes());
+        assert!(parse_iommu_info(&buf).is_err());
+        buf[16..20].copy_from_slice(&4096u32.to_ne_bytes());
+        assert!(parse_iommu_info(&buf).is_err());
+        // Truncated header.
+        assert!(parse_iommu_info(&[0u8; 10]).is_err());
+    }
+
+    #[test]
+    fn bdf_parsing() {
+        assert_eq!(Bdf::parse("0000:00:04.0").unwrap().as_str(), "0000:00:04.0");
+        assert_eq!(Bdf::parse("0000:AF:1f.7").unwrap().as_str(), "0000:af:1f.7");
+        assert_eq!(Bdf::parse("3b:00.1").unwrap().as_str(), "0000:3b:00.1");
+        for bad in [
+            "",
+            "0000:00:04",
+            "0000:00:20.0", // device > 0x1f
+            "0000:00:04.8", // function > 7
+            "000:00:04.0",
+            "0000:000:04.0",
+            "0000:00:04.0.1",
+            "zzzz:00:04.0",
+            "0:0:0:0.0",
+            "/dev/../0000:00:04.0",
+        ] {
+            assert!(
+                matches!(Bdf::parse(bad), Err(ShareError::Device { .. })),
+                "{bad:?} accepted"
+            );
+        }
+        assert_eq!(
+            Bdf::parse("0000:00:04.0").unwrap().sysfs_path(),
+            Path::new("/sys/bus/pci/devices/0000:00:04.0")
+        );
+    }
+
+    #[test]
+    fn missing_vfio_is_a_permission_error_with_a_hint() {
+        // These machines have no /dev/vfio; inside the VM this test is not run.
+        if Path::new("/dev/vfio/vfio").exists() {
+            eprintln!("skipping: /dev/vfio/vfio exists here");
+            return;
+        }
+        match VfioContainer::new() {
+            Err(ShareError::Permission { path, hint }) => {
+                assert_eq!(path, "/dev/vfio/vfio");
+                assert!(hint.contains("vfio-pci"), "{hint}");
+            }
+            other => panic!("expected a permission error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_device_and_wrong_driver_are_named() {
+        let Ok(container) = VfioContainer::new() else {
+            // Without /dev/vfio we cannot get a container; check the sysfs helpers directly.
+            assert_eq!(current_driver(Path::new("/nonexistent")), None);
+            assert_eq!(iommu_group(Path::new("/nonexistent")), None);
+            return;
+        };
+        match container.open_device("ffff:ff:1f.7") {
+            Err(ShareError::Device { problem, .. }) => {
+                assert!(problem.contains("no such PCI device"), "{problem}")
+            }
+            other => panic!("expected a missing-device error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn region_checks() {
+        let p = NonNull::new(0x20_0000 as *mut u8).unwrap();
+        let r = |addr: NonNull<u8>, len, page_size| HostRegion {
+            addr,
+            len,
+            page_size,
+            fd: None,
+        };
+        assert!(check_region(&r(p, 2 << 20, 2 << 20)).is_ok());
+        assert!(check_region(&r(p, 4096, 4096)).is_ok());
+        assert!(check_region(&r(p, 0, 4096)).is_err());
+        assert!(check_region(&r(p, 4096, 2 << 20)).is_err());
+        assert!(check_region(&r(p, 4096, 3000)).is_err());
+        let odd = NonNull::new(0x20_1000 as *mut u8).unwrap();
+        assert!(matches!(
+            check_region(&r(odd, 2 << 20, 2 << 20)),
+            Err(ShareError::Unsuitable(_))
+        ));
+    }
+}
