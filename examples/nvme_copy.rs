@@ -14,7 +14,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (src, dst, blocks): (u64, u64, u64) = (src.parse()?, dst.parse()?, blocks.parse()?);
 
-    let ctrl = Controller::open(bdf, ControllerConfig { interrupts: false, ..Default::default() })?;
+    let ctrl = Controller::open(
+        bdf,
+        ControllerConfig {
+            interrupts: false,
+            ..Default::default()
+        },
+    )?;
     let ns = ctrl.namespace(1)?;
     ns.check_blocks(src, blocks)?;
     ns.check_blocks(dst, blocks)?;
@@ -25,13 +31,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut finished = Vec::new();
     while done < blocks {
         let n = per_command.min(blocks - done);
-        let buf = ctrl.pool().try_alloc((n * u64::from(ns.block_bytes())) as usize)?;
+        let buf = ctrl
+            .pool()
+            .try_alloc((n * u64::from(ns.block_bytes())) as usize)?;
 
         // Read the chunk into the pool buffer...
-        queue.submit_read(&ns, src + done, buf, ()).map_err(|e| e.error)?;
+        queue
+            .submit_read(&ns, src + done, buf, ())
+            .map_err(|e| e.error)?;
         let buf = wait(&mut queue, &mut finished)?;
         // ...and write the very same buffer out.
-        queue.submit_write(&ns, dst + done, buf, ()).map_err(|e| e.error)?;
+        queue
+            .submit_write(&ns, dst + done, buf, ())
+            .map_err(|e| e.error)?;
         wait(&mut queue, &mut finished)?;
 
         done += n;
@@ -51,5 +63,6 @@ fn wait(
     }
     let done = finished.remove(0);
     done.result?;
-    done.data.ok_or(NvmeError::Unsupported("the queue kept the buffer".into()))
+    done.data
+        .ok_or(NvmeError::Unsupported("the queue kept the buffer".into()))
 }

@@ -8,12 +8,27 @@
 use tidepool_nvme::{Controller, ControllerConfig, NvmeError};
 
 fn main() -> Result<(), NvmeError> {
-    let bdf = std::env::args().nth(1).unwrap_or_else(|| "0000:00:04.0".into());
-    let ctrl = Controller::open(&bdf, ControllerConfig { interrupts: false, ..Default::default() })?;
+    let bdf = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "0000:00:04.0".into());
+    let ctrl = Controller::open(
+        &bdf,
+        ControllerConfig {
+            interrupts: false,
+            ..Default::default()
+        },
+    )?;
 
     let id = ctrl.identify();
-    println!("{bdf}: {} (serial {}, firmware {})", id.model, id.serial, id.firmware);
-    println!("NVMe {}, up to {} commands per queue", ctrl.version(), ctrl.max_queue_depth());
+    println!(
+        "{bdf}: {} (serial {}, firmware {})",
+        id.model, id.serial, id.firmware
+    );
+    println!(
+        "NVMe {}, up to {} commands per queue",
+        ctrl.version(),
+        ctrl.max_queue_depth()
+    );
 
     for ns in ctrl.namespaces() {
         println!(
@@ -29,7 +44,10 @@ fn main() -> Result<(), NvmeError> {
     let smart = ctrl.smart_log()?;
     println!(
         "health: {} K, {}% spare, {} power-on hours, critical warning {:#x}",
-        smart.temperature_kelvin, smart.available_spare, smart.power_on_hours, smart.critical_warning
+        smart.temperature_kelvin,
+        smart.available_spare,
+        smart.power_on_hours,
+        smart.critical_warning
     );
     Ok(())
 }

@@ -170,6 +170,18 @@ impl<T> IoQueue<T> {
         self.qp.as_ref().map_or(0, QueuePair::outstanding)
     }
 
+    /// Batch submissions: with `true`, `submit_*` only queue commands and the SQ doorbell is
+    /// rung once by the next [`IoQueue::poll`] or [`IoQueue::ring_doorbell`] (what a QD>1
+    /// engine wants: one MMIO write per batch). The blocking helpers work either way.
+    pub fn defer_doorbells(&mut self, defer: bool) {
+        self.qp().set_defer_doorbell(defer);
+    }
+
+    /// Publishes deferred submissions now.
+    pub fn ring_doorbell(&mut self) -> Result<(), NvmeError> {
+        self.qp().ring_sq()
+    }
+
     /// The controller.
     pub fn controller(&self) -> &Controller {
         &self.ctrl

@@ -37,6 +37,10 @@ use crate::error::NvmeError;
 use crate::prp::Prp;
 use crate::spec::{Command, SQ_ENTRY_BYTES};
 
+/// A poll that reaps something reads the clock for the timeout scan only every this many
+/// polls (a poll that finds nothing always does): keeps the hot path off the clock.
+const SCAN_EVERY: u32 = 64;
+
 /// A command that finished (or was failed), with what the caller handed in.
 #[derive(Debug)]
 pub struct Done<T> {
@@ -89,6 +93,13 @@ pub struct QueuePair<T> {
     free: Vec<u16>,
     timeout: Duration,
     last_scan: Instant,
+    /// Polls since the last clock read (the clock is read every `SCAN_EVERY` polls, or when a
+    /// poll finds nothing).
+    polls_since_scan: u32,
+    /// Hold SQ tail doorbells until `ring_sq` or the next `poll` (batching).
+    defer_doorbell: bool,
+    /// The SQ tail was advanced but not yet rung.
+    sq_unrung: bool,
     /// Set once the queue can no longer be used.
     dead: Option<&'static str>,
 }
@@ -124,6 +135,9 @@ impl<T> QueuePair<T> {
             free: (0..depth).rev().collect(),
             timeout,
             last_scan: Instant::now(),
+            polls_since_scan: 0,
+            defer_doorbell: false,
+            sq_unrung: false,
             dead: None,
         })
     }
@@ -220,14 +234,34 @@ impl<T> QueuePair<T> {
             since: Instant::now(),
         });
         self.sq_tail = (self.sq_tail + 1) % self.sq_entries;
-        // The entry (and PRP list) must be visible before the doorbell; SeqCst is a full
-        // fence, which also orders any non-temporal stores the copy routine used.
-        fence(Ordering::SeqCst);
-        if let Err(e) = self.hw.regs.ring(self.sq_doorbell, self.sq_tail) {
-            // The BAR refused a store at our own doorbell offset: a driver bug; report it.
-            return Err(self.unsubmit(cid, e.into()));
+        self.sq_unrung = true;
+        if !self.defer_doorbell {
+            if let Err(e) = self.ring_sq() {
+                // The BAR refused a store at our own doorbell offset: a driver bug; report it.
+                return Err(self.unsubmit(cid, e));
+            }
         }
         Ok(cid)
+    }
+
+    /// Holds SQ doorbells (`true`) until [`QueuePair::ring_sq`] or the next
+    /// [`QueuePair::poll`], so a batch of submissions costs one doorbell write.
+    pub fn set_defer_doorbell(&mut self, defer: bool) {
+        self.defer_doorbell = defer;
+    }
+
+    /// Publishes every submitted command to the device (one SQ tail doorbell write), if any
+    /// is unpublished.
+    pub fn ring_sq(&mut self) -> Result<(), NvmeError> {
+        if !self.sq_unrung {
+            return Ok(());
+        }
+        // The entries (and PRP lists) must be visible before the doorbell; SeqCst is a full
+        // fence, which also orders any non-temporal stores the copy routine used.
+        fence(Ordering::SeqCst);
+        self.hw.regs.ring(self.sq_doorbell, self.sq_tail)?;
+        self.sq_unrung = false;
+        Ok(())
     }
 
     /// Takes back a command whose doorbell could not be rung (only on a BAR access error).
@@ -246,7 +280,8 @@ impl<T> QueuePair<T> {
 
     /// Reaps completions into `out` and returns how many were added.
     ///
-    /// Also, while commands are outstanding and a scan is due (every quarter timeout), checks
+    /// First publishes deferred submissions. Also, while commands are outstanding and a scan
+    /// is due (every quarter timeout), checks
     /// CSTS.CFS and command ages. On a fatal status, a timeout or a bad completion entry it
     /// resets the controller, fails every outstanding command into `out`
     /// ([`NvmeError::ControllerReset`]), and returns the cause as the error. If another queue
@@ -255,6 +290,7 @@ impl<T> QueuePair<T> {
         if self.generation != self.hw.generation() {
             return Err(self.fail_all_after_reset(out));
         }
+        self.ring_sq()?;
         let before = out.len();
         let mut bad = None;
         let mut moved = false;
@@ -308,10 +344,13 @@ impl<T> QueuePair<T> {
             self.fail_all_after_reset(out);
             return Err(NvmeError::BadCompletion(e));
         }
-        if self.outstanding() > 0 {
+        let reaped = out.len() - before;
+        self.polls_since_scan += 1;
+        if self.outstanding() > 0 && (reaped == 0 || self.polls_since_scan >= SCAN_EVERY) {
+            self.polls_since_scan = 0;
             self.scan(out)?;
         }
-        Ok(out.len() - before)
+        Ok(reaped)
     }
 
     /// The periodic health check: CSTS.CFS and the oldest command's age.
