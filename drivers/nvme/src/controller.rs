@@ -1,0 +1,584 @@
+//! Controller bring-up, the admin queue, I/O queue creation, reset and shutdown.
+//!
+//! # Bring-up (Base spec 1.4, 7.6.1), as [`Controller::new`] does it
+//! 1. Check the PCI class code (NVMe = 0x010802), enable bus mastering, map BAR0.
+//! 2. Read CAP and VS. We need the NVM command set and 4 KiB pages (CAP.MPSMIN = 0).
+//! 3. Disable: clear CC.EN and wait for CSTS.RDY = 0, at most CAP.TO.
+//! 4. Admin queues: two zeroed rings from the pool; AQA, ASQ, ACQ.
+//! 5. Enable with CC = NVM command set, MPS 4 KiB, round robin, IOSQES 6, IOCQES 4; wait for
+//!    CSTS.RDY = 1 (or CSTS.CFS: fail), at most CAP.TO.
+//! 6. Identify Controller, the active namespace list and each namespace; Set Features
+//!    Number of Queues; read the error and SMART logs on request.
+//!
+//! # Objects
+//! - [`Hw`]: what every queue needs (registers, pool, the VFIO device, the reset
+//!   generation). Shared by `Arc`; queues hold it, so registers stay mapped while any queue
+//!   lives.
+//! - [`Controller`]: the handle; cheap to clone. Its last reference shuts the controller down
+//!   (CC.SHN = normal, wait for CSTS.SHST = complete) — after every I/O queue is gone, since
+//!   queues hold the controller.
+//!
+//! # Reset
+//! [`Hw::reset`] first clears PCI bus mastering, so from that instant the device cannot read
+//! or write memory, then clears CC.EN; it bumps the generation, which every queue compares on
+//! `poll`/`submit`: a queue of an older generation fails its outstanding commands (their
+//! buffers are safe to reuse: no DMA can happen) and refuses new ones.
+//! [`Controller::recover`] brings the controller back up with a fresh admin queue; I/O queues
+//! must then be created again.
+//!
+//! # Locking
+//! `admin` (a mutex) serialises admin commands, which are polled to completion by the caller's
+//! thread (setup paths only: they may block up to the admin timeout). `Hw::reset_state`
+//! serialises resets. `qids` guards the I/O queue ID allocation. No lock is taken on the I/O
+//! path except by the async queue (its own mutex).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tidepool::pool::{Pool, PoolConfig, PoolStats};
+use tidepool::share::vfio::VfioDevice;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::NvmeError;
+use crate::io::{IoQueue, Namespace};
+use crate::queue::QueuePair;
+use crate::regs::{Cap, Cc, Registers, Version};
+use crate::spec::{
+    parse_namespace_list, Cns, Command, ErrorLogEntry, IdentifyController, IdentifyNamespace,
+    LogPageId, SmartLog, IDENTIFY_BYTES,
+};
+
+/// PCI class code of an NVM Express controller (mass storage, NVM, NVMe).
+const NVME_CLASS: u32 = 0x01_08_02;
+/// PCI COMMAND register and its bus-master bit.
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MASTER: u16 = 1 << 2;
+
+/// How a [`Controller`] is set up.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// I/O queue pairs to ask the controller for (it may grant fewer).
+    pub io_queues: u16,
+    /// Admin queue entries.
+    pub admin_entries: u16,
+    /// A command outstanding longer than this resets the controller.
+    pub command_timeout: Duration,
+    /// Route MSI-X vectors to eventfds for async queues (vector `q` serves I/O queue `q`).
+    pub interrupts: bool,
+    /// The pool to create when opening by PCI address ([`Controller::open`]).
+    pub pool: PoolConfig,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            io_queues: 4,
+            admin_entries: 32,
+            command_timeout: Duration::from_secs(10),
+            interrupts: true,
+            pool: PoolConfig::default(),
+        }
+    }
+}
+
+/// What reset state the controller is in, behind [`Hw::reset_state`].
+#[derive(Debug, Default)]
+struct ResetState {
+    reason: Option<String>,
+}
+
+/// The hardware handle every queue shares: registers, the pool, the device, the generation.
+#[derive(Debug)]
+pub struct Hw {
+    pub(crate) regs: Registers,
+    pub(crate) pool: Pool,
+    pub(crate) device: VfioDevice,
+    pub(crate) cap: Cap,
+    generation: AtomicU64,
+    reset_state: Mutex<ResetState>,
+}
+
+impl Hw {
+    /// The current generation (bumped by every reset).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Why the controller was last reset.
+    pub(crate) fn reset_reason(&self) -> String {
+        lock(&self.reset_state)
+            .reason
+            .clone()
+            .unwrap_or_else(|| "no reason recorded".into())
+    }
+
+    /// Stops the controller because of `reason`, unless generation `seen` was already reset.
+    ///
+    /// Bus mastering goes off first (no DMA from here on, whatever the controller does), then
+    /// CC.EN is cleared and CSTS.RDY = 0 awaited (best effort, at most CAP.TO). Takes
+    /// `reset_state`; blocks up to CAP.TO.
+    pub(crate) fn reset(&self, seen: u64, reason: String) {
+        let mut st = lock(&self.reset_state);
+        if self.generation() != seen {
+            return;
+        }
+        if let Err(e) = self.set_bus_master(false) {
+            // Cannot switch DMA off: reset the whole function instead (FLR also stops DMA).
+            let _ = self.device.reset();
+            st.reason = Some(format!(
+                "{reason}; clearing bus master failed ({e}), function reset"
+            ));
+        } else {
+            st.reason = Some(reason);
+        }
+        let _ = self.disable();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Sets or clears the PCI bus-master bit (and keeps memory decoding on).
+    fn set_bus_master(&self, on: bool) -> Result<(), NvmeError> {
+        if on {
+            return Ok(self.device.enable_bus_master()?);
+        }
+        let cmd = self.device.read_config_u16(PCI_COMMAND)?;
+        Ok(self
+            .device
+            .write_config_u16(PCI_COMMAND, cmd & !PCI_COMMAND_MASTER)?)
+    }
+
+    /// Clears CC.EN and waits for CSTS.RDY = 0.
+    fn disable(&self) -> Result<(), NvmeError> {
+        let cc = self.regs.cc()?;
+        if cc.enabled() {
+            self.regs.set_cc(Cc(cc.0 & !1))?;
+        }
+        self.wait_ready(false, "become disabled")
+    }
+
+    /// Waits for CSTS.RDY to equal `ready`, at most CAP.TO. While enabling, CSTS.CFS fails fast.
+    fn wait_ready(&self, ready: bool, what: &'static str) -> Result<(), NvmeError> {
+        let limit = self.cap.ready_timeout();
+        let start = Instant::now();
+        loop {
+            let csts = self.regs.csts()?;
+            if csts.ready() == ready {
+                return Ok(());
+            }
+            if ready && csts.fatal() {
+                return Err(NvmeError::ControllerFatal { csts: csts.0 });
+            }
+            if start.elapsed() > limit {
+                return Err(NvmeError::ControllerTimeout { what, after: limit });
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
+/// Locks a mutex, taking the data even if a panicking thread poisoned it (the state here is
+/// always consistent between statements).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Everything behind a [`Controller`] handle.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) hw: Arc<Hw>,
+    admin: Mutex<QueuePair<()>>,
+    identify: IdentifyController,
+    namespaces: Vec<Namespace>,
+    /// Which I/O queue IDs (1..=granted) are taken; index 0 unused.
+    qids: Mutex<Vec<bool>>,
+    /// The MSI-X eventfds, vector `q` for I/O queue `q`; taken by async queues.
+    vectors: Mutex<Vec<Option<EventFd>>>,
+    cfg: ControllerConfig,
+    version: Version,
+}
+
+/// An NVMe controller brought up and ready to create I/O queues. Cheap to clone.
+///
+/// ```no_run
+/// use tidepool_nvme::{Controller, ControllerConfig};
+/// let ctrl = Controller::open("0000:00:04.0", ControllerConfig::default())?;
+/// let id = ctrl.identify();
+/// println!("{} (serial {}), firmware {}", id.model, id.serial, id.firmware);
+/// let ns = ctrl.namespace(1)?;
+/// let mut q = ctrl.create_io_queue::<()>(64)?;
+/// let mut block = vec![0u8; ns.block_bytes() as usize];
+/// q.read(&ns, 0, &mut block)?;
+/// # Ok::<(), tidepool_nvme::NvmeError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Controller {
+    shared: Arc<Shared>,
+}
+
+impl Controller {
+    /// Opens the NVMe controller at PCI address `bdf` (bound to `vfio-pci`) in a new VFIO
+    /// container, makes a pool over it with `cfg.pool`, and brings it up.
+    pub fn open(bdf: &str, cfg: ControllerConfig) -> Result<Controller, NvmeError> {
+        let (device, view) = VfioDevice::open(bdf, u64::MAX)?;
+        check_class(&device)?;
+        let pool = Pool::new(view, cfg.pool.clone())?;
+        Controller::new(device, pool, cfg)
+    }
+
+    /// Brings up the controller behind an opened `device`, with queues and buffers from
+    /// `pool` (whose view must be the device's container view).
+    pub fn new(
+        device: VfioDevice,
+        pool: Pool,
+        cfg: ControllerConfig,
+    ) -> Result<Controller, NvmeError> {
+        check_class(&device)?;
+        device.enable_bus_master()?;
+        let regs = Registers::new(device.bar(0)?)?;
+        let cap = regs.cap()?;
+        let version = regs.version()?;
+        if !cap.supports_nvm_command_set() {
+            return Err(NvmeError::Unsupported(
+                "CAP.CSS lacks the NVM command set".into(),
+            ));
+        }
+        if cap.min_page_bytes() > crate::spec::PAGE_BYTES {
+            return Err(NvmeError::Unsupported(format!(
+                "minimum memory page of {} B (this driver uses 4 KiB pages)",
+                cap.min_page_bytes()
+            )));
+        }
+        let hw = Arc::new(Hw {
+            regs,
+            pool,
+            device,
+            cap,
+            generation: AtomicU64::new(0),
+            reset_state: Mutex::new(ResetState::default()),
+        });
+        let admin = enable_with_admin_queue(&hw, &cfg)?;
+        let mut shared = Shared {
+            hw,
+            admin: Mutex::new(admin),
+            identify: IdentifyController::parse(&[]),
+            namespaces: Vec::new(),
+            qids: Mutex::new(Vec::new()),
+            vectors: Mutex::new(Vec::new()),
+            cfg,
+            version,
+        };
+        shared.identify = IdentifyController::parse(&shared.identify_page(Cns::Controller, 0)?);
+        shared.namespaces = shared.read_namespaces()?;
+        let granted = shared.set_queue_count()?;
+        *lock(&shared.qids) = vec![false; usize::from(granted) + 1];
+        if shared.cfg.interrupts {
+            let n = (usize::from(granted) + 1).min(shared.hw.device.msix_vectors() as usize);
+            let fds = shared.hw.device.enable_msix_eventfds(n)?;
+            *lock(&shared.vectors) = fds.into_iter().map(Some).collect();
+        }
+        Ok(Controller {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// Identify Controller data (model, serial, firmware, MDTS, ...).
+    pub fn identify(&self) -> &IdentifyController {
+        &self.shared.identify
+    }
+
+    /// The NVMe version the controller reports (VS).
+    pub fn version(&self) -> Version {
+        self.shared.version
+    }
+
+    /// CAP.
+    pub fn cap(&self) -> Cap {
+        self.shared.hw.cap
+    }
+
+    /// The active namespaces found at bring-up.
+    pub fn namespaces(&self) -> &[Namespace] {
+        &self.shared.namespaces
+    }
+
+    /// Active namespace `nsid`.
+    pub fn namespace(&self, nsid: u32) -> Result<Namespace, NvmeError> {
+        self.shared
+            .namespaces
+            .iter()
+            .find(|n| n.nsid() == nsid)
+            .copied()
+            .ok_or(NvmeError::NoSuchNamespace(nsid))
+    }
+
+    /// The largest I/O queue depth this controller allows (MQES + 1 entries, one kept empty,
+    /// and the SQ ring must fit one pool buffer).
+    pub fn max_queue_depth(&self) -> u32 {
+        let ring_limit =
+            (self.shared.hw.pool.config().max_buffer / crate::spec::SQ_ENTRY_BYTES) as u32;
+        self.shared
+            .hw
+            .cap
+            .max_queue_entries()
+            .min(ring_limit)
+            .min(4096)
+            - 1
+    }
+
+    /// The pool the driver takes its rings, PRP lists and bounce buffers from.
+    pub fn pool(&self) -> &Pool {
+        &self.shared.hw.pool
+    }
+
+    /// The pool's statistics.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.shared.hw.pool.stats()
+    }
+
+    /// The SMART / health log (controller-wide).
+    pub fn smart_log(&self) -> Result<SmartLog, NvmeError> {
+        let page = self
+            .shared
+            .log_page(LogPageId::SmartHealth, SmartLog::BYTES)?;
+        Ok(SmartLog::parse(&page))
+    }
+
+    /// The error information log's non-empty entries (up to ELPE + 1, at most one page).
+    pub fn error_log(&self) -> Result<Vec<ErrorLogEntry>, NvmeError> {
+        let entries =
+            (usize::from(self.shared.identify.elpe) + 1).min(IDENTIFY_BYTES / ErrorLogEntry::BYTES);
+        let page = self
+            .shared
+            .log_page(LogPageId::ErrorInformation, entries * ErrorLogEntry::BYTES)?;
+        Ok(ErrorLogEntry::parse_all(&page))
+    }
+
+    /// Creates a polled I/O queue pair of `depth` outstanding commands (entries = depth + 1),
+    /// without interrupts. `T` is the per-command user data of [`IoQueue::poll`].
+    pub fn create_io_queue<T>(&self, depth: u32) -> Result<IoQueue<T>, NvmeError> {
+        let qp = self.create_queue_pair(depth, None)?;
+        Ok(IoQueue::new(self.clone(), qp))
+    }
+
+    /// Creates an I/O queue pair whose CQ raises MSI-X vector `qid`, returning the vector's
+    /// eventfd with it (for [`crate::AsyncQueue`]).
+    pub(crate) fn create_interrupt_queue<T>(
+        &self,
+        depth: u32,
+    ) -> Result<(QueuePair<T>, EventFd), NvmeError> {
+        if !self.shared.cfg.interrupts {
+            return Err(NvmeError::Unsupported(
+                "async queues need interrupts: set ControllerConfig::interrupts".into(),
+            ));
+        }
+        let qp = self.create_queue_pair(depth, Some(()))?;
+        let fd = lock(&self.shared.vectors)
+            .get_mut(usize::from(qp.qid()))
+            .and_then(Option::take);
+        match fd {
+            Some(fd) => Ok((qp, fd)),
+            None => {
+                let qid = qp.qid();
+                self.delete_queue_pair(qp);
+                Err(NvmeError::Unsupported(format!(
+                    "no MSI-X vector for queue {qid}"
+                )))
+            }
+        }
+    }
+
+    /// Allocates a queue ID, makes the rings and creates CQ then SQ on the controller.
+    fn create_queue_pair<T>(
+        &self,
+        depth: u32,
+        interrupts: Option<()>,
+    ) -> Result<QueuePair<T>, NvmeError> {
+        let max = self.max_queue_depth();
+        if depth == 0 || depth > max {
+            return Err(NvmeError::QueueDepth { asked: depth, max });
+        }
+        let qid = {
+            let mut qids = lock(&self.shared.qids);
+            let granted = (qids.len().saturating_sub(1)) as u16;
+            let free = (1..qids.len())
+                .find(|&q| !qids[q])
+                .ok_or(NvmeError::NoQueues { granted })?;
+            qids[free] = true;
+            free as u16
+        };
+        let entries = (depth + 1) as u16;
+        let made = QueuePair::new(
+            self.shared.hw.clone(),
+            qid,
+            entries,
+            self.shared.cfg.command_timeout,
+        )
+        .and_then(|qp| {
+            let iv = interrupts.is_some();
+            let cq = Command::create_io_cq(qid, entries, qp.cq_addr(), qid, iv);
+            self.shared.admin(cq)?;
+            if let Err(e) =
+                self.shared
+                    .admin(Command::create_io_sq(qid, entries, qp.sq_addr(), qid))
+            {
+                let _ = self.shared.admin(Command::delete_io_cq(qid));
+                return Err(e);
+            }
+            Ok(qp)
+        });
+        if made.is_err() {
+            lock(&self.shared.qids)[usize::from(qid)] = false;
+        }
+        made
+    }
+
+    /// Deletes an I/O queue pair (SQ, then CQ) and frees its ID. Outstanding commands are
+    /// aborted by the controller; the rings and buffers are freed only once it confirmed the
+    /// deletion, or after a reset. Blocks on admin commands.
+    pub(crate) fn delete_queue_pair<T>(&self, mut qp: QueuePair<T>) {
+        let qid = qp.qid();
+        if qp.is_current() {
+            let sq = self.shared.admin(Command::delete_io_sq(qid));
+            let cq = sq.and_then(|_| self.shared.admin(Command::delete_io_cq(qid)));
+            if cq.is_err() && qp.is_current() {
+                // The controller would not let go of the queue: stop it before freeing rings.
+                self.shared.hw.reset(
+                    self.shared.hw.generation(),
+                    format!("deleting I/O queue {qid} failed"),
+                );
+            }
+        }
+        qp.mark_dead("deleted");
+        lock(&self.shared.qids)[usize::from(qid)] = false;
+        drop(qp);
+    }
+
+    /// Resets the controller now (bus mastering off, CC.EN = 0), failing every outstanding
+    /// command on every queue with [`NvmeError::ControllerReset`].
+    pub fn reset(&self, reason: &str) {
+        let hw = &self.shared.hw;
+        hw.reset(hw.generation(), reason.to_string());
+    }
+
+    /// Brings the controller back after a reset: bus mastering on, a fresh admin queue,
+    /// enable, queue count. Existing I/O queues stay dead; create new ones.
+    pub fn recover(&self) -> Result<(), NvmeError> {
+        let hw = &self.shared.hw;
+        let mut admin = lock(&self.shared.admin);
+        hw.disable()?;
+        hw.set_bus_master(true)?;
+        *admin = enable_with_admin_queue(hw, &self.shared.cfg)?;
+        drop(admin);
+        self.shared.set_queue_count()?;
+        Ok(())
+    }
+}
+
+/// Refuses a PCI function that is not an NVMe controller.
+fn check_class(device: &VfioDevice) -> Result<(), NvmeError> {
+    let class = device.read_config_u32(0x08)? >> 8;
+    if class != NVME_CLASS {
+        return Err(NvmeError::NotNvme {
+            bdf: device.bdf().to_string(),
+            class,
+        });
+    }
+    Ok(())
+}
+
+/// Disables the controller, programs a fresh admin queue pair and enables it (steps 3-5).
+fn enable_with_admin_queue(
+    hw: &Arc<Hw>,
+    cfg: &ControllerConfig,
+) -> Result<QueuePair<()>, NvmeError> {
+    hw.disable()?;
+    let entries = cfg.admin_entries.clamp(2, 4096);
+    let admin_timeout = cfg.command_timeout.max(hw.cap.ready_timeout());
+    let admin = QueuePair::new(hw.clone(), 0, entries, admin_timeout)?;
+    hw.regs
+        .set_admin_queues(entries, entries, admin.sq_addr(), admin.cq_addr())?;
+    hw.regs.set_cc(Cc::driver_default(true))?;
+    hw.wait_ready(true, "become ready")?;
+    Ok(admin)
+}
+
+impl Shared {
+    /// Runs one admin command without data and returns DW0.
+    fn admin(&self, cmd: Command) -> Result<u32, NvmeError> {
+        Ok(lock(&self.admin).run(cmd, None, 0)?.0)
+    }
+
+    /// Runs an admin command that returns `len` bytes (≤ 4 KiB) and copies them out.
+    fn admin_read(&self, cmd: Command, len: usize) -> Result<Vec<u8>, NvmeError> {
+        let buf = self.hw.pool.try_alloc(IDENTIFY_BYTES)?;
+        let (_, buf) = lock(&self.admin).run(cmd, Some(buf), len)?;
+        let mut out = vec![0u8; len];
+        if let Some(buf) = buf {
+            buf.read_at(0, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// An Identify page.
+    fn identify_page(&self, cns: Cns, nsid: u32) -> Result<Vec<u8>, NvmeError> {
+        self.admin_read(Command::identify(cns, nsid, 0), IDENTIFY_BYTES)
+    }
+
+    /// A log page of `len` bytes.
+    fn log_page(&self, lid: LogPageId, len: usize) -> Result<Vec<u8>, NvmeError> {
+        self.admin_read(Command::get_log_page(lid, 0xffff_ffff, len, 0), len)
+    }
+
+    /// The active namespaces with their geometry.
+    fn read_namespaces(&self) -> Result<Vec<Namespace>, NvmeError> {
+        let ids = parse_namespace_list(&self.identify_page(Cns::ActiveNamespaces, 0)?);
+        let page = self.hw.cap.min_page_bytes();
+        let mdts = self.identify.max_transfer_bytes(page).unwrap_or(usize::MAX);
+        let max_transfer = mdts.min(self.hw.pool.config().max_buffer);
+        let mut out = Vec::new();
+        for nsid in ids {
+            let id = IdentifyNamespace::parse(&self.identify_page(Cns::Namespace, nsid)?);
+            // Namespaces with unusable formats (e.g. > 64 KiB blocks) are skipped, not fatal.
+            if let Some(ns) = Namespace::from_identify(nsid, &id, max_transfer) {
+                out.push(ns);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Set Features Number of Queues; returns the I/O queue pairs granted.
+    fn set_queue_count(&self) -> Result<u16, NvmeError> {
+        let want = self.cfg.io_queues.clamp(1, 0xfffe);
+        let dw0 = self.admin(Command::set_number_of_queues(want, want))?;
+        let sq = (dw0 & 0xffff) as u16;
+        let cq = (dw0 >> 16) as u16;
+        Ok(sq.min(cq).saturating_add(1).min(want))
+    }
+}
+
+impl Drop for Shared {
+    /// Orderly shutdown: CC.SHN = normal, wait for CSTS.SHST = complete (at most CAP.TO).
+    /// Every I/O queue is gone by now (each holds the controller).
+    fn drop(&mut self) {
+        let hw = &self.hw;
+        if hw.generation() != 0
+            && lock(&hw.reset_state).reason.is_some()
+            && hw.regs.csts().is_ok_and(|c| !c.ready())
+        {
+            return; // Reset and never recovered: nothing to shut down.
+        }
+        let Ok(cc) = hw.regs.cc() else { return };
+        if hw.regs.set_cc(cc.with_normal_shutdown()).is_err() {
+            return;
+        }
+        let start = Instant::now();
+        while start.elapsed() < hw.cap.ready_timeout() {
+            if hw.regs.csts().map_or(true, |c| c.shutdown_complete()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let _ = hw.device.disable_msix();
+        let _ = hw.set_bus_master(false);
+    }
+}

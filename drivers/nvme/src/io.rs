@@ -1,0 +1,589 @@
+//! NVM I/O: namespaces, and the polled I/O queue with both a zero-copy submit/poll API (for
+//! benchmarks and engines at any queue depth) and simple blocking `read`/`write` helpers.
+//!
+//! # Two ways to submit
+//! - **Zero copy, pool buffers**: [`IoQueue::submit_read`] / [`IoQueue::submit_write`] take a
+//!   [`DmaBuf`] by value, so nobody can touch it while the device does; [`IoQueue::poll`]
+//!   hands it back in the [`Done`] with the caller's user data. One command each: the buffer
+//!   must not exceed [`Namespace::max_transfer`] (else [`NvmeError::TooLarge`]).
+//! - **Caller memory**: [`IoQueue::read`] / [`IoQueue::write`] bounce through pool buffers
+//!   taken with the immediate `try_alloc` (a poller never waits), split the request into
+//!   commands of at most `max_transfer` bytes (MDTS, and the pool's largest buffer), keep up
+//!   to the queue's depth of them in flight, and poll until all are done.
+//!
+//! Completions of the caller's own zero-copy commands that arrive while a blocking helper
+//! polls are kept and returned by the next [`IoQueue::poll`].
+
+use std::collections::VecDeque;
+
+use tidepool::pool::DmaBuf;
+
+use crate::controller::Controller;
+use crate::error::NvmeError;
+use crate::queue::{Done, QueuePair, SubmitError};
+use crate::spec::{dsm_range_bytes, Command, IdentifyNamespace, IoOpcode};
+
+/// An active namespace's geometry. Plain data: copy it to every task that needs it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    nsid: u32,
+    block_bytes: u32,
+    blocks: u64,
+    max_transfer: usize,
+}
+
+impl Namespace {
+    /// Builds the geometry from Identify Namespace; `None` if its LBA format is unusable.
+    /// `max_transfer` is the most bytes one command may move.
+    pub fn from_identify(
+        nsid: u32,
+        id: &IdentifyNamespace,
+        max_transfer: usize,
+    ) -> Option<Namespace> {
+        let block_bytes = id.block_bytes()?;
+        let max_transfer = max_transfer / block_bytes as usize * block_bytes as usize;
+        (max_transfer > 0).then_some(Namespace {
+            nsid,
+            block_bytes,
+            blocks: id.nsze,
+            max_transfer,
+        })
+    }
+
+    /// The namespace ID.
+    pub fn nsid(&self) -> u32 {
+        self.nsid
+    }
+
+    /// Bytes per logical block.
+    pub fn block_bytes(&self) -> u32 {
+        self.block_bytes
+    }
+
+    /// Size in logical blocks.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.blocks * u64::from(self.block_bytes)
+    }
+
+    /// The most bytes one command may move (a whole number of blocks).
+    pub fn max_transfer(&self) -> usize {
+        self.max_transfer
+    }
+
+    /// Checks that `len` bytes at `lba` are whole blocks inside the namespace; returns the
+    /// block count.
+    pub fn check(&self, lba: u64, len: usize) -> Result<u64, NvmeError> {
+        let block = self.block_bytes;
+        if len == 0 || len % block as usize != 0 {
+            return Err(NvmeError::NotBlockMultiple { len, block });
+        }
+        let blocks = (len / block as usize) as u64;
+        self.check_blocks(lba, blocks)?;
+        Ok(blocks)
+    }
+
+    /// Checks that `blocks` blocks at `lba` lie inside the namespace.
+    pub fn check_blocks(&self, lba: u64, blocks: u64) -> Result<(), NvmeError> {
+        match lba.checked_add(blocks) {
+            Some(end) if end <= self.blocks && blocks > 0 => Ok(()),
+            end => Err(NvmeError::LbaOutOfRange {
+                nsid: self.nsid,
+                lba,
+                end: end.unwrap_or(u64::MAX),
+                capacity: self.blocks,
+            }),
+        }
+    }
+
+    /// A read or write command for one transfer of `len` bytes at `lba`, checked.
+    pub(crate) fn rw_command(
+        &self,
+        opcode: IoOpcode,
+        lba: u64,
+        len: usize,
+    ) -> Result<Command, NvmeError> {
+        if len > self.max_transfer {
+            return Err(NvmeError::TooLarge {
+                len,
+                max: self.max_transfer,
+            });
+        }
+        let blocks = self.check(lba, len)?;
+        Ok(Command::read_write(opcode, self.nsid, lba, blocks as u32))
+    }
+}
+
+/// What the queue's own blocking helpers tag their commands with.
+#[derive(Debug)]
+pub(crate) enum Tag<T> {
+    /// A caller's command: their user data.
+    User(T),
+    /// A blocking helper's chunk: its byte offset in the caller's buffer.
+    Chunk { offset: usize },
+}
+
+/// A polled I/O queue pair. Owned by one thread (`&mut self`); pin that thread and call
+/// [`IoQueue::poll`] in a loop for the lowest latency.
+///
+/// Dropping it deletes the queue on the controller (blocking admin commands); outstanding
+/// commands are aborted and their buffers freed once the controller confirmed.
+#[derive(Debug)]
+pub struct IoQueue<T> {
+    ctrl: Controller,
+    qp: Option<QueuePair<Tag<T>>>,
+    /// User completions seen by a blocking helper, for the next `poll`.
+    stash: VecDeque<Done<T>>,
+    scratch: Vec<Done<Tag<T>>>,
+}
+
+impl<T> IoQueue<T> {
+    pub(crate) fn new(ctrl: Controller, qp: QueuePair<Tag<T>>) -> IoQueue<T> {
+        IoQueue {
+            ctrl,
+            qp: Some(qp),
+            stash: VecDeque::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    fn qp(&mut self) -> &mut QueuePair<Tag<T>> {
+        self.qp.as_mut().expect("queue present until drop")
+    }
+
+    /// The queue ID.
+    pub fn qid(&self) -> u16 {
+        self.qp.as_ref().map_or(0, QueuePair::qid)
+    }
+
+    /// Commands that may be outstanding at once.
+    pub fn depth(&self) -> u16 {
+        self.qp.as_ref().map_or(0, QueuePair::depth)
+    }
+
+    /// Commands outstanding now.
+    pub fn outstanding(&self) -> usize {
+        self.qp.as_ref().map_or(0, QueuePair::outstanding)
+    }
+
+    /// Batch submissions: with `true`, `submit_*` only queue commands and the SQ doorbell is
+    /// rung once by the next [`IoQueue::poll`] or [`IoQueue::ring_doorbell`] (what a QD>1
+    /// engine wants: one MMIO write per batch). The blocking helpers work either way.
+    pub fn defer_doorbells(&mut self, defer: bool) {
+        self.qp().set_defer_doorbell(defer);
+    }
+
+    /// Publishes deferred submissions now.
+    pub fn ring_doorbell(&mut self) -> Result<(), NvmeError> {
+        self.qp().ring_sq()
+    }
+
+    /// The controller.
+    pub fn controller(&self) -> &Controller {
+        &self.ctrl
+    }
+
+    /// Submits a read of `buf.len()` bytes at `lba` into `buf` (zero copy). Returns the
+    /// command ID; the buffer comes back with `user` from [`IoQueue::poll`].
+    pub fn submit_read(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        buf: DmaBuf,
+        user: T,
+    ) -> Result<u16, SubmitError<T>> {
+        self.submit_rw(ns, IoOpcode::Read, lba, buf, user)
+    }
+
+    /// Submits a write of `buf.len()` bytes from `buf` at `lba` (zero copy).
+    pub fn submit_write(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        buf: DmaBuf,
+        user: T,
+    ) -> Result<u16, SubmitError<T>> {
+        self.submit_rw(ns, IoOpcode::Write, lba, buf, user)
+    }
+
+    fn submit_rw(
+        &mut self,
+        ns: &Namespace,
+        op: IoOpcode,
+        lba: u64,
+        buf: DmaBuf,
+        user: T,
+    ) -> Result<u16, SubmitError<T>> {
+        let len = buf.len();
+        match ns.rw_command(op, lba, len) {
+            Ok(cmd) => self.submit_tagged(cmd, Some(buf), len, user),
+            Err(error) => Err(SubmitError {
+                error,
+                user,
+                data: Some(buf),
+            }),
+        }
+    }
+
+    /// Submits Flush.
+    pub fn submit_flush(&mut self, ns: &Namespace, user: T) -> Result<u16, SubmitError<T>> {
+        self.submit_tagged(Command::io(IoOpcode::Flush, ns.nsid()), None, 0, user)
+    }
+
+    /// Submits Write Zeroes of `blocks` (1..=65536) at `lba`.
+    pub fn submit_write_zeroes(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        blocks: u32,
+        user: T,
+    ) -> Result<u16, SubmitError<T>> {
+        if let Err(error) = check_nlb(ns, lba, blocks) {
+            return Err(SubmitError {
+                error,
+                user,
+                data: None,
+            });
+        }
+        self.submit_tagged(Command::write_zeroes(ns.nsid(), lba, blocks), None, 0, user)
+    }
+
+    /// Submits Dataset Management / deallocate (TRIM) of `blocks` at `lba`.
+    pub fn submit_deallocate(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        blocks: u32,
+        user: T,
+    ) -> Result<u16, SubmitError<T>> {
+        let range = ns.check_blocks(lba, u64::from(blocks)).and_then(|()| {
+            let mut b = self.ctrl.pool().try_alloc(4096)?;
+            b.write_at(0, &dsm_range_bytes(lba, blocks))?;
+            Ok(b)
+        });
+        match range {
+            Ok(b) => {
+                let cmd = Command::deallocate(ns.nsid(), 1, 0);
+                self.submit_tagged(cmd, Some(b), 16, user)
+            }
+            Err(error) => Err(SubmitError {
+                error,
+                user,
+                data: None,
+            }),
+        }
+    }
+
+    /// Submits any I/O command (its data pointer is filled from `data`, `data_len` bytes).
+    pub fn submit_raw(
+        &mut self,
+        cmd: Command,
+        data: Option<DmaBuf>,
+        data_len: usize,
+        user: T,
+    ) -> Result<u16, SubmitError<T>> {
+        self.submit_tagged(cmd, data, data_len, user)
+    }
+
+    fn submit_tagged(
+        &mut self,
+        cmd: Command,
+        data: Option<DmaBuf>,
+        data_len: usize,
+        user: T,
+    ) -> Result<u16, SubmitError<T>> {
+        self.qp()
+            .submit(cmd, data, data_len, Tag::User(user))
+            .map_err(|e| SubmitError {
+                error: e.error,
+                user: match e.user {
+                    Tag::User(u) => u,
+                    Tag::Chunk { .. } => unreachable!("submitted as a user command"),
+                },
+                data: e.data,
+            })
+    }
+
+    /// Moves finished commands into `out` (appending); returns how many. Never blocks. An
+    /// error means the controller was reset (see [`QueuePair::poll`]); the failed commands are
+    /// in `out` all the same.
+    pub fn poll(&mut self, out: &mut Vec<Done<T>>) -> Result<usize, NvmeError> {
+        let before = out.len();
+        out.extend(self.stash.drain(..));
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = self.qp().poll(&mut scratch);
+        for d in scratch.drain(..) {
+            if let Tag::User(user) = d.user {
+                out.push(Done {
+                    cid: d.cid,
+                    user,
+                    data: d.data,
+                    result: d.result,
+                });
+            }
+        }
+        self.scratch = scratch;
+        r.map(|_| out.len() - before)
+    }
+
+    /// Reads `dst.len()` bytes at `lba` into `dst`, blocking (polling) until done. Splits into
+    /// commands of at most [`Namespace::max_transfer`] and bounces through the pool.
+    pub fn read(&mut self, ns: &Namespace, lba: u64, dst: &mut [u8]) -> Result<(), NvmeError> {
+        ns.check(lba, dst.len())?;
+        self.blocking(
+            ns,
+            IoOpcode::Read,
+            lba,
+            dst.len(),
+            |_, _| Ok(()),
+            |off, buf| buf.read_at(0, &mut dst[off..off + buf.len()]),
+        )
+    }
+
+    /// Writes `src` at `lba`, blocking (polling) until done; splits like [`IoQueue::read`].
+    pub fn write(&mut self, ns: &Namespace, lba: u64, src: &[u8]) -> Result<(), NvmeError> {
+        ns.check(lba, src.len())?;
+        self.blocking(
+            ns,
+            IoOpcode::Write,
+            lba,
+            src.len(),
+            |off, buf| {
+                let n = buf.len();
+                buf.write_at(0, &src[off..off + n])
+            },
+            |_, _| Ok(()),
+        )
+    }
+
+    /// Flushes the namespace's volatile write cache, blocking.
+    pub fn flush(&mut self, ns: &Namespace) -> Result<(), NvmeError> {
+        let cmd = Command::io(IoOpcode::Flush, ns.nsid());
+        self.run_one(cmd, None, 0)
+    }
+
+    /// Writes zeroes over `blocks` blocks at `lba`, blocking (split at 65536 blocks).
+    pub fn write_zeroes(&mut self, ns: &Namespace, lba: u64, blocks: u64) -> Result<(), NvmeError> {
+        ns.check_blocks(lba, blocks)?;
+        let mut done = 0;
+        while done < blocks {
+            let n = (blocks - done).min(1 << 16) as u32;
+            self.run_one(Command::write_zeroes(ns.nsid(), lba + done, n), None, 0)?;
+            done += u64::from(n);
+        }
+        Ok(())
+    }
+
+    /// Deallocates (TRIMs) `blocks` blocks at `lba`, blocking (one range per 2^32 - 1 blocks).
+    pub fn deallocate(&mut self, ns: &Namespace, lba: u64, blocks: u64) -> Result<(), NvmeError> {
+        ns.check_blocks(lba, blocks)?;
+        let mut done = 0;
+        while done < blocks {
+            let n = (blocks - done).min(u64::from(u32::MAX)) as u32;
+            let mut b = self.ctrl.pool().try_alloc(4096)?;
+            b.write_at(0, &dsm_range_bytes(lba + done, n))?;
+            self.run_one(Command::deallocate(ns.nsid(), 1, 0), Some(b), 16)?;
+            done += u64::from(n);
+        }
+        Ok(())
+    }
+
+    /// Runs one internal command to completion.
+    fn run_one(&mut self, cmd: Command, data: Option<DmaBuf>, len: usize) -> Result<(), NvmeError> {
+        let cid = self
+            .qp()
+            .submit(cmd, data, len, Tag::Chunk { offset: 0 })
+            .map_err(|e| e.error)?;
+        loop {
+            let mut done = self.poll_internal()?;
+            if let Some(i) = done.iter().position(|d| d.cid == cid) {
+                return done.swap_remove(i).result.map(|_| ());
+            }
+        }
+    }
+
+    /// The blocking split/bounce engine: `fill(offset, buf)` prepares a chunk before a write,
+    /// `drain(offset, buf)` consumes it after a read.
+    fn blocking(
+        &mut self,
+        ns: &Namespace,
+        op: IoOpcode,
+        lba: u64,
+        len: usize,
+        mut fill: impl FnMut(usize, &mut DmaBuf) -> Result<(), tidepool::pool::PoolError>,
+        mut drain: impl FnMut(usize, &DmaBuf) -> Result<(), tidepool::pool::PoolError>,
+    ) -> Result<(), NvmeError> {
+        let chunk = ns.max_transfer();
+        let block = ns.block_bytes() as usize;
+        let mut next = 0usize;
+        let mut in_flight = 0usize;
+        let mut first_error = None;
+        while next < len || in_flight > 0 {
+            // Keep the queue as full as the pool and the queue allow.
+            while next < len
+                && first_error.is_none()
+                && self.qp().outstanding() < usize::from(self.depth())
+            {
+                let n = chunk.min(len - next);
+                let submitted = self
+                    .ctrl
+                    .pool()
+                    .try_alloc(n)
+                    .map_err(NvmeError::from)
+                    .and_then(|mut buf| {
+                        fill(next, &mut buf)?;
+                        let cmd = ns.rw_command(op, lba + (next / block) as u64, n)?;
+                        self.qp()
+                            .submit(cmd, Some(buf), n, Tag::Chunk { offset: next })
+                            .map_err(|e| e.error)
+                    });
+                match submitted {
+                    Ok(_) => {
+                        in_flight += 1;
+                        next += n;
+                    }
+                    // Pool momentarily empty with our own commands in flight: reap first.
+                    Err(NvmeError::Pool(_)) if in_flight > 0 => break,
+                    Err(e) => {
+                        first_error = Some(e);
+                        break;
+                    }
+                }
+            }
+            if in_flight == 0 {
+                break;
+            }
+            for d in self.poll_internal()? {
+                in_flight -= 1;
+                let (Tag::Chunk { offset }, Some(buf)) = (d.user, d.data) else {
+                    continue;
+                };
+                match d.result {
+                    Ok(_) => {
+                        if let Err(e) = drain(offset, &buf) {
+                            first_error.get_or_insert(e.into());
+                        }
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Polls once, stashing user completions, returning the helper's own.
+    fn poll_internal(&mut self) -> Result<Vec<Done<Tag<T>>>, NvmeError> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = self.qp().poll(&mut scratch);
+        let mut own = Vec::new();
+        for d in scratch.drain(..) {
+            match d.user {
+                Tag::User(user) => self.stash.push_back(Done {
+                    cid: d.cid,
+                    user,
+                    data: d.data,
+                    result: d.result,
+                }),
+                Tag::Chunk { offset } => own.push(Done {
+                    cid: d.cid,
+                    user: Tag::Chunk { offset },
+                    data: d.data,
+                    result: d.result,
+                }),
+            }
+        }
+        self.scratch = scratch;
+        match r {
+            Ok(_) => Ok(own),
+            // Our chunks were failed into `own`; the caller sees the cause.
+            Err(e) if own.is_empty() => Err(e),
+            Err(_) => Ok(own),
+        }
+    }
+}
+
+/// Checks a Write Zeroes range: 1..=65536 blocks inside the namespace.
+fn check_nlb(ns: &Namespace, lba: u64, blocks: u32) -> Result<(), NvmeError> {
+    if blocks == 0 || blocks > 1 << 16 {
+        return Err(NvmeError::TooLarge {
+            len: blocks as usize * ns.block_bytes() as usize,
+            max: (1 << 16) * ns.block_bytes() as usize,
+        });
+    }
+    ns.check_blocks(lba, u64::from(blocks))
+}
+
+impl<T> Drop for IoQueue<T> {
+    fn drop(&mut self) {
+        if let Some(qp) = self.qp.take() {
+            self.ctrl.delete_queue_pair(qp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns() -> Namespace {
+        Namespace {
+            nsid: 1,
+            block_bytes: 512,
+            blocks: 1000,
+            max_transfer: 128 << 10,
+        }
+    }
+
+    #[test]
+    fn namespace_checks_range_and_block_multiples() {
+        let ns = ns();
+        assert_eq!(ns.check(0, 4096).unwrap(), 8);
+        assert!(matches!(
+            ns.check(0, 100),
+            Err(NvmeError::NotBlockMultiple {
+                len: 100,
+                block: 512
+            })
+        ));
+        assert!(matches!(
+            ns.check(0, 0),
+            Err(NvmeError::NotBlockMultiple { .. })
+        ));
+        assert!(matches!(
+            ns.check(999, 1024),
+            Err(NvmeError::LbaOutOfRange {
+                lba: 999,
+                end: 1001,
+                ..
+            })
+        ));
+        assert!(ns.check(999, 512).is_ok());
+        assert!(matches!(
+            ns.check(u64::MAX, 512),
+            Err(NvmeError::LbaOutOfRange { .. })
+        ));
+        assert!(matches!(
+            ns.rw_command(IoOpcode::Read, 0, 256 << 10),
+            Err(NvmeError::TooLarge { .. })
+        ));
+        let c = ns.rw_command(IoOpcode::Write, 10, 2048).unwrap();
+        assert_eq!((c.opcode, c.cdw10, c.cdw12), (0x01, 10, 3));
+    }
+
+    #[test]
+    fn namespace_from_identify_rounds_max_transfer_to_blocks() {
+        let mut p = vec![0u8; 4096];
+        p[0..8].copy_from_slice(&100u64.to_le_bytes());
+        p[128..132].copy_from_slice(&(12u32 << 16).to_le_bytes());
+        let id = IdentifyNamespace::parse(&p);
+        let ns = Namespace::from_identify(1, &id, 10_000).unwrap();
+        assert_eq!(ns.max_transfer(), 8192);
+        assert!(Namespace::from_identify(1, &id, 100).is_none());
+    }
+}

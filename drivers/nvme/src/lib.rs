@@ -1,0 +1,86 @@
+//! # tidepool-nvme: a userspace NVMe driver over VFIO
+//!
+//! A driver a newcomer can read in an afternoon, in layers, bottom up:
+//!
+//! | module | what it is |
+//! |---|---|
+//! | [`spec`] | wire formats: 64 B commands, status codes, Identify and log pages (pure) |
+//! | [`regs`] | BAR0 registers with typed values: CAP, VS, CC, CSTS, AQA/ASQ/ACQ, doorbells |
+//! | [`completion`] | reading a completion entry **once** from device-written memory, and validating it |
+//! | [`prp`] | PRP1/PRP2/PRP lists for a transfer (pure layout + a pool buffer for the list) |
+//! | [`queue`] | an SQ/CQ pair: rings in pool memory, command slots, doorbells, timeouts, reset |
+//! | [`controller`] | bring-up, admin commands, I/O queue creation, reset/recover, shutdown |
+//! | [`io`] | namespaces and the polled [`IoQueue`]: zero-copy submit/poll and blocking helpers |
+//! | [`async_io`] | the tokio [`AsyncQueue`]: `read(..).await` driven by MSI-X eventfds |
+//!
+//! All memory the device sees — queue rings, PRP lists, data — comes from one
+//! [`tidepool::pool::Pool`] over the device's VFIO container. The polling path uses only the
+//! pool's immediate API (`try_alloc`), so a poller never waits; the async path awaits pool
+//! capacity and queue slots, and its reaper never awaits anything but the interrupt.
+//!
+//! Device-written memory is never borrowed as Rust memory: rings and buffers are accessed
+//! through raw pointers and `tidepool::copy`, and a buffer stays in its command's slot until
+//! the device is done with it (or the controller has been stopped).
+//!
+//! ```no_run
+//! use tidepool_nvme::{Controller, ControllerConfig};
+//! let ctrl = Controller::open("0000:00:04.0", ControllerConfig::default())?;
+//! let ns = ctrl.namespace(1)?;
+//! let mut q = ctrl.create_io_queue::<u64>(32)?;
+//! q.write(&ns, 0, &vec![0xab; 8192])?;
+//! let mut back = vec![0; 8192];
+//! q.read(&ns, 0, &mut back)?;
+//! assert_eq!(back, vec![0xab; 8192]);
+//! # Ok::<(), tidepool_nvme::NvmeError>(())
+//! ```
+
+pub mod async_io;
+pub mod completion;
+pub mod controller;
+mod error;
+pub mod io;
+pub mod prp;
+pub mod queue;
+pub mod regs;
+pub mod spec;
+
+pub use async_io::{AsyncConfig, AsyncQueue};
+pub use controller::{Controller, ControllerConfig};
+pub use error::NvmeError;
+pub use io::{IoQueue, Namespace};
+pub use queue::{Done, SubmitError};
+
+#[cfg(test)]
+pub(crate) mod test_pool {
+    //! A small pool over the identity view in ordinary 4 KiB pages, for host tests.
+    use std::sync::{Arc, OnceLock};
+    use std::time::Duration;
+
+    use tidepool::memory::{MemoryConfig, PageSize};
+    use tidepool::pool::{Pool, PoolConfig};
+    use tidepool::share::identity::Identity;
+
+    /// One shared pool for all tests in this process.
+    pub fn pool() -> Pool {
+        static POOL: OnceLock<Pool> = OnceLock::new();
+        POOL.get_or_init(|| {
+            let cfg = PoolConfig {
+                memory: MemoryConfig {
+                    page_size: PageSize::Small4K,
+                    allow_small_pages: true,
+                },
+                chunk_bytes: 4 << 20,
+                prefill_bytes: 4 << 20,
+                max_bytes: 32 << 20,
+                max_buffer: 1 << 20,
+                low_watermark: 0,
+                high_watermark: 4 << 20,
+                shrink_delay: Duration::from_secs(60),
+                reserve_bytes: 0,
+                ..PoolConfig::default()
+            };
+            Pool::new(Arc::new(Identity::new()), cfg).expect("test pool")
+        })
+        .clone()
+    }
+}
