@@ -342,6 +342,10 @@ impl IovaAllocator {
     /// for none) and returns the first address: the lowest such extent that is free
     /// (lowest-address first fit, see the [module documentation](self)).
     ///
+    /// The allocator counts bytes; IOMMUs map whole pages. Callers that map what they allocate
+    /// pass page-multiple lengths and at least page alignment (the VFIO backend passes the
+    /// chunk length and 2 MiB), or two extents may share a page.
+    ///
     /// Fails with [`IovaError::ZeroLength`], [`IovaError::BadAlign`], or
     /// [`IovaError::NoSpace`] (nothing changes then).
     ///
@@ -358,7 +362,7 @@ impl IovaAllocator {
         } else {
             None
         };
-        let Some((extent_start, start)) = found else {
+        let Some((extent, taken)) = found else {
             return Err(IovaError::NoSpace {
                 len,
                 align,
@@ -366,15 +370,8 @@ impl IovaAllocator {
                 mask: self.dma_mask,
             });
         };
-        // `first_fit` checked that `start + len - 1` neither wraps nor leaves the extent.
-        self.carve(
-            extent_start,
-            IovaRange {
-                start,
-                end: start + (len - 1),
-            },
-        );
-        Ok(start)
+        self.carve(extent, taken);
+        Ok(taken.start)
     }
 
     /// Allocates exactly `[iova, iova + len)`, which must be entirely free (inside the usable
@@ -390,7 +387,11 @@ impl IovaAllocator {
         // The only free extent that can contain `iova` is the last one starting at or before it.
         match self.free.range(..=iova).next_back() {
             Some((&extent_start, &extent_end)) if end <= extent_end => {
-                self.carve(extent_start, IovaRange { start: iova, end });
+                let extent = IovaRange {
+                    start: extent_start,
+                    end: extent_end,
+                };
+                self.carve(extent, IovaRange { start: iova, end });
                 Ok(iova)
             }
             _ => Err(IovaError::NotFree { iova, len }),
@@ -469,40 +470,44 @@ impl IovaAllocator {
     }
 
     /// Finds the lowest free extent holding `len` bytes at a multiple of `align`, and returns
-    /// (that extent's start, the aligned start). `len > 0`; `align` is a power of two.
-    fn first_fit(&self, len: u64, align: u64) -> Option<(u64, u64)> {
+    /// (that free extent, the aligned `len` bytes to take from it). `len > 0`; `align` is a
+    /// power of two. Locking: `&self`.
+    fn first_fit(&self, len: u64, align: u64) -> Option<(IovaRange, IovaRange)> {
         for (&extent_start, &extent_end) in &self.free {
             // Extents are visited in ascending order, so once an aligned start or its end
             // would wrap, no later extent can do better: stop.
             let start = extent_start.checked_next_multiple_of(align)?;
             let end = start.checked_add(len - 1)?;
             if end <= extent_end {
-                return Some((extent_start, start));
+                let extent = IovaRange {
+                    start: extent_start,
+                    end: extent_end,
+                };
+                return Some((extent, IovaRange { start, end }));
             }
         }
         None
     }
 
-    /// Removes `taken` from the free extent starting at `extent_start` (which contains it),
-    /// keeps what is left on either side free, and records `taken` as allocated.
-    fn carve(&mut self, extent_start: u64, taken: IovaRange) {
-        let Some(extent_end) = self.free.remove(&extent_start) else {
-            debug_assert!(false, "carve from a missing free extent {extent_start:#x}");
-            return;
-        };
-        debug_assert!(extent_start <= taken.start && taken.end <= extent_end);
-        if extent_start < taken.start {
-            self.free.insert(extent_start, taken.start - 1);
+    /// Removes `taken` from the free extent `extent` (which contains it), keeps what is left on
+    /// either side free, and records `taken` as allocated. Locking: `&mut self`.
+    fn carve(&mut self, extent: IovaRange, taken: IovaRange) {
+        debug_assert_eq!(self.free.get(&extent.start), Some(&extent.end));
+        debug_assert!(extent.start <= taken.start && taken.end <= extent.end);
+        self.free.remove(&extent.start);
+        if extent.start < taken.start {
+            self.free.insert(extent.start, taken.start - 1);
         }
-        if taken.end < extent_end {
-            self.free.insert(taken.end + 1, extent_end);
+        if taken.end < extent.end {
+            self.free.insert(taken.end + 1, extent.end);
         }
         self.allocated.insert(taken.start, taken.end);
         self.allocated_bytes += taken.size();
     }
 
     /// Inserts `range` (disjoint from every free extent) into the free map, merged with the
-    /// free extent ending just before it and the one starting just after it.
+    /// free extent ending just before it and the one starting just after it. Locking:
+    /// `&mut self`.
     fn insert_free(&mut self, range: IovaRange) {
         let mut merged = range;
         if let Some((&before_start, &before_end)) = self.free.range(..range.start).next_back() {
@@ -526,8 +531,8 @@ impl fmt::Debug for IovaAllocator {
         const SHOWN: usize = 8;
         write!(
             f,
-            "IovaAllocator {{ dma_mask: {:#x}, usable: {:?}, allocated: {} B in {} extents, \
-             free: {} B in {} extents [",
+            "IovaAllocator {{ dma_mask: {:#x}, usable: {:?}, allocated: {} B in {} extent(s), \
+             free: {} B in {} extent(s) [",
             self.dma_mask,
             self.usable,
             self.allocated_bytes,
@@ -873,8 +878,8 @@ mod tests {
         assert_eq!(
             text,
             "IovaAllocator { dma_mask: 0xffffffff, usable: [0x1000..=0xfedfffff, \
-             0xfef00000..=0xffffffff], allocated: 2097152 B in 1 extents, free: 4291817472 B \
-             in 3 extents [0x1000..=0x1fffff, 0x400000..=0xfedfffff, 0xfef00000..=0xffffffff] }"
+             0xfef00000..=0xffffffff], allocated: 2097152 B in 1 extent(s), free: 4291817472 \
+             B in 3 extent(s) [0x1000..=0x1fffff, 0x400000..=0xfedfffff, 0xfef00000..=0xffffffff] }"
         );
     }
 }
