@@ -342,6 +342,10 @@ impl IovaAllocator {
     /// for none) and returns the first address: the lowest such extent that is free
     /// (lowest-address first fit, see the [module documentation](self)).
     ///
+    /// The allocator counts bytes; IOMMUs map whole pages. Callers that map what they allocate
+    /// pass page-multiple lengths and at least page alignment (the VFIO backend passes the
+    /// chunk length and 2 MiB), or two extents may share a page.
+    ///
     /// Fails with [`IovaError::ZeroLength`], [`IovaError::BadAlign`], or
     /// [`IovaError::NoSpace`] (nothing changes then).
     ///
@@ -358,7 +362,7 @@ impl IovaAllocator {
         } else {
             None
         };
-        let Some((extent_start, start)) = found else {
+        let Some((extent, taken)) = found else {
             return Err(IovaError::NoSpace {
                 len,
                 align,
@@ -366,15 +370,8 @@ impl IovaAllocator {
                 mask: self.dma_mask,
             });
         };
-        // `first_fit` checked that `start + len - 1` neither wraps nor leaves the extent.
-        self.carve(
-            extent_start,
-            IovaRange {
-                start,
-                end: start + (len - 1),
-            },
-        );
-        Ok(start)
+        self.carve(extent, taken);
+        Ok(taken.start)
     }
 
     /// Allocates exactly `[iova, iova + len)`, which must be entirely free (inside the usable
@@ -390,7 +387,11 @@ impl IovaAllocator {
         // The only free extent that can contain `iova` is the last one starting at or before it.
         match self.free.range(..=iova).next_back() {
             Some((&extent_start, &extent_end)) if end <= extent_end => {
-                self.carve(extent_start, IovaRange { start: iova, end });
+                let extent = IovaRange {
+                    start: extent_start,
+                    end: extent_end,
+                };
+                self.carve(extent, IovaRange { start: iova, end });
                 Ok(iova)
             }
             _ => Err(IovaError::NotFree { iova, len }),
@@ -469,40 +470,44 @@ impl IovaAllocator {
     }
 
     /// Finds the lowest free extent holding `len` bytes at a multiple of `align`, and returns
-    /// (that extent's start, the aligned start). `len > 0`; `align` is a power of two.
-    fn first_fit(&self, len: u64, align: u64) -> Option<(u64, u64)> {
+    /// (that free extent, the aligned `len` bytes to take from it). `len > 0`; `align` is a
+    /// power of two. Locking: `&self`.
+    fn first_fit(&self, len: u64, align: u64) -> Option<(IovaRange, IovaRange)> {
         for (&extent_start, &extent_end) in &self.free {
             // Extents are visited in ascending order, so once an aligned start or its end
             // would wrap, no later extent can do better: stop.
             let start = extent_start.checked_next_multiple_of(align)?;
             let end = start.checked_add(len - 1)?;
             if end <= extent_end {
-                return Some((extent_start, start));
+                let extent = IovaRange {
+                    start: extent_start,
+                    end: extent_end,
+                };
+                return Some((extent, IovaRange { start, end }));
             }
         }
         None
     }
 
-    /// Removes `taken` from the free extent starting at `extent_start` (which contains it),
-    /// keeps what is left on either side free, and records `taken` as allocated.
-    fn carve(&mut self, extent_start: u64, taken: IovaRange) {
-        let Some(extent_end) = self.free.remove(&extent_start) else {
-            debug_assert!(false, "carve from a missing free extent {extent_start:#x}");
-            return;
-        };
-        debug_assert!(extent_start <= taken.start && taken.end <= extent_end);
-        if extent_start < taken.start {
-            self.free.insert(extent_start, taken.start - 1);
+    /// Removes `taken` from the free extent `extent` (which contains it), keeps what is left on
+    /// either side free, and records `taken` as allocated. Locking: `&mut self`.
+    fn carve(&mut self, extent: IovaRange, taken: IovaRange) {
+        debug_assert_eq!(self.free.get(&extent.start), Some(&extent.end));
+        debug_assert!(extent.start <= taken.start && taken.end <= extent.end);
+        self.free.remove(&extent.start);
+        if extent.start < taken.start {
+            self.free.insert(extent.start, taken.start - 1);
         }
-        if taken.end < extent_end {
-            self.free.insert(taken.end + 1, extent_end);
+        if taken.end < extent.end {
+            self.free.insert(taken.end + 1, extent.end);
         }
         self.allocated.insert(taken.start, taken.end);
         self.allocated_bytes += taken.size();
     }
 
     /// Inserts `range` (disjoint from every free extent) into the free map, merged with the
-    /// free extent ending just before it and the one starting just after it.
+    /// free extent ending just before it and the one starting just after it. Locking:
+    /// `&mut self`.
     fn insert_free(&mut self, range: IovaRange) {
         let mut merged = range;
         if let Some((&before_start, &before_end)) = self.free.range(..range.start).next_back() {
@@ -526,8 +531,8 @@ impl fmt::Debug for IovaAllocator {
         const SHOWN: usize = 8;
         write!(
             f,
-            "IovaAllocator {{ dma_mask: {:#x}, usable: {:?}, allocated: {} B in {} extents, \
-             free: {} B in {} extents [",
+            "IovaAllocator {{ dma_mask: {:#x}, usable: {:?}, allocated: {} B in {} extent(s), \
+             free: {} B in {} extent(s) [",
             self.dma_mask,
             self.usable,
             self.allocated_bytes,
@@ -695,6 +700,7 @@ mod tests {
                         break;
                     }
                     len = 0x1000;
+                    continue;
                 }
                 Err(e) => panic!("unexpected {e}"),
             }
@@ -718,7 +724,7 @@ mod tests {
         assert_eq!(chunks, vec![1 << 30, 2 << 30]);
         let err = iova.alloc(big, big).unwrap_err();
         let largest = iova.largest_free_extent().unwrap();
-        assert_eq!(largest, IovaRange::new(0xc000_0000, 0xfedf_ffff).unwrap());
+        assert_eq!(largest, IovaRange::new(0x1000, 0x3fff_ffff).unwrap());
         assert_eq!(
             err,
             IovaError::NoSpace {
@@ -872,8 +878,387 @@ mod tests {
         assert_eq!(
             text,
             "IovaAllocator { dma_mask: 0xffffffff, usable: [0x1000..=0xfedfffff, \
-             0xfef00000..=0xffffffff], allocated: 2097152 B in 1 extents, free: 4293910528 B \
-             in 3 extents [0x1000..=0x1fffff, 0x400000..=0xfedfffff, 0xfef00000..=0xffffffff] }"
+             0xfef00000..=0xffffffff], allocated: 2097152 B in 1 extent(s), free: 4291817472 \
+             B in 3 extent(s) [0x1000..=0x1fffff, 0x400000..=0xfedfffff, 0xfef00000..=0xffffffff] }"
         );
+    }
+}
+
+/// Property tests: random range sets, masks and reservations, then random sequences of
+/// `alloc`, `alloc_at` and (valid and invalid) `free`, checked after every step against an
+/// independent model of the usable space and of the live allocations.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    /// The usable space computed independently of `normalize`/`subtract`: cut the line at every
+    /// boundary of every input, and keep each elementary piece whose first address is in some
+    /// valid range, in no reserved range and at or below the mask. Exclusive `u128` ends.
+    fn model_usable(valid: &[IovaRange], mask: u64, reserved: &[IovaRange]) -> Vec<(u128, u128)> {
+        let mut cuts: Vec<u128> = vec![0, 1 << 64, u128::from(mask) + 1];
+        for r in valid.iter().chain(reserved) {
+            cuts.push(r.start.into());
+            cuts.push(u128::from(r.end) + 1);
+        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut pieces: Vec<(u128, u128)> = Vec::new();
+        for pair in cuts.windows(2) {
+            let (lo, hi) = (pair[0], pair[1]);
+            if lo > u128::from(u64::MAX) {
+                break;
+            }
+            let addr = lo as u64;
+            let usable = addr <= mask
+                && valid.iter().any(|r| r.contains(addr))
+                && !reserved.iter().any(|r| r.contains(addr));
+            if !usable {
+                continue;
+            }
+            match pieces.last_mut() {
+                Some(last) if last.1 == lo => last.1 = hi,
+                _ => pieces.push((lo, hi)),
+            }
+        }
+        pieces
+    }
+
+    /// Whether `[start, end]` lies inside one piece of the modelled usable space.
+    fn inside_usable(usable: &[(u128, u128)], range: IovaRange) -> bool {
+        usable
+            .iter()
+            .any(|&(lo, hi)| lo <= range.start.into() && u128::from(range.end) < hi)
+    }
+
+    /// Checks every invariant of the module documentation against the model.
+    fn check(iova: &IovaAllocator, usable: &[(u128, u128)], live: &BTreeMap<u64, u64>) {
+        let total: u128 = usable.iter().map(|&(lo, hi)| hi - lo).sum();
+        assert_eq!(u128::from(iova.total_bytes()), total);
+        let allocations: Vec<IovaRange> = iova.allocations().collect();
+        let expected: Vec<IovaRange> = live
+            .iter()
+            .map(|(&start, &len)| IovaRange::from_start_len(start, len).unwrap())
+            .collect();
+        assert_eq!(allocations, expected, "allocations differ from the model");
+        let free: Vec<IovaRange> = iova.free_extents().collect();
+        let free_sum: u128 = free.iter().map(|r| u128::from(r.end - r.start) + 1).sum();
+        let live_sum: u128 = live.values().map(|&len| u128::from(len)).sum();
+        assert_eq!(u128::from(iova.free_bytes()), free_sum);
+        assert_eq!(u128::from(iova.allocated_bytes()), live_sum);
+        assert_eq!(free_sum + live_sum, total, "free + allocated != usable");
+        for pair in free.windows(2) {
+            assert!(
+                pair[0].end + 1 < pair[1].start,
+                "free extents {:?} and {:?} overlap or were not merged",
+                pair[0],
+                pair[1]
+            );
+        }
+        let mut everything: Vec<IovaRange> = free.iter().chain(&allocations).copied().collect();
+        everything.sort_unstable();
+        for pair in everything.windows(2) {
+            assert!(
+                pair[0].end < pair[1].start,
+                "{:?} overlaps {:?}",
+                pair[0],
+                pair[1]
+            );
+        }
+        for range in &everything {
+            assert!(range.end <= iova.dma_mask(), "{range:?} above the mask");
+            assert!(
+                inside_usable(usable, *range),
+                "{range:?} outside the usable space"
+            );
+        }
+        let largest = free.iter().map(|r| r.size()).max();
+        assert_eq!(iova.largest_free_extent().map(|r| r.size()), largest);
+    }
+
+    /// The lowest aligned start of `len` bytes in `free`, found by brute force.
+    fn model_first_fit(free: &[IovaRange], len: u64, align: u64) -> Option<u64> {
+        free.iter().find_map(|r| {
+            let start = u128::from(r.start).next_multiple_of(u128::from(align));
+            let end = start + u128::from(len) - 1;
+            (end <= u128::from(r.end)).then_some(start as u64)
+        })
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Alloc {
+            len: u64,
+            align_log2: u32,
+        },
+        AllocAt {
+            iova: u64,
+            len: u64,
+        },
+        FreeLive(Index),
+        /// A live allocation changed by `start_delta` and `len_delta`: a partial, overlapping or
+        /// oversized free (or an exact one when both are zero).
+        FreeNear {
+            which: Index,
+            start_delta: i64,
+            len_delta: i64,
+        },
+        /// Anything at all: usually never allocated.
+        FreeAny {
+            iova: u64,
+            len: u64,
+        },
+        /// Free something already freed.
+        DoubleFree(Index),
+    }
+
+    /// Addresses that make collisions likely: a small window at the bottom (with page 0 and
+    /// 2 MiB boundaries in it) and one at the very top of the 64-bit space.
+    fn addr() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            4 => 0..0x80_0000u64,
+            1 => (u64::MAX - 0x80_0000)..=u64::MAX,
+            1 => Just(0u64),
+            1 => Just(u64::MAX),
+        ]
+    }
+
+    fn range() -> impl Strategy<Value = IovaRange> {
+        prop_oneof![
+            3 => (addr(), addr()).prop_map(|(a, b)| IovaRange { start: a.min(b), end: a.max(b) }),
+            1 => (0..0x40_0000u64, 1..0x40_0000u64)
+                .prop_map(|(s, l)| IovaRange { start: s, end: s + l - 1 }),
+            // On a coarse 64 KiB grid, so that ranges often touch end to start.
+            2 => (0..64u64, 1..16u64)
+                .prop_map(|(s, l)| IovaRange { start: s << 16, end: ((s + l) << 16) - 1 }),
+        ]
+    }
+
+    /// A few ranges, sometimes with one added that starts right after the first one ends
+    /// (adjacent ranges must merge into one usable range).
+    fn ranges(max: usize) -> impl Strategy<Value = Vec<IovaRange>> {
+        (
+            prop::collection::vec(range(), 0..max),
+            any::<bool>(),
+            1..0x10_0000u64,
+        )
+            .prop_map(|(mut list, touch, len)| {
+                if let (true, Some(first)) = (touch, list.first().copied()) {
+                    if let Some(start) = first.end.checked_add(1) {
+                        list.push(IovaRange {
+                            start,
+                            end: start.saturating_add(len - 1),
+                        });
+                    }
+                }
+                list
+            })
+    }
+
+    fn mask() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            2 => Just(u64::MAX),
+            1 => addr(),
+            2 => (12..64u32).prop_map(|bits| (1u64 << bits) - 1),
+        ]
+    }
+
+    fn len() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            1..0x2000u64,
+            0x1000..0x40_0000u64,
+            (1..8u64).prop_map(|n| n << 21)
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (len(), 0..23u32).prop_map(|(len, align_log2)| Op::Alloc { len, align_log2 }),
+            2 => (addr(), len()).prop_map(|(iova, len)| Op::AllocAt { iova, len }),
+            3 => any::<Index>().prop_map(Op::FreeLive),
+            1 => (any::<Index>(), -0x2000..0x2000i64, -0x2000..0x2000i64).prop_map(
+                |(which, start_delta, len_delta)| Op::FreeNear { which, start_delta, len_delta }
+            ),
+            1 => (addr(), len()).prop_map(|(iova, len)| Op::FreeAny { iova, len }),
+            1 => any::<Index>().prop_map(Op::DoubleFree),
+        ]
+    }
+
+    /// Applies `op` to `iova`, checks its result against the model, and updates the model.
+    fn apply(
+        iova: &mut IovaAllocator,
+        live: &mut BTreeMap<u64, u64>,
+        freed: &mut Vec<(u64, u64)>,
+        usable: &[(u128, u128)],
+        op: Op,
+    ) {
+        let before = iova.clone();
+        let free_before: Vec<IovaRange> = iova.free_extents().collect();
+        let pick = |index: &Index, from: &[(u64, u64)]| -> Option<(u64, u64)> {
+            (!from.is_empty()).then(|| from[index.index(from.len())])
+        };
+        let free_request = match op {
+            Op::Alloc { len, align_log2 } => {
+                let align = 1u64 << align_log2;
+                let expected = model_first_fit(&free_before, len, align);
+                match iova.alloc(len, align) {
+                    Ok(start) => {
+                        assert_eq!(Some(start), expected, "not the lowest first fit");
+                        assert_eq!(start % align, 0);
+                        live.insert(start, len);
+                    }
+                    Err(IovaError::NoSpace {
+                        len: l,
+                        align: a,
+                        largest_free,
+                        mask,
+                    }) => {
+                        assert_eq!(expected, None, "NoSpace although {expected:?} fits");
+                        assert_eq!((l, a, mask), (len, align, iova.dma_mask()));
+                        let largest = free_before.iter().map(|r| r.size()).max().unwrap_or(0);
+                        assert_eq!(largest_free, largest);
+                        assert!(*iova == before, "a failed alloc changed the allocator");
+                    }
+                    Err(e) => panic!("alloc({len:#x}, {align:#x}): unexpected {e}"),
+                }
+                None
+            }
+            Op::AllocAt { iova: at, len } => {
+                let wanted = IovaRange::from_start_len(at, len);
+                let fits = wanted.as_ref().is_ok_and(|w| {
+                    free_before
+                        .iter()
+                        .any(|f| f.start <= w.start && w.end <= f.end)
+                });
+                // Independently: usable and overlapping no live allocation.
+                let fits_model = wanted.as_ref().is_ok_and(|w| {
+                    inside_usable(usable, *w)
+                        && !live
+                            .iter()
+                            .any(|(&s, &l)| s <= w.end && w.start <= s + (l - 1))
+                });
+                assert_eq!(fits, fits_model);
+                match iova.alloc_at(at, len) {
+                    Ok(start) => {
+                        assert!(fits);
+                        assert_eq!(start, at);
+                        live.insert(at, len);
+                    }
+                    Err(e) => {
+                        assert!(
+                            !fits,
+                            "alloc_at({at:#x}, {len:#x}) refused a free extent: {e}"
+                        );
+                        assert!(*iova == before, "a failed alloc_at changed the allocator");
+                    }
+                }
+                None
+            }
+            Op::FreeLive(which) => {
+                let all: Vec<(u64, u64)> = live.iter().map(|(&s, &l)| (s, l)).collect();
+                pick(&which, &all)
+            }
+            Op::FreeNear {
+                which,
+                start_delta,
+                len_delta,
+            } => {
+                let all: Vec<(u64, u64)> = live.iter().map(|(&s, &l)| (s, l)).collect();
+                pick(&which, &all).map(|(s, l)| {
+                    (
+                        s.wrapping_add_signed(start_delta),
+                        l.saturating_add_signed(len_delta),
+                    )
+                })
+            }
+            Op::FreeAny { iova: at, len } => Some((at, len)),
+            Op::DoubleFree(which) => pick(&which, freed),
+        };
+        if let Some((at, len)) = free_request {
+            let exact = live.get(&at) == Some(&len);
+            match iova.free(at, len) {
+                Ok(()) => {
+                    assert!(exact, "free({at:#x}, {len:#x}) accepted a non-allocation");
+                    live.remove(&at);
+                    freed.push((at, len));
+                }
+                Err(e) => {
+                    assert!(
+                        !exact,
+                        "free({at:#x}, {len:#x}) refused a live allocation: {e}"
+                    );
+                    let expected = if len == 0 {
+                        IovaError::ZeroLength
+                    } else if at.checked_add(len - 1).is_none() {
+                        IovaError::Overflow { start: at, len }
+                    } else {
+                        IovaError::NotAllocated { iova: at, len }
+                    };
+                    assert_eq!(e, expected);
+                    assert!(*iova == before, "a failed free changed the allocator");
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_sequences_keep_every_invariant(
+            valid in ranges(5),
+            reserved in prop_oneof![
+                1 => Just(None),
+                1 => ranges(4).prop_map(Some),
+            ],
+            mask in mask(),
+            ops in prop::collection::vec(op(), 1..60),
+        ) {
+            let reserved_list = reserved.clone().unwrap_or_else(|| vec![NULL_PAGE]);
+            let usable = model_usable(&valid, mask, &reserved_list);
+            let total: u128 = usable.iter().map(|&(lo, hi)| hi - lo).sum();
+            let built = match &reserved {
+                None => IovaAllocator::new(&valid, mask),
+                Some(list) => IovaAllocator::with_reserved(&valid, mask, list),
+            };
+            let mut iova = match built {
+                Ok(iova) => iova,
+                Err(e) => {
+                    let expected = if total == 0 {
+                        IovaError::EmptyRanges { mask }
+                    } else {
+                        IovaError::UnboundedSpace
+                    };
+                    prop_assert!(total == 0 || total == 1 << 64, "refused {total} B: {e}");
+                    prop_assert_eq!(e, expected);
+                    return Ok(());
+                }
+            };
+            let expected_usable: Vec<IovaRange> = usable
+                .iter()
+                .map(|&(lo, hi)| IovaRange { start: lo as u64, end: (hi - 1) as u64 })
+                .collect();
+            prop_assert_eq!(iova.usable_ranges(), &expected_usable[..]);
+
+            let mut live = BTreeMap::new();
+            let mut freed = Vec::new();
+            check(&iova, &usable, &live);
+            for op in ops {
+                apply(&mut iova, &mut live, &mut freed, &usable, op);
+                check(&iova, &usable, &live);
+            }
+            // Free everything, in an order unrelated to allocation order: every hole must merge
+            // back, leaving exactly one free extent per usable range.
+            let mut remaining: Vec<(u64, u64)> = live.iter().map(|(&s, &l)| (s, l)).collect();
+            remaining.sort_unstable_by_key(|&(s, l)| (s.wrapping_mul(0x9e37_79b9_7f4a_7c15), l));
+            for (at, len) in remaining {
+                iova.free(at, len).unwrap();
+                live.remove(&at);
+                check(&iova, &usable, &live);
+            }
+            prop_assert_eq!(iova.free_extents().collect::<Vec<_>>(), expected_usable);
+            prop_assert_eq!(iova.free_bytes(), iova.total_bytes());
+        }
     }
 }
