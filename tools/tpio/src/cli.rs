@@ -76,13 +76,21 @@ fn clap_error(error: clap::Error) -> CliError {
 
 /// Parses `argv` (program name first) into jobs and output settings.
 pub fn parse(argv: &[OsString]) -> Result<(Vec<JobSpec>, OutputSettings), CliError> {
-    let matches = CliArgs::command().try_get_matches_from(argv).map_err(clap_error)?;
+    let matches = CliArgs::command()
+        .try_get_matches_from(argv)
+        .map_err(clap_error)?;
     let cli = CliArgs::from_arg_matches(&matches).map_err(clap_error)?;
-    let output = OutputSettings { formats: cli.output_format.clone(), path: cli.output.clone() };
+    let output = OutputSettings {
+        formats: cli.output_format.clone(),
+        path: cli.output.clone(),
+    };
     if cli.job_files.is_empty() {
         return Ok((vec![cli.job.resolve("job")?], output));
     }
-    let positional: Vec<usize> = matches.indices_of("job_files").map(|i| i.collect()).unwrap_or_default();
+    let positional: Vec<usize> = matches
+        .indices_of("job_files")
+        .map(|i| i.collect())
+        .unwrap_or_default();
     let overrides: Vec<OsString> = argv
         .iter()
         .enumerate()
@@ -96,9 +104,16 @@ pub fn parse(argv: &[OsString]) -> Result<(Vec<JobSpec>, OutputSettings), CliErr
             let mut args: Vec<OsString> = vec!["tpio".into()];
             args.extend(file_job.args.iter().map(OsString::from));
             args.extend(overrides.iter().cloned());
-            let job_error = |message: String| CliError::JobOptions { job: file_job.name.clone(), message };
-            let parsed = CliArgs::try_parse_from_args(&args).map_err(|error| job_error(error.to_string().trim_end().to_string()))?;
-            let spec = parsed.job.resolve(&file_job.name).map_err(|error| job_error(error.to_string()))?;
+            let job_error = |message: String| CliError::JobOptions {
+                job: file_job.name.clone(),
+                message,
+            };
+            let parsed = CliArgs::try_parse_from_args(&args)
+                .map_err(|error| job_error(error.to_string().trim_end().to_string()))?;
+            let spec = parsed
+                .job
+                .resolve(&file_job.name)
+                .map_err(|error| job_error(error.to_string()))?;
             jobs.push(spec);
         }
     }
@@ -142,7 +157,10 @@ pub fn run(argv: &[OsString]) -> Result<i32, CliError> {
             stdout
                 .write_all(text.as_bytes())
                 .and_then(|()| stdout.flush())
-                .map_err(|source| CliError::Output { path: "stdout".into(), source })?;
+                .map_err(|source| CliError::Output {
+                    path: "stdout".into(),
+                    source,
+                })?;
         }
     }
     let failed = results.iter().any(|result| result.error != 0);

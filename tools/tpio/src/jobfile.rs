@@ -106,7 +106,10 @@ pub fn parse_ini(path: &str, text: &str) -> Result<Vec<Section>, JobFileError> {
             if name.is_empty() {
                 return Err(syntax());
             }
-            sections.push(Section { name: name.to_string(), entries: Vec::new() });
+            sections.push(Section {
+                name: name.to_string(),
+                entries: Vec::new(),
+            });
             continue;
         }
         let (key, value) = match line.split_once('=') {
@@ -116,12 +119,17 @@ pub fn parse_ini(path: &str, text: &str) -> Result<Vec<Section>, JobFileError> {
         if key.is_empty() || key.contains(char::is_whitespace) || key.starts_with('-') {
             return Err(syntax());
         }
-        let section = sections.last_mut().ok_or_else(|| JobFileError::OutsideSection {
-            path: path.to_string(),
-            line: index + 1,
-            text: line.to_string(),
-        })?;
-        section.entries.push(Entry { key: key.to_string(), value });
+        let section = sections
+            .last_mut()
+            .ok_or_else(|| JobFileError::OutsideSection {
+                path: path.to_string(),
+                line: index + 1,
+                text: line.to_string(),
+            })?;
+        section.entries.push(Entry {
+            key: key.to_string(),
+            value,
+        });
     }
     Ok(sections)
 }
@@ -138,10 +146,15 @@ pub fn jobs_from_sections(path: &str, sections: &[Section]) -> Result<Vec<FileJo
         let mut args = globals.clone();
         args.push(format!("--name={}", section.name));
         args.extend(section.entries.iter().map(Entry::to_arg));
-        jobs.push(FileJob { name: section.name.clone(), args });
+        jobs.push(FileJob {
+            name: section.name.clone(),
+            args,
+        });
     }
     if jobs.is_empty() {
-        return Err(JobFileError::NoJobs { path: path.to_string() });
+        return Err(JobFileError::NoJobs {
+            path: path.to_string(),
+        });
     }
     Ok(jobs)
 }
@@ -184,9 +197,18 @@ bs=16k
         assert_eq!(sections[0].name, "global");
         assert_eq!(
             sections[0].entries[1],
-            Entry { key: "bs".into(), value: Some("8k".into()) }
+            Entry {
+                key: "bs".into(),
+                value: Some("8k".into())
+            }
         );
-        assert_eq!(sections[0].entries[2], Entry { key: "time_based".into(), value: None });
+        assert_eq!(
+            sections[0].entries[2],
+            Entry {
+                key: "time_based".into(),
+                value: None
+            }
+        );
     }
 
     #[test]
@@ -196,7 +218,13 @@ bs=16k
         assert_eq!(jobs.len(), 2);
         assert_eq!(
             jobs[0].args,
-            ["--ioengine=null", "--bs=8k", "--time_based", "--name=first", "--rw=randread"]
+            [
+                "--ioengine=null",
+                "--bs=8k",
+                "--time_based",
+                "--name=first",
+                "--rw=randread"
+            ]
         );
         assert_eq!(
             jobs[1].args,
@@ -217,8 +245,11 @@ bs=16k
         assert!(err.to_string().contains("x.fio:2"), "{err}");
         let err = parse_ini("x.fio", "bs=4k\n").expect_err("key outside section");
         assert!(err.to_string().contains("before any [section]"), "{err}");
-        let err = jobs_from_sections("x.fio", &parse_ini("x.fio", "[global]\nbs=4k\n").unwrap_or_default())
-            .expect_err("no jobs");
+        let err = jobs_from_sections(
+            "x.fio",
+            &parse_ini("x.fio", "[global]\nbs=4k\n").unwrap_or_default(),
+        )
+        .expect_err("no jobs");
         assert!(err.to_string().contains("defines no job"), "{err}");
     }
 }

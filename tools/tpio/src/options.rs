@@ -347,7 +347,10 @@ impl JobArgs {
                 if range.min == range.max {
                     BlockSizes::Fixed(range.min)
                 } else {
-                    BlockSizes::Range { min: range.min, max: range.max }
+                    BlockSizes::Range {
+                        min: range.min,
+                        max: range.max,
+                    }
                 }
             }
             (Some(bs), None) => {
@@ -398,7 +401,10 @@ impl JobArgs {
                 ));
             }
         }
-        if self.verify != VerifyKind::None && self.numjobs > 1 && self.rw.read_percent(self.rwmixread) == 0 {
+        if self.verify != VerifyKind::None
+            && self.numjobs > 1
+            && self.rw.read_percent(self.rwmixread) == 0
+        {
             return Err(OptionError::Invalid(
                 "verify with numjobs>1: the clones would overwrite each other's blocks; use separate \
                  jobs with distinct --offset instead"
@@ -416,7 +422,10 @@ impl JobArgs {
             ));
         }
         Ok(JobSpec {
-            name: self.name.clone().unwrap_or_else(|| fallback_name.to_string()),
+            name: self
+                .name
+                .clone()
+                .unwrap_or_else(|| fallback_name.to_string()),
             rw: self.rw,
             rwmixread: self.rwmixread,
             block_sizes,

@@ -29,7 +29,10 @@ const FONT_CANDIDATES: [&str; 4] = [
 
 /// `tpio plot` options.
 #[derive(Debug, Parser)]
-#[command(name = "tpio plot", about = "Plot IOPS and latency percentiles of tpio/fio JSON results")]
+#[command(
+    name = "tpio plot",
+    about = "Plot IOPS and latency percentiles of tpio/fio JSON results"
+)]
 pub struct PlotArgs {
     /// JSON result files (tpio or fio --output-format=json).
     #[arg(required = true, value_name = "JSON")]
@@ -61,21 +64,36 @@ pub struct PlotSeries {
 
 /// Extracts the series of every job in a fio/tpio JSON document.
 pub fn series_from_json(file_label: &str, document: &Value) -> Result<Vec<PlotSeries>, String> {
-    let jobs = document["jobs"].as_array().ok_or("no `jobs` array: not fio/tpio JSON")?;
+    let jobs = document["jobs"]
+        .as_array()
+        .ok_or("no `jobs` array: not fio/tpio JSON")?;
     Ok(jobs
         .iter()
         .enumerate()
         .map(|(index, job)| {
             let name = job["jobname"].as_str().unwrap_or("job");
-            let iops = job["read"]["iops"].as_f64().unwrap_or(0.0) + job["write"]["iops"].as_f64().unwrap_or(0.0);
-            let direction = if job["read"]["total_ios"].as_u64().unwrap_or(0) > 0 { "read" } else { "write" };
+            let iops = job["read"]["iops"].as_f64().unwrap_or(0.0)
+                + job["write"]["iops"].as_f64().unwrap_or(0.0);
+            let direction = if job["read"]["total_ios"].as_u64().unwrap_or(0) > 0 {
+                "read"
+            } else {
+                "write"
+            };
             let table = &job[direction]["clat_ns"]["percentile"];
             let percentiles = PERCENTILES
                 .iter()
                 .filter_map(|p| table[percentile_key(*p)].as_u64().map(|value| (*p, value)))
                 .collect();
-            let label = if jobs.len() > 1 { format!("{file_label}:{name}#{index}") } else { format!("{file_label}:{name}") };
-            PlotSeries { label, iops, percentiles }
+            let label = if jobs.len() > 1 {
+                format!("{file_label}:{name}#{index}")
+            } else {
+                format!("{file_label}:{name}")
+            };
+            PlotSeries {
+                label,
+                iops,
+                percentiles,
+            }
         })
         .collect())
 }
@@ -94,11 +112,17 @@ fn load_font(explicit: Option<&Path>) -> Result<(), String> {
                 .map_err(|_| format!("{} is not a TrueType font", path.display()));
         }
     }
-    Err("no TrueType font found: pass --font PATH (e.g. DejaVuSans.ttf from fonts-dejavu-core)".into())
+    Err(
+        "no TrueType font found: pass --font PATH (e.g. DejaVuSans.ttf from fonts-dejavu-core)"
+            .into(),
+    )
 }
 
 /// Draws both panels on `root`.
-fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, series: &[PlotSeries]) -> Result<(), String>
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    series: &[PlotSeries],
+) -> Result<(), String>
 where
     DB::ErrorType: 'static,
 {
@@ -118,7 +142,10 @@ where
         .disable_x_mesh()
         .x_labels(series.len().max(1))
         .x_label_formatter(&|value| match value {
-            SegmentValue::CenterOf(index) => series.get(*index as usize).map(|s| s.label.clone()).unwrap_or_default(),
+            SegmentValue::CenterOf(index) => series
+                .get(*index as usize)
+                .map(|s| s.label.clone())
+                .unwrap_or_default(),
             _ => String::new(),
         })
         .y_label_formatter(&|value| crate::report::format_iops(*value))
@@ -128,7 +155,10 @@ where
         let index = index as u32;
         let color = Palette99::pick(index as usize).filled();
         let mut bar = Rectangle::new(
-            [(SegmentValue::Exact(index), 0.0), (SegmentValue::Exact(index + 1), s.iops)],
+            [
+                (SegmentValue::Exact(index), 0.0),
+                (SegmentValue::Exact(index + 1), s.iops),
+            ],
             color,
         );
         bar.set_margin(0, 0, 8, 8);
@@ -136,11 +166,20 @@ where
     }))
     .map_err(error)?;
 
-    let values = series.iter().flat_map(|s| s.percentiles.iter().map(|(_, ns)| *ns as f64 / 1000.0));
+    let values = series
+        .iter()
+        .flat_map(|s| s.percentiles.iter().map(|(_, ns)| *ns as f64 / 1000.0));
     let (low, high) = values.fold((f64::MAX, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
-    let (low, high) = if high <= 0.0 { (0.1, 10.0) } else { ((low.max(0.01)) / 1.5, high * 1.5) };
+    let (low, high) = if high <= 0.0 {
+        (0.1, 10.0)
+    } else {
+        ((low.max(0.01)) / 1.5, high * 1.5)
+    };
     let mut lines = ChartBuilder::on(&right)
-        .caption("completion latency percentiles (usec, log)", ("sans-serif", 24))
+        .caption(
+            "completion latency percentiles (usec, log)",
+            ("sans-serif", 24),
+        )
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(70)
@@ -149,7 +188,12 @@ where
     lines
         .configure_mesh()
         .x_labels(PERCENTILES.len())
-        .x_label_formatter(&|index| PERCENTILES.get(*index).map(|p| format!("{p}")).unwrap_or_default())
+        .x_label_formatter(&|index| {
+            PERCENTILES
+                .get(*index)
+                .map(|p| format!("{p}"))
+                .unwrap_or_default()
+        })
         .x_desc("percentile")
         .draw()
         .map_err(error)?;
@@ -159,14 +203,19 @@ where
             .percentiles
             .iter()
             .filter_map(|(p, ns)| {
-                PERCENTILES.iter().position(|q| q == p).map(|at| (at, (*ns as f64 / 1000.0).max(low)))
+                PERCENTILES
+                    .iter()
+                    .position(|q| q == p)
+                    .map(|at| (at, (*ns as f64 / 1000.0).max(low)))
             })
             .collect();
         lines
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(error)?
             .label(s.label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     lines
         .configure_series_labels()
@@ -192,16 +241,31 @@ pub fn run(args: &[OsString]) -> Result<(), CliError> {
             .map_err(|error| CliError::Plot(format!("cannot read {}: {error}", input.display())))?;
         let document: Value = serde_json::from_str(&text)
             .map_err(|error| CliError::Plot(format!("{} is not JSON: {error}", input.display())))?;
-        let label = input.file_stem().map(|stem| stem.to_string_lossy().into_owned()).unwrap_or_default();
-        series.extend(series_from_json(&label, &document).map_err(|error| CliError::Plot(format!("{}: {error}", input.display())))?);
+        let label = input
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        series.extend(
+            series_from_json(&label, &document)
+                .map_err(|error| CliError::Plot(format!("{}: {error}", input.display())))?,
+        );
     }
     load_font(plot.font.as_deref()).map_err(CliError::Plot)?;
     let size = (plot.width.max(400), plot.height.max(300));
-    let is_svg = plot.output.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("svg"));
+    let is_svg = plot
+        .output
+        .extension()
+        .is_some_and(|ext| ext.eq_ignore_ascii_case("svg"));
     let result = if is_svg {
-        draw(&SVGBackend::new(&plot.output, size).into_drawing_area(), &series)
+        draw(
+            &SVGBackend::new(&plot.output, size).into_drawing_area(),
+            &series,
+        )
     } else {
-        draw(&BitMapBackend::new(&plot.output, size).into_drawing_area(), &series)
+        draw(
+            &BitMapBackend::new(&plot.output, size).into_drawing_area(),
+            &series,
+        )
     };
     result.map_err(|error| CliError::Plot(format!("drawing {}: {error}", plot.output.display())))
 }

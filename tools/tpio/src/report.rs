@@ -44,14 +44,21 @@ impl DirectionReport {
     pub fn new(stats: &DirectionStats, runtime: Duration) -> Self {
         let seconds = runtime.as_secs_f64();
         let (iops, bw_bytes) = if seconds > 0.0 && stats.total_ios > 0 {
-            (stats.total_ios as f64 / seconds, (stats.io_bytes as f64 / seconds) as u64)
+            (
+                stats.total_ios as f64 / seconds,
+                (stats.io_bytes as f64 / seconds) as u64,
+            )
         } else {
             (0.0, 0)
         };
         DirectionReport {
             io_bytes: stats.io_bytes,
             total_ios: stats.total_ios,
-            runtime_ms: if stats.total_ios > 0 { runtime.as_millis() as u64 } else { 0 },
+            runtime_ms: if stats.total_ios > 0 {
+                runtime.as_millis() as u64
+            } else {
+                0
+            },
             iops,
             bw_bytes,
             slat: stats.slat.summary(),
@@ -83,8 +90,10 @@ fn latency_json(summary: &LatencySummary) -> Value {
     object.insert("stddev".into(), json!(summary.stddev));
     object.insert("N".into(), json!(summary.count));
     if let Some(percentiles) = &summary.percentiles {
-        let map: Map<String, Value> =
-            percentiles.iter().map(|(p, value)| (percentile_key(*p), json!(value))).collect();
+        let map: Map<String, Value> = percentiles
+            .iter()
+            .map(|(p, value)| (percentile_key(*p), json!(value)))
+            .collect();
         object.insert("percentile".into(), Value::Object(map));
     }
     Value::Object(object)
@@ -187,7 +196,10 @@ pub fn render_json(results: &[CloneResult]) -> Value {
 pub fn latency_unit(summary: &LatencySummary) -> (&'static str, u64) {
     let all_above = |per: u64| {
         let per_f = per as f64;
-        summary.min / per > 1000 && summary.max / per > 1000 && summary.mean / per_f > 1000.0 && summary.stddev / per_f > 1000.0
+        summary.min / per > 1000
+            && summary.max / per > 1000
+            && summary.mean / per_f > 1000.0
+            && summary.stddev / per_f > 1000.0
     };
     if all_above(1_000) {
         ("msec", 1_000_000)
@@ -237,7 +249,13 @@ fn scaled(mut value: f64, base: f64, units: &[&str]) -> String {
         value /= base;
         unit += 1;
     }
-    let digits = if value >= 100.0 { 0 } else if value >= 10.0 { 1 } else { 2 };
+    let digits = if value >= 100.0 {
+        0
+    } else if value >= 10.0 {
+        1
+    } else {
+        2
+    };
     format!("{value:.digits$}{}", units[unit])
 }
 
@@ -256,9 +274,19 @@ fn latency_line(out: &mut String, label: &str, summary: &LatencySummary) {
 
 /// The `clat percentiles` block, four per line.
 fn percentile_block(out: &mut String, label: &str, summary: &LatencySummary) {
-    let Some(percentiles) = &summary.percentiles else { return };
-    let smallest = percentiles.iter().map(|(_, value)| *value).min().unwrap_or(0);
-    let largest = percentiles.iter().map(|(_, value)| *value).max().unwrap_or(0);
+    let Some(percentiles) = &summary.percentiles else {
+        return;
+    };
+    let smallest = percentiles
+        .iter()
+        .map(|(_, value)| *value)
+        .min()
+        .unwrap_or(0);
+    let largest = percentiles
+        .iter()
+        .map(|(_, value)| *value)
+        .max()
+        .unwrap_or(0);
     let (unit, per) = percentile_unit(smallest, largest);
     let _ = writeln!(out, "    {label} percentiles ({unit}):");
     for row in percentiles.chunks(4) {
@@ -276,9 +304,21 @@ fn direction_text(out: &mut String, name: &str, report: &DirectionReport) {
         out,
         "  {name}: IOPS={}, BW={} ({})({}/{}msec)",
         format_iops(report.iops),
-        scaled(report.bw_bytes as f64, 1024.0, &["B/s", "KiB/s", "MiB/s", "GiB/s", "TiB/s"]),
-        scaled(report.bw_bytes as f64, 1000.0, &["B/s", "kB/s", "MB/s", "GB/s", "TB/s"]),
-        scaled(report.io_bytes as f64, 1024.0, &["B", "KiB", "MiB", "GiB", "TiB"]),
+        scaled(
+            report.bw_bytes as f64,
+            1024.0,
+            &["B/s", "KiB/s", "MiB/s", "GiB/s", "TiB/s"]
+        ),
+        scaled(
+            report.bw_bytes as f64,
+            1000.0,
+            &["B/s", "kB/s", "MB/s", "GB/s", "TB/s"]
+        ),
+        scaled(
+            report.io_bytes as f64,
+            1024.0,
+            &["B", "KiB", "MiB", "GiB", "TiB"]
+        ),
         report.runtime_ms
     );
     latency_line(out, "slat", &report.slat);
@@ -334,7 +374,11 @@ pub fn render_normal(results: &[CloneResult]) -> String {
             .iter()
             .map(|result| {
                 let (read, write) = direction_reports(result);
-                if pick { read } else { write }
+                if pick {
+                    read
+                } else {
+                    write
+                }
             })
             .filter(|report| report.total_ios > 0)
             .collect();
@@ -343,12 +387,24 @@ pub fn render_normal(results: &[CloneResult]) -> String {
         }
         let bytes: u64 = reports.iter().map(|report| report.io_bytes).sum();
         let bw: u64 = reports.iter().map(|report| report.bw_bytes).sum();
-        let run_min = reports.iter().map(|report| report.runtime_ms).min().unwrap_or(0);
-        let run_max = reports.iter().map(|report| report.runtime_ms).max().unwrap_or(0);
+        let run_min = reports
+            .iter()
+            .map(|report| report.runtime_ms)
+            .min()
+            .unwrap_or(0);
+        let run_max = reports
+            .iter()
+            .map(|report| report.runtime_ms)
+            .max()
+            .unwrap_or(0);
         let _ = writeln!(
             out,
             "{label:>7}: bw={} ({}), io={}, run={run_min}-{run_max}msec",
-            scaled(bw as f64, 1024.0, &["B/s", "KiB/s", "MiB/s", "GiB/s", "TiB/s"]),
+            scaled(
+                bw as f64,
+                1024.0,
+                &["B/s", "KiB/s", "MiB/s", "GiB/s", "TiB/s"]
+            ),
             scaled(bw as f64, 1000.0, &["B/s", "kB/s", "MB/s", "GB/s", "TB/s"]),
             scaled(bytes as f64, 1024.0, &["B", "KiB", "MiB", "GiB", "TiB"]),
         );
@@ -374,10 +430,26 @@ mod tests {
         assert_eq!(percentile_unit(1_000, 50_000), ("nsec", 1));
         assert_eq!(percentile_unit(2_001, 100_000), ("usec", 1000));
         assert_eq!(percentile_unit(2_000_001, 100_000_000), ("msec", 1_000_000));
-        let summary = |min, max, mean, stddev| LatencySummary { min, max, mean, stddev, count: 2, percentiles: None };
-        assert_eq!(latency_unit(&summary(1_001, 90_000, 5_000.0, 2_000.0)).0, "usec");
-        assert_eq!(latency_unit(&summary(1_001, 90_000, 5_000.0, 900.0)).0, "nsec");
-        assert_eq!(latency_unit(&summary(2_000_000, 9_000_000, 5e6, 2e6)).0, "msec");
+        let summary = |min, max, mean, stddev| LatencySummary {
+            min,
+            max,
+            mean,
+            stddev,
+            count: 2,
+            percentiles: None,
+        };
+        assert_eq!(
+            latency_unit(&summary(1_001, 90_000, 5_000.0, 2_000.0)).0,
+            "usec"
+        );
+        assert_eq!(
+            latency_unit(&summary(1_001, 90_000, 5_000.0, 900.0)).0,
+            "nsec"
+        );
+        assert_eq!(
+            latency_unit(&summary(2_000_000, 9_000_000, 5e6, 2e6)).0,
+            "msec"
+        );
         assert_eq!(in_unit(1_999, 1000), 1);
         assert_eq!(percentile_key(99.95), "99.950000");
     }

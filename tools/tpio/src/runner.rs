@@ -138,10 +138,16 @@ fn prepare_job(spec: &JobSpec) -> Result<Vec<PreparedClone>, PrepareError> {
     (0..spec.numjobs)
         .map(|clone| {
             let job = spec.name.clone();
-            let engine = open_engine(spec).map_err(|source| PrepareError::Engine { job: job.clone(), source })?;
+            let engine = open_engine(spec).map_err(|source| PrepareError::Engine {
+                job: job.clone(),
+                source,
+            })?;
             let geometry = engine.geometry();
             let lba = u64::from(geometry.logical_block_size);
-            let geometry_error = |message: String| PrepareError::Geometry { job: job.clone(), message };
+            let geometry_error = |message: String| PrepareError::Geometry {
+                job: job.clone(),
+                message,
+            };
             for (what, value) in [
                 ("bs (or bsrange minimum)", spec.block_sizes.min()),
                 ("bs (or bsrange maximum)", spec.block_sizes.max()),
@@ -156,26 +162,50 @@ fn prepare_job(spec: &JobSpec) -> Result<Vec<PreparedClone>, PrepareError> {
             }
             let region_size = match spec.size {
                 Some(size) => size,
-                None => geometry.capacity.checked_sub(spec.offset).filter(|size| *size > 0).ok_or_else(|| {
-                    geometry_error(format!(
-                        "offset={} is at or past the end of {} ({} bytes)",
-                        spec.offset,
-                        target_label(spec),
-                        geometry.capacity
-                    ))
-                })?,
+                None => geometry
+                    .capacity
+                    .checked_sub(spec.offset)
+                    .filter(|size| *size > 0)
+                    .ok_or_else(|| {
+                        geometry_error(format!(
+                            "offset={} is at or past the end of {} ({} bytes)",
+                            spec.offset,
+                            target_label(spec),
+                            geometry.capacity
+                        ))
+                    })?,
             };
             let seed = spec.randseed.wrapping_add(u64::from(clone));
             let layout = match spec.block_sizes {
                 BlockSizes::Fixed(bs) => Layout::fixed(spec.offset, region_size, bs as u32),
-                BlockSizes::Range { min, max } => {
-                    Layout::ranged(spec.offset, region_size, min as u32, max as u32, lba as u32, seed)
-                }
+                BlockSizes::Range { min, max } => Layout::ranged(
+                    spec.offset,
+                    region_size,
+                    min as u32,
+                    max as u32,
+                    lba as u32,
+                    seed,
+                ),
             }
-            .map_err(|source| PrepareError::Workload { job: job.clone(), source })?;
+            .map_err(|source| PrepareError::Workload {
+                job: job.clone(),
+                source,
+            })?;
             let read_percent = spec.rw.read_percent(spec.rwmixread);
-            let workload = Workload::new(layout, spec.rw.is_random(), read_percent, spec.time_based, seed);
-            Ok(PreparedClone { spec: spec.clone(), clone, engine, workload, region_size })
+            let workload = Workload::new(
+                layout,
+                spec.rw.is_random(),
+                read_percent,
+                spec.time_based,
+                seed,
+            );
+            Ok(PreparedClone {
+                spec: spec.clone(),
+                clone,
+                engine,
+                workload,
+                region_size,
+            })
         })
         .collect()
 }
@@ -186,7 +216,10 @@ pub fn run_jobs(jobs: Vec<Vec<PreparedClone>>, show_progress: bool) -> Vec<Clone
     for clones in jobs {
         let progress = Arc::new(Progress::default());
         let finished = Arc::new(AtomicBool::new(false));
-        let name = clones.first().map(|clone| clone.spec.name.clone()).unwrap_or_default();
+        let name = clones
+            .first()
+            .map(|clone| clone.spec.name.clone())
+            .unwrap_or_default();
         let job_results = std::thread::scope(|scope| {
             let handles: Vec<_> = clones
                 .into_iter()
@@ -319,7 +352,15 @@ fn run_clone(mut prepared: PreparedClone, progress: &Progress) -> CloneResult {
             limit: None,
         };
         let replay = prepared.workload.replay_as_reads();
-        let issued = run_phase(engine, &mut prepared.workload, &main, &mut state, progress, spec.iodepth, slot_bytes);
+        let issued = run_phase(
+            engine,
+            &mut prepared.workload,
+            &main,
+            &mut state,
+            progress,
+            spec.iodepth,
+            slot_bytes,
+        );
         let main_end = Instant::now();
         let main_runtime = main_end.saturating_duration_since(ramp_end);
         let percent = spec.rw.read_percent(spec.rwmixread);
@@ -339,7 +380,15 @@ fn run_clone(mut prepared: PreparedClone, progress: &Progress) -> CloneResult {
                 deadline: None,
                 limit: Some(issued),
             };
-            run_phase(engine, &mut replay, &verify_phase, &mut state, progress, spec.iodepth, slot_bytes);
+            run_phase(
+                engine,
+                &mut replay,
+                &verify_phase,
+                &mut state,
+                progress,
+                spec.iodepth,
+                slot_bytes,
+            );
             read_runtime = main_end.elapsed();
         }
     }
@@ -349,7 +398,10 @@ fn run_clone(mut prepared: PreparedClone, progress: &Progress) -> CloneResult {
     if state.verify.mismatches > 0 {
         state.fail(
             VERIFY_ERRNO,
-            format!("verify: {} of {} blocks did not match", state.verify.mismatches, state.verify.checked),
+            format!(
+                "verify: {} of {} blocks did not match",
+                state.verify.mismatches, state.verify.checked
+            ),
         );
     }
     let cpu_after = thread_cpu_time();
@@ -399,7 +451,14 @@ fn run_phase(
 ) -> u64 {
     let now = Instant::now();
     let mut slot_states = vec![
-        SlotState { direction: IoDirection::Read, offset: 0, len: 0, pass: 0, queued: now, issued: now };
+        SlotState {
+            direction: IoDirection::Read,
+            offset: 0,
+            len: 0,
+            pass: 0,
+            queued: now,
+            issued: now
+        };
         slots as usize
     ];
     let mut free: Vec<u32> = (0..slots).rev().collect();
@@ -409,12 +468,18 @@ fn run_phase(
     let mut issuing = true;
     let mut issued = 0u64;
     loop {
-        if issuing && settings.deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+        if issuing
+            && settings
+                .deadline
+                .is_some_and(|deadline| Instant::now() >= deadline)
+        {
             issuing = false;
         }
         batch.clear();
         while issuing {
-            let Some(slot) = free.last().copied() else { break };
+            let Some(slot) = free.last().copied() else {
+                break;
+            };
             if settings.limit.is_some_and(|limit| issued >= limit) {
                 issuing = false;
                 break;
@@ -462,36 +527,57 @@ fn run_phase(
         let (mut reads, mut writes, mut bytes) = (0, 0, 0);
         for completion in &completions {
             let Some(slot_state) = slot_states.get(completion.slot as usize).copied() else {
-                state.fail(libc::EIO, format!("engine completed unknown slot {}", completion.slot));
+                state.fail(
+                    libc::EIO,
+                    format!("engine completed unknown slot {}", completion.slot),
+                );
                 issuing = false;
                 continue;
             };
             free.push(completion.slot);
             match completion.result {
                 Err(errno) => {
-                    state.fail(errno, format!(
-                        "{:?} of {} bytes at offset {} failed: {}",
-                        slot_state.direction, slot_state.len, slot_state.offset,
-                        std::io::Error::from_raw_os_error(errno)
-                    ));
+                    state.fail(
+                        errno,
+                        format!(
+                            "{:?} of {} bytes at offset {} failed: {}",
+                            slot_state.direction,
+                            slot_state.len,
+                            slot_state.offset,
+                            std::io::Error::from_raw_os_error(errno)
+                        ),
+                    );
                     issuing = false;
                     continue;
                 }
                 Ok(moved) if moved != slot_state.len => {
-                    state.fail(libc::EIO, format!(
-                        "short {:?}: {moved} of {} bytes at offset {}",
-                        slot_state.direction, slot_state.len, slot_state.offset
-                    ));
+                    state.fail(
+                        libc::EIO,
+                        format!(
+                            "short {:?}: {moved} of {} bytes at offset {}",
+                            slot_state.direction, slot_state.len, slot_state.offset
+                        ),
+                    );
                     issuing = false;
                     continue;
                 }
                 Ok(_) => {}
             }
             if slot_state.direction == IoDirection::Read && settings.verify != VerifyKind::None {
-                check_one(engine, completion.slot, &slot_state, settings, state, &mut scratch);
+                check_one(
+                    engine,
+                    completion.slot,
+                    &slot_state,
+                    settings,
+                    state,
+                    &mut scratch,
+                );
             }
             if slot_state.queued >= settings.counted_from {
-                let slat = slot_state.issued.saturating_duration_since(slot_state.queued).as_nanos() as u64;
+                let slat = slot_state
+                    .issued
+                    .saturating_duration_since(slot_state.queued)
+                    .as_nanos() as u64;
                 let clat = done.saturating_duration_since(slot_state.issued).as_nanos() as u64;
                 let stats = match slot_state.direction {
                     IoDirection::Read => &mut state.read,
@@ -521,10 +607,20 @@ fn queue_one(
 ) -> Result<(), EngineError> {
     if io.direction == IoDirection::Write && settings.verify != VerifyKind::None {
         let block = &mut scratch[..io.len as usize];
-        fill_block(settings.verify, block, io.offset, generation(settings.seed, io.pass));
+        fill_block(
+            settings.verify,
+            block,
+            io.offset,
+            generation(settings.seed, io.pass),
+        );
         engine.slot_buffer(slot)?.copy_in(block)?;
     }
-    engine.queue(IoRequest { slot, direction: io.direction, offset: io.offset, len: io.len })
+    engine.queue(IoRequest {
+        slot,
+        direction: io.direction,
+        offset: io.offset,
+        len: io.len,
+    })
 }
 
 /// Copies a completed read out of its slot and checks it, recording any mismatch.
@@ -537,7 +633,10 @@ fn check_one(
     scratch: &mut [u8],
 ) {
     let block = &mut scratch[..slot_state.len as usize];
-    if let Err(error) = engine.slot_buffer(slot).and_then(|buffer| buffer.copy_out(block)) {
+    if let Err(error) = engine
+        .slot_buffer(slot)
+        .and_then(|buffer| buffer.copy_out(block))
+    {
         state.fail(libc::EIO, error.to_string());
         return;
     }
@@ -562,7 +661,8 @@ fn thread_cpu_time() -> (Duration, Duration) {
         usage.assume_init()
     };
     let to_duration = |time: libc::timeval| {
-        Duration::from_secs(time.tv_sec.max(0) as u64) + Duration::from_micros(time.tv_usec.max(0) as u64)
+        Duration::from_secs(time.tv_sec.max(0) as u64)
+            + Duration::from_micros(time.tv_usec.max(0) as u64)
     };
     (to_duration(usage.ru_utime), to_duration(usage.ru_stime))
 }

@@ -33,7 +33,14 @@ impl LatencyStats {
         let histogram = with_percentiles
             .then(|| Histogram::new_with_bounds(1, HISTOGRAM_MAX_NS, 3).ok())
             .flatten();
-        LatencyStats { histogram, count: 0, min: u64::MAX, max: 0, mean: 0.0, m2: 0.0 }
+        LatencyStats {
+            histogram,
+            count: 0,
+            min: u64::MAX,
+            max: 0,
+            mean: 0.0,
+            m2: 0.0,
+        }
     }
 
     /// Adds one sample.
@@ -58,10 +65,17 @@ impl LatencyStats {
                 mean: 0.0,
                 stddev: 0.0,
                 count: 0,
-                percentiles: self.histogram.as_ref().map(|_| PERCENTILES.iter().map(|p| (*p, 0)).collect()),
+                percentiles: self
+                    .histogram
+                    .as_ref()
+                    .map(|_| PERCENTILES.iter().map(|p| (*p, 0)).collect()),
             };
         }
-        let stddev = if self.count > 1 { (self.m2 / (self.count - 1) as f64).sqrt() } else { 0.0 };
+        let stddev = if self.count > 1 {
+            (self.m2 / (self.count - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
         LatencySummary {
             min: self.min,
             max: self.max,
@@ -71,7 +85,15 @@ impl LatencyStats {
             percentiles: self.histogram.as_ref().map(|histogram| {
                 PERCENTILES
                     .iter()
-                    .map(|p| (*p, histogram.value_at_percentile(*p).min(self.max).max(self.min)))
+                    .map(|p| {
+                        (
+                            *p,
+                            histogram
+                                .value_at_percentile(*p)
+                                .min(self.max)
+                                .max(self.min),
+                        )
+                    })
                     .collect()
             }),
         }

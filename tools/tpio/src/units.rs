@@ -129,14 +129,20 @@ mod tests {
         assert!(parse_size("k").is_err());
         assert!(parse_size("4x").is_err());
         assert!(parse_size("-4k").is_err());
-        assert!(parse_size("99999999999p").is_err(), "overflow must be an error");
+        assert!(
+            parse_size("99999999999p").is_err(),
+            "overflow must be an error"
+        );
     }
 
     #[test]
     fn ranges_need_ordered_bounds() {
         assert_eq!(
             parse_size_range("4k-128k"),
-            Ok(SizeRange { min: 4096, max: 131072 })
+            Ok(SizeRange {
+                min: 4096,
+                max: 131072
+            })
         );
         assert!(parse_size_range("128k-4k").is_err());
         assert!(parse_size_range("4k").is_err());

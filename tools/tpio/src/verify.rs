@@ -73,16 +73,26 @@ pub struct Mismatch {
 
 impl std::fmt::Display for Mismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "block at offset {} (0x{:x}), {} bytes: ", self.offset, self.offset, self.len)?;
+        write!(
+            f,
+            "block at offset {} (0x{:x}), {} bytes: ",
+            self.offset, self.offset, self.len
+        )?;
         match &self.reason {
             MismatchReason::BadMagic => write!(f, "no tpio verify header"),
             MismatchReason::WrongOffset { found } => write!(f, "header says offset {found}"),
             MismatchReason::WrongLength { found } => write!(f, "header says length {found}"),
             MismatchReason::WrongGeneration { expected, found } => {
-                write!(f, "generation {found:#x}, expected {expected:#x} (stale data)")
+                write!(
+                    f,
+                    "generation {found:#x}, expected {expected:#x} (stale data)"
+                )
             }
             MismatchReason::Crc { stored, computed } => {
-                write!(f, "crc32c {computed:#010x} does not match stored {stored:#010x}")
+                write!(
+                    f,
+                    "crc32c {computed:#010x} does not match stored {stored:#010x}"
+                )
             }
             MismatchReason::Pattern { first_bad_byte } => {
                 write!(f, "pattern differs from byte {first_bad_byte}")
@@ -152,13 +162,21 @@ pub fn check_block(
     expected_generation: Option<u64>,
 ) -> Result<(), Mismatch> {
     let len = block.len() as u32;
-    let mismatch = |reason| Err(Mismatch { offset, len, reason });
+    let mismatch = |reason| {
+        Err(Mismatch {
+            offset,
+            len,
+            reason,
+        })
+    };
     if block.len() < HEADER_BYTES || &block[0..8] != MAGIC {
         return mismatch(MismatchReason::BadMagic);
     }
     let found_offset = le_u64(block, 8);
     if found_offset != offset {
-        return mismatch(MismatchReason::WrongOffset { found: found_offset });
+        return mismatch(MismatchReason::WrongOffset {
+            found: found_offset,
+        });
     }
     let found_len = le_u32(block, 24);
     if found_len != len {
@@ -167,7 +185,10 @@ pub fn check_block(
     let found_generation = le_u64(block, 16);
     if let Some(expected) = expected_generation {
         if found_generation != expected {
-            return mismatch(MismatchReason::WrongGeneration { expected, found: found_generation });
+            return mismatch(MismatchReason::WrongGeneration {
+                expected,
+                found: found_generation,
+            });
         }
     }
     match kind {
@@ -183,8 +204,14 @@ pub fn check_block(
         VerifyKind::Pattern => {
             let mut expected = vec![0u8; block.len() - HEADER_BYTES];
             fill_payload(&mut expected, found_generation, offset);
-            match block[HEADER_BYTES..].iter().zip(&expected).position(|(a, b)| a != b) {
-                Some(index) => mismatch(MismatchReason::Pattern { first_bad_byte: HEADER_BYTES + index }),
+            match block[HEADER_BYTES..]
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a != b)
+            {
+                Some(index) => mismatch(MismatchReason::Pattern {
+                    first_bad_byte: HEADER_BYTES + index,
+                }),
                 None => Ok(()),
             }
         }
@@ -205,13 +232,21 @@ mod tests {
             let moved = check_block(kind, &block, 4096, None).expect_err("wrong offset");
             assert_eq!(moved.reason, MismatchReason::WrongOffset { found: 8192 });
             let stale = check_block(kind, &block, 8192, Some(78)).expect_err("stale");
-            assert!(matches!(stale.reason, MismatchReason::WrongGeneration { .. }));
+            assert!(matches!(
+                stale.reason,
+                MismatchReason::WrongGeneration { .. }
+            ));
             block[1000] ^= 0x10;
             let bad = check_block(kind, &block, 8192, Some(77)).expect_err("corrupted");
             assert_eq!(bad.offset, 8192);
             match kind {
                 VerifyKind::Pattern => {
-                    assert_eq!(bad.reason, MismatchReason::Pattern { first_bad_byte: 1000 })
+                    assert_eq!(
+                        bad.reason,
+                        MismatchReason::Pattern {
+                            first_bad_byte: 1000
+                        }
+                    )
                 }
                 _ => assert!(matches!(bad.reason, MismatchReason::Crc { .. })),
             }

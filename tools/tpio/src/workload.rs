@@ -175,7 +175,10 @@ impl Layout {
             let wanted = min + generator.below(choices) * align;
             let remaining = (size - position) / align * align;
             let len = wanted.min(remaining);
-            blocks.push(Block { offset: base + position, len: len as u32 });
+            blocks.push(Block {
+                offset: base + position,
+                len: len as u32,
+            });
             position += len;
         }
         if blocks.is_empty() {
@@ -200,7 +203,10 @@ impl Layout {
     /// Block `index` (`index < len()`).
     pub fn block(&self, index: u64) -> Block {
         match self {
-            Layout::Fixed { base, bs, .. } => Block { offset: base + index * u64::from(*bs), len: *bs },
+            Layout::Fixed { base, bs, .. } => Block {
+                offset: base + index * u64::from(*bs),
+                len: *bs,
+            },
             Layout::Explicit(blocks) => blocks[index as usize],
         }
     }
@@ -297,7 +303,12 @@ impl Iterator for Workload {
                 }
             }
         };
-        Some(PlannedIo { direction, offset: block.offset, len: block.len, pass: self.pass })
+        Some(PlannedIo {
+            direction,
+            offset: block.offset,
+            len: block.len,
+            pass: self.pass,
+        })
     }
 }
 
@@ -320,7 +331,10 @@ mod tests {
     fn permutation_is_not_the_identity() {
         let permutation = Permutation::new(1000, 7);
         let fixed_points = (0..1000).filter(|i| permutation.at(*i) == *i).count();
-        assert!(fixed_points < 20, "{fixed_points} fixed points: not shuffled");
+        assert!(
+            fixed_points < 20,
+            "{fixed_points} fixed points: not shuffled"
+        );
     }
 
     #[test]

@@ -9,18 +9,36 @@ use tpio::options::{BlockSizes, EngineKind, OutputFormat, RwMode, VerifyKind};
 use tpio::workload::{Layout, Workload};
 
 /// Parses a command line given as words.
-fn parse(words: &[&str]) -> Result<(Vec<tpio::options::JobSpec>, cli::OutputSettings), cli::CliError> {
-    let argv: Vec<OsString> = std::iter::once("tpio").chain(words.iter().copied()).map(OsString::from).collect();
+fn parse(
+    words: &[&str],
+) -> Result<(Vec<tpio::options::JobSpec>, cli::OutputSettings), cli::CliError> {
+    let argv: Vec<OsString> = std::iter::once("tpio")
+        .chain(words.iter().copied())
+        .map(OsString::from)
+        .collect();
     cli::parse(&argv)
 }
 
 #[test]
 fn fio_style_options_resolve() {
     let (jobs, output) = parse(&[
-        "--name=t", "--rw=randrw", "--rwmixread=30", "--bs=128k", "--iodepth=32", "--numjobs=2",
-        "--runtime=2m", "--time_based", "--size=1g", "--offset=4k", "--ramp_time=5s",
-        "--ioengine=null", "--direct=1", "--output-format=json,normal", "--dma=zero-copy",
-        "--pool-max=1g", "--completion=interrupt",
+        "--name=t",
+        "--rw=randrw",
+        "--rwmixread=30",
+        "--bs=128k",
+        "--iodepth=32",
+        "--numjobs=2",
+        "--runtime=2m",
+        "--time_based",
+        "--size=1g",
+        "--offset=4k",
+        "--ramp_time=5s",
+        "--ioengine=null",
+        "--direct=1",
+        "--output-format=json,normal",
+        "--dma=zero-copy",
+        "--pool-max=1g",
+        "--completion=interrupt",
     ])
     .expect("valid");
     let job = &jobs[0];
@@ -38,13 +56,32 @@ fn fio_style_options_resolve() {
     assert_eq!(job.ioengine, EngineKind::Null);
     assert!(job.direct);
     assert_eq!(job.pool.max, Some(1 << 30));
-    assert_eq!(output.formats, vec![OutputFormat::Json, OutputFormat::Normal]);
+    assert_eq!(
+        output.formats,
+        vec![OutputFormat::Json, OutputFormat::Normal]
+    );
 
-    let (jobs, _) = parse(&["--filename=/dev/null", "--bsrange=4k-128k", "--verify=crc32c", "--rw=write"]).expect("valid");
-    assert_eq!(jobs[0].block_sizes, BlockSizes::Range { min: 4096, max: 131072 });
+    let (jobs, _) = parse(&[
+        "--filename=/dev/null",
+        "--bsrange=4k-128k",
+        "--verify=crc32c",
+        "--rw=write",
+    ])
+    .expect("valid");
+    assert_eq!(
+        jobs[0].block_sizes,
+        BlockSizes::Range {
+            min: 4096,
+            max: 131072
+        }
+    );
     assert_eq!(jobs[0].verify, VerifyKind::Crc32c);
     assert!(jobs[0].has_verify_phase());
-    assert_eq!(jobs[0].ioengine, EngineKind::IoUring, "io_uring is the default engine");
+    assert_eq!(
+        jobs[0].ioengine,
+        EngineKind::IoUring,
+        "io_uring is the default engine"
+    );
     assert!(!jobs[0].time_based && !jobs[0].direct, "fio's defaults");
 }
 
@@ -56,7 +93,12 @@ fn invalid_values_are_rejected() {
         &["--ioengine=null", "--size=1m", "--rw=trim"],
         &["--ioengine=null", "--size=1m", "--bsrange=8k-4k"],
         &["--ioengine=null", "--size=1m", "--runtime=ten"],
-        &["--ioengine=null", "--size=1m", "--rw=randrw", "--verify=crc32c"],
+        &[
+            "--ioengine=null",
+            "--size=1m",
+            "--rw=randrw",
+            "--verify=crc32c",
+        ],
         &["--ioengine=null", "--size=1m", "--offset=100"],
         &["--ioengine=null"],
         &["--rw=read"],
@@ -74,23 +116,40 @@ fn offsets_stay_in_bounds_and_aligned() {
         let ios: Vec<_> = Workload::new(layout, random, 50, false, 3).collect();
         assert_eq!(ios.len() as u64, size / 16384, "one pass");
         let mut offsets: Vec<u64> = ios.iter().map(|io| io.offset).collect();
-        assert!(offsets.iter().all(|o| *o >= base && o + 16384 <= base + size && (o - base) % 16384 == 0));
+        assert!(offsets
+            .iter()
+            .all(|o| *o >= base && o + 16384 <= base + size && (o - base) % 16384 == 0));
         if random {
-            assert!(offsets.windows(2).any(|w| w[1] != w[0] + 16384), "random order");
+            assert!(
+                offsets.windows(2).any(|w| w[1] != w[0] + 16384),
+                "random order"
+            );
         } else {
-            assert!(offsets.windows(2).all(|w| w[1] == w[0] + 16384), "sequential order");
+            assert!(
+                offsets.windows(2).all(|w| w[1] == w[0] + 16384),
+                "sequential order"
+            );
         }
         offsets.sort_unstable();
         offsets.dedup();
-        assert_eq!(offsets.len() as u64, size / 16384, "every block exactly once per pass");
+        assert_eq!(
+            offsets.len() as u64,
+            size / 16384,
+            "every block exactly once per pass"
+        );
     }
 }
 
 #[test]
 fn rwmix_ratio_holds() {
     let layout = Layout::fixed(0, 1 << 30, 4096).expect("layout");
-    let ios: Vec<_> = Workload::new(layout, true, 25, false, 11).take(100_000).collect();
-    let reads = ios.iter().filter(|io| io.direction == IoDirection::Read).count();
+    let ios: Vec<_> = Workload::new(layout, true, 25, false, 11)
+        .take(100_000)
+        .collect();
+    let reads = ios
+        .iter()
+        .filter(|io| io.direction == IoDirection::Read)
+        .count();
     let share = reads as f64 / ios.len() as f64;
     assert!((0.24..0.26).contains(&share), "rwmixread=25 gave {share}");
 }
@@ -98,7 +157,9 @@ fn rwmix_ratio_holds() {
 #[test]
 fn time_based_workloads_repeat_passes() {
     let layout = Layout::fixed(0, 64 * 4096, 4096).expect("layout");
-    let ios: Vec<_> = Workload::new(layout, true, 100, true, 5).take(64 * 3 + 1).collect();
+    let ios: Vec<_> = Workload::new(layout, true, 100, true, 5)
+        .take(64 * 3 + 1)
+        .collect();
     assert_eq!(ios[64].pass, 1);
     assert_eq!(ios[64 * 3].pass, 3);
 }

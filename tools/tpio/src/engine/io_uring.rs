@@ -43,21 +43,28 @@ impl IoUringEngine {
     /// Opens `spec.filename` (read-write if the job writes, O_DIRECT if `--direct=1`) and reads
     /// its geometry. The file must already exist: tpio never creates or extends targets.
     pub fn open(spec: &JobSpec) -> Result<Self, EngineError> {
-        let path = spec.filename.as_ref().ok_or_else(|| {
-            EngineError::Misuse("ioengine=io_uring needs --filename".into())
-        })?;
+        let path = spec
+            .filename
+            .as_ref()
+            .ok_or_else(|| EngineError::Misuse("ioengine=io_uring needs --filename".into()))?;
         let mut options = OpenOptions::new();
         options.read(true).write(spec.writes());
         if spec.direct {
             options.custom_flags(libc::O_DIRECT);
         }
-        let open_error = |source| EngineError::Open { path: target_label(spec), source };
+        let open_error = |source| EngineError::Open {
+            path: target_label(spec),
+            source,
+        };
         let file = options.open(path).map_err(open_error)?;
         let metadata = file.metadata().map_err(open_error)?;
         let geometry = if metadata.file_type().is_block_device() {
             block_device_geometry(&file).map_err(open_error)?
         } else if metadata.is_file() {
-            Geometry { capacity: metadata.len(), logical_block_size: SECTOR as u32 }
+            Geometry {
+                capacity: metadata.len(),
+                logical_block_size: SECTOR as u32,
+            }
         } else {
             return Err(open_error(io::Error::other(
                 "not a regular file or block device",
@@ -109,7 +116,10 @@ fn block_device_geometry(file: &File) -> io::Result<Geometry> {
         .ok()
         .filter(|size| *size >= SECTOR as u32)
         .unwrap_or(SECTOR as u32);
-    Ok(Geometry { capacity, logical_block_size })
+    Ok(Geometry {
+        capacity,
+        logical_block_size,
+    })
 }
 
 /// Registers the slots of `region` as the ring's fixed buffers, slot `i` as buffer index `i`.
@@ -153,13 +163,17 @@ impl Engine for IoUringEngine {
                 "{slots} slots: io_uring registers 1..=16384 buffers"
             )));
         }
-        let ring = IoUring::new(slots.next_power_of_two()).map_err(|source| EngineError::Setup {
-            what: "io_uring setup",
-            source,
-        })?;
+        let ring =
+            IoUring::new(slots.next_power_of_two()).map_err(|source| EngineError::Setup {
+                what: "io_uring setup",
+                source,
+            })?;
         ring.submitter()
             .register_files(&[self.file.as_raw_fd()])
-            .map_err(|source| EngineError::Setup { what: "io_uring file registration", source })?;
+            .map_err(|source| EngineError::Setup {
+                what: "io_uring file registration",
+                source,
+            })?;
         let region = SlotRegion::new(slots, slot_bytes)?;
         register_region(&ring, &region)?;
         self.ring = Some(ring);
@@ -177,7 +191,11 @@ impl Engine for IoUringEngine {
 
     fn queue(&mut self, request: IoRequest) -> Result<(), EngineError> {
         let buffer = self.slot_buffer(request.slot)?;
-        let busy = self.in_flight.get(request.slot as usize).copied().unwrap_or(true);
+        let busy = self
+            .in_flight
+            .get(request.slot as usize)
+            .copied()
+            .unwrap_or(true);
         if busy || request.len as usize > buffer.len {
             return Err(EngineError::Misuse(format!(
                 "request {request:?} names a busy slot or exceeds its {} bytes",
@@ -212,7 +230,12 @@ impl Engine for IoUringEngine {
             match ring.submit() {
                 Ok(_) => {}
                 Err(error) if error.raw_os_error() == Some(libc::EINTR) => {}
-                Err(source) => return Err(EngineError::Io { what: "io_uring submit", source }),
+                Err(source) => {
+                    return Err(EngineError::Io {
+                        what: "io_uring submit",
+                        source,
+                    })
+                }
             }
         }
         Ok(())
@@ -225,7 +248,11 @@ impl Engine for IoUringEngine {
             let start = out.len();
             for cqe in self.ring()?.completion() {
                 let slot = cqe.user_data() as u32;
-                let result = if cqe.result() < 0 { Err(-cqe.result()) } else { Ok(cqe.result() as u32) };
+                let result = if cqe.result() < 0 {
+                    Err(-cqe.result())
+                } else {
+                    Ok(cqe.result() as u32)
+                };
                 out.push(IoCompletion { slot, result });
             }
             for completion in &out[start..] {
@@ -242,7 +269,12 @@ impl Engine for IoUringEngine {
             match self.ring()?.submit_and_wait(min - got) {
                 Ok(_) => {}
                 Err(error) if error.raw_os_error() == Some(libc::EINTR) => {}
-                Err(source) => return Err(EngineError::Io { what: "io_uring wait", source }),
+                Err(source) => {
+                    return Err(EngineError::Io {
+                        what: "io_uring wait",
+                        source,
+                    })
+                }
             }
         }
     }

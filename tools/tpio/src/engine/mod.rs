@@ -165,21 +165,24 @@ pub trait Engine: Send {
 /// The tidepool engine slots in here once drivers/nvme exists: construct it from `spec.pool` and
 /// `spec.filename` (the controller's PCI address) and return it boxed.
 pub fn open_engine(spec: &JobSpec) -> Result<Box<dyn Engine>, EngineError> {
-    let engine: Box<dyn Engine> = match spec.ioengine {
-        EngineKind::IoUring => Box::new(io_uring::IoUringEngine::open(spec)?),
-        EngineKind::Null => Box::new(null::NullEngine::new(spec)),
-        EngineKind::Tidepool => {
-            return Err(EngineError::Unavailable(
+    let engine: Box<dyn Engine> =
+        match spec.ioengine {
+            EngineKind::IoUring => Box::new(io_uring::IoUringEngine::open(spec)?),
+            EngineKind::Null => Box::new(null::NullEngine::new(spec)),
+            EngineKind::Tidepool => return Err(EngineError::Unavailable(
                 "tidepool",
                 "the userspace NVMe driver (drivers/nvme) is not built into this tpio yet: use \
                  --ioengine=io_uring or --ioengine=null"
                     .into(),
-            ))
-        }
-    };
+            )),
+        };
     let capacity = engine.geometry().capacity;
     if let Some(size) = spec.size {
-        if spec.offset.checked_add(size).is_none_or(|end| end > capacity) {
+        if spec
+            .offset
+            .checked_add(size)
+            .is_none_or(|end| end > capacity)
+        {
             return Err(EngineError::TooSmall {
                 path: target_label(spec),
                 capacity,
@@ -225,7 +228,9 @@ impl SlotBuffer {
             )));
         }
         // SAFETY: as in `copy_in`, with the roles of the two buffers swapped.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), target.as_mut_ptr(), target.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), target.as_mut_ptr(), target.len())
+        };
         Ok(())
     }
 }

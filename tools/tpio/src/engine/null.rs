@@ -21,7 +21,10 @@ impl NullEngine {
     pub fn new(spec: &JobSpec) -> Self {
         let capacity = spec.offset.saturating_add(spec.size.unwrap_or(0));
         NullEngine {
-            geometry: Geometry { capacity, logical_block_size: SECTOR as u32 },
+            geometry: Geometry {
+                capacity,
+                logical_block_size: SECTOR as u32,
+            },
             region: None,
             queued: Vec::new(),
             committed: Vec::new(),
@@ -69,11 +72,10 @@ impl Engine for NullEngine {
     }
 
     fn reap(&mut self, _min: usize, out: &mut Vec<IoCompletion>) -> Result<(), EngineError> {
-        out.extend(
-            self.committed
-                .drain(..)
-                .map(|request| IoCompletion { slot: request.slot, result: Ok(request.len) }),
-        );
+        out.extend(self.committed.drain(..).map(|request| IoCompletion {
+            slot: request.slot,
+            result: Ok(request.len),
+        }));
         Ok(())
     }
 

@@ -34,7 +34,13 @@ impl SlotRegion {
             EngineError::Misuse(format!("{slots} slots of {slot_bytes} bytes overflow"))
         })?;
         let base = map_anonymous(mapped_bytes)?;
-        Ok(SlotRegion { base, mapped_bytes, stride, slot_bytes, slots })
+        Ok(SlotRegion {
+            base,
+            mapped_bytes,
+            stride,
+            slot_bytes,
+            slots,
+        })
     }
 
     /// The number of slots.
@@ -59,7 +65,10 @@ impl SlotRegion {
         // `wrapping_add` keeps this safe code; the offset is inside the mapping by the check above.
         let ptr = self.base.as_ptr().wrapping_add(offset);
         let ptr = NonNull::new(ptr).ok_or_else(|| EngineError::Misuse("null slot".into()))?;
-        Ok(SlotBuffer { ptr, len: self.slot_bytes })
+        Ok(SlotBuffer {
+            ptr,
+            len: self.slot_bytes,
+        })
     }
 }
 
