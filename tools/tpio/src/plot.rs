@@ -136,7 +136,10 @@ where
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(80)
-        .build_cartesian_2d((0u32..count).into_segmented(), 0f64..max_iops)
+        .build_cartesian_2d(
+            (0u32..count.saturating_sub(1)).into_segmented(),
+            0f64..max_iops,
+        )
         .map_err(error)?;
     bars.configure_mesh()
         .disable_x_mesh()
