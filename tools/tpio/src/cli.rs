@@ -1,0 +1,168 @@
+//! From the command line to a list of jobs and output settings, and the whole run.
+//!
+//! With no job file, the command line is one job. With job files, each file section becomes a job
+//! whose arguments are the file's lines followed by the command line's (minus the job-file paths),
+//! so command-line options override the file (see [`crate::jobfile`]).
+//!
+//! Every error is returned as a [`CliError`] before anything is written to stdout; `main` prints it
+//! on stderr and exits with status 1.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{CommandFactory, FromArgMatches};
+
+use crate::jobfile::{self, JobFileError};
+use crate::options::{CliArgs, JobSpec, OptionError, OutputFormat};
+use crate::runner::{self, PrepareError};
+
+/// Anything that stops tpio before or after the run (never a failed I/O: that is in the report).
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// clap rejected the arguments; the text is clap's message.
+    #[error("{0}")]
+    Usage(String),
+    /// `--help` or `--version`: print the text on stdout and exit 0.
+    #[error("{0}")]
+    Info(String),
+    /// A job file is wrong.
+    #[error(transparent)]
+    JobFile(#[from] JobFileError),
+    /// A job section's options are wrong.
+    #[error("job {job}: {message}")]
+    JobOptions {
+        /// Section name.
+        job: String,
+        /// clap's or tpio's message.
+        message: String,
+    },
+    /// An option value is out of range.
+    #[error(transparent)]
+    Option(#[from] OptionError),
+    /// A job could not be prepared (missing file, too small, wrong alignment).
+    #[error(transparent)]
+    Prepare(#[from] PrepareError),
+    /// `tpio plot` failed.
+    #[error("plot: {0}")]
+    Plot(String),
+    /// The report could not be written.
+    #[error("cannot write the report to {path}: {source}")]
+    Output {
+        /// Where.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Output settings that apply to the whole run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputSettings {
+    /// Formats in order.
+    pub formats: Vec<OutputFormat>,
+    /// Report file, stdout when `None`.
+    pub path: Option<PathBuf>,
+}
+
+/// Turns a clap error into a [`CliError`] (help/version are not errors).
+fn clap_error(error: clap::Error) -> CliError {
+    use clap::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => CliError::Info(error.to_string()),
+        _ => CliError::Usage(error.to_string().trim_end().to_string()),
+    }
+}
+
+/// Parses `argv` (program name first) into jobs and output settings.
+pub fn parse(argv: &[OsString]) -> Result<(Vec<JobSpec>, OutputSettings), CliError> {
+    let matches = CliArgs::command()
+        .try_get_matches_from(argv)
+        .map_err(clap_error)?;
+    let cli = CliArgs::from_arg_matches(&matches).map_err(clap_error)?;
+    let output = OutputSettings {
+        formats: cli.output_format.clone(),
+        path: cli.output.clone(),
+    };
+    if cli.job_files.is_empty() {
+        return Ok((vec![cli.job.resolve("job")?], output));
+    }
+    let positional: Vec<usize> = matches
+        .indices_of("job_files")
+        .map(|i| i.collect())
+        .unwrap_or_default();
+    let overrides: Vec<OsString> = argv
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(index, _)| !positional.contains(index))
+        .map(|(_, arg)| arg.clone())
+        .collect();
+    let mut jobs = Vec::new();
+    for path in &cli.job_files {
+        for file_job in jobfile::load(path)? {
+            let mut args: Vec<OsString> = vec!["tpio".into()];
+            args.extend(file_job.args.iter().map(OsString::from));
+            args.extend(overrides.iter().cloned());
+            let job_error = |message: String| CliError::JobOptions {
+                job: file_job.name.clone(),
+                message,
+            };
+            let parsed = CliArgs::try_parse_from_args(&args)
+                .map_err(|error| job_error(error.to_string().trim_end().to_string()))?;
+            let spec = parsed
+                .job
+                .resolve(&file_job.name)
+                .map_err(|error| job_error(error.to_string()))?;
+            jobs.push(spec);
+        }
+    }
+    Ok((jobs, output))
+}
+
+impl CliArgs {
+    /// Parses a synthetic argument list (a job file section) without exiting on error.
+    fn try_parse_from_args(args: &[OsString]) -> Result<Self, clap::Error> {
+        <CliArgs as clap::Parser>::try_parse_from(args)
+    }
+}
+
+/// Parses, prepares, runs and reports. Returns the process exit status for a completed run
+/// (0, or 1 when any job reported an error) or the error that stopped it before any output.
+pub fn run(argv: &[OsString]) -> Result<i32, CliError> {
+    let (specs, output) = parse(argv)?;
+    let prepared = runner::prepare_jobs(&specs)?;
+    let show_progress = output.path.is_none() && runner::progress_wanted();
+    let results = runner::run_jobs(prepared, show_progress);
+    let mut text = String::new();
+    for format in &output.formats {
+        match format {
+            OutputFormat::Normal => text.push_str(&crate::report::render_normal(&results)),
+            OutputFormat::Json => {
+                let document = crate::report::render_json(&results);
+                let rendered = serde_json::to_string_pretty(&document)
+                    .unwrap_or_else(|error| format!("{{\"error\": \"{error}\"}}"));
+                text.push_str(&rendered);
+                text.push('\n');
+            }
+        }
+    }
+    match &output.path {
+        Some(path) => std::fs::write(path, text).map_err(|source| CliError::Output {
+            path: path.display().to_string(),
+            source,
+        })?,
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
+                .map_err(|source| CliError::Output {
+                    path: "stdout".into(),
+                    source,
+                })?;
+        }
+    }
+    let failed = results.iter().any(|result| result.error != 0);
+    Ok(i32::from(failed))
+}

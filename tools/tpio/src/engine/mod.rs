@@ -1,0 +1,236 @@
+//! The engine seam: what tpio asks of anything that moves bytes to and from a block target.
+//!
+//! An engine is driven by one job thread through a polled submission/completion loop:
+//!
+//! ```text
+//! open (engine-specific constructor, see [`open_engine`])
+//! geometry()                         capacity and logical block size, checked against the job
+//! prepare(slots, slot_bytes)         allocate/register `slots` buffers of `slot_bytes` each
+//! loop {
+//!     queue(IoRequest) ...           up to `slots` requests in flight, each naming its slot
+//!     commit()                       make the queued requests visible to the device (syscall/doorbell)
+//!     reap(min, &mut completions)    wait for at least `min` completions, return all that are ready
+//! }
+//! close()
+//! ```
+//!
+//! Buffers belong to the engine (so it can register them with io_uring, or carve them from DMA pool
+//! memory, or keep them in ordinary memory and bounce) and are addressed by slot number. The harness
+//! touches a slot's bytes only through [`SlotBuffer`]'s raw pointer, with copies, and only while that
+//! slot is not in flight: between `reap` returning it and the next `queue` naming it. That is the rule
+//! for memory a device may write; an engine may rely on it.
+//!
+//! An engine is used by one thread at a time (`Send`, not `Sync`); `numjobs` clones each open their own.
+
+use std::ptr::NonNull;
+
+use crate::options::{EngineKind, JobSpec};
+
+pub mod io_uring;
+pub mod null;
+pub mod region;
+
+/// An engine failed; the message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The target does not exist or cannot be opened.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// The target.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The target is smaller than the job's region.
+    #[error("{path} is {capacity} bytes, smaller than the region the job needs (offset {offset} + size {size}): grow the file or lower --size/--offset")]
+    TooSmall {
+        /// The target.
+        path: String,
+        /// Its size.
+        capacity: u64,
+        /// Region start.
+        offset: u64,
+        /// Region size.
+        size: u64,
+    },
+    /// The engine is not available in this build or on this machine.
+    #[error("ioengine={0} is not available: {1}")]
+    Unavailable(&'static str, String),
+    /// Setting the engine up failed (ring creation, buffer registration, memory).
+    #[error("{what} failed: {source}")]
+    Setup {
+        /// Which step.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Submitting or reaping failed as a whole (not one I/O: that is an [`IoCompletion`] result).
+    #[error("{what} failed: {source}")]
+    Io {
+        /// Which step.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The harness broke the protocol (slot out of range or already in flight, request too large).
+    #[error("engine misuse: {0}")]
+    Misuse(String),
+}
+
+/// What an engine knows about its target after opening it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Bytes addressable from offset 0.
+    pub capacity: u64,
+    /// Offsets and lengths must be multiples of this (512 for a regular file, the LBA size of a device).
+    pub logical_block_size: u32,
+}
+
+/// Read or write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoDirection {
+    /// Device to buffer.
+    Read,
+    /// Buffer to device.
+    Write,
+}
+
+/// One I/O to queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoRequest {
+    /// Which buffer slot holds (write) or receives (read) the data; `< slots` given to `prepare`.
+    pub slot: u32,
+    /// Direction.
+    pub direction: IoDirection,
+    /// Byte offset on the target; a multiple of the logical block size.
+    pub offset: u64,
+    /// Bytes; a multiple of the logical block size, at most `slot_bytes`.
+    pub len: u32,
+}
+
+/// One finished I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoCompletion {
+    /// The slot of the request (free again once returned).
+    pub slot: u32,
+    /// Bytes moved, or the errno the device/kernel reported.
+    pub result: Result<u32, i32>,
+}
+
+/// A raw view of one slot's bytes; see the module doc for when it may be touched.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotBuffer {
+    /// First byte.
+    pub ptr: NonNull<u8>,
+    /// Length in bytes (`slot_bytes` from `prepare`).
+    pub len: usize,
+}
+
+/// A block I/O engine driven by one job thread. See the module doc for the call order.
+pub trait Engine: Send {
+    /// The `ioengine=` name, for reports.
+    fn name(&self) -> &'static str;
+
+    /// Capacity and logical block size of the opened target.
+    fn geometry(&self) -> Geometry;
+
+    /// Allocates (and registers, where the engine can) `slots` buffers of `slot_bytes` each.
+    /// Called once, before the first `queue`. `slot_bytes` is a multiple of the logical block size.
+    fn prepare(&mut self, slots: u32, slot_bytes: u32) -> Result<(), EngineError>;
+
+    /// The bytes of `slot`. Valid from `prepare` until `close`.
+    fn slot_buffer(&self, slot: u32) -> Result<SlotBuffer, EngineError>;
+
+    /// Queues one request; it may not reach the device before `commit`. The slot must be idle.
+    fn queue(&mut self, request: IoRequest) -> Result<(), EngineError>;
+
+    /// Hands every queued request to the device.
+    fn commit(&mut self) -> Result<(), EngineError>;
+
+    /// Waits until at least `min` requests have completed (0: do not wait), then appends every
+    /// completion that is ready to `out`. Never returns more completions than requests committed.
+    fn reap(&mut self, min: usize, out: &mut Vec<IoCompletion>) -> Result<(), EngineError>;
+
+    /// Releases the target and buffers. No request may be in flight.
+    fn close(&mut self) -> Result<(), EngineError>;
+
+    /// Engine-specific statistics for the JSON report's `tidepool` object (pool use, waits, ...).
+    fn stats(&self) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+/// Opens the engine a job asks for on the job's target, checking the target covers the job's region.
+///
+/// The tidepool engine slots in here once drivers/nvme exists: construct it from `spec.pool` and
+/// `spec.filename` (the controller's PCI address) and return it boxed.
+pub fn open_engine(spec: &JobSpec) -> Result<Box<dyn Engine>, EngineError> {
+    let engine: Box<dyn Engine> =
+        match spec.ioengine {
+            EngineKind::IoUring => Box::new(io_uring::IoUringEngine::open(spec)?),
+            EngineKind::Null => Box::new(null::NullEngine::new(spec)),
+            EngineKind::Tidepool => return Err(EngineError::Unavailable(
+                "tidepool",
+                "the userspace NVMe driver (drivers/nvme) is not built into this tpio yet: use \
+                 --ioengine=io_uring or --ioengine=null"
+                    .into(),
+            )),
+        };
+    let capacity = engine.geometry().capacity;
+    if let Some(size) = spec.size {
+        if spec
+            .offset
+            .checked_add(size)
+            .is_none_or(|end| end > capacity)
+        {
+            return Err(EngineError::TooSmall {
+                path: target_label(spec),
+                capacity,
+                offset: spec.offset,
+                size,
+            });
+        }
+    }
+    Ok(engine)
+}
+
+/// How a job's target is named in messages.
+pub fn target_label(spec: &JobSpec) -> String {
+    spec.filename
+        .as_ref()
+        .map(|path| path.display().to_string())
+        .unwrap_or_else(|| "(null)".into())
+}
+
+impl SlotBuffer {
+    /// Copies `source` into the start of the slot. Only while the slot is idle (module doc).
+    pub fn copy_in(&self, source: &[u8]) -> Result<(), EngineError> {
+        if source.len() > self.len {
+            return Err(EngineError::Misuse(format!(
+                "{} bytes do not fit a {}-byte slot",
+                source.len(),
+                self.len
+            )));
+        }
+        // SAFETY: the slot is `len` writable bytes not in flight (the caller's contract), `source`
+        // is ordinary memory that cannot overlap engine-owned slot memory, and the length fits.
+        unsafe { std::ptr::copy_nonoverlapping(source.as_ptr(), self.ptr.as_ptr(), source.len()) };
+        Ok(())
+    }
+
+    /// Copies the start of the slot into `target`. Only while the slot is idle (module doc).
+    pub fn copy_out(&self, target: &mut [u8]) -> Result<(), EngineError> {
+        if target.len() > self.len {
+            return Err(EngineError::Misuse(format!(
+                "cannot read {} bytes from a {}-byte slot",
+                target.len(),
+                self.len
+            )));
+        }
+        // SAFETY: as in `copy_in`, with the roles of the two buffers swapped.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), target.as_mut_ptr(), target.len())
+        };
+        Ok(())
+    }
+}

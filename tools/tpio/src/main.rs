@@ -1,0 +1,28 @@
+//! The `tpio` command: `tpio [OPTIONS] [JOBFILE...]` runs jobs; `tpio plot A.json ... -o out.png`
+//! draws results. Errors go to stderr with exit status 1 and nothing on stdout.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use tpio::cli::{self, CliError};
+
+/// Runs the command and maps its outcome to an exit status.
+fn main() -> ExitCode {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let outcome = if argv.get(1).is_some_and(|arg| arg == "plot") {
+        tpio::plot::run(&argv[1..]).map(|()| 0)
+    } else {
+        cli::run(&argv)
+    };
+    match outcome {
+        Ok(status) => ExitCode::from(status as u8),
+        Err(CliError::Info(text)) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("tpio: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Per-job statistics: exact min/max/mean/stddev and an HDR histogram for percentiles.
+//!
+//! Mean and standard deviation come from running sums (Welford's update, numerically stable), not
+//! from the histogram, so they are exact; percentiles come from `hdrhistogram` at 3 significant
+//! digits (relative error <= 0.1%), the resolution fio's own histogram roughly has. Both the
+//! human and the JSON report are rendered from the same [`LatencySummary`] values.
+
+use hdrhistogram::Histogram;
+
+/// The percentiles fio prints by default, in fio's order.
+pub const PERCENTILES: [f64; 17] = [
+    1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95,
+    99.99,
+];
+
+/// Largest latency the histogram tracks exactly (1 hour in ns); larger values are clamped.
+const HISTOGRAM_MAX_NS: u64 = 3_600_000_000_000;
+
+/// A latency distribution in nanoseconds.
+#[derive(Debug, Clone)]
+pub struct LatencyStats {
+    histogram: Option<Histogram<u64>>,
+    count: u64,
+    min: u64,
+    max: u64,
+    mean: f64,
+    m2: f64,
+}
+
+impl LatencyStats {
+    /// An empty distribution; `with_percentiles` false keeps only min/max/mean/stddev (slat).
+    pub fn new(with_percentiles: bool) -> Self {
+        let histogram = with_percentiles
+            .then(|| Histogram::new_with_bounds(1, HISTOGRAM_MAX_NS, 3).ok())
+            .flatten();
+        LatencyStats {
+            histogram,
+            count: 0,
+            min: u64::MAX,
+            max: 0,
+            mean: 0.0,
+            m2: 0.0,
+        }
+    }
+
+    /// Adds one sample.
+    pub fn record(&mut self, nanos: u64) {
+        self.count += 1;
+        self.min = self.min.min(nanos);
+        self.max = self.max.max(nanos);
+        let delta = nanos as f64 - self.mean;
+        self.mean += delta / self.count as f64;
+        self.m2 += delta * (nanos as f64 - self.mean);
+        if let Some(histogram) = &mut self.histogram {
+            histogram.saturating_record(nanos.clamp(1, HISTOGRAM_MAX_NS));
+        }
+    }
+
+    /// The summary both reports print.
+    pub fn summary(&self) -> LatencySummary {
+        if self.count == 0 {
+            return LatencySummary {
+                min: 0,
+                max: 0,
+                mean: 0.0,
+                stddev: 0.0,
+                count: 0,
+                percentiles: self
+                    .histogram
+                    .as_ref()
+                    .map(|_| PERCENTILES.iter().map(|p| (*p, 0)).collect()),
+            };
+        }
+        let stddev = if self.count > 1 {
+            (self.m2 / (self.count - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        LatencySummary {
+            min: self.min,
+            max: self.max,
+            mean: self.mean,
+            stddev,
+            count: self.count,
+            percentiles: self.histogram.as_ref().map(|histogram| {
+                PERCENTILES
+                    .iter()
+                    .map(|p| {
+                        (
+                            *p,
+                            histogram
+                                .value_at_percentile(*p)
+                                .min(self.max)
+                                .max(self.min),
+                        )
+                    })
+                    .collect()
+            }),
+        }
+    }
+}
+
+/// A finished latency distribution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatencySummary {
+    /// Smallest sample (ns).
+    pub min: u64,
+    /// Largest sample (ns).
+    pub max: u64,
+    /// Mean (ns).
+    pub mean: f64,
+    /// Sample standard deviation (ns), as fio computes it.
+    pub stddev: f64,
+    /// Number of samples.
+    pub count: u64,
+    /// (percentile, ns) pairs, when tracked.
+    pub percentiles: Option<Vec<(f64, u64)>>,
+}
+
+/// One direction's counters.
+#[derive(Debug, Clone)]
+pub struct DirectionStats {
+    /// Bytes completed.
+    pub io_bytes: u64,
+    /// I/Os completed.
+    pub total_ios: u64,
+    /// Queue to submitted (time spent before the device saw it).
+    pub slat: LatencyStats,
+    /// Submitted to completed.
+    pub clat: LatencyStats,
+    /// Queue to completed.
+    pub lat: LatencyStats,
+}
+
+impl Default for DirectionStats {
+    fn default() -> Self {
+        DirectionStats {
+            io_bytes: 0,
+            total_ios: 0,
+            slat: LatencyStats::new(false),
+            clat: LatencyStats::new(true),
+            lat: LatencyStats::new(true),
+        }
+    }
+}
+
+impl DirectionStats {
+    /// Records one completed I/O of `bytes` with its three latencies in ns.
+    pub fn record(&mut self, bytes: u64, slat: u64, clat: u64) {
+        self.io_bytes += bytes;
+        self.total_ios += 1;
+        self.slat.record(slat);
+        self.clat.record(clat);
+        self.lat.record(slat + clat);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_moments_and_percentiles() {
+        let mut stats = LatencyStats::new(true);
+        for value in 1..=1000u64 {
+            stats.record(value * 1000);
+        }
+        let summary = stats.summary();
+        assert_eq!(summary.min, 1000);
+        assert_eq!(summary.max, 1_000_000);
+        assert!((summary.mean - 500_500.0).abs() < 1e-6);
+        // Sample stddev of 1000..=1_000_000 step 1000.
+        let exact = {
+            let n = 1000.0f64;
+            let values: Vec<f64> = (1..=1000).map(|v| v as f64 * 1000.0).collect();
+            let mean = values.iter().sum::<f64>() / n;
+            (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+        };
+        assert!((summary.stddev - exact).abs() < 1e-3 * exact);
+        let percentiles = summary.percentiles.expect("tracked");
+        let p50 = percentiles.iter().find(|(p, _)| *p == 50.0).expect("p50").1;
+        assert!((499_000..=501_000).contains(&p50), "p50 {p50}");
+        let p99 = percentiles.iter().find(|(p, _)| *p == 99.0).expect("p99").1;
+        assert!((989_000..=991_000).contains(&p99), "p99 {p99}");
+    }
+}
