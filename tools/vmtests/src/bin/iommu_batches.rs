@@ -103,7 +103,7 @@ fn dma_avail(view: &VfioType1) -> Result<u64, String> {
 /// Checks an extent is aligned, below the mask and inside one valid range.
 fn check_extent(view: &VfioType1, iova: DeviceAddr, len: usize) -> Result<(), String> {
     let last = iova.0 + len as u64 - 1;
-    if !iova.0.is_multiple_of(HUGE as u64) {
+    if iova.0 % HUGE as u64 != 0 {
         return Err(format!("IOVA {:#x} is not 2 MiB aligned", iova.0));
     }
     if last > view.dma_mask() {
