@@ -34,13 +34,15 @@ pub struct Throttle {
 /// How a [`super::Pool`] sizes, grows, shrinks and waits.
 ///
 /// The defaults suit a storage driver: 16 MiB prefilled, growth in 16 MiB chunks (one IOMMU
-/// mapping each) up to 1 GiB, buffers from 512 B to 2 MiB, 1/16 of capacity reserved for the
-/// immediate path, and a waiter that has waited 1 ms triggers growth.
+/// mapping each) up to 1 GiB, buffers from 512 B to 2 MiB, 1 MiB (1/16 of the prefill) reserved
+/// for the immediate path, and a waiter that has waited 1 ms triggers growth.
 ///
 /// ```
 /// use tidepool::pool::PoolConfig;
-/// let cfg = PoolConfig { prefill_bytes: 4 << 20, max_bytes: 64 << 20, ..PoolConfig::default() };
+/// let cfg = PoolConfig { prefill_bytes: 32 << 20, max_bytes: 64 << 20, ..PoolConfig::default() };
 /// assert!(cfg.validate().is_ok());
+/// let bad = PoolConfig { prefill_bytes: 4 << 20, ..cfg };
+/// assert!(bad.validate().is_err(), "prefill must be whole chunks");
 /// ```
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct PoolConfig {
