@@ -786,3 +786,6 @@ impl Drop for Alloc<'_> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(all(test, loom))]
+mod loom_tests;
