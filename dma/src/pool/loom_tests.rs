@@ -25,6 +25,20 @@ use super::*;
 use crate::memory::{MemoryConfig, PageSize};
 use crate::share::identity::Identity;
 
+/// Runs `f` under loom for every interleaving (up to `LOOM_MAX_PREEMPTIONS`), and reports how
+/// many it explored (so that a model that explores nothing is visible).
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = runs.clone();
+    loom::model(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f();
+    });
+    let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{runs} interleavings explored");
+    assert!(runs > 1, "the model has no concurrency to explore");
+}
+
 /// One block of the largest size class.
 const BLOCK: usize = 64 << 10;
 
@@ -52,12 +66,10 @@ fn config(max_chunks: usize, cache: bool) -> PoolConfig {
     }
 }
 
-/// A pool over a fresh identity view (the view is returned to check its mapping count).
-fn pool(cfg: PoolConfig) -> (Pool, std::sync::Arc<Identity>) {
-    let view = std::sync::Arc::new(Identity::new());
-    let dyn_view: std::sync::Arc<dyn crate::share::DeviceView> = view.clone();
-    let pool = Pool::new(Arc::from_std(dyn_view), cfg).expect("pool");
-    (pool, view)
+/// A pool over a fresh identity view (`pool.view().usage()` counts its chunk mappings).
+fn pool(cfg: PoolConfig) -> Pool {
+    let view: std::sync::Arc<dyn crate::share::DeviceView> = std::sync::Arc::new(Identity::new());
+    Pool::new(Arc::from_std(view), cfg).expect("pool")
 }
 
 /// A waker that only counts (for futures polled by hand on the model's main thread; wakes
@@ -73,6 +85,15 @@ impl Wake for CountingWaker {
 
 /// The pool has nothing in use, nobody waiting, and its whole capacity can be allocated again.
 fn assert_quiescent(p: &Pool) {
+    {
+        let g = p.shared.global.lock().unwrap();
+        assert!(
+            g.queue.is_empty(),
+            "no waiter and no unclaimed grant left: {} waiting, {} unclaimed",
+            g.queue.waiting(),
+            g.queue.unclaimed()
+        );
+    }
     let s = p.stats();
     assert_eq!(s.in_use_bytes, 0, "{s:?}");
     assert_eq!(s.waiters, 0, "{s:?}");
@@ -98,8 +119,8 @@ fn alloc_and_free(p: &Pool, tag: u8) {
 /// awaiting threads always complete (loom reports a deadlock if a wake-up were lost).
 #[test]
 fn loom_last_block_waiter_is_woken() {
-    loom::model(|| {
-        let (p, _view) = pool(config(1, false));
+    model(|| {
+        let p = pool(config(1, false));
         let p1 = p.clone();
         let a = thread::spawn(move || alloc_and_free(&p1, 1));
         let p2 = p.clone();
@@ -120,20 +141,32 @@ fn loom_last_block_waiter_is_woken() {
 
 /// (a') As (a) with the per-core cache on: a release that misses a brand-new waiter (the
 /// `waiting` mirror is read without the lock) lands in the cache, and the design relies on the
-/// grower's drain to hand it on. The main thread plays the grower once the other threads are
-/// done: after that step the waiter is always served.
+/// grower's drain to hand it on. The main thread plays the grower, stepping until the waiter
+/// is served: the waiter never hangs as long as the grower runs.
 #[test]
 fn loom_cached_release_reaches_waiter_after_grower_drain() {
-    loom::model(|| {
-        let (p, _view) = pool(config(1, true));
-        let p1 = p.clone();
-        let a = thread::spawn(move || alloc_and_free(&p1, 1));
-        let p2 = p.clone();
-        let w = thread::spawn(move || alloc_and_free(&p2, 2));
-        a.join().unwrap();
-        // The grower's step: a waiter past grow_after (zero) makes it drain the caches.
-        p.maintain();
-        w.join().unwrap();
+    model(|| {
+        let p = pool(config(1, true));
+        let done = Arc::new(AtomicUsize::new(0));
+        let users: Vec<_> = (1..=2u8)
+            .map(|tag| {
+                let (p, done) = (p.clone(), done.clone());
+                thread::spawn(move || {
+                    alloc_and_free(&p, tag);
+                    done.fetch_add(1, Ordering::Release);
+                })
+            })
+            .collect();
+        // The grower: steps until both are served (a waiter past grow_after, zero here, makes
+        // a step drain the caches). The background grower is woken by each enqueue and
+        // rechecks after grow_after, which this loop stands for.
+        while done.load(Ordering::Acquire) < 2 {
+            p.maintain();
+            thread::yield_now();
+        }
+        for u in users {
+            u.join().unwrap();
+        }
         assert_quiescent(&p);
     });
 }
@@ -142,52 +175,59 @@ fn loom_cached_release_reaches_waiter_after_grower_drain() {
 /// taken back by the cancel and returned to the arena, or never made. Nothing is lost.
 #[test]
 fn loom_cancel_racing_grant_loses_nothing() {
-    loom::model(|| {
-        let (p, _view) = pool(config(1, false));
-        let held = p.try_alloc(BLOCK).unwrap();
-        let waker = std::sync::Arc::new(CountingWaker::default());
-        let waker_handle = Waker::from(waker.clone());
-        let mut fut = pin!(p.alloc(BLOCK));
-        assert!(fut
-            .as_mut()
-            .poll(&mut Context::from_waker(&waker_handle))
-            .is_pending());
-        let releaser = thread::spawn(move || drop(held));
-        drop(fut); // Cancel, concurrently with the release's grant.
-        releaser.join().unwrap();
-        assert!(waker.0.load(std::sync::atomic::Ordering::SeqCst) <= 1);
-        assert_quiescent(&p);
-    });
+    // Without and with the per-core cache (a release may land there instead).
+    for cache in [false, true] {
+        model(move || {
+            let p = pool(config(1, cache));
+            let held = p.try_alloc(BLOCK).unwrap();
+            let waker = std::sync::Arc::new(CountingWaker::default());
+            let waker_handle = Waker::from(waker.clone());
+            // Boxed, so that `drop(fut)` below drops (cancels) the future itself, not a pin.
+            let mut fut = Box::pin(p.alloc(BLOCK));
+            assert!(fut
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker_handle))
+                .is_pending());
+            let releaser = thread::spawn(move || drop(held));
+            drop(fut); // Cancel, concurrently with the release's grant.
+            releaser.join().unwrap();
+            assert!(waker.0.load(std::sync::atomic::Ordering::SeqCst) <= 1);
+            assert_quiescent(&p);
+        });
+    }
 }
 
 /// (b') As (b), but the waiter polls once more before it is dropped: if the grant arrived it
 /// takes the block (and frees it with the buffer), otherwise the cancel returns it.
 #[test]
 fn loom_poll_then_cancel_racing_grant_loses_nothing() {
-    loom::model(|| {
-        let (p, _view) = pool(config(1, false));
-        let held = p.try_alloc(BLOCK).unwrap();
-        let waker = Waker::from(std::sync::Arc::new(CountingWaker::default()));
-        let mut fut = pin!(p.alloc(BLOCK));
-        let mut cx = Context::from_waker(&waker);
-        assert!(fut.as_mut().poll(&mut cx).is_pending());
-        let releaser = thread::spawn(move || drop(held));
-        let got = fut.as_mut().poll(&mut cx);
-        if let Poll::Ready(r) = got {
-            drop(r.expect("granted"));
-        }
-        drop(fut);
-        releaser.join().unwrap();
-        assert_quiescent(&p);
-    });
+    // Without and with the per-core cache (a release may land there instead).
+    for cache in [false, true] {
+        model(move || {
+            let p = pool(config(1, cache));
+            let held = p.try_alloc(BLOCK).unwrap();
+            let waker = Waker::from(std::sync::Arc::new(CountingWaker::default()));
+            let mut fut = Box::pin(p.alloc(BLOCK));
+            let mut cx = Context::from_waker(&waker);
+            assert!(fut.as_mut().poll(&mut cx).is_pending());
+            let releaser = thread::spawn(move || drop(held));
+            let got = fut.as_mut().poll(&mut cx);
+            if let Poll::Ready(r) = got {
+                drop(r.expect("granted"));
+            }
+            drop(fut);
+            releaser.join().unwrap();
+            assert_quiescent(&p);
+        });
+    }
 }
 
 /// (c) The grower grows while a waiter waits and the holder releases: the waiter is served by
 /// whichever comes first, and the other's space stays free (not leaked, not double-granted).
 #[test]
 fn loom_grow_racing_waiter_and_release() {
-    loom::model(|| {
-        let (p, view) = pool(config(2, false));
+    model(|| {
+        let p = pool(config(2, false));
         let held = p.try_alloc(BLOCK).unwrap();
         let pw = p.clone();
         let waiter = thread::spawn(move || alloc_and_free(&pw, 2));
@@ -203,7 +243,7 @@ fn loom_grow_racing_waiter_and_release() {
             s.capacity_bytes == BLOCK as u64 || s.capacity_bytes == 2 * BLOCK as u64,
             "{s:?}"
         );
-        assert_eq!(view.usage().mappings, s.chunks, "every chunk shared once");
+        assert_eq!(p.view().usage().mappings, s.chunks, "every chunk shared once");
         assert_quiescent(&p);
     });
 }
@@ -213,12 +253,12 @@ fn loom_grow_racing_waiter_and_release() {
 /// below the prefill, and the books balance.
 #[test]
 fn loom_shrink_racing_alloc() {
-    loom::model(|| {
+    model(|| {
         let cfg = PoolConfig {
             shrink_delay: Duration::ZERO,
             ..config(2, true)
         };
-        let (p, view) = pool(cfg);
+        let p = pool(cfg);
         // Grow to two chunks: one waiter, one grower step.
         let held = p.try_alloc(BLOCK).unwrap();
         {
@@ -249,7 +289,7 @@ fn loom_shrink_racing_alloc() {
         let s = p.stats();
         assert!(s.chunks >= 1, "never below the prefill: {s:?}");
         assert_eq!(
-            view.usage().mappings,
+            p.view().usage().mappings,
             s.chunks,
             "shared chunks match the arena"
         );
