@@ -243,7 +243,11 @@ fn loom_grow_racing_waiter_and_release() {
             s.capacity_bytes == BLOCK as u64 || s.capacity_bytes == 2 * BLOCK as u64,
             "{s:?}"
         );
-        assert_eq!(p.view().usage().mappings, s.chunks, "every chunk shared once");
+        assert_eq!(
+            p.view().usage().mappings,
+            s.chunks,
+            "every chunk shared once"
+        );
         assert_quiescent(&p);
     });
 }
