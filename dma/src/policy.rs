@@ -172,7 +172,7 @@ impl AlignedScratch {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use crate::pool::tests::small_config;

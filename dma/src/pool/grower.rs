@@ -228,6 +228,8 @@ impl Shared {
                 Ok((c, dev, buddy)) => {
                     g.growing_bytes -= chunk;
                     g.arena.insert(c, dev, buddy, false);
+                    // dispatch publishes only when someone waits: publish the new chunk here.
+                    self.publish_capacity(&g);
                     g.last_grow = Some(Instant::now());
                     g.backoff = MIN_BACKOFF;
                     g.backoff_until = None;

@@ -850,5 +850,9 @@ impl Drop for Alloc<'_> {
     }
 }
 
-#[cfg(test)]
+// Under loom the pool's `Arc` is loom's (so `Pool::new` takes one); the unit tests use std's.
+#[cfg(all(test, not(loom)))]
 pub(crate) mod tests;
+
+#[cfg(all(test, loom))]
+mod loom_tests;
