@@ -7,7 +7,7 @@ use crate::sync::Arc;
 use crate::DeviceAddr;
 
 use super::arena::Block;
-use super::{PoolError, Shared};
+use super::{Anchor, PoolError};
 
 /// The size of the pages a device addresses in PRP lists and the like.
 pub const DEVICE_PAGE: usize = 4096;
@@ -22,7 +22,8 @@ pub const DEVICE_PAGE: usize = 4096;
 ///
 /// A fresh buffer is zeroed: a device never sees another user's bytes.
 pub struct DmaBuf {
-    shared: Arc<Shared>,
+    /// The pool, through the allocating CPU's anchor (see [`Anchor`]).
+    anchor: Arc<Anchor>,
     block: Option<Block>,
     len: usize,
 }
@@ -30,17 +31,17 @@ pub struct DmaBuf {
 impl DmaBuf {
     /// Wraps a block just taken from the pool, zeroing the whole block (the rounded-up tail
     /// too: the device may see it).
-    pub(crate) fn new_zeroed(shared: Arc<Shared>, block: Block, len: usize) -> DmaBuf {
+    pub(crate) fn new_zeroed(anchor: Arc<Anchor>, block: Block, len: usize) -> DmaBuf {
         // SAFETY: we own the block exclusively and no device has its address yet.
         unsafe { copy::zero_device(block.ptr.as_ptr(), block.size()) };
-        DmaBuf::new_unzeroed(shared, block, len)
+        DmaBuf::new_unzeroed(anchor, block, len)
     }
 
     /// Wraps a block without zeroing. The caller must overwrite all of it before a device
     /// can see it (the bounce paths copy the caller's data in and zero the tail).
-    pub(crate) fn new_unzeroed(shared: Arc<Shared>, block: Block, len: usize) -> DmaBuf {
+    pub(crate) fn new_unzeroed(anchor: Arc<Anchor>, block: Block, len: usize) -> DmaBuf {
         DmaBuf {
-            shared,
+            anchor,
             block: Some(block),
             len,
         }
@@ -137,7 +138,7 @@ impl DmaBuf {
 impl Drop for DmaBuf {
     fn drop(&mut self) {
         if let Some(b) = self.block.take() {
-            self.shared.release(b);
+            self.anchor.shared.release(b);
         }
     }
 }

@@ -85,7 +85,13 @@ impl Caches {
         self.cores.iter().map(|p| &p.0)
     }
 
-    fn current_index(&self) -> usize {
+    /// How many caches (one per possible CPU).
+    pub fn len(&self) -> usize {
+        self.cores.len()
+    }
+
+    /// The calling CPU's index into the caches.
+    pub fn current_index(&self) -> usize {
         if cfg!(loom) {
             return 0;
         }

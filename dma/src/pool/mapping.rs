@@ -94,20 +94,50 @@ impl<'a> From<&'a mut Vec<u8>> for UserBuf<'a> {
     }
 }
 
+/// The caller's segments of one mapping: one inline (the common case: no heap allocation on
+/// the hot path), or several.
+#[derive(Debug)]
+enum Segments<'a> {
+    One([UserBuf<'a>; 1]),
+    Many(Vec<UserBuf<'a>>),
+}
+
+impl Default for Segments<'_> {
+    fn default() -> Self {
+        Segments::Many(Vec::new())
+    }
+}
+
+impl<'a> Segments<'a> {
+    fn as_slice(&self) -> &[UserBuf<'a>] {
+        match self {
+            Segments::One(one) => one,
+            Segments::Many(v) => v,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [UserBuf<'a>] {
+        match self {
+            Segments::One(one) => one,
+            Segments::Many(v) => v,
+        }
+    }
+}
+
 /// A live bounce mapping of caller memory (one or more segments) into one pool buffer.
 #[derive(Debug)]
 pub struct Mapping<'a> {
     buf: DmaBuf,
-    segments: Vec<UserBuf<'a>>,
+    segments: Segments<'a>,
     dir: Direction,
 }
 
 impl<'a> Mapping<'a> {
     /// Fills a fresh (unzeroed) pool buffer per `dir`: caller bytes in, the rest zeroed.
-    fn new(mut buf: DmaBuf, segments: Vec<UserBuf<'a>>, dir: Direction) -> Mapping<'a> {
+    fn new(mut buf: DmaBuf, segments: Segments<'a>, dir: Direction) -> Mapping<'a> {
         let mut at = 0;
         if dir.copies_in() {
-            for s in &segments {
+            for s in segments.as_slice() {
                 // SAFETY: the segments' total is the buffer's len, ≤ its capacity; the block
                 // is ours and no device has its address yet.
                 unsafe { copy::copy_to_device(s.bytes(), buf.as_ptr().add(at)) };
@@ -152,7 +182,7 @@ impl<'a> Mapping<'a> {
             return;
         }
         let mut at = 0;
-        for s in &self.segments {
+        for s in self.segments.as_slice() {
             // SAFETY: as in `new`.
             unsafe { copy::copy_to_device(s.bytes(), self.buf.as_ptr().add(at)) };
             at += s.len();
@@ -166,7 +196,7 @@ impl<'a> Mapping<'a> {
             return;
         }
         let mut at = 0;
-        for s in &mut self.segments {
+        for s in self.segments.as_mut_slice() {
             if let UserBuf::Exclusive(b) = s {
                 // SAFETY: reads `b.len()` bytes of our block at `at`, within its length.
                 unsafe { copy::copy_from_device(self.buf.as_ptr().add(at), b) };
@@ -186,7 +216,7 @@ impl<'a> Mapping<'a> {
 #[must_use = "futures do nothing unless awaited"]
 #[derive(Debug)]
 pub struct MapFuture<'p, 'a> {
-    inner: Result<(Alloc<'p>, Vec<UserBuf<'a>>), Option<PoolError>>,
+    inner: Result<(Alloc<'p>, Segments<'a>), Option<PoolError>>,
     dir: Direction,
 }
 
@@ -201,8 +231,8 @@ impl<'a> Future for MapFuture<'_, 'a> {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                 Poll::Ready(Ok(block)) => {
-                    let len = segs.iter().map(UserBuf::len).sum();
-                    let buf = DmaBuf::new_unzeroed(alloc.pool.shared.clone(), block, len);
+                    let len = segs.as_slice().iter().map(UserBuf::len).sum();
+                    let buf = DmaBuf::new_unzeroed(alloc.pool.anchor(), block, len);
                     Poll::Ready(Ok(Mapping::new(buf, std::mem::take(segs), dir)))
                 }
             },
@@ -222,11 +252,11 @@ impl Pool {
 
     fn map_future<'p, 'a>(
         &'p self,
-        segs: Vec<UserBuf<'a>>,
+        segs: Segments<'a>,
         dir: Direction,
         timeout: Option<Duration>,
     ) -> MapFuture<'p, 'a> {
-        let inner = match self.check_segments(&segs, dir) {
+        let inner = match self.check_segments(segs.as_slice(), dir) {
             Ok(len) => Ok((Alloc::new(self, len, timeout), segs)),
             Err(e) => Err(Some(e)),
         };
@@ -246,7 +276,7 @@ impl Pool {
     /// # Ok(()) }
     /// ```
     pub fn map<'p, 'a>(&'p self, buf: impl Into<UserBuf<'a>>, dir: Direction) -> MapFuture<'p, 'a> {
-        self.map_future(vec![buf.into()], dir, None)
+        self.map_future(Segments::One([buf.into()]), dir, None)
     }
 
     /// As [`Pool::map`], failing with [`PoolError::Timeout`] after `timeout`.
@@ -256,13 +286,13 @@ impl Pool {
         dir: Direction,
         timeout: Duration,
     ) -> MapFuture<'p, 'a> {
-        self.map_future(vec![buf.into()], dir, Some(timeout))
+        self.map_future(Segments::One([buf.into()]), dir, Some(timeout))
     }
 
     /// Gathers several caller segments into one contiguous bounce buffer (total ≤
     /// `max_buffer`), waiting for capacity.
     pub fn map_sg<'p, 'a>(&'p self, segs: Vec<UserBuf<'a>>, dir: Direction) -> MapFuture<'p, 'a> {
-        self.map_future(segs, dir, None)
+        self.map_future(Segments::Many(segs), dir, None)
     }
 
     /// The immediate-path [`Pool::map`]: never waits (see [`Pool::try_alloc`]).
@@ -271,7 +301,7 @@ impl Pool {
         buf: impl Into<UserBuf<'a>>,
         dir: Direction,
     ) -> Result<Mapping<'a>, PoolError> {
-        self.try_map_sg(vec![buf.into()], dir)
+        self.try_map_segments(Segments::One([buf.into()]), dir)
     }
 
     /// The immediate-path [`Pool::map_sg`].
@@ -280,10 +310,18 @@ impl Pool {
         segs: Vec<UserBuf<'a>>,
         dir: Direction,
     ) -> Result<Mapping<'a>, PoolError> {
-        let len = self.check_segments(&segs, dir)?;
+        self.try_map_segments(Segments::Many(segs), dir)
+    }
+
+    fn try_map_segments<'a>(
+        &self,
+        segs: Segments<'a>,
+        dir: Direction,
+    ) -> Result<Mapping<'a>, PoolError> {
+        let len = self.check_segments(segs.as_slice(), dir)?;
         let order = self.check_len(len)?;
         let block = self.shared.alloc_immediate(order, len)?;
-        let buf = DmaBuf::new_unzeroed(self.shared.clone(), block, len);
+        let buf = DmaBuf::new_unzeroed(self.anchor(), block, len);
         Ok(Mapping::new(buf, segs, dir))
     }
 }

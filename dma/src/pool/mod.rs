@@ -94,6 +94,21 @@ use stats::Counters;
 #[derive(Clone, Debug)]
 pub struct Pool {
     shared: Arc<Shared>,
+    /// One [`Anchor`] per CPU, each holding the pool alive for the buffers allocated there.
+    anchors: Arc<Vec<Arc<Anchor>>>,
+}
+
+/// A per-CPU reference to the pool, with a cache line of its own.
+///
+/// Every [`DmaBuf`] must keep the pool alive, but if each cloned the pool's one `Arc`, every
+/// allocation and release on every CPU would bounce that reference count's cache line between
+/// CPUs — the hot path's only shared write. Instead a buffer clones the anchor of the CPU that
+/// allocated it: the count it touches is (almost always) local. Each anchor holds the pool;
+/// the pool is freed when its last handle, anchor and buffer are gone.
+#[repr(align(128))]
+#[derive(Debug)]
+pub(crate) struct Anchor {
+    pub shared: Arc<Shared>,
 }
 
 /// Everything the pool's handles, buffers and grower share.
@@ -195,7 +210,22 @@ impl Pool {
         if shared.cfg.background {
             grower::spawn(&shared);
         }
-        Ok(Pool { shared })
+        let anchors = (0..shared.caches.len())
+            .map(|_| {
+                Arc::new(Anchor {
+                    shared: shared.clone(),
+                })
+            })
+            .collect::<Vec<_>>();
+        Ok(Pool {
+            shared,
+            anchors: Arc::new(anchors),
+        })
+    }
+
+    /// The calling CPU's anchor, for a new buffer.
+    fn anchor(&self) -> Arc<Anchor> {
+        self.anchors[self.shared.caches.current_index() % self.anchors.len()].clone()
     }
 
     /// The pool's configuration.
@@ -224,7 +254,7 @@ impl Pool {
     pub fn try_alloc(&self, len: usize) -> Result<DmaBuf, PoolError> {
         let order = self.check_len(len)?;
         let block = self.shared.alloc_immediate(order, len)?;
-        Ok(DmaBuf::new_zeroed(self.shared.clone(), block, len))
+        Ok(DmaBuf::new_zeroed(self.anchor(), block, len))
     }
 
     /// A snapshot of the pool's state and history.
@@ -387,10 +417,15 @@ impl Shared {
         if let Some(b) = self.alloc_cached(order, Caller::Immediate) {
             return Ok(b);
         }
-        let got = {
+        let mut got = {
             let mut g = self.global.lock().unwrap();
             self.alloc_arena(&mut g, order, Caller::Immediate)
         };
+        // Free blocks may sit in other CPUs' caches: bring them back before giving up.
+        if got.is_none() && self.drain_caches() > 0 {
+            let mut g = self.global.lock().unwrap();
+            got = self.alloc_arena(&mut g, order, Caller::Immediate);
+        }
         if let Some(b) = got {
             self.count_in_use(b.size() as i64);
             if self.waiting.load(Ordering::Relaxed) == 0 {
@@ -552,9 +587,11 @@ impl Shared {
         self.publish_capacity(g);
     }
 
-    /// Moves every CPU's cached blocks back to the arena (grower: before shrinking, and when
-    /// waiters have waited long enough that cached space matters).
-    pub(crate) fn drain_caches(&self) {
+    /// Moves every CPU's cached blocks back to the arena (before a request waits or fails,
+    /// before shrinking, and when waiters have waited `grow_after`). Takes each cache lock in
+    /// turn, then the pool lock.
+    /// Returns how many blocks came back.
+    pub(crate) fn drain_caches(&self) -> usize {
         let mut back = Vec::new();
         for c in self.caches.each() {
             let mut c = c.lock().unwrap();
@@ -562,9 +599,11 @@ impl Shared {
                 back.append(class);
             }
         }
-        if !back.is_empty() {
+        let n = back.len();
+        if n > 0 {
             self.give_back(back);
         }
+        n
     }
 
     /// Bytes in use: the sum of every CPU's count.
@@ -677,6 +716,8 @@ impl<'p> Alloc<'p> {
                     self.state = AllocState::Done;
                     return Poll::Ready(Ok(b));
                 }
+                // Before queueing: free blocks may sit in other CPUs' caches.
+                shared.drain_caches();
                 let now = Instant::now();
                 let mut g = shared.global.lock().unwrap();
                 // Recheck under the lock: space may have come back since alloc_now looked.
@@ -813,9 +854,7 @@ impl Future for Alloc<'_> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let len = self.len;
         match self.poll_block(cx) {
-            Poll::Ready(Ok(b)) => {
-                Poll::Ready(Ok(DmaBuf::new_zeroed(self.pool.shared.clone(), b, len)))
-            }
+            Poll::Ready(Ok(b)) => Poll::Ready(Ok(DmaBuf::new_zeroed(self.pool.anchor(), b, len))),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
         }
