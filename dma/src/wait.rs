@@ -281,6 +281,12 @@ pub struct WaitQueue<G> {
     /// # Safety
     /// Guarded by the caller's pool lock (`&mut self`).
     granted: HashMap<u64, G>,
+    /// How many entries of each size are waiting: its smallest key lets `dispatch` stop as
+    /// soon as nothing behind can fit, instead of walking a long queue on every release.
+    ///
+    /// # Safety
+    /// Guarded by the caller's pool lock (`&mut self`).
+    sizes: BTreeMap<u64, usize>,
     /// Sum of the sizes in `waiting` (u128: a sum of u64 sizes cannot overflow it).
     ///
     /// # Safety
@@ -298,8 +304,26 @@ impl<G> WaitQueue<G> {
             next_seq: 0,
             waiting: BTreeMap::new(),
             granted: HashMap::new(),
+            sizes: BTreeMap::new(),
             waiting_bytes: 0,
         }
+    }
+
+    /// Counts a waiting entry of `size` in `sizes` and `waiting_bytes`. Lock: the pool lock.
+    fn count_in(&mut self, size: u64) {
+        *self.sizes.entry(size).or_insert(0) += 1;
+        self.waiting_bytes += u128::from(size);
+    }
+
+    /// Uncounts a waiting entry of `size` that left `waiting`. Lock: the pool lock.
+    fn count_out(&mut self, size: u64) {
+        if let std::collections::btree_map::Entry::Occupied(mut e) = self.sizes.entry(size) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+        self.waiting_bytes -= u128::from(size);
     }
 
     /// The fairness limits this queue applies.
@@ -326,7 +350,7 @@ impl<G> WaitQueue<G> {
                 bypassed: 0,
             },
         );
-        self.waiting_bytes += u128::from(size);
+        self.count_in(size);
         Ticket {
             queue: self.id,
             seq,
@@ -374,7 +398,7 @@ impl<G> WaitQueue<G> {
             return None;
         }
         if let Some(waiter) = self.waiting.remove(&ticket.seq) {
-            self.waiting_bytes -= u128::from(waiter.size);
+            self.count_out(waiter.size);
             return None;
         }
         self.granted.remove(&ticket.seq)
@@ -420,11 +444,19 @@ impl<G> WaitQueue<G> {
                 if self.is_starving(waiter, now) {
                     break; // Space is kept for it: nothing behind it is served.
                 }
+                if self
+                    .sizes
+                    .keys()
+                    .next()
+                    .is_some_and(|&min| smallest_refused <= min)
+                {
+                    break; // No waiting entry is smaller than a refused size: none can fit.
+                }
                 passed_over.push(seq);
                 continue;
             };
             if let Some(waiter) = self.waiting.remove(&seq) {
-                self.waiting_bytes -= u128::from(waiter.size);
+                self.count_out(waiter.size);
                 wakes.push(waiter.waker);
                 self.granted.insert(seq, handed);
                 granted += 1;
