@@ -70,7 +70,10 @@ impl Connection {
         let proto_offered = read_u64(&control, Request::GetProtocolFeatures)?;
         for (bit, name) in [
             (protocol_features::MQ, "VHOST_USER_PROTOCOL_F_MQ"),
-            (protocol_features::REPLY_ACK, "VHOST_USER_PROTOCOL_F_REPLY_ACK"),
+            (
+                protocol_features::REPLY_ACK,
+                "VHOST_USER_PROTOCOL_F_REPLY_ACK",
+            ),
             (protocol_features::CONFIG, "VHOST_USER_PROTOCOL_F_CONFIG"),
             (
                 protocol_features::CONFIGURE_MEM_SLOTS,

@@ -66,12 +66,10 @@ impl Control {
             path: path.display().to_string(),
             source,
         })?;
-        stream
-            .set_nonblocking(true)
-            .map_err(|source| Error::Io {
-                what: "making the control socket non-blocking",
-                source,
-            })?;
+        stream.set_nonblocking(true).map_err(|source| Error::Io {
+            what: "making the control socket non-blocking",
+            source,
+        })?;
         Ok(Control {
             stream: Mutex::new(Some(stream)),
             dead_reason: Mutex::new(None),

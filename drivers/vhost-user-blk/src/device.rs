@@ -240,7 +240,9 @@ impl Shared {
             f.get_or_insert(why).clone()
         };
         if matches!(why, Failure::Misbehaved(_)) {
-            self.conn.control.close("the backend broke the virtqueue protocol");
+            self.conn
+                .control
+                .close("the backend broke the virtqueue protocol");
         }
         for q in &self.queues {
             q.fail(&why);
@@ -367,7 +369,7 @@ impl BlockDevice {
         opts: DeviceOptions,
     ) -> Result<BlockDevice, Error> {
         let qs = opts.queue_size;
-        if qs < 4 || qs > crate::ring::MAX_QUEUE_SIZE || !qs.is_power_of_two() {
+        if !(4..=crate::ring::MAX_QUEUE_SIZE).contains(&qs) || !qs.is_power_of_two() {
             return Err(Error::Config(format!(
                 "queue_size {qs} must be a power of two between 4 and 32768"
             )));
@@ -509,7 +511,13 @@ impl BlockDevice {
         self.shared
             .queues
             .iter()
-            .map(|q| q.state.lock().unwrap_or_else(|p| p.into_inner()).ring.outstanding())
+            .map(|q| {
+                q.state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .ring
+                    .outstanding()
+            })
             .sum()
     }
 
@@ -647,7 +655,10 @@ impl BlockDevice {
             return Err(e);
         }
         let mut hdr = self.pool.alloc(HDR_BUF).await?;
-        hdr.write_at(0, &Writer::default().u32(op.type_code()).u32(0).u64(sector).0)?;
+        hdr.write_at(
+            0,
+            &Writer::default().u32(op.type_code()).u32(0).u64(sector).0,
+        )?;
         let mut chain = vec![Desc {
             addr: hdr.device_addr().0,
             len: 16,

@@ -82,13 +82,17 @@ pub enum RingError {
         size: u16,
     },
     /// A used entry names a descriptor that is not the head of an outstanding request.
-    #[error("used entry names descriptor {id}, which heads no outstanding request (completed twice?)")]
+    #[error(
+        "used entry names descriptor {id}, which heads no outstanding request (completed twice?)"
+    )]
     NotOutstanding {
         /// The id written.
         id: u32,
     },
     /// A used entry claims more bytes written than the request offered.
-    #[error("used entry for descriptor {id} claims {len} bytes written; the request offered {writable}")]
+    #[error(
+        "used entry for descriptor {id} claims {len} bytes written; the request offered {writable}"
+    )]
     LenTooLarge {
         /// The id.
         id: u32,
@@ -250,10 +254,7 @@ impl SplitRing {
 
     /// Sets or clears `avail.flags`' NO_INTERRUPT bit (polling mode sets it).
     pub fn set_no_interrupt(&mut self, on: bool) {
-        self.store16(
-            self.layout.avail,
-            if on { AVAIL_F_NO_INTERRUPT } else { 0 },
-        );
+        self.store16(self.layout.avail, if on { AVAIL_F_NO_INTERRUPT } else { 0 });
         fence(Ordering::SeqCst);
     }
 
@@ -408,9 +409,21 @@ mod tests {
 
     fn req(write_len: u32) -> [Desc; 3] {
         [
-            Desc { addr: 0x1000, len: 16, device_writes: false },
-            Desc { addr: 0x2000, len: write_len, device_writes: true },
-            Desc { addr: 0x3000, len: 1, device_writes: true },
+            Desc {
+                addr: 0x1000,
+                len: 16,
+                device_writes: false,
+            },
+            Desc {
+                addr: 0x2000,
+                len: write_len,
+                device_writes: true,
+            },
+            Desc {
+                addr: 0x3000,
+                len: 1,
+                device_writes: true,
+            },
         ]
     }
 
@@ -435,13 +448,22 @@ mod tests {
         let mut r = unsafe { SplitRing::new(m.ptr(), 8) }.unwrap();
         let h = r.add(&req(512)).unwrap();
         complete(m.ptr(), r.layout(), 8, 0, 99, 0);
-        assert!(matches!(r.pop_used(), Err(RingError::IdOutOfRange { id: 99, .. })));
+        assert!(matches!(
+            r.pop_used(),
+            Err(RingError::IdOutOfRange { id: 99, .. })
+        ));
         complete(m.ptr(), r.layout(), 8, 0, (h as u32 + 1) % 8, 0);
-        assert!(matches!(r.pop_used(), Err(RingError::NotOutstanding { .. })));
+        assert!(matches!(
+            r.pop_used(),
+            Err(RingError::NotOutstanding { .. })
+        ));
         complete(m.ptr(), r.layout(), 8, 0, h as u32, 514);
         assert!(matches!(r.pop_used(), Err(RingError::LenTooLarge { .. })));
         complete(m.ptr(), r.layout(), 8, 1, h as u32, 0);
-        assert!(matches!(r.pop_used(), Err(RingError::UsedIndexAhead { .. })));
+        assert!(matches!(
+            r.pop_used(),
+            Err(RingError::UsedIndexAhead { .. })
+        ));
         assert_eq!(r.outstanding(), 1, "errors consume nothing");
     }
 

@@ -52,10 +52,19 @@ impl Daemon {
             .expect("qemu-storage-daemon must be installed (apt-get install qemu-system-common)");
         let t = Instant::now();
         while !socket.exists() {
-            assert!(t.elapsed() < Duration::from_secs(10), "daemon did not create its socket");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "daemon did not create its socket"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
-        Daemon { dir, image, socket, log, child: Some(child) }
+        Daemon {
+            dir,
+            image,
+            socket,
+            log,
+            child: Some(child),
+        }
     }
 
     /// Kills the daemon at once (SIGKILL) and reaps it.
@@ -109,7 +118,10 @@ impl Drop for Daemon {
 
 /// 2 MiB hugepages if free, else 4 KiB pages.
 pub fn memory() -> MemoryConfig {
-    MemoryConfig { page_size: PageSize::Huge2M, allow_small_pages: true }
+    MemoryConfig {
+        page_size: PageSize::Huge2M,
+        allow_small_pages: true,
+    }
 }
 
 /// A pool config of `chunk`-byte chunks, `prefill` bytes prefilled, capped at `max`.
@@ -135,15 +147,17 @@ pub async fn open(
     opts: DeviceOptions,
 ) -> (BlockDevice, Arc<VhostUserView>) {
     let sock = d.socket.clone();
-    let conn = tokio::task::spawn_blocking(move || {
-        Connection::connect(&sock, &ConnectOptions::default())
-    })
-    .await
-    .unwrap()
-    .expect("connect");
+    let conn =
+        tokio::task::spawn_blocking(move || Connection::connect(&sock, &ConnectOptions::default()))
+            .await
+            .unwrap()
+            .expect("connect");
     let view = Arc::new(VhostUserView::new(conn.clone(), view_opts));
     let v2 = view.clone();
-    let pool = tokio::task::spawn_blocking(move || Pool::new(v2, cfg)).await.unwrap().expect("pool");
+    let pool = tokio::task::spawn_blocking(move || Pool::new(v2, cfg))
+        .await
+        .unwrap()
+        .expect("pool");
     let dev = BlockDevice::start(conn, pool, opts).await.expect("start");
     (dev, view)
 }
