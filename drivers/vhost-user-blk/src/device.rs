@@ -424,14 +424,21 @@ impl BlockDevice {
             }));
         }
         let c = conn.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), Error> {
+        let setup = tokio::task::spawn_blocking(move || -> Result<(), Error> {
             for v in &setups {
                 send_vring(&c, v)?;
             }
             c.probe()
         })
         .await
-        .map_err(|e| Error::Config(format!("vring setup thread failed: {e}")))??;
+        .map_err(|e| Error::Config(format!("vring setup thread failed: {e}")))
+        .and_then(|r| r);
+        if let Err(e) = setup {
+            // The backend may know some rings whose memory is about to go back to the pool:
+            // disconnect it first.
+            conn.close();
+            return Err(e);
+        }
 
         let shared = Arc::new(Shared {
             conn: conn.clone(),

@@ -29,9 +29,10 @@
 //! # Locking
 //! `state` is held across each share/unshare exchange (so regions are added and removed in the
 //! order slots are counted); only setup and the pool's grower thread call them. The control
-//! channel's own lock nests inside.
+//! channel's own lock nests inside. `usage()` reads atomic mirrors and never waits for it.
 
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -88,7 +89,6 @@ struct State {
     live: Vec<Live>,
     next_gpa: u64,
     table_sent: bool,
-    bytes: u64,
 }
 
 /// A [`DeviceView`] whose "device" is a vhost-user backend: sharing a chunk registers its
@@ -110,6 +110,10 @@ pub struct VhostUserView {
     conn: Arc<Connection>,
     opts: ViewOptions,
     state: Mutex<State>,
+    /// Mirrors of `state.live.len()` and its total bytes, written under `state`, read
+    /// without it by `usage()` (which async code may call while a region change blocks).
+    mappings: AtomicU64,
+    bytes: AtomicU64,
 }
 
 impl VhostUserView {
@@ -122,8 +126,9 @@ impl VhostUserView {
                 live: Vec::new(),
                 next_gpa: FIRST_GPA,
                 table_sent: false,
-                bytes: 0,
             }),
+            mappings: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
         }
     }
 
@@ -197,11 +202,12 @@ impl DeviceView for VhostUserView {
         result?;
         st.table_sent = true;
         st.next_gpa = (gpa + region.len as u64).next_multiple_of(GPA_ALIGN);
-        st.bytes += region.len as u64;
         st.live.push(Live {
             host_start: region.start(),
             region: r,
         });
+        self.bytes.fetch_add(region.len as u64, Ordering::Relaxed);
+        self.mappings.store(st.live.len() as u64, Ordering::Relaxed);
         drop(st);
         let cost = self
             .opts
@@ -241,16 +247,18 @@ impl DeviceView for VhostUserView {
             }
         }
         st.live.swap_remove(pos);
-        st.bytes -= live.region.memory_size;
+        self.bytes
+            .fetch_sub(live.region.memory_size, Ordering::Relaxed);
+        self.mappings.store(st.live.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
+    /// Regions and bytes registered, and the backend's slot limit. Lock-free.
     fn usage(&self) -> ShareUsage {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         ShareUsage {
-            mappings: st.live.len() as u64,
+            mappings: self.mappings.load(Ordering::Relaxed),
             mapping_limit: Some(self.conn.max_mem_slots),
-            bytes: st.bytes,
+            bytes: self.bytes.load(Ordering::Relaxed),
         }
     }
 

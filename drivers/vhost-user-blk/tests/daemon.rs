@@ -357,3 +357,31 @@ async fn slot_limit_is_a_typed_error() {
     .unwrap();
     d.assert_quiet_log();
 }
+
+/// The configured sharing cost (a confidential VM's page-state changes) is paid per byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_cost_is_paid_per_byte() {
+    use tidepool::memory::{Chunk, PageSize};
+    let d = Daemon::start("cost", 16 * MIB, 1);
+    let sock = d.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let conn = Connection::connect(&sock, &ConnectOptions::default()).unwrap();
+        let opts = ViewOptions {
+            share_cost_per_mib: Duration::from_millis(100),
+            ..ViewOptions::new()
+        };
+        let view = VhostUserView::new(conn, opts);
+        let c = Chunk::with_page_size(512 << 10, PageSize::Small4K).unwrap();
+        let t = Instant::now();
+        let a = view.share(&c.region()).unwrap();
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(50),
+            "0.5 MiB at 100 ms/MiB took {took:?}"
+        );
+        view.unshare(&c.region(), a).unwrap();
+    })
+    .await
+    .unwrap();
+    d.assert_quiet_log();
+}
