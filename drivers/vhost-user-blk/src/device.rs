@@ -3,10 +3,14 @@
 //! # Data path
 //! A request (`read_at`, `write_at`, `flush`, `discard`, `write_zeroes`) is at most
 //! [`BlockDevice::max_io_bytes`] long (longer calls are split and issued in order). For each:
-//! 1. Two pool buffers are taken, awaiting capacity if the pool has none (the pool's point):
-//!    a 512 B one for the 16-byte request header (device reads) and the status byte at offset
-//!    16 (device writes), and one for the data. Writes copy the caller's private bytes in;
-//!    read buffers are zeroed by the pool, so the backend never sees stale data.
+//! 1. One pool buffer is taken for the data, awaiting capacity if the pool has none (the
+//!    pool's point). Writes copy the caller's private bytes in; read buffers are zeroed by the
+//!    pool, so the backend never sees stale data. The 16-byte request header and the status
+//!    byte live in a per-queue table in the ring's own pool buffer, one 32-byte slot per
+//!    possible head descriptor, so a request holds exactly one awaited buffer: two awaited
+//!    allocations per request could deadlock a small pool (every task holding its data buffer
+//!    while waiting for a header buffer). The status byte is preset to 0xFF, so a backend that
+//!    completes a request without writing it yields an error, not a false success.
 //! 2. The queue's descriptor budget (a semaphore of `queue_size` permits) is awaited for the
 //!    chain's descriptors; the chain is published in the avail ring and the backend kicked
 //!    (unless `used.flags` says NO_NOTIFY).
@@ -90,30 +94,26 @@ impl Default for DeviceOptions {
     }
 }
 
-/// Length of the header+status buffer: the header at 0..16, the status byte at 16.
-const HDR_BUF: usize = 512;
-/// Offset of the status byte in the header buffer.
+/// Bytes per header slot: the 16-byte header at 0, the status byte at 16.
+const HDR_SLOT: usize = 32;
+/// Offset of the status byte in a header slot.
 const STATUS_AT: usize = 16;
+/// Status preset before publishing: not a valid virtio-blk status.
+const STATUS_UNSET: u8 = 0xFF;
 
-/// A request's pool buffers, owned by the queue while the backend may touch them.
-#[derive(Debug)]
-struct RequestBufs {
-    hdr: DmaBuf,
-    data: Option<DmaBuf>,
-}
-
-/// What the reaper hands back to the caller.
+/// What the reaper hands back to the caller: the data buffer and the status read once.
 #[derive(Debug)]
 struct Done {
-    bufs: RequestBufs,
+    data: Option<DmaBuf>,
     status: u8,
 }
 
-/// One outstanding request in a queue's table.
+/// One outstanding request in a queue's table. Owns the data buffer while the backend may
+/// touch it.
 #[derive(Debug)]
 struct Inflight {
     reply: oneshot::Sender<Result<Done, Error>>,
-    bufs: RequestBufs,
+    data: Option<DmaBuf>,
     descriptors: u32,
 }
 
@@ -149,12 +149,27 @@ struct Queue {
     kick: EventFd,
     /// Wakes the polling reaper when work arrives.
     work: Notify,
-    /// The ring's memory (a pool buffer in a shared region). Declared after `state`, whose
-    /// ring points into it.
-    _ring_mem: DmaBuf,
+    /// The ring's memory (a pool buffer in a shared region), followed by the header table at
+    /// `hdr_at`. Declared after `state`, whose ring points into it.
+    ring_mem: DmaBuf,
+    /// Offset of the header table (one [`HDR_SLOT`] per descriptor index) in `ring_mem`.
+    hdr_at: usize,
 }
 
 impl Queue {
+    /// Copies `bytes` into the header table at byte `at` of `ring_mem`. Call with `state`
+    /// held, for the slot of a head that is free (no request of the backend's uses it).
+    fn write_header_slot(&self, at: usize, bytes: &[u8]) {
+        assert!(
+            at >= self.hdr_at && at + bytes.len() <= self.ring_mem.capacity(),
+            "header slot out of the ring buffer"
+        );
+        // SAFETY: in bounds (checked above) of the queue's own pool buffer; the slot belongs
+        // to a free head, which no published descriptor points at, and `state` serialises
+        // writers; `bytes` is private memory that does not overlap it.
+        unsafe { tidepool::copy::copy_to_device(bytes, self.ring_mem.as_ptr().add(at)) }
+    }
+
     /// Takes every valid completion off the used ring and delivers it; on a protocol
     /// violation fails the whole device. Returns completions delivered. Takes `state`, then
     /// (released) sends replies.
@@ -172,7 +187,7 @@ impl Queue {
                             violation = Some(RingError::NotOutstanding { id: u.head as u32 });
                             break;
                         };
-                        done.push(f);
+                        done.push((u.head, f));
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -184,16 +199,17 @@ impl Queue {
         }
         let n = done.len();
         let mut permits = 0;
-        for f in done {
+        for (head, f) in done {
             permits += f.descriptors as usize;
-            let mut status = [0u8; 1];
+            let mut status = [STATUS_UNSET; 1];
             // Read once, by copy: the backend may still scribble on it.
-            let status = match f.bufs.hdr.read_at(STATUS_AT, &mut status) {
+            let at = self.hdr_at + head as usize * HDR_SLOT + STATUS_AT;
+            let status = match self.ring_mem.read_at(at, &mut status) {
                 Ok(()) => status[0],
-                Err(_) => blk::S_IOERR,
+                Err(_) => STATUS_UNSET,
             };
             let _ = f.reply.send(Ok(Done {
-                bufs: f.bufs,
+                data: f.data,
                 status,
             }));
         }
@@ -387,11 +403,12 @@ impl BlockDevice {
         };
         let nq = opts.queues.clamp(1, offered.max(1));
         let layout = Layout::new(qs);
+        let hdr_at = layout.total.next_multiple_of(HDR_SLOT);
         let mut queues = Vec::new();
         let mut calls = Vec::new();
         let mut setups = Vec::new();
         for i in 0..nq {
-            let mem = pool.alloc(layout.total).await?;
+            let mem = pool.alloc(hdr_at + qs as usize * HDR_SLOT).await?;
             // SAFETY: `mem` is a fresh, zeroed pool buffer of at least `layout.total` bytes,
             // naturally aligned (≥ 16), kept alive by the queue (`_ring_mem`) as long as the
             // ring, and touched in this process only through the ring.
@@ -420,7 +437,8 @@ impl BlockDevice {
                 descriptors: Semaphore::new(qs as usize),
                 kick,
                 work: Notify::new(),
-                _ring_mem: mem,
+                ring_mem: mem,
+                hdr_at,
             }));
         }
         let c = conn.clone();
@@ -539,7 +557,7 @@ impl BlockDevice {
             let done = self
                 .submit(Op::Read, (offset + at) / blk::SECTOR, Some(data))
                 .await?;
-            let data = done.bufs.data.as_ref().expect("read requests carry data");
+            let data = done.data.as_ref().expect("read requests carry data");
             data.read_at(0, piece)?;
             at += piece.len() as u64;
         }
@@ -661,14 +679,12 @@ impl BlockDevice {
         if let Some(e) = self.shared.failure() {
             return Err(e);
         }
-        let mut hdr = self.pool.alloc(HDR_BUF).await?;
-        hdr.write_at(
-            0,
-            &Writer::default().u32(op.type_code()).u32(0).u64(sector).0,
-        )?;
+        let header = Writer::default().u32(op.type_code()).u32(0).u64(sector).0;
+        let nq = self.shared.queues.len();
+        let q = &self.shared.queues[self.next_queue.fetch_add(1, Ordering::Relaxed) % nq];
         let mut chain = vec![Desc {
-            addr: hdr.device_addr().0,
-            len: 16,
+            addr: 0, // the header slot's address, known once the head is (below)
+            len: header.len() as u32,
             device_writes: false,
         }];
         if let Some(d) = &data {
@@ -689,12 +705,10 @@ impl BlockDevice {
             }
         }
         chain.push(Desc {
-            addr: hdr.device_addr().0 + STATUS_AT as u64,
+            addr: 0,
             len: 1,
             device_writes: true,
         });
-        let nq = self.shared.queues.len();
-        let q = &self.shared.queues[self.next_queue.fetch_add(1, Ordering::Relaxed) % nq];
         let permit = q
             .descriptors
             .acquire_many(chain.len() as u32)
@@ -706,10 +720,25 @@ impl BlockDevice {
             if let Some(f) = &st.failed {
                 return Err(f.error());
             }
-            let head = st.ring.add(&chain)?;
+            let Some(head) = st.ring.next_head() else {
+                return Err(RingError::Full {
+                    wanted: chain.len(),
+                    free: 0,
+                }
+                .into());
+            };
+            let slot = q.hdr_at + head as usize * HDR_SLOT;
+            let slot_addr = q.ring_mem.device_addr().0 + slot as u64;
+            q.write_header_slot(slot, &header);
+            q.write_header_slot(slot + STATUS_AT, &[STATUS_UNSET]);
+            let last = chain.len() - 1;
+            chain[0].addr = slot_addr;
+            chain[last].addr = slot_addr + STATUS_AT as u64;
+            let added = st.ring.add(&chain)?;
+            debug_assert_eq!(added, head);
             st.inflight[head as usize] = Some(Inflight {
                 reply: tx,
-                bufs: RequestBufs { hdr, data },
+                data,
                 descriptors: chain.len() as u32,
             });
             permit.forget();

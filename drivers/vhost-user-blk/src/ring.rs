@@ -211,6 +211,12 @@ impl SplitRing {
         self.outstanding
     }
 
+    /// The head index the next [`SplitRing::add`] will use, if any descriptor is free (lets
+    /// the caller fill per-head state, such as a request header slot, before publishing).
+    pub fn next_head(&self) -> Option<u16> {
+        self.free.last().copied()
+    }
+
     /// Free descriptors.
     pub fn free_descriptors(&self) -> usize {
         self.free.len()
@@ -432,7 +438,9 @@ mod tests {
         let mut m = Mem::new(8);
         // SAFETY: `m` outlives the ring and is 16-aligned.
         let mut r = unsafe { SplitRing::new(m.ptr(), 8) }.unwrap();
+        let predicted = r.next_head().unwrap();
         let h = r.add(&req(4096)).unwrap();
+        assert_eq!(h, predicted);
         assert_eq!(r.free_descriptors(), 5);
         assert_eq!(r.pop_used().unwrap(), None);
         complete(m.ptr(), r.layout(), 8, 0, h as u32, 4097);

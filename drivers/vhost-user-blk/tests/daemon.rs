@@ -385,3 +385,52 @@ async fn share_cost_is_paid_per_byte() {
     .unwrap();
     d.assert_quiet_log();
 }
+
+/// A fixed pool far smaller than the working set (64 KiB, 4 KiB pages, no growth) serves 32
+/// concurrent tasks by making them wait: every I/O completes, nothing deadlocks (a request
+/// holds exactly one awaited buffer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_fixed_pool_waits_without_deadlock() {
+    use tidepool::memory::{MemoryConfig, PageSize};
+    let d = Daemon::start("tiny", 16 * MIB, 1);
+    let cfg = tidepool::pool::PoolConfig {
+        memory: MemoryConfig {
+            page_size: PageSize::Small4K,
+            allow_small_pages: true,
+        },
+        chunk_bytes: 64 << 10,
+        prefill_bytes: 64 << 10,
+        max_bytes: 64 << 10,
+        max_buffer: 16 << 10,
+        low_watermark: 0,
+        high_watermark: 64 << 10,
+        reserve_bytes: 0,
+        transient: false,
+        ..tidepool::pool::PoolConfig::default()
+    };
+    let (dev, _view) = open(&d, cfg, ViewOptions::new(), DeviceOptions::default()).await;
+    let dev = Arc::new(dev);
+    let mut hs = Vec::new();
+    for t in 0..32u64 {
+        let dev = dev.clone();
+        hs.push(tokio::spawn(async move {
+            let mut buf = vec![t as u8; 16 << 10];
+            for i in 0..50u64 {
+                let off = ((t * 50 + i) % 1024) * (16 << 10);
+                dev.write_at(off, &buf).await.unwrap();
+                dev.read_at(off, &mut buf).await.unwrap();
+            }
+        }));
+    }
+    for h in hs {
+        tokio::time::timeout(Duration::from_secs(30), h)
+            .await
+            .expect("deadlock: a task never finished")
+            .unwrap();
+    }
+    let s = dev.pool().stats();
+    assert!(s.waits > 0, "the pool was small enough to make tasks wait");
+    assert_eq!(s.capacity_bytes, 64 << 10);
+    Arc::try_unwrap(dev).unwrap().shutdown().await;
+    d.assert_quiet_log();
+}
