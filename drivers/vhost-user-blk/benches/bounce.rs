@@ -26,7 +26,10 @@ const DISK: u64 = 64 << 20;
 
 /// The three pool policies for requests of `size` bytes.
 fn policies(size: usize) -> Vec<(&'static str, PoolConfig, Duration)> {
-    let small = (QD as usize * (size + 512) / 4).next_multiple_of(64 << 10);
+    let max_buffer = size.next_power_of_two().max(16 << 10);
+    let small = (QD as usize * size / 4)
+        .max(64 << 10)
+        .next_multiple_of(max_buffer);
     vec![
         (
             "prefilled",
@@ -51,7 +54,7 @@ fn policies(size: usize) -> Vec<(&'static str, PoolConfig, Duration)> {
                 chunk_bytes: small,
                 prefill_bytes: small,
                 max_bytes: small,
-                max_buffer: size.next_power_of_two().max(16 << 10),
+                max_buffer,
                 low_watermark: 0,
                 high_watermark: small,
                 reserve_bytes: 0,
