@@ -37,6 +37,19 @@ impl DmaBuf {
         DmaBuf::new_unzeroed(anchor, block, len)
     }
 
+    /// Wraps a block holding a copy of `src`, the rest of the block zeroed (the device may see
+    /// the whole block).
+    pub(crate) fn new_filled(anchor: Arc<Anchor>, block: Block, src: &[u8]) -> DmaBuf {
+        debug_assert!(src.len() <= block.size());
+        // SAFETY: we own the block exclusively, no device has its address yet, and `src` (at
+        // most the block's size, checked by the pool) is private memory.
+        unsafe {
+            copy::copy_to_device(src, block.ptr.as_ptr());
+            copy::zero_device(block.ptr.as_ptr().add(src.len()), block.size() - src.len());
+        }
+        DmaBuf::new_unzeroed(anchor, block, src.len())
+    }
+
     /// Wraps a block without zeroing. The caller must overwrite all of it before a device
     /// can see it (the bounce paths copy the caller's data in and zero the tail).
     pub(crate) fn new_unzeroed(anchor: Arc<Anchor>, block: Block, len: usize) -> DmaBuf {

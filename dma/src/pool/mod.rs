@@ -249,6 +249,26 @@ impl Pool {
         Alloc::new(self, len, Some(timeout))
     }
 
+    /// An owned buffer holding a copy of `src` (the rest of its block zeroed), waiting for
+    /// capacity if there is none: the owned form of `map(src, ToDevice)`.
+    ///
+    /// Drivers whose requests may be cancelled while the device still uses the buffer need
+    /// this form: the buffer can be parked with the in-flight command instead of borrowing the
+    /// caller's memory. Read the device's answer back with [`DmaBuf::read_at`] (one copy).
+    pub fn alloc_from<'p, 's>(&'p self, src: &'s [u8]) -> AllocFrom<'p, 's> {
+        AllocFrom {
+            alloc: Alloc::new(self, src.len(), None),
+            src,
+        }
+    }
+
+    /// The immediate-path [`Pool::alloc_from`]: never waits.
+    pub fn try_alloc_from(&self, src: &[u8]) -> Result<DmaBuf, PoolError> {
+        let order = self.check_len(src.len())?;
+        let block = self.shared.alloc_immediate(order, src.len())?;
+        Ok(DmaBuf::new_filled(self.anchor(), block, src))
+    }
+
     /// An owned, zeroed buffer now, or an error: never waits (the immediate path). Uses the
     /// per-core cache, the arena *and its reserve*, then a transient chunk if enabled.
     pub fn try_alloc(&self, len: usize) -> Result<DmaBuf, PoolError> {
@@ -855,6 +875,30 @@ impl Future for Alloc<'_> {
         let len = self.len;
         match self.poll_block(cx) {
             Poll::Ready(Ok(b)) => Poll::Ready(Ok(DmaBuf::new_zeroed(self.pool.anchor(), b, len))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// The future of [`Pool::alloc_from`]: resolves to a [`DmaBuf`] holding a copy of the source.
+/// Cancel-safe like [`Alloc`].
+#[must_use = "futures do nothing unless awaited"]
+#[derive(Debug)]
+pub struct AllocFrom<'p, 's> {
+    alloc: Alloc<'p>,
+    src: &'s [u8],
+}
+
+impl Future for AllocFrom<'_, '_> {
+    type Output = Result<DmaBuf, PoolError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let src = self.src;
+        match self.alloc.poll_block(cx) {
+            Poll::Ready(Ok(b)) => {
+                Poll::Ready(Ok(DmaBuf::new_filled(self.alloc.pool.anchor(), b, src)))
+            }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
         }

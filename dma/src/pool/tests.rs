@@ -590,3 +590,25 @@ fn shrinking_keeps_the_decaying_recent_peak() {
     std::thread::sleep(Duration::from_millis(350));
     assert_eq!(p.maintain().shrank, 1);
 }
+
+#[test]
+fn alloc_from_copies_in_and_zeroes_the_rest() {
+    let p = pool(small_config());
+    let src: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8 + 1).collect();
+    let b = p.try_alloc_from(&src).unwrap();
+    let got = bytes(&b);
+    assert_eq!(b.len(), 3000);
+    assert_eq!(&got[..3000], &src[..]);
+    assert!(got[3000..].iter().all(|&x| x == 0));
+    let w = Arc::new(CountingWaker::default());
+    let mut f = Box::pin(p.alloc_from(&src[..100]));
+    let Poll::Ready(Ok(b2)) = poll_once(f.as_mut(), &w) else {
+        panic!()
+    };
+    let got = bytes(&b2);
+    assert_eq!(&got[..100], &src[..100]);
+    assert!(got[100..].iter().all(|&x| x == 0));
+    assert!(matches!(p.try_alloc_from(&[]), Err(PoolError::ZeroLength)));
+    drop((b, b2));
+    assert_eq!(p.stats().in_use_bytes, 0);
+}

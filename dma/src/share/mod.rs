@@ -51,7 +51,8 @@ pub trait DeviceView: Send + Sync + std::fmt::Debug {
     /// Undoes a [`DeviceView::share`] of exactly this region at exactly this address.
     fn unshare(&self, region: &HostRegion<'_>, addr: DeviceAddr) -> Result<(), ShareError>;
 
-    /// Mappings in use and the limit.
+    /// Mappings in use and the limit. May be called from async code and the hot path's
+    /// error reporting: keep it cheap and free of locks held across system calls.
     fn usage(&self) -> ShareUsage;
 
     /// A short name for logs and stats ("vfio-type1", "no-iommu", "identity", "vhost-user").
@@ -63,8 +64,9 @@ pub trait DeviceView: Send + Sync + std::fmt::Debug {
 pub enum ShareError {
     /// The backend's mapping limit is reached.
     #[error(
-        "device mapping limit reached: {used} of {limit} mappings in use; grow in larger \
-         chunks (fewer mappings) or raise vfio_iommu_type1's dma_entry_limit module parameter"
+        "device mapping limit reached: {used} of {limit} mappings in use; use larger chunks \
+         (fewer mappings) or a lower cap, or raise the limit (VFIO: vfio_iommu_type1's \
+         dma_entry_limit module parameter; vhost-user: the backend's memory slots)"
     )]
     MappingLimit {
         /// Mappings in use.
@@ -136,6 +138,15 @@ pub enum ShareError {
         width: u64,
         /// Size of the region.
         size: u64,
+    },
+    /// The backend that owns the device side refused or broke (e.g. a vhost-user backend's
+    /// protocol error).
+    #[error("{what}: {detail}")]
+    Backend {
+        /// The operation.
+        what: &'static str,
+        /// What went wrong.
+        detail: String,
     },
     /// Any other system call failure.
     #[error("{what} failed: {source}")]
