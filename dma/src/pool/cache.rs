@@ -96,8 +96,14 @@ impl Caches {
             return 0;
         }
         // SAFETY: sched_getcpu has no memory effects; it returns -1 on error.
-        let cpu = unsafe { libc::sched_getcpu() };
-        (cpu.max(0) as usize) % self.cores.len()
+        let cpu = unsafe { libc::sched_getcpu() }.max(0) as usize;
+        // CPU numbers are below the configured count, so the division (tens of cycles) is
+        // only for the unexpected.
+        if cpu < self.cores.len() {
+            cpu
+        } else {
+            cpu % self.cores.len()
+        }
     }
 
     /// The class index of `order`.

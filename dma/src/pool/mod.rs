@@ -225,7 +225,8 @@ impl Pool {
 
     /// The calling CPU's anchor, for a new buffer.
     fn anchor(&self) -> Arc<Anchor> {
-        self.anchors[self.shared.caches.current_index() % self.anchors.len()].clone()
+        // One anchor per cache: the index is in range.
+        self.anchors[self.shared.caches.current_index()].clone()
     }
 
     /// The pool's configuration.
