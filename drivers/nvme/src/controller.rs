@@ -68,6 +68,8 @@ pub struct ControllerConfig {
     pub interrupts: bool,
     /// The pool to create when opening by PCI address ([`Controller::open`]).
     pub pool: PoolConfig,
+    /// Use shadow doorbells (Doorbell Buffer Config) when the controller supports them.
+    pub shadow_doorbells: bool,
 }
 
 impl Default for ControllerConfig {
@@ -78,6 +80,7 @@ impl Default for ControllerConfig {
             command_timeout: Duration::from_secs(10),
             interrupts: true,
             pool: PoolConfig::default(),
+            shadow_doorbells: false,
         }
     }
 }
@@ -286,6 +289,11 @@ impl Controller {
         &self.shared.identify
     }
 
+    /// Whether shadow doorbells are in use.
+    pub fn shadow_doorbells(&self) -> bool {
+        false
+    }
+
     /// The NVMe version the controller reports (VS).
     pub fn version(&self) -> Version {
         self.shared.version
@@ -415,7 +423,10 @@ impl Controller {
         )
         .and_then(|qp| {
             let iv = interrupts.is_some();
-            let cq = Command::create_io_cq(qid, entries, qp.cq_addr(), qid, iv);
+            // A polled CQ names vector 0 with interrupts off: QEMU refuses any other vector
+            // while MSI-X is disabled (ControllerConfig::interrupts = false).
+            let vector = if iv { qid } else { 0 };
+            let cq = Command::create_io_cq(qid, entries, qp.cq_addr(), vector, iv);
             self.shared.admin(cq)?;
             if let Err(e) =
                 self.shared
