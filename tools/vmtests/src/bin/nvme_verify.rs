@@ -102,14 +102,18 @@ fn run() -> Res<()> {
     let ctrl =
         Controller::open(env.nvme_bdf(), ControllerConfig::default()).map_err(|e| e.to_string())?;
     let ns = ctrl.namespace(1).map_err(|e| e.to_string())?;
-    let blocks = (mib << 20) / 512;
-    if ns.block_bytes() != 512 || ns.blocks() < 4 * blocks {
-        return Err(format!(
-            "need 512 B blocks and a namespace of at least {} MiB (run with --nvme-size); have {} x {} B",
-            4 * mib,
-            ns.blocks(),
-            ns.block_bytes()
-        ));
+    if ns.block_bytes() != 512 {
+        return Err(format!("need 512 B blocks, have {} B", ns.block_bytes()));
+    }
+    let mut blocks = (mib << 20) / 512;
+    if ns.blocks() < 4 * blocks {
+        blocks = ns.blocks() / 4;
+        println!(
+            "namespace of {} MiB: volume reduced to {} MiB per mode (run with --nvme-size {}M for {mib} MiB)",
+            ns.bytes() >> 20,
+            blocks * 512 >> 20,
+            4 * mib
+        );
     }
     let region_b = ns.blocks() / 2;
     println!("VERIFY-REGIONS 0 {blocks} {region_b} {blocks}");
