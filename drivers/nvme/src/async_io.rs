@@ -293,9 +293,15 @@ fn clear_eventfd(fd: &EventFd) -> io::Result<u64> {
     }
 }
 
-/// Polls the queue once (with the health check if `check`) and delivers results. Returns
-/// how many were delivered, or `None` when the queue is gone.
-fn reap(inner: &Inner, out: &mut Vec<Done<Waiter>>, check: bool) -> Option<u64> {
+/// Polls the queue once (with the health check if `check`) and delivers results, counting
+/// them in `delivered` first (so a task woken by its result already sees itself counted).
+/// Returns `None` when the queue is gone.
+fn reap(
+    inner: &Inner,
+    out: &mut Vec<Done<Waiter>>,
+    check: bool,
+    delivered: &AtomicU64,
+) -> Option<()> {
     {
         let mut guard = lock(&inner.qp);
         let qp = guard.as_mut()?;
@@ -306,12 +312,12 @@ fn reap(inner: &Inner, out: &mut Vec<Done<Waiter>>, check: bool) -> Option<u64> 
             qp.poll(out)
         };
     }
-    let n = out.len() as u64;
+    delivered.fetch_add(out.len() as u64, Ordering::Relaxed);
     for d in out.drain(..) {
         // The receiver may be gone (cancelled future): the buffer and permit drop here.
         let _ = d.user.reply.send((d.result, d.data));
     }
-    Some(n)
+    Some(())
 }
 
 /// Why the reaper woke.
@@ -345,22 +351,21 @@ async fn reaper(inner: Arc<Inner>, afd: AsyncFd<EventFd>, cfg: AsyncConfig) {
                 Wake::Timer
             }
         };
-        // A timer wake is the time to check timeouts and CSTS: nothing else may poll.
-        let Some(mut delivered) = reap(&inner, &mut out, wake == Wake::Timer) else {
-            break;
-        };
-        if !cfg.spin.is_zero() {
-            let until = Instant::now() + cfg.spin;
-            while Instant::now() < until {
-                tokio::task::yield_now().await;
-                delivered += reap(&inner, &mut out, false).unwrap_or(0);
-            }
-        }
         let counter = match wake {
             Wake::Interrupt => &c.completions_after_interrupt,
             Wake::Timer => &c.completions_after_timer,
         };
-        counter.fetch_add(delivered, Ordering::Relaxed);
+        // A timer wake is the time to check timeouts and CSTS: nothing else may poll.
+        if reap(&inner, &mut out, wake == Wake::Timer, counter).is_none() {
+            break;
+        }
+        if !cfg.spin.is_zero() {
+            let until = Instant::now() + cfg.spin;
+            while Instant::now() < until {
+                tokio::task::yield_now().await;
+                reap(&inner, &mut out, false, counter);
+            }
+        }
     }
     // Last handle gone: delete the queue (blocking admin commands, once).
     let qp = lock(&inner.qp).take();
