@@ -111,7 +111,7 @@ fn run() -> Res<()> {
         println!(
             "namespace of {} MiB: volume reduced to {} MiB per mode (run with --nvme-size {}M for {mib} MiB)",
             ns.bytes() >> 20,
-            blocks * 512 >> 20,
+            (blocks * 512) >> 20,
             4 * mib
         );
     }
@@ -182,7 +182,7 @@ fn polling(ctrl: &Controller, ns: &Namespace, first: u64, blocks: u64) -> Res<()
     }
     println!(
         "polling: 4 queues, {} MiB in {requests} requests (largest {} KiB) written and read back, verified, {:.1} s",
-        blocks * 512 >> 20,
+        (blocks * 512) >> 20,
         largest >> 10,
         start.elapsed().as_secs_f64()
     );
@@ -246,7 +246,7 @@ fn asynchronous(ctrl: &Controller, ns: &Namespace, first: u64, blocks: u64) -> R
     })?;
     println!(
         "async: 4 queues, {TASKS} tasks, {} MiB in {requests} requests written and read back, verified, {:.1} s",
-        blocks * 512 >> 20,
+        (blocks * 512) >> 20,
         start.elapsed().as_secs_f64()
     );
     for (i, w) in wakes.iter().enumerate() {
