@@ -9,7 +9,13 @@ use tidepool_nvme::{Controller, ControllerConfig, NvmeError};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [bdf, src, dst, blocks] = &args[..] else {
+    run(&args)
+}
+
+/// The example with its command-line arguments (`BDF SRC_LBA DST_LBA BLOCKS`); also run by
+/// the VM test `nvme_examples`.
+pub fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let [bdf, src, dst, blocks] = args else {
         return Err("usage: nvme_copy BDF SRC_LBA DST_LBA BLOCKS".into());
     };
     let (src, dst, blocks): (u64, u64, u64) = (src.parse()?, dst.parse()?, blocks.parse()?);

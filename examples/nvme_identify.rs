@@ -11,8 +11,13 @@ fn main() -> Result<(), NvmeError> {
     let bdf = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "0000:00:04.0".into());
+    run(&bdf)
+}
+
+/// The example for the controller at `bdf`; also run by the VM test `nvme_examples`.
+pub fn run(bdf: &str) -> Result<(), NvmeError> {
     let ctrl = Controller::open(
-        &bdf,
+        bdf,
         ControllerConfig {
             interrupts: false,
             ..Default::default()

@@ -22,6 +22,7 @@
 //! `tidepool::pool::Mapping` borrows the caller's memory, so it cannot outlive the future.)
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,31 @@ impl Default for AsyncConfig {
     }
 }
 
+/// How the reaper was woken, and what it delivered: evidence that MSI-X drives the queue.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct WakeCounts {
+    /// Wake-ups by the MSI-X eventfd.
+    pub interrupt_wakes: u64,
+    /// Interrupts signalled (the eventfd counter summed; one wake may collect several).
+    pub interrupts: u64,
+    /// Wake-ups by the timer tick ([`AsyncConfig::tick`]).
+    pub timer_wakes: u64,
+    /// Completions delivered after an interrupt wake (its reap and the spin after it).
+    pub completions_after_interrupt: u64,
+    /// Completions delivered after a timer wake.
+    pub completions_after_timer: u64,
+}
+
+/// The reaper's counters (atomics: read by any handle).
+#[derive(Debug, Default)]
+struct Counters {
+    interrupt_wakes: AtomicU64,
+    interrupts: AtomicU64,
+    timer_wakes: AtomicU64,
+    completions_after_interrupt: AtomicU64,
+    completions_after_timer: AtomicU64,
+}
+
 /// State shared by the handle, the submitting tasks and the reaper.
 #[derive(Debug)]
 struct Inner {
@@ -68,6 +94,7 @@ struct Inner {
     qp: Mutex<Option<QueuePair<Waiter>>>,
     slots: Arc<Semaphore>,
     stop: Notify,
+    counters: Counters,
 }
 
 /// An interrupt-driven I/O queue for tokio. Cheap to clone; share it among many tasks.
@@ -123,12 +150,32 @@ impl AsyncQueue {
             qp: Mutex::new(Some(qp)),
             slots: Arc::new(Semaphore::new(depth)),
             stop: Notify::new(),
+            counters: Counters::default(),
         });
         tokio::spawn(reaper(inner.clone(), afd, cfg));
         Ok(AsyncQueue {
             _handle: Arc::new(StopOnDrop(inner.clone())),
             inner,
         })
+    }
+
+    /// How the reaper has been woken so far (interrupts against timer ticks).
+    pub fn wake_counts(&self) -> WakeCounts {
+        let c = &self.inner.counters;
+        WakeCounts {
+            interrupt_wakes: c.interrupt_wakes.load(Ordering::Relaxed),
+            interrupts: c.interrupts.load(Ordering::Relaxed),
+            timer_wakes: c.timer_wakes.load(Ordering::Relaxed),
+            completions_after_interrupt: c.completions_after_interrupt.load(Ordering::Relaxed),
+            completions_after_timer: c.completions_after_timer.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Commands in flight on the device now.
+    pub fn outstanding(&self) -> usize {
+        lock(&self.inner.qp)
+            .as_ref()
+            .map_or(0, QueuePair::outstanding)
     }
 
     /// Reads `dst.len()` bytes at `lba`. Splits at [`Namespace::max_transfer`]; waits for
@@ -237,55 +284,86 @@ impl AsyncQueue {
     }
 }
 
-/// Reads the eventfd's counter to zero; `WouldBlock` means it already was.
-fn clear_eventfd(fd: &EventFd) -> io::Result<bool> {
+/// Reads the eventfd's counter to zero, returning it; `WouldBlock` means it already was (0).
+fn clear_eventfd(fd: &EventFd) -> io::Result<u64> {
     match fd.read() {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
         Err(e) => Err(e),
     }
 }
 
-/// Polls the queue once and delivers results; false when the queue is gone.
-fn reap(inner: &Inner, out: &mut Vec<Done<Waiter>>) -> bool {
+/// Polls the queue once (with the health check if `check`) and delivers results, counting
+/// them in `delivered` first (so a task woken by its result already sees itself counted).
+/// Returns `None` when the queue is gone.
+fn reap(
+    inner: &Inner,
+    out: &mut Vec<Done<Waiter>>,
+    check: bool,
+    delivered: &AtomicU64,
+) -> Option<()> {
     {
         let mut guard = lock(&inner.qp);
-        let Some(qp) = guard.as_mut() else {
-            return false;
-        };
+        let qp = guard.as_mut()?;
         // An error has already failed every command into `out`; deliver them below.
-        let _ = qp.poll(out);
+        let _ = if check {
+            qp.poll_checked(out)
+        } else {
+            qp.poll(out)
+        };
     }
+    delivered.fetch_add(out.len() as u64, Ordering::Relaxed);
     for d in out.drain(..) {
         // The receiver may be gone (cancelled future): the buffer and permit drop here.
         let _ = d.user.reply.send((d.result, d.data));
     }
-    true
+    Some(())
+}
+
+/// Why the reaper woke.
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Wake {
+    Interrupt,
+    Timer,
 }
 
 /// The reaper task: interrupt → clear → poll → deliver; optional spin; timer for timeouts.
 async fn reaper(inner: Arc<Inner>, afd: AsyncFd<EventFd>, cfg: AsyncConfig) {
     let mut out = Vec::new();
+    let c = &inner.counters;
     loop {
-        tokio::select! {
+        let wake = tokio::select! {
             _ = inner.stop.notified() => break,
             ready = afd.readable() => {
                 if let Ok(mut guard) = ready {
-                    if !matches!(clear_eventfd(afd.get_ref()), Ok(true)) {
-                        guard.clear_ready();
+                    match clear_eventfd(afd.get_ref()) {
+                        Ok(n) if n > 0 => {
+                            c.interrupts.fetch_add(n, Ordering::Relaxed);
+                        }
+                        _ => guard.clear_ready(),
                     }
                 }
+                c.interrupt_wakes.fetch_add(1, Ordering::Relaxed);
+                Wake::Interrupt
             }
-            _ = tokio::time::sleep(cfg.tick) => {}
-        }
-        if !reap(&inner, &mut out) {
+            _ = tokio::time::sleep(cfg.tick) => {
+                c.timer_wakes.fetch_add(1, Ordering::Relaxed);
+                Wake::Timer
+            }
+        };
+        let counter = match wake {
+            Wake::Interrupt => &c.completions_after_interrupt,
+            Wake::Timer => &c.completions_after_timer,
+        };
+        // A timer wake is the time to check timeouts and CSTS: nothing else may poll.
+        if reap(&inner, &mut out, wake == Wake::Timer, counter).is_none() {
             break;
         }
         if !cfg.spin.is_zero() {
             let until = Instant::now() + cfg.spin;
             while Instant::now() < until {
                 tokio::task::yield_now().await;
-                reap(&inner, &mut out);
+                reap(&inner, &mut out, false, counter);
             }
         }
     }

@@ -177,6 +177,29 @@ impl<T> IoQueue<T> {
         self.qp().set_defer_doorbell(defer);
     }
 
+    /// Doorbell counters (register writes made and, with shadow doorbells, avoided) and
+    /// fault-injection counters.
+    pub fn counters(&self) -> crate::QueueCounters {
+        self.qp
+            .as_ref()
+            .map_or_else(Default::default, QueuePair::counters)
+    }
+
+    /// Fault injection (feature `fault-injection`): the next `n` completions are consumed
+    /// but never delivered, as if the device had lost them. Their commands stay outstanding
+    /// until the command timeout resets the controller and fails them.
+    #[cfg(feature = "fault-injection")]
+    pub fn drop_next_completions(&mut self, n: u32) {
+        self.qp().drop_next_completions(n);
+    }
+
+    /// [`IoQueue::poll`] plus the health check now (clock, CSTS.CFS, command timeouts),
+    /// which `poll` does only every [`crate::queue::SCAN_EVERY`] polls: call it from a
+    /// loop that polls rarely, so timeouts are still noticed.
+    pub fn poll_checked(&mut self, out: &mut Vec<Done<T>>) -> Result<usize, NvmeError> {
+        self.poll_with(out, true)
+    }
+
     /// Publishes deferred submissions now.
     pub fn ring_doorbell(&mut self) -> Result<(), NvmeError> {
         self.qp().ring_sq()
@@ -312,10 +335,20 @@ impl<T> IoQueue<T> {
     /// error means the controller was reset (see [`QueuePair::poll`]); the failed commands are
     /// in `out` all the same.
     pub fn poll(&mut self, out: &mut Vec<Done<T>>) -> Result<usize, NvmeError> {
+        self.poll_with(out, false)
+    }
+
+    fn poll_with(&mut self, out: &mut Vec<Done<T>>, check: bool) -> Result<usize, NvmeError> {
         let before = out.len();
-        out.extend(self.stash.drain(..));
+        if !self.stash.is_empty() {
+            out.extend(self.stash.drain(..));
+        }
         let mut scratch = std::mem::take(&mut self.scratch);
-        let r = self.qp().poll(&mut scratch);
+        let r = if check {
+            self.qp().poll_checked(&mut scratch)
+        } else {
+            self.qp().poll(&mut scratch)
+        };
         for d in scratch.drain(..) {
             if let Tag::User(user) = d.user {
                 out.push(Done {

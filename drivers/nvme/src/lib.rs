@@ -8,6 +8,7 @@
 //! | [`regs`] | BAR0 registers with typed values: CAP, VS, CC, CSTS, AQA/ASQ/ACQ, doorbells |
 //! | [`completion`] | reading a completion entry **once** from device-written memory, and validating it |
 //! | [`prp`] | PRP1/PRP2/PRP lists for a transfer (pure layout + a pool buffer for the list) |
+//! | [`doorbell`] | doorbell writes: MMIO registers, or shadow doorbells with event indexes |
 //! | [`queue`] | an SQ/CQ pair: rings in pool memory, command slots, doorbells, timeouts, reset |
 //! | [`controller`] | bring-up, admin commands, I/O queue creation, reset/recover, shutdown |
 //! | [`io`] | namespaces and the polled [`IoQueue`]: zero-copy submit/poll and blocking helpers |
@@ -37,6 +38,7 @@
 pub mod async_io;
 pub mod completion;
 pub mod controller;
+pub mod doorbell;
 mod error;
 pub mod io;
 pub mod prp;
@@ -44,11 +46,11 @@ pub mod queue;
 pub mod regs;
 pub mod spec;
 
-pub use async_io::{AsyncConfig, AsyncQueue};
+pub use async_io::{AsyncConfig, AsyncQueue, WakeCounts};
 pub use controller::{Controller, ControllerConfig};
 pub use error::NvmeError;
 pub use io::{IoQueue, Namespace};
-pub use queue::{Done, SubmitError};
+pub use queue::{Done, QueueCounters, SubmitError};
 
 #[cfg(test)]
 pub(crate) mod test_pool {

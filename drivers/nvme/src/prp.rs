@@ -42,6 +42,12 @@ pub enum PrpError {
         /// Its address.
         addr: u64,
     },
+    /// The list does not fit in the one page given for it (more than 512 entries).
+    #[error("a PRP list of {entries} entries does not fit one 4 KiB list page: use Prp::build, which chains list pages")]
+    ListTooLong {
+        /// Entries needed.
+        entries: usize,
+    },
     /// No memory for the PRP list.
     #[error("no pool memory for a {bytes} B PRP list: {source}")]
     NoListMemory {
@@ -167,6 +173,35 @@ impl Prp {
     }
 }
 
+/// Writes the PRP list for `len` bytes at `addr` into `list` when it fits in one list page
+/// (the transfer touches at most 513 pages: 2 MiB with a page-aligned start), returning the
+/// list's device address for PRP2. Lets a queue keep one list page per command slot and
+/// rewrite it for every command instead of allocating (and zeroing) a list each time.
+///
+/// Only the `pages - 1` entries the controller reads are written, with one volatile 64-bit
+/// store each (the page is device-visible; no reference to it is formed). The caller must own
+/// the page exclusively (no command using it in flight).
+pub fn write_one_page_list(list: &mut DmaBuf, addr: u64, len: usize) -> Result<u64, PrpError> {
+    let list_addr = list.device_addr().0;
+    if list_addr % PAGE_BYTES as u64 != 0 {
+        return Err(PrpError::ListUnaligned { addr: list_addr });
+    }
+    let entries = pages_touched(addr, len).saturating_sub(1);
+    if entries > ENTRIES_PER_LIST_PAGE || entries * 8 > list.capacity() {
+        return Err(PrpError::ListTooLong { entries });
+    }
+    let first_page = addr & !(PAGE_BYTES as u64 - 1);
+    let base = list.as_ptr().cast::<u64>();
+    for k in 0..entries {
+        let word = first_page + (k as u64 + 1) * PAGE_BYTES as u64;
+        // SAFETY: `k * 8 + 8 <= entries * 8 <= capacity` (checked above); the list is page
+        // aligned so the pointer is 8-byte aligned; the caller owns the page; a raw volatile
+        // store forms no reference to device-visible memory.
+        unsafe { base.add(k).write_volatile(word.to_le()) };
+    }
+    Ok(list_addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +243,34 @@ mod tests {
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
         assert_eq!(words, vec![0x10_1000, 0x10_2000, 0x10_3000, 0x10_4000]);
+    }
+
+    #[test]
+    fn one_page_list_matches_the_general_layout() {
+        let pool = pool();
+        let mut page = pool.try_alloc(4096).unwrap();
+        for (addr, len) in [
+            (0x10_0000u64, 3 * 4096),
+            (0x10_0200, 128 << 10),
+            (0, 2 << 20),
+        ] {
+            let prp2 = write_one_page_list(&mut page, addr, len).unwrap();
+            assert_eq!(prp2, page.device_addr().0);
+            let words = list_words(addr, len, prp2);
+            let mut b = vec![0u8; words.len() * 8];
+            page.read_at(0, &mut b).unwrap();
+            let got: Vec<u64> = b
+                .chunks(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            assert_eq!(got, words, "addr {addr:#x} len {len}");
+        }
+        // 513 pages (512 entries) still fit; 514 pages would need a chained list: refused.
+        assert!(write_one_page_list(&mut page, 0, (2 << 20) + 4096).is_ok());
+        assert!(matches!(
+            write_one_page_list(&mut page, 0, (2 << 20) + 8192),
+            Err(PrpError::ListTooLong { entries: 513 })
+        ));
     }
 
     #[test]

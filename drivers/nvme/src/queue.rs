@@ -13,6 +13,21 @@
 //!   device is using) and the PRP list. Free IDs are a stack (LIFO: a recently used slot is
 //!   warm in cache).
 //!
+//! - **PRP list pages** are kept per slot: the first command of a slot that needs a list takes
+//!   one 4 KiB page from the pool and the slot keeps it, so later commands just rewrite it (no
+//!   allocation, no zeroing on the I/O path). Only transfers beyond 2 MiB, which need a chained
+//!   list, allocate a list per command.
+//!
+//! # The hot path and the clock
+//! `submit` and `poll` read no clock and no register: a command records the queue's
+//! **timeout epoch** instead of a timestamp. Every [`SCAN_EVERY`] polls (and on
+//! [`QueuePair::poll_checked`]) the queue reads the clock; when a quarter of the timeout has
+//! passed since the epoch last advanced it advances the epoch, reads CSTS (fatal status) and
+//! fails the queue if some command was submitted at least [`TIMEOUT_EPOCHS`] epochs ago. Each
+//! advance needs a quarter timeout of real time, so such a command has been outstanding for at
+//! least four full quarters — the timeout — and is never failed early; it is caught at the
+//! latest about 1.25 timeouts plus one scan period after submission, provided the owner polls.
+//!
 //! # Failure handling (and why buffers are never freed under a live device)
 //! A command outstanding longer than the timeout, CSTS.CFS, or a completion entry that breaks
 //! the protocol make the queue reset the controller ([`Hw::reset`]): bus mastering is switched
@@ -33,13 +48,17 @@ use tidepool::pool::DmaBuf;
 
 use crate::completion::{validate, CompletionRing, Expected};
 use crate::controller::Hw;
+use crate::doorbell::Doorbell;
 use crate::error::NvmeError;
-use crate::prp::Prp;
-use crate::spec::{Command, SQ_ENTRY_BYTES};
+use crate::prp::{pages_touched, write_one_page_list, Prp, ENTRIES_PER_LIST_PAGE};
+use crate::spec::{Command, PAGE_BYTES, SQ_ENTRY_BYTES};
 
-/// A poll that reaps something reads the clock for the timeout scan only every this many
-/// polls (a poll that finds nothing always does): keeps the hot path off the clock.
-const SCAN_EVERY: u32 = 64;
+/// The queue reads the clock for its health check once every this many polls (or on
+/// [`QueuePair::poll_checked`]): keeps the hot path off the clock.
+pub const SCAN_EVERY: u32 = 64;
+
+/// A command submitted this many timeout epochs (quarter timeouts) ago has timed out.
+pub const TIMEOUT_EPOCHS: u32 = 5;
 
 /// A command that finished (or was failed), with what the caller handed in.
 #[derive(Debug)]
@@ -71,8 +90,25 @@ struct Inflight<T> {
     user: T,
     opcode: u8,
     data: Option<DmaBuf>,
-    _prp_list: Option<DmaBuf>,
-    since: Instant,
+    /// A chained PRP list (transfers beyond 2 MiB only); one-page lists live in `prp_pages`.
+    _prp_chain: Option<DmaBuf>,
+    /// The timeout epoch the command was submitted in.
+    epoch: u32,
+}
+
+/// Doorbell and fault-injection counters of one queue.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueCounters {
+    /// SQ tail doorbell register writes.
+    pub sq_doorbell_writes: u64,
+    /// SQ tail updates that needed no register write (shadow doorbells).
+    pub sq_doorbells_avoided: u64,
+    /// CQ head doorbell register writes.
+    pub cq_doorbell_writes: u64,
+    /// CQ head updates that needed no register write (shadow doorbells).
+    pub cq_doorbells_avoided: u64,
+    /// Completions consumed and dropped by fault injection (feature `fault-injection`).
+    pub completions_dropped: u64,
 }
 
 /// One SQ/CQ pair (admin queue 0 or an I/O queue), polled by its owner.
@@ -87,15 +123,21 @@ pub struct QueuePair<T> {
     sq_tail: u16,
     sq_head: u16,
     cq: CompletionRing,
-    sq_doorbell: usize,
-    cq_doorbell: usize,
+    sq_doorbell: Doorbell,
+    cq_doorbell: Doorbell,
     slots: Vec<Option<Inflight<T>>>,
+    /// Per slot, the PRP list page it keeps once a command of it needed one.
+    prp_pages: Vec<Option<DmaBuf>>,
     free: Vec<u16>,
     timeout: Duration,
-    last_scan: Instant,
-    /// Polls since the last clock read (the clock is read every `SCAN_EVERY` polls, or when a
-    /// poll finds nothing).
+    /// The current timeout epoch and when it began.
+    epoch: u32,
+    epoch_start: Instant,
+    /// Polls since the last clock read.
     polls_since_scan: u32,
+    /// Completions still to drop (fault injection).
+    drop_completions: u32,
+    completions_dropped: u64,
     /// Hold SQ tail doorbells until `ring_sq` or the next `poll` (batching).
     defer_doorbell: bool,
     /// The SQ tail was advanced but not yet rung.
@@ -120,10 +162,24 @@ impl<T> QueuePair<T> {
         let cq = CompletionRing::new(cq_buf, entries)
             .ok_or_else(|| NvmeError::Unsupported(format!("queue of {entries} entries")))?;
         let depth = entries - 1;
+        let mut sq_doorbell = Doorbell::new(hw.regs.doorbell_offset(qid, false));
+        let mut cq_doorbell = Doorbell::new(hw.regs.doorbell_offset(qid, true));
+        if qid != 0 && hw.shadow_doorbells_on() {
+            let first = hw.regs.doorbell_offset(0, false);
+            sq_doorbell.use_shadow(first, false);
+            cq_doorbell.use_shadow(first, false);
+            if let (Some(sb), Some(sq), Some(cq)) = (
+                hw.shadow(),
+                sq_doorbell.shadow_entry(),
+                cq_doorbell.shadow_entry(),
+            ) {
+                sb.reset_entries(sq, cq);
+            }
+        }
         Ok(QueuePair {
             generation: hw.generation(),
-            sq_doorbell: hw.regs.doorbell_offset(qid, false),
-            cq_doorbell: hw.regs.doorbell_offset(qid, true),
+            sq_doorbell,
+            cq_doorbell,
             hw,
             qid,
             sq,
@@ -132,10 +188,14 @@ impl<T> QueuePair<T> {
             sq_head: 0,
             cq,
             slots: (0..depth).map(|_| None).collect(),
+            prp_pages: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
             timeout,
-            last_scan: Instant::now(),
+            epoch: 0,
+            epoch_start: Instant::now(),
             polls_since_scan: 0,
+            drop_completions: 0,
+            completions_dropped: 0,
             defer_doorbell: false,
             sq_unrung: false,
             dead: None,
@@ -155,6 +215,33 @@ impl<T> QueuePair<T> {
     /// Commands outstanding now.
     pub fn outstanding(&self) -> usize {
         self.slots.len() - self.free.len()
+    }
+
+    /// Doorbell and fault-injection counters.
+    pub fn counters(&self) -> QueueCounters {
+        QueueCounters {
+            sq_doorbell_writes: self.sq_doorbell.writes,
+            sq_doorbells_avoided: self.sq_doorbell.avoided,
+            cq_doorbell_writes: self.cq_doorbell.writes,
+            cq_doorbells_avoided: self.cq_doorbell.avoided,
+            completions_dropped: self.completions_dropped,
+        }
+    }
+
+    /// Switches this (admin) queue's doorbells to "shadow entry and register" once Doorbell
+    /// Buffer Config succeeded.
+    pub(crate) fn shadow_admin_doorbells(&mut self) {
+        let first = self.hw.regs.doorbell_offset(0, false);
+        self.sq_doorbell.use_shadow(first, true);
+        self.cq_doorbell.use_shadow(first, true);
+    }
+
+    /// Fault injection: the next `n` completions are consumed from the ring but never
+    /// delivered, as if the device had lost them; their commands stay outstanding until the
+    /// timeout fails them. For tests of the timeout and reset paths.
+    #[cfg(feature = "fault-injection")]
+    pub(crate) fn drop_next_completions(&mut self, n: u32) {
+        self.drop_completions = n;
     }
 
     /// Device address of the SQ ring.
@@ -207,31 +294,27 @@ impl<T> QueuePair<T> {
             };
             return refuse(error, user, data);
         };
-        let mut prp_list = None;
+        let mut prp_chain = None;
         if let Some(buf) = &data {
             let len = data_len.min(buf.capacity());
-            let pool = &self.hw.pool;
-            match Prp::build(buf.device_addr().0, len, |n| pool.try_alloc(n)) {
-                Ok(prp) => {
-                    cmd.prp1 = prp.prp1;
-                    cmd.prp2 = prp.prp2;
-                    prp_list = prp.list;
+            match self.data_pointer(cid, buf.device_addr().0, len) {
+                Ok((prp1, prp2, chain)) => {
+                    cmd.prp1 = prp1;
+                    cmd.prp2 = prp2;
+                    prp_chain = chain;
                 }
-                Err(e) => return refuse(e.into(), user, data),
+                Err(e) => return refuse(e, user, data),
             }
         }
         cmd.cid = cid;
-        let at = usize::from(self.sq_tail) * SQ_ENTRY_BYTES;
-        if let Err(e) = self.sq.write_at(at, &cmd.to_bytes()) {
-            return refuse(e.into(), user, data);
-        }
+        self.store_entry(&cmd);
         self.free.pop();
         self.slots[usize::from(cid)] = Some(Inflight {
             user,
             opcode: cmd.opcode,
             data,
-            _prp_list: prp_list,
-            since: Instant::now(),
+            _prp_chain: prp_chain,
+            epoch: self.epoch,
         });
         self.sq_tail = (self.sq_tail + 1) % self.sq_entries;
         self.sq_unrung = true;
@@ -242,6 +325,46 @@ impl<T> QueuePair<T> {
             }
         }
         Ok(cid)
+    }
+
+    /// PRP1, PRP2 and (beyond 2 MiB only) a chained list buffer for `len` bytes at `addr`,
+    /// for slot `cid`: one- and two-page transfers need no list; up to 513 pages use the
+    /// slot's kept list page (taken from the pool's immediate path the first time).
+    fn data_pointer(
+        &mut self,
+        cid: u16,
+        addr: u64,
+        len: usize,
+    ) -> Result<(u64, u64, Option<DmaBuf>), NvmeError> {
+        let pages = pages_touched(addr, len);
+        if (3..=ENTRIES_PER_LIST_PAGE + 1).contains(&pages) && addr % 4 == 0 {
+            let page = &mut self.prp_pages[usize::from(cid)];
+            if page.is_none() {
+                *page = Some(self.hw.pool.try_alloc(PAGE_BYTES)?);
+            }
+            if let Some(page) = page.as_mut() {
+                let prp2 = write_one_page_list(page, addr, len)?;
+                return Ok((addr, prp2, None));
+            }
+        }
+        let pool = &self.hw.pool;
+        let prp = Prp::build(addr, len, |n| pool.try_alloc(n))?;
+        Ok((prp.prp1, prp.prp2, prp.list))
+    }
+
+    /// Stores `cmd` into the SQ slot at the tail: eight volatile 64-bit stores (the ring is
+    /// device-visible memory; no reference to it is formed).
+    fn store_entry(&mut self, cmd: &Command) {
+        let words = cmd.to_words();
+        let at = usize::from(self.sq_tail) * SQ_ENTRY_BYTES;
+        let base = self.sq.as_ptr().wrapping_add(at).cast::<u64>();
+        for (i, w) in words.iter().enumerate() {
+            // SAFETY: `sq_tail < sq_entries` and the ring buffer holds `sq_entries * 64` bytes
+            // (checked in `new`), so `at + 64 <= capacity`; the buffer is page aligned, so the
+            // pointer is 8-byte aligned; the slot is free (the device consumed it: the ring
+            // never holds more than depth = entries - 1 commands).
+            unsafe { base.add(i).write_volatile(w.to_le()) };
+        }
     }
 
     /// Holds SQ doorbells (`true`) until [`QueuePair::ring_sq`] or the next
@@ -259,7 +382,8 @@ impl<T> QueuePair<T> {
         // The entries (and PRP lists) must be visible before the doorbell; SeqCst is a full
         // fence, which also orders any non-temporal stores the copy routine used.
         fence(Ordering::SeqCst);
-        self.hw.regs.ring(self.sq_doorbell, self.sq_tail)?;
+        self.sq_doorbell
+            .ring(&self.hw.regs, self.hw.shadow(), self.sq_tail)?;
         self.sq_unrung = false;
         Ok(())
     }
@@ -287,6 +411,16 @@ impl<T> QueuePair<T> {
     /// ([`NvmeError::ControllerReset`]), and returns the cause as the error. If another queue
     /// reset the controller, the same happens with [`NvmeError::ControllerReset`].
     pub fn poll(&mut self, out: &mut Vec<Done<T>>) -> Result<usize, NvmeError> {
+        self.poll_inner(out, false)
+    }
+
+    /// [`QueuePair::poll`], and the health check (clock, CSTS, command ages) now rather than
+    /// every [`SCAN_EVERY`] polls: for owners that poll rarely (a timer tick).
+    pub fn poll_checked(&mut self, out: &mut Vec<Done<T>>) -> Result<usize, NvmeError> {
+        self.poll_inner(out, true)
+    }
+
+    fn poll_inner(&mut self, out: &mut Vec<Done<T>>, check: bool) -> Result<usize, NvmeError> {
         if self.generation != self.hw.generation() {
             return Err(self.fail_all_after_reset(out));
         }
@@ -309,6 +443,12 @@ impl<T> QueuePair<T> {
             match validate(&posted.raw, &expected, |cid| {
                 slots[usize::from(cid)].is_some()
             }) {
+                Ok(c) if self.drop_completions > 0 => {
+                    // Fault injection: consumed, never delivered; the command stays outstanding.
+                    self.sq_head = c.sq_head;
+                    self.drop_completions -= 1;
+                    self.completions_dropped += 1;
+                }
                 Ok(c) => {
                     self.sq_head = c.sq_head;
                     let Some(inflight) = self.slots[usize::from(c.cid)].take() else {
@@ -336,7 +476,8 @@ impl<T> QueuePair<T> {
             }
         }
         if moved {
-            self.hw.regs.ring(self.cq_doorbell, self.cq.head())?;
+            self.cq_doorbell
+                .ring(&self.hw.regs, self.hw.shadow(), self.cq.head())?;
         }
         if let Some(e) = bad {
             self.hw
@@ -346,20 +487,26 @@ impl<T> QueuePair<T> {
         }
         let reaped = out.len() - before;
         self.polls_since_scan += 1;
-        if self.outstanding() > 0 && (reaped == 0 || self.polls_since_scan >= SCAN_EVERY) {
+        if check || self.polls_since_scan >= SCAN_EVERY {
             self.polls_since_scan = 0;
             self.scan(out)?;
         }
         Ok(reaped)
     }
 
-    /// The periodic health check: CSTS.CFS and the oldest command's age.
+    /// The health check: advances the timeout epoch when a quarter timeout has passed, and
+    /// then checks CSTS.CFS and whether a command is [`TIMEOUT_EPOCHS`] epochs old.
     fn scan(&mut self, out: &mut Vec<Done<T>>) -> Result<(), NvmeError> {
         let now = Instant::now();
-        if now.duration_since(self.last_scan) < (self.timeout / 4).max(Duration::from_millis(1)) {
+        let quarter = (self.timeout / 4).max(Duration::from_millis(1));
+        if now.duration_since(self.epoch_start) < quarter {
             return Ok(());
         }
-        self.last_scan = now;
+        self.epoch = self.epoch.wrapping_add(1);
+        self.epoch_start = now;
+        if self.outstanding() == 0 {
+            return Ok(());
+        }
         let csts = self.hw.regs.csts()?;
         if csts.fatal() {
             self.hw.reset(
@@ -369,14 +516,15 @@ impl<T> QueuePair<T> {
             self.fail_all_after_reset(out);
             return Err(NvmeError::ControllerFatal { csts: csts.0 });
         }
+        let epoch = self.epoch;
         let oldest = self
             .slots
             .iter()
             .enumerate()
-            .filter_map(|(cid, s)| s.as_ref().map(|s| (cid as u16, s.opcode, s.since)))
-            .min_by_key(|&(_, _, since)| since);
-        if let Some((cid, opcode, since)) = oldest {
-            if now.duration_since(since) > self.timeout {
+            .filter_map(|(cid, s)| s.as_ref().map(|s| (cid as u16, s.opcode, s.epoch)))
+            .max_by_key(|&(_, _, e)| epoch.wrapping_sub(e));
+        if let Some((cid, opcode, e)) = oldest {
+            if epoch.wrapping_sub(e) >= TIMEOUT_EPOCHS {
                 let error = NvmeError::CommandTimeout {
                     opcode,
                     cid,
@@ -430,7 +578,11 @@ impl<T> QueuePair<T> {
         let mut out = Vec::new();
         let mut spins = 0u32;
         loop {
-            self.poll(&mut out)?;
+            if spins > 64 {
+                self.poll_checked(&mut out)?;
+            } else {
+                self.poll(&mut out)?;
+            }
             if let Some(i) = out.iter().position(|d| d.cid == cid) {
                 let done = out.swap_remove(i);
                 return done.result.map(|r| (r, done.data));

@@ -39,6 +39,8 @@ pub enum AdminOpcode {
     SetFeatures = 0x09,
     /// Get Features.
     GetFeatures = 0x0a,
+    /// Doorbell Buffer Config (shadow doorbells).
+    DoorbellBufferConfig = 0x7c,
 }
 
 /// NVM command set I/O opcodes (NVM command set, figure 346 of Base 1.4).
@@ -259,6 +261,34 @@ impl Command {
         }
     }
 
+    /// The 64 wire bytes as eight little-endian 64-bit words (word `i` = bytes `8i..8i+8`),
+    /// what the queue stores into the ring.
+    pub fn to_words(&self) -> [u64; 8] {
+        let dw = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
+        let cdw0 =
+            u32::from(self.opcode) | (u32::from(self.flags) << 8) | (u32::from(self.cid) << 16);
+        [
+            dw(cdw0, self.nsid),
+            dw(self.cdw2, self.cdw3),
+            self.mptr,
+            self.prp1,
+            self.prp2,
+            dw(self.cdw10, self.cdw11),
+            dw(self.cdw12, self.cdw13),
+            dw(self.cdw14, self.cdw15),
+        ]
+    }
+
+    /// Doorbell Buffer Config: shadow doorbells at `doorbells` (PRP1), event indexes at
+    /// `event_indexes` (PRP2), each one page-aligned 4 KiB page.
+    pub fn doorbell_buffer_config(doorbells: u64, event_indexes: u64) -> Command {
+        Command {
+            prp1: doorbells,
+            prp2: event_indexes,
+            ..Command::admin(AdminOpcode::DoorbellBufferConfig)
+        }
+    }
+
     /// The 64 wire bytes.
     pub fn to_bytes(&self) -> [u8; SQ_ENTRY_BYTES] {
         let mut b = [0u8; SQ_ENTRY_BYTES];
@@ -434,6 +464,8 @@ pub struct IdentifyController {
     pub vwc: u8,
     /// Error Log Page Entries (0's based).
     pub elpe: u8,
+    /// Optional Admin Command Support (bit 8: Doorbell Buffer Config).
+    pub oacs: u16,
 }
 
 impl IdentifyController {
@@ -449,6 +481,7 @@ impl IdentifyController {
             cntlid: le16(b, 78),
             version: le32(b, 80),
             elpe: b.get(262).copied().unwrap_or(0),
+            oacs: le16(b, 256),
             sqes: b.get(512).copied().unwrap_or(0),
             cqes: b.get(513).copied().unwrap_or(0),
             nn: le32(b, 516),
@@ -460,6 +493,11 @@ impl IdentifyController {
     /// Does the controller support Dataset Management (deallocate)?
     pub fn supports_dsm(&self) -> bool {
         self.oncs & (1 << 2) != 0
+    }
+
+    /// Does the controller support Doorbell Buffer Config (shadow doorbells)?
+    pub fn supports_doorbell_buffer_config(&self) -> bool {
+        self.oacs & (1 << 8) != 0
     }
 
     /// Does the controller support Write Zeroes?
@@ -659,6 +697,25 @@ mod tests {
         assert_eq!(&b[40..44], &0x2345_6789u32.to_le_bytes()); // SLBA low
         assert_eq!(&b[44..48], &1u32.to_le_bytes()); // SLBA high
         assert_eq!(&b[48..52], &7u32.to_le_bytes()); // NLB 0's based
+    }
+
+    #[test]
+    fn words_are_the_wire_bytes() {
+        let mut c = Command::read_write(IoOpcode::Read, 7, 0xdead_beef_cafe, 3);
+        c.cid = 0x1234;
+        c.flags = 0x40;
+        c.cdw2 = 1;
+        c.cdw3 = 2;
+        c.mptr = 0x55_0000;
+        c.prp1 = 0x1000;
+        c.prp2 = 0x9_2000;
+        c.cdw13 = 13;
+        c.cdw14 = 14;
+        c.cdw15 = 15;
+        let from_words: Vec<u8> = c.to_words().iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(from_words, c.to_bytes().to_vec());
+        let d = Command::doorbell_buffer_config(0x1000, 0x2000);
+        assert_eq!((d.opcode, d.prp1, d.prp2), (0x7c, 0x1000, 0x2000));
     }
 
     #[test]
