@@ -43,8 +43,9 @@ fn main() -> ExitCode {
     let base = backing.as_mut_ptr().align_offset(4096);
     let impls: Vec<Implementation> = Implementation::available().collect();
     println!(
-        "copy_bench: detected implementation {:?}; available {:?}",
+        "copy_bench: features say {:?}; start-up calibration chose {}; available {:?}",
         Implementation::detect(),
+        tidepool::copy::implementation(),
         impls
     );
     let mut header = format!("{:>8} {:>6} {:>12}", "size", "delta", "memcpy ns");
