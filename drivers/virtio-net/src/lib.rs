@@ -10,6 +10,8 @@
 //! - [`net`]: [`VirtioNet`], the network driver: RX buffers posted from the pool's immediate
 //!   path and handed to the caller without a copy ([`RxFrame`]), TX bounced or zero-copy
 //!   ([`TxBuf`]), batched publication and doorbells, polling and tokio async modes.
+//! - [`bench`]: traffic generation and measurement (pps, bandwidth, latency percentiles),
+//!   shared by the `tpnet` tool and the VM benchmark.
 //! - [`frame`]: sequenced, checksummed test frames and an ARP/ICMP echo responder, used by
 //!   the `tpnet` tool and the VM tests.
 //!
@@ -20,6 +22,7 @@
 //! The driver refuses a device that does not translate its DMA through the IOMMU
 //! (no VIRTIO_F_ACCESS_PLATFORM).
 
+pub mod bench;
 pub mod frame;
 pub mod net;
 pub mod virtio;
