@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::frame::{build_test_frame, parse_test_frame, FrameError};
+use crate::frame::{build_test_frame, parse_test_frame, stamp_test_frame, FrameError};
 use crate::net::{NetError, RxFrame, VirtioNet, MAX_FRAME};
 
 /// `CLOCK_MONOTONIC` in nanoseconds (what test frames carry).
@@ -105,7 +105,8 @@ pub struct TxReport {
     pub bits_per_second: f64,
     /// Submit → completion latency.
     pub latency: Percentiles,
-    /// Send attempts that found the ring full or the pool empty.
+    /// Send attempts that found the ring full or the pool empty (the loop then reaps and
+    /// retries: a measure of how often the device, not the driver, was the limit).
     pub stalls: u64,
 }
 
@@ -129,7 +130,13 @@ pub fn run_tx(net: &mut VirtioNet, opts: &TxOptions) -> Result<TxReport, NetErro
     let size = opts.size.clamp(crate::frame::MIN_TEST_FRAME, MAX_FRAME);
     let batch = opts.batch.max(1);
     let src = net.mac();
-    let mut frames: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; size]).collect();
+    let mut frames: Vec<Vec<u8>> = (0..batch)
+        .map(|_| {
+            let mut f = vec![0u8; size];
+            build_test_frame(&mut f, opts.dst, src, 0, 0);
+            f
+        })
+        .collect();
     let mut pending: VecDeque<u64> = VecDeque::new();
     let mut hist = histogram();
     let start = Instant::now();
@@ -151,13 +158,18 @@ pub fn run_tx(net: &mut VirtioNet, opts: &TxOptions) -> Result<TxReport, NetErro
                 continue;
             }
         }
-        let n = (batch as u64).min(limit - queued) as usize;
+        completed += reap(net, &mut pending, &mut hist, &mut last_completion)?;
+        let room = net.tx_free_slots();
+        if room == 0 {
+            stalls += 1;
+            continue;
+        }
+        let n = (batch as u64).min(limit - queued).min(room as u64) as usize;
         let now_ns = monotonic_ns();
         for (i, f) in frames.iter_mut().take(n).enumerate() {
-            build_test_frame(f, opts.dst, src, seq + i as u64, now_ns);
+            stamp_test_frame(f, seq + i as u64, now_ns);
         }
         let refs: Vec<&[u8]> = frames.iter().take(n).map(|f| f.as_slice()).collect();
-        completed += reap(net, &mut pending, &mut hist, &mut last_completion)?;
         let sent = net.send_batch(&refs)?;
         if sent < n {
             stalls += 1;

@@ -1,16 +1,19 @@
 //! Frames for testing and benchmarking: a sequenced, checksummed test frame, and a minimal
 //! ARP + ICMP echo responder (enough for the kernel's `ping` to reach the driver).
 //!
-//! ## Test frame ([`build_test_frame`], [`parse_test_frame`])
+//! ## Test frame ([`build_test_frame`], [`stamp_test_frame`], [`parse_test_frame`])
 //! ```text
 //! 0   dst MAC (6) | src MAC (6) | ethertype 0x88b5 (IEEE local experimental)
 //! 14  magic "TPNT" | seq u64 LE | timestamp ns u64 LE | frame length u16 LE
-//! 36  payload: byte i = (seq + i) * 31 mod 256 ... up to len - 4
-//! len-4  FNV-1a 32 over bytes 14..len-4, LE
+//! 36  header check: FNV-1a 32 over bytes 0..36, LE
+//! 40  payload: byte i = (len + i) * 31 mod 256 ... up to len - 4
+//! len-4  payload check: FNV-1a 32 over bytes 40..len-4, LE
 //! ```
-//! Minimum length 60 (the Ethernet minimum without FCS). A frame whose checksum, magic or
-//! recorded length does not match is reported as corrupt, which is how the long VM runs
-//! detect corruption end to end.
+//! Minimum length 60 (the Ethernet minimum without FCS). Two checks instead of one so that a
+//! sender can restamp a prepared frame with a new sequence number and time by rewriting 26
+//! bytes ([`stamp_test_frame`]) instead of checksumming the whole frame again: generation must
+//! not be what a benchmark measures. A frame whose checks, magic or recorded length do not
+//! match is reported as corrupt, which is how the long VM runs detect corruption end to end.
 
 /// Ethertype of test frames (IEEE 802 local experimental 1).
 pub const TEST_ETHERTYPE: u16 = 0x88b5;
@@ -18,6 +21,7 @@ pub const TEST_ETHERTYPE: u16 = 0x88b5;
 pub const MIN_TEST_FRAME: usize = 60;
 const MAGIC: &[u8; 4] = b"TPNT";
 const HDR_END: usize = 36;
+const PAYLOAD: usize = 40;
 
 /// A parsed, verified test frame.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -64,14 +68,25 @@ pub fn build_test_frame(buf: &mut [u8], dst: [u8; 6], src: [u8; 6], seq: u64, ts
     buf[6..12].copy_from_slice(&src);
     buf[12..14].copy_from_slice(&TEST_ETHERTYPE.to_be_bytes());
     buf[14..18].copy_from_slice(MAGIC);
+    buf[34..36].copy_from_slice(&(len as u16).to_le_bytes());
+    for (i, b) in buf[PAYLOAD..len - 4].iter_mut().enumerate() {
+        *b = (len as u8).wrapping_add(i as u8).wrapping_mul(31);
+    }
+    let sum = fnv1a(&buf[PAYLOAD..len - 4]);
+    buf[len - 4..].copy_from_slice(&sum.to_le_bytes());
+    stamp_test_frame(buf, seq, ts)
+}
+
+/// Rewrites the sequence number and timestamp of a frame made by [`build_test_frame`] and its
+/// header check (26 bytes written, 36 hashed). False (nothing written) if `buf` is too short.
+pub fn stamp_test_frame(buf: &mut [u8], seq: u64, ts: u64) -> bool {
+    if buf.len() < MIN_TEST_FRAME {
+        return false;
+    }
     buf[18..26].copy_from_slice(&seq.to_le_bytes());
     buf[26..34].copy_from_slice(&ts.to_le_bytes());
-    buf[34..36].copy_from_slice(&(len as u16).to_le_bytes());
-    for (i, b) in buf[HDR_END..len - 4].iter_mut().enumerate() {
-        *b = (seq as u8).wrapping_add(i as u8).wrapping_mul(31);
-    }
-    let sum = fnv1a(&buf[14..len - 4]);
-    buf[len - 4..].copy_from_slice(&sum.to_le_bytes());
+    let h = fnv1a(&buf[0..HDR_END]);
+    buf[HDR_END..PAYLOAD].copy_from_slice(&h.to_le_bytes());
     true
 }
 
@@ -86,13 +101,16 @@ pub fn parse_test_frame(f: &[u8]) -> Result<TestFrame, FrameError> {
     if &f[14..18] != MAGIC {
         return Err(FrameError::Corrupt("bad magic"));
     }
+    let u32_at = |o: usize| u32::from_le_bytes([f[o], f[o + 1], f[o + 2], f[o + 3]]);
+    if fnv1a(&f[0..HDR_END]) != u32_at(HDR_END) {
+        return Err(FrameError::Corrupt("header check mismatch"));
+    }
     let len = usize::from(u16::from_le_bytes([f[34], f[35]]));
     if len != f.len() {
         return Err(FrameError::Corrupt("length differs from the recorded length"));
     }
-    let sum = u32::from_le_bytes([f[len - 4], f[len - 3], f[len - 2], f[len - 1]]);
-    if fnv1a(&f[14..len - 4]) != sum {
-        return Err(FrameError::Corrupt("checksum mismatch"));
+    if fnv1a(&f[PAYLOAD..len - 4]) != u32_at(len - 4) {
+        return Err(FrameError::Corrupt("payload check mismatch"));
     }
     let mut src = [0u8; 6];
     src.copy_from_slice(&f[6..12]);
@@ -208,6 +226,12 @@ mod tests {
             assert!(build_test_frame(&mut f, [1; 6], [2; 6], 77 + len as u64, 5));
             let t = parse_test_frame(&f).unwrap();
             assert_eq!((t.seq, t.timestamp_ns, t.len, t.src), (77 + len as u64, 5, len, [2; 6]));
+            let mut bad = f.clone();
+            bad[20] ^= 1; // the sequence number
+            assert!(matches!(parse_test_frame(&bad), Err(FrameError::Corrupt(_))));
+            let mut again = f.clone();
+            assert!(stamp_test_frame(&mut again, 9, 10));
+            assert_eq!(parse_test_frame(&again).unwrap().seq, 9);
             let mut bad = f.clone();
             bad[len / 2] ^= 1;
             assert!(matches!(parse_test_frame(&bad), Err(FrameError::Corrupt(_))));

@@ -464,6 +464,11 @@ impl VirtioNet {
         self.rx_ref().map_or(0, |q| q.outstanding())
     }
 
+    /// TX descriptors free right now (completions not yet reaped are not counted).
+    pub fn tx_free_slots(&self) -> usize {
+        self.tx_ref().map_or(0, |q| q.free_slots())
+    }
+
     /// TX buffers queued and not yet completed.
     pub fn tx_in_flight(&self) -> usize {
         self.tx_ref().map_or(0, |q| q.outstanding())
