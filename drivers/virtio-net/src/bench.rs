@@ -144,7 +144,11 @@ pub fn run_tx(net: &mut VirtioNet, opts: &TxOptions) -> Result<TxReport, NetErro
     let mut seq = opts.first_seq;
     let (mut queued, mut completed, mut stalls) = (0u64, 0u64, 0u64);
     let mut last_completion = start;
-    let limit = if opts.count == 0 { u64::MAX } else { opts.count };
+    let limit = if opts.count == 0 {
+        u64::MAX
+    } else {
+        opts.count
+    };
     while queued < limit && Instant::now() < until {
         if opts.rate_pps > 0 {
             let due = start + Duration::from_secs_f64(queued as f64 / opts.rate_pps as f64);
@@ -184,7 +188,10 @@ pub fn run_tx(net: &mut VirtioNet, opts: &TxOptions) -> Result<TxReport, NetErro
     while !pending.is_empty() && Instant::now() < drain_until {
         completed += reap(net, &mut pending, &mut hist, &mut last_completion)?;
     }
-    let seconds = last_completion.duration_since(start).as_secs_f64().max(1e-9);
+    let seconds = last_completion
+        .duration_since(start)
+        .as_secs_f64()
+        .max(1e-9);
     Ok(TxReport {
         size,
         batch,

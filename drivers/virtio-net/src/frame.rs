@@ -107,7 +107,9 @@ pub fn parse_test_frame(f: &[u8]) -> Result<TestFrame, FrameError> {
     }
     let len = usize::from(u16::from_le_bytes([f[34], f[35]]));
     if len != f.len() {
-        return Err(FrameError::Corrupt("length differs from the recorded length"));
+        return Err(FrameError::Corrupt(
+            "length differs from the recorded length",
+        ));
     }
     if fnv1a(&f[PAYLOAD..len - 4]) != u32_at(len - 4) {
         return Err(FrameError::Corrupt("payload check mismatch"));
@@ -225,17 +227,29 @@ mod tests {
             let mut f = vec![0u8; len];
             assert!(build_test_frame(&mut f, [1; 6], [2; 6], 77 + len as u64, 5));
             let t = parse_test_frame(&f).unwrap();
-            assert_eq!((t.seq, t.timestamp_ns, t.len, t.src), (77 + len as u64, 5, len, [2; 6]));
+            assert_eq!(
+                (t.seq, t.timestamp_ns, t.len, t.src),
+                (77 + len as u64, 5, len, [2; 6])
+            );
             let mut bad = f.clone();
             bad[20] ^= 1; // the sequence number
-            assert!(matches!(parse_test_frame(&bad), Err(FrameError::Corrupt(_))));
+            assert!(matches!(
+                parse_test_frame(&bad),
+                Err(FrameError::Corrupt(_))
+            ));
             let mut again = f.clone();
             assert!(stamp_test_frame(&mut again, 9, 10));
             assert_eq!(parse_test_frame(&again).unwrap().seq, 9);
             let mut bad = f.clone();
             bad[len / 2] ^= 1;
-            assert!(matches!(parse_test_frame(&bad), Err(FrameError::Corrupt(_))));
-            assert!(matches!(parse_test_frame(&f[..len - 1]), Err(FrameError::Corrupt(_))));
+            assert!(matches!(
+                parse_test_frame(&bad),
+                Err(FrameError::Corrupt(_))
+            ));
+            assert!(matches!(
+                parse_test_frame(&f[..len - 1]),
+                Err(FrameError::Corrupt(_))
+            ));
         }
         assert!(!build_test_frame(&mut [0u8; 59], [1; 6], [2; 6], 0, 0));
         assert_eq!(parse_test_frame(&[0u8; 60]), Err(FrameError::NotTestFrame));

@@ -185,7 +185,10 @@ impl RxFrame {
 
     /// Copies frame bytes from `offset` into `dst` (which must fit inside the frame).
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), PoolError> {
-        if offset.checked_add(dst.len()).is_none_or(|end| end > self.len) {
+        if offset
+            .checked_add(dst.len())
+            .is_none_or(|end| end > self.len)
+        {
             return Err(PoolError::OutOfBounds {
                 offset,
                 len: dst.len(),
@@ -242,7 +245,10 @@ impl TxBuf {
 
     /// Copies `src` into the frame at `offset` (must fit inside the frame length).
     pub fn write_at(&mut self, offset: usize, src: &[u8]) -> Result<(), PoolError> {
-        if offset.checked_add(src.len()).is_none_or(|end| end > self.len) {
+        if offset
+            .checked_add(src.len())
+            .is_none_or(|end| end > self.len)
+        {
             return Err(PoolError::OutOfBounds {
                 offset,
                 len: src.len(),
@@ -339,7 +345,11 @@ impl VirtioNet {
     /// MAC and STATUS if offered; no checksum offload, no mergeable buffers, no EVENT_IDX),
     /// bus mastering, MSI-X (if `cfg.interrupts`), queues 0 (RX) and 1 (TX), DRIVER_OK, and a
     /// first RX refill. Blocking; setup only.
-    pub fn with_pool(device: VfioDevice, pool: Pool, cfg: NetConfig) -> Result<VirtioNet, NetError> {
+    pub fn with_pool(
+        device: VfioDevice,
+        pool: Pool,
+        cfg: NetConfig,
+    ) -> Result<VirtioNet, NetError> {
         let transport = VirtioPci::open(device, VIRTIO_NET_TYPE, "net")?;
         VirtioNet::start(transport, pool, cfg)
     }
@@ -490,12 +500,16 @@ impl VirtioNet {
 
     /// The RX queue; absent only during drop.
     fn rx_mut(&mut self) -> Result<&mut SplitQueue, NetError> {
-        self.rx.as_mut().ok_or(NetError::Ring(RingError::Broken(RX_QUEUE)))
+        self.rx
+            .as_mut()
+            .ok_or(NetError::Ring(RingError::Broken(RX_QUEUE)))
     }
 
     /// The TX queue; absent only during drop.
     fn tx_mut(&mut self) -> Result<&mut SplitQueue, NetError> {
-        self.tx.as_mut().ok_or(NetError::Ring(RingError::Broken(TX_QUEUE)))
+        self.tx
+            .as_mut()
+            .ok_or(NetError::Ring(RingError::Broken(TX_QUEUE)))
     }
 
     /// Posts RX buffers from the pool's immediate path until the ring holds the target or the
@@ -749,7 +763,11 @@ impl VirtioNet {
     /// Receives at least one frame (up to `max`) into `out`, sleeping on the RX interrupt
     /// while the ring is empty. Cancel-safe: frames are only taken off the ring by the
     /// synchronous [`VirtioNet::recv_batch`] inside.
-    pub async fn recv_async(&mut self, out: &mut Vec<RxFrame>, max: usize) -> Result<usize, NetError> {
+    pub async fn recv_async(
+        &mut self,
+        out: &mut Vec<RxFrame>,
+        max: usize,
+    ) -> Result<usize, NetError> {
         self.irq_fds()?;
         loop {
             let n = self.recv_batch(out, max)?;

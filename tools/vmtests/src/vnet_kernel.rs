@@ -40,7 +40,8 @@ impl VnetEnv {
             bdf: need("TIDEPOOL_VNET_BDF")?,
             noiommu_bdf: need("TIDEPOOL_VNET_NOIOMMU_BDF")?,
             kernel_if: need("TIDEPOOL_VNET_KERNEL_IF")?,
-            kernel_ip: ip4(&need("TIDEPOOL_VNET_KERNEL_IP")?).ok_or("bad TIDEPOOL_VNET_KERNEL_IP")?,
+            kernel_ip: ip4(&need("TIDEPOOL_VNET_KERNEL_IP")?)
+                .ok_or("bad TIDEPOOL_VNET_KERNEL_IP")?,
             our_ip: ip4(&need("TIDEPOOL_VNET_IP")?).ok_or("bad TIDEPOOL_VNET_IP")?,
             nvme_bdf: need("TIDEPOOL_NVME_BDF")?,
         })
@@ -146,9 +147,9 @@ impl PacketSocket {
         if n < 0 {
             let e = io::Error::last_os_error();
             return match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => {
-                    Ok(None)
-                }
+                io::ErrorKind::WouldBlock
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::Interrupted => Ok(None),
                 _ => Err(format!("recv: {e}")),
             };
         }

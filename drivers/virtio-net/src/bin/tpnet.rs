@@ -65,7 +65,10 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
     let mut it = argv[1..].iter();
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
-        let num = |name: &str, v: String| v.parse::<f64>().map_err(|_| format!("{name}: not a number: {v}"));
+        let num = |name: &str, v: String| {
+            v.parse::<f64>()
+                .map_err(|_| format!("{name}: not a number: {v}"))
+        };
         match flag.as_str() {
             "--bdf" => a.bdf = value("--bdf")?,
             "--dst" => {
@@ -115,49 +118,50 @@ fn main() -> ExitCode {
         }
     };
     let duration = Duration::from_secs_f64(args.duration);
-    let result = if args.mode == "tx" {
-        let opts = TxOptions {
-            dst: args.dst,
-            size: args.size,
-            batch: args.batch,
-            rate_pps: args.rate,
-            duration,
-            count: args.count,
-            first_seq: 0,
-        };
-        run_tx(&mut net, &opts).map(|r| {
-            if args.json {
-                r.to_json()
-            } else {
-                format!(
+    let result =
+        if args.mode == "tx" {
+            let opts = TxOptions {
+                dst: args.dst,
+                size: args.size,
+                batch: args.batch,
+                rate_pps: args.rate,
+                duration,
+                count: args.count,
+                first_seq: 0,
+            };
+            run_tx(&mut net, &opts).map(|r| {
+                if args.json {
+                    r.to_json()
+                } else {
+                    format!(
                     "tx {} B x{}: {} completed of {} queued in {:.2} s: {:.0} pps, {:.1} Mbit/s; \
                      latency p50 {} ns p99 {} ns p99.9 {} ns max {} ns",
                     r.size, r.batch, r.completed, r.queued, r.seconds, r.pps,
                     r.bits_per_second / 1e6, r.latency.p50_ns, r.latency.p99_ns,
                     r.latency.p999_ns, r.latency.max_ns
                 )
-            }
-        })
-    } else {
-        let opts = RxOptions {
-            duration,
-            count: args.count,
-            idle: duration,
-            batch: args.batch,
-        };
-        run_rx(&mut net, &opts, |_| {}).map(|r| {
-            if args.json {
-                r.to_json()
-            } else {
-                format!(
+                }
+            })
+        } else {
+            let opts = RxOptions {
+                duration,
+                count: args.count,
+                idle: duration,
+                batch: args.batch,
+            };
+            run_rx(&mut net, &opts, |_| {}).map(|r| {
+                if args.json {
+                    r.to_json()
+                } else {
+                    format!(
                     "rx: {} frames ({} test, {} corrupt, {} out of order) in {:.2} s: {:.0} pps, \
                      {:.1} Mbit/s; latency p50 {} ns p99 {} ns",
                     r.frames, r.test_frames, r.corrupt, r.out_of_order, r.seconds, r.pps,
                     r.bits_per_second / 1e6, r.latency.p50_ns, r.latency.p99_ns
                 )
-            }
-        })
-    };
+                }
+            })
+        };
     match result {
         Ok(line) => {
             println!("{line}");
@@ -180,10 +184,20 @@ mod tests {
 
     #[test]
     fn parses_and_rejects() {
-        let a = parse_args(&args("tx --bdf 0000:00:10.0 --dst 52:54:00:12:34:20 --size 1500 --json")).unwrap();
-        assert_eq!((a.size, a.json, a.dst), (1500, true, [0x52, 0x54, 0, 0x12, 0x34, 0x20]));
-        assert!(parse_args(&args("tx --bdf x --size 1515")).unwrap_err().contains("MTU"));
-        assert!(parse_args(&args("tx --size 64")).unwrap_err().contains("--bdf"));
+        let a = parse_args(&args(
+            "tx --bdf 0000:00:10.0 --dst 52:54:00:12:34:20 --size 1500 --json",
+        ))
+        .unwrap();
+        assert_eq!(
+            (a.size, a.json, a.dst),
+            (1500, true, [0x52, 0x54, 0, 0x12, 0x34, 0x20])
+        );
+        assert!(parse_args(&args("tx --bdf x --size 1515"))
+            .unwrap_err()
+            .contains("MTU"));
+        assert!(parse_args(&args("tx --size 64"))
+            .unwrap_err()
+            .contains("--bdf"));
         assert!(parse_args(&args("fly --bdf x")).is_err());
         assert!(parse_args(&args("rx --bdf x --dst 1:2:3")).is_err());
     }

@@ -77,7 +77,9 @@ pub fn parse_virtio_caps(config: &[u8]) -> Result<Vec<CapInfo>, VirtioError> {
     let bad = |why: String| VirtioError::BadCapability(why);
     let byte = |off: usize| config.get(off).copied();
     let dword = |off: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(config.get(off..off + 4)?.try_into().ok()?))
+        Some(u32::from_le_bytes(
+            config.get(off..off + 4)?.try_into().ok()?,
+        ))
     };
     let status_reg = config
         .get(0x06..0x08)
@@ -330,7 +332,8 @@ impl VirtioPci {
         self.common.write32(DRIVER_FEATURE_SELECT, 0)?;
         self.common.write32(DRIVER_FEATURE, accepted as u32)?;
         self.common.write32(DRIVER_FEATURE_SELECT, 1)?;
-        self.common.write32(DRIVER_FEATURE, (accepted >> 32) as u32)?;
+        self.common
+            .write32(DRIVER_FEATURE, (accepted >> 32) as u32)?;
         self.add_status(status::FEATURES_OK)?;
         if self.status()? & status::FEATURES_OK == 0 {
             self.fail();
@@ -402,7 +405,11 @@ impl VirtioPci {
         self.common.write16(QUEUE_SELECT, queue)?;
         let off = self.common.read16(QUEUE_NOTIFY_OFF)?;
         let offset = usize::from(off) * self.notify_multiplier as usize;
-        if offset.checked_add(2).is_none_or(|end| end > self.notify.len()) || offset % 2 != 0 {
+        if offset
+            .checked_add(2)
+            .is_none_or(|end| end > self.notify.len())
+            || offset % 2 != 0
+        {
             return Err(VirtioError::Queue {
                 queue,
                 problem: format!(
@@ -518,7 +525,10 @@ mod tests {
         let caps = parse_virtio_caps(&c).unwrap();
         assert_eq!(caps.len(), 4);
         let notify = caps.iter().find(|c| c.cfg_type == 2).unwrap();
-        assert_eq!((notify.bar, notify.offset, notify.notify_multiplier), (4, 0x3000, 4));
+        assert_eq!(
+            (notify.bar, notify.offset, notify.notify_multiplier),
+            (4, 0x3000, 4)
+        );
         let common = caps.iter().find(|c| c.cfg_type == 1).unwrap();
         assert_eq!((common.offset, common.length), (0, 0x1000));
     }
@@ -528,7 +538,10 @@ mod tests {
         // A loop: the capability points at itself.
         let mut c = config_with(&[vcap(1, 4, 0, 0x1000, None)]);
         c[0x41] = 0x40;
-        assert!(matches!(parse_virtio_caps(&c), Err(VirtioError::BadCapability(_))));
+        assert!(matches!(
+            parse_virtio_caps(&c),
+            Err(VirtioError::BadCapability(_))
+        ));
         // Pointer into the header.
         let mut c = config_with(&[vcap(1, 4, 0, 0x1000, None)]);
         c[0x34] = 0x10;

@@ -252,7 +252,11 @@ impl SplitQueue {
     /// Writes a little-endian u16 of ring memory.
     fn write16(&self, offset: usize, v: u16) {
         // SAFETY: as read16.
-        unsafe { self.ring_ptr(offset).cast::<u16>().write_volatile(v.to_le()) }
+        unsafe {
+            self.ring_ptr(offset)
+                .cast::<u16>()
+                .write_volatile(v.to_le())
+        }
     }
 
     /// Writes one descriptor (addr, len, flags, next = 0).
@@ -389,10 +393,7 @@ impl SplitQueue {
         };
         self.free.push(id as u16);
         self.last_used = self.last_used.wrapping_add(1);
-        Ok(Some(Completion {
-            buf: slot.buf,
-            len,
-        }))
+        Ok(Some(Completion { buf: slot.buf, len }))
     }
 
     /// Marks the queue broken and returns `e`.
@@ -494,7 +495,10 @@ mod tests {
         device_complete(&q, 1, u32::from(id), 1);
         assert_eq!(
             q.pop_used().unwrap_err(),
-            RingError::NotOutstanding { queue: 0, id: u32::from(id) }
+            RingError::NotOutstanding {
+                queue: 0,
+                id: u32::from(id)
+            }
         );
         assert_eq!(q.pop_used().unwrap_err(), RingError::Broken(0));
         drop(c);
@@ -511,19 +515,36 @@ mod tests {
         q.publish();
         let id = avail_id(&q, 0);
         device_complete(&q, 0, u32::from(id), 601);
-        assert!(matches!(q.pop_used(), Err(RingError::LenTooLong { len: 601, posted: 600, .. })));
+        assert!(matches!(
+            q.pop_used(),
+            Err(RingError::LenTooLong {
+                len: 601,
+                posted: 600,
+                ..
+            })
+        ));
 
         let mut q = SplitQueue::new(&pool, 1, 4, None).unwrap();
         q.push(pool.try_alloc(600).unwrap(), 600, true).unwrap();
         q.publish();
         device_complete(&q, 0, 4, 1);
-        assert!(matches!(q.pop_used(), Err(RingError::IdOutOfRange { id: 4, .. })));
+        assert!(matches!(
+            q.pop_used(),
+            Err(RingError::IdOutOfRange { id: 4, .. })
+        ));
 
         let mut q = SplitQueue::new(&pool, 1, 4, None).unwrap();
         q.push(pool.try_alloc(600).unwrap(), 600, true).unwrap();
         q.publish();
         device_complete(&q, 1, 0, 1); // used.idx = 2 with one buffer posted
-        assert!(matches!(q.pop_used(), Err(RingError::IndexAhead { ahead: 2, outstanding: 1, .. })));
+        assert!(matches!(
+            q.pop_used(),
+            Err(RingError::IndexAhead {
+                ahead: 2,
+                outstanding: 1,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -22,7 +22,9 @@ use std::collections::{HashSet, VecDeque};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use tidepool_virtio_net::frame::{answer_arp_icmp, build_test_frame, parse_test_frame, TEST_ETHERTYPE};
+use tidepool_virtio_net::frame::{
+    answer_arp_icmp, build_test_frame, parse_test_frame, TEST_ETHERTYPE,
+};
 use tidepool_virtio_net::net::format_mac;
 use tidepool_virtio_net::virtio::features::ACCESS_PLATFORM;
 use tidepool_virtio_net::{NetConfig, NetError, VirtioError, VirtioNet};
@@ -56,10 +58,16 @@ fn run() -> Result<(), String> {
         net.rx_posted()
     );
     if mac != [0x52, 0x54, 0, 0x12, 0x34, 0x10] {
-        return Err(format!("MAC {} is not the one QEMU was given", format_mac(&mac)));
+        return Err(format!(
+            "MAC {} is not the one QEMU was given",
+            format_mac(&mac)
+        ));
     }
     match net.send_batch(&[&[0u8; 1515][..]]) {
-        Err(NetError::FrameTooLarge { len: 1515, max: 1514 }) => println!("1515-byte frame: FrameTooLarge (ok)"),
+        Err(NetError::FrameTooLarge {
+            len: 1515,
+            max: 1514,
+        }) => println!("1515-byte frame: FrameTooLarge (ok)"),
         other => return Err(format!("a 1515-byte frame gave {other:?}")),
     }
     let kmac = env.kernel_mac()?;
@@ -74,7 +82,9 @@ fn run() -> Result<(), String> {
     let in_use = pool.stats().in_use_bytes;
     println!("pool in use after drop: {in_use} B");
     if in_use != 0 {
-        return Err(format!("{in_use} B still in use after the driver was dropped"));
+        return Err(format!(
+            "{in_use} B still in use after the driver was dropped"
+        ));
     }
     Ok(())
 }
@@ -90,7 +100,9 @@ fn bad_inputs(env: &VnetEnv) -> Result<(), String> {
         other => return Err(format!("opening the NVMe function gave {other:?}")),
     }
     match VirtioNet::open(&env.noiommu_bdf, NetConfig::default()) {
-        Err(NetError::Virtio(e @ VirtioError::AccessPlatformMissing)) => println!("iommu_platform=off: {e}"),
+        Err(NetError::Virtio(e @ VirtioError::AccessPlatformMissing)) => {
+            println!("iommu_platform=off: {e}")
+        }
         other => return Err(format!("the device without ACCESS_PLATFORM gave {other:?}")),
     }
     let cfg = NetConfig {
@@ -98,7 +110,9 @@ fn bad_inputs(env: &VnetEnv) -> Result<(), String> {
         ..NetConfig::default()
     };
     match VirtioNet::open(&env.bdf, cfg) {
-        Err(NetError::Virtio(e @ VirtioError::FeaturesRejected { .. })) => println!("ACCESS_PLATFORM declined: {e}"),
+        Err(NetError::Virtio(e @ VirtioError::FeaturesRejected { .. })) => {
+            println!("ACCESS_PLATFORM declined: {e}")
+        }
         other => return Err(format!("declining ACCESS_PLATFORM gave {other:?}")),
     }
     Ok(())
@@ -111,9 +125,14 @@ fn kernel_expect(sock: &PacketSocket, src: [u8; 6], first: u64, want: u64) -> Re
     let deadline = Instant::now() + Duration::from_secs(10);
     while (seen.len() as u64) < want {
         if Instant::now() > deadline {
-            return Err(format!("kernel received {} of {want} frames (seq {first}..)", seen.len()));
+            return Err(format!(
+                "kernel received {} of {want} frames (seq {first}..)",
+                seen.len()
+            ));
         }
-        let Some(n) = sock.recv(&mut buf)? else { continue };
+        let Some(n) = sock.recv(&mut buf)? else {
+            continue;
+        };
         let f = match parse_test_frame(&buf[..n]) {
             Ok(f) => f,
             Err(e) => return Err(format!("kernel got a bad frame: {e}")),
@@ -171,7 +190,13 @@ fn tx_to_kernel(net: &mut VirtioNet, sock: &PacketSocket, kmac: [u8; 6]) -> Resu
 }
 
 /// The kernel sends `count` test frames (from seq `first`); the driver must get them all.
-fn rx_from_kernel(net: &mut VirtioNet, sock: &PacketSocket, kmac: [u8; 6], first: u64, count: u64) -> Result<(), String> {
+fn rx_from_kernel(
+    net: &mut VirtioNet,
+    sock: &PacketSocket,
+    kmac: [u8; 6],
+    first: u64,
+    count: u64,
+) -> Result<(), String> {
     for seq in first..first + count {
         let mut f = vec![0u8; 60 + (seq as usize * 29) % 1400];
         build_test_frame(&mut f, net.mac(), kmac, seq, 0);
@@ -240,11 +265,19 @@ fn async_mode(net: &mut VirtioNet, env: &VnetEnv, kmac: [u8; 6]) -> Result<(), S
         };
         match tokio::time::timeout(Duration::from_secs(15), all).await {
             Ok(r) => r.map_err(|e| e.to_string()).map(|()| (seen.len(), wakeups)),
-            Err(_) => Err(format!("recv_async got {} of 50 frames in 15 s", seen.len())),
+            Err(_) => Err(format!(
+                "recv_async got {} of 50 frames in 15 s",
+                seen.len()
+            )),
         }
     })?;
-    sender.join().map_err(|_| "sender thread panicked".to_string())??;
-    println!("async: recv_async got all {} frames in {} returns", received.0, received.1);
+    sender
+        .join()
+        .map_err(|_| "sender thread panicked".to_string())??;
+    println!(
+        "async: recv_async got all {} frames in {} returns",
+        received.0, received.1
+    );
     let sock = PacketSocket::open(&env.kernel_if, TEST_ETHERTYPE, Duration::from_millis(200))?;
     let frames: Vec<Vec<u8>> = (0..50u64)
         .map(|i| {

@@ -77,7 +77,9 @@ fn run() -> Result<(), String> {
     let in_use = pool.stats().in_use_bytes;
     println!("pool in use after drop: {in_use} B");
     if in_use != 0 {
-        return Err(format!("{in_use} B still in use after the driver was dropped"));
+        return Err(format!(
+            "{in_use} B still in use after the driver was dropped"
+        ));
     }
     Ok(())
 }
@@ -93,13 +95,19 @@ fn tx_million(net: &mut VirtioNet, env: &VnetEnv, kmac: [u8; 6], n: u64) -> Resu
         let mut buf = vec![0u8; 2048];
         let (mut got, mut bytes) = (0u64, 0u64);
         while got < n && !s2.load(Ordering::Relaxed) {
-            let Some(len) = sock.recv(&mut buf)? else { continue };
-            let f = parse_test_frame(&buf[..len]).map_err(|e| format!("kernel: frame {got}: {e}"))?;
+            let Some(len) = sock.recv(&mut buf)? else {
+                continue;
+            };
+            let f =
+                parse_test_frame(&buf[..len]).map_err(|e| format!("kernel: frame {got}: {e}"))?;
             if f.src != our {
                 continue;
             }
             if f.seq >= n || f.len != size_of(f.seq) {
-                return Err(format!("kernel: seq {} with length {} is not one we sent", f.seq, f.len));
+                return Err(format!(
+                    "kernel: seq {} with length {} is not one we sent",
+                    f.seq, f.len
+                ));
             }
             if !mark(&mut bitmap, f.seq) {
                 return Err(format!("kernel: seq {} arrived twice", f.seq));
@@ -110,7 +118,9 @@ fn tx_million(net: &mut VirtioNet, env: &VnetEnv, kmac: [u8; 6], n: u64) -> Resu
         }
         let (_, drops) = sock.stats();
         if drops > 0 {
-            return Err(format!("kernel socket dropped {drops} frames (its buffer overflowed)"));
+            return Err(format!(
+                "kernel socket dropped {drops} frames (its buffer overflowed)"
+            ));
         }
         Ok((got, bytes))
     });
@@ -138,7 +148,11 @@ fn tx_million(net: &mut VirtioNet, env: &VnetEnv, kmac: [u8; 6], n: u64) -> Resu
                 b.resize(size_of(seq), 0);
                 build_test_frame(b, kmac, our, seq, 0);
             }
-            let refs: Vec<&[u8]> = bufs.iter().take(room as usize).map(|b| b.as_slice()).collect();
+            let refs: Vec<&[u8]> = bufs
+                .iter()
+                .take(room as usize)
+                .map(|b| b.as_slice())
+                .collect();
             sent += net.send_batch(&refs).map_err(|e| e.to_string())? as u64;
         }
         Ok(())
@@ -166,7 +180,9 @@ fn tx_million(net: &mut VirtioNet, env: &VnetEnv, kmac: [u8; 6], n: u64) -> Resu
         env.kernel_counter("rx_packets") - rx_before
     );
     if got != n || sent != n {
-        return Err(format!("TX: kernel verified {got} of {n} frames (sent {sent})"));
+        return Err(format!(
+            "TX: kernel verified {got} of {n} frames (sent {sent})"
+        ));
     }
     if st.tx_completed < n {
         return Err(format!("TX: device completed {} of {n}", st.tx_completed));
