@@ -12,8 +12,11 @@
 //!    so the driver really sleeps on the MSI-X eventfd) and 50 sent with `send_async`.
 //! 5. **ARP + ICMP.** busybox `ping -c 3 10.11.12.2` from the kernel's IPv4 stack succeeds,
 //!    answered by the driver.
-//! 6. The pool is back at 0 bytes in use after the driver is dropped. The harness checks dmesg
-//!    for IOMMU faults.
+//! 6. The pool is back at 0 bytes in use after the driver is dropped.
+//! 7. **Pool exhausted.** A second instance on a fixed 4 MiB pool (no growth): with every other
+//!    byte of the pool held, 100 frames are still received (the posted buffers), the refill
+//!    posts nothing and counts a failure instead of blocking, and once the space is released
+//!    the next refill fills the ring again. The harness checks dmesg for IOMMU faults.
 
 #[path = "../vnet_kernel.rs"]
 mod vnet_kernel;
