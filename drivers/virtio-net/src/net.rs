@@ -13,8 +13,11 @@
 //!   frame copied with Tidepool's copy routine); [`VirtioNet::tx_buffer`] +
 //!   [`VirtioNet::send_buffers`] send pool buffers the caller filled in place (zero-copy).
 //!   A batch is published with one `avail.idx` store and at most one doorbell. Completed TX
-//!   buffers are reaped (returned to the pool) at the start of every send and by
-//!   [`VirtioNet::reap_tx`].
+//!   buffers are reaped at the start of every send and by [`VirtioNet::reap_tx`]: bounce
+//!   buffers are kept for reuse (up to one ring's worth per size class, [`TX_SPARE_LIMIT`]),
+//!   the rest go back to the pool. Reuse skips the pool's zeroing of a fresh buffer, which
+//!   is safe because a recycled buffer only ever held frames this driver gave to this same
+//!   device; its header is rewritten on every use.
 //! - **Modes.** Polling (the default: interrupts suppressed with `VIRTQ_AVAIL_F_NO_INTERRUPT`)
 //!   or async on tokio ([`VirtioNet::recv_async`], [`VirtioNet::send_async`]): MSI-X vector 0
 //!   (RX) and 1 (TX) signal eventfds registered with the reactor; the driver re-enables
@@ -59,6 +62,12 @@ pub const RX_BUFFER: usize = 2048;
 pub const F_MAC: u64 = 1 << 5;
 /// Feature: the device reports link status.
 pub const F_STATUS: u64 = 1 << 16;
+
+/// Bounce buffers kept for reuse per size class (512 B, 1 KiB, 2 KiB).
+pub const TX_SPARE_LIMIT: usize = 256;
+/// Size classes of TX bounce buffers: 2^9 .. 2^11 bytes.
+const TX_CLASSES: usize = 3;
+const TX_MIN_ORDER: u32 = 9;
 
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
@@ -297,6 +306,8 @@ pub struct VirtioNet {
     stats: NetStats,
     reset_timeout: Duration,
     rx_target: usize,
+    /// Completed TX bounce buffers for reuse, by size class (module docs).
+    tx_spare: [Vec<DmaBuf>; TX_CLASSES],
 }
 
 impl std::fmt::Debug for VirtioNet {
@@ -308,6 +319,15 @@ impl std::fmt::Debug for VirtioNet {
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
+}
+
+/// The spare-list index for a buffer of `capacity` bytes, if it is a TX bounce class.
+fn spare_class(capacity: usize) -> Option<usize> {
+    if !capacity.is_power_of_two() {
+        return None;
+    }
+    let k = capacity.trailing_zeros().checked_sub(TX_MIN_ORDER)? as usize;
+    (k < TX_CLASSES).then_some(k)
 }
 
 /// `52:54:00:12:34:10`.
@@ -429,6 +449,7 @@ impl VirtioNet {
             stats: NetStats::default(),
             reset_timeout: cfg.reset_timeout,
             rx_target,
+            tx_spare: Default::default(),
         };
         net.transport.driver_ok()?;
         net.refill_rx()?;
@@ -575,16 +596,30 @@ impl VirtioNet {
         Ok(got)
     }
 
-    /// Returns completed TX buffers to the pool; returns how many.
+    /// Takes back completed TX buffers (kept for reuse up to [`TX_SPARE_LIMIT`] per size
+    /// class, the rest returned to the pool); returns how many completed.
     pub fn reap_tx(&mut self) -> Result<usize, NetError> {
-        let tx = self.tx_mut()?;
+        let Some(tx) = self.tx.as_mut() else {
+            return Err(NetError::Ring(RingError::Broken(TX_QUEUE)));
+        };
         let mut n = 0;
         while let Some(c) = tx.pop_used()? {
-            drop(c.buf);
+            if let Some(spare) = spare_class(c.buf.capacity()).map(|k| &mut self.tx_spare[k]) {
+                if spare.len() < TX_SPARE_LIMIT {
+                    spare.push(c.buf);
+                }
+            }
             n += 1;
         }
         self.stats.tx_completed += n as u64;
         Ok(n)
+    }
+
+    /// Returns every spare TX buffer to the pool (e.g. to give memory back when idle).
+    pub fn release_tx_spares(&mut self) {
+        for s in &mut self.tx_spare {
+            s.clear();
+        }
     }
 
     /// Checks a frame length against the MTU.
@@ -615,19 +650,31 @@ impl VirtioNet {
         }
         self.reap_tx()?;
         let pool = self.pool.clone();
-        let tx = self.tx_mut()?;
+        let Some(tx) = self.tx.as_mut() else {
+            return Err(NetError::Ring(RingError::Broken(TX_QUEUE)));
+        };
         let mut queued = 0;
         let mut bytes = 0u64;
         for f in frames {
             if tx.free_slots() == 0 {
                 break;
             }
-            let mut buf = match pool.try_alloc(NET_HDR_LEN + f.len()) {
-                Ok(b) => b,
-                Err(PoolError::Exhausted { .. }) => break,
-                Err(e) => return Err(e.into()),
+            let need = NET_HDR_LEN + f.len();
+            let reused = spare_class(need.next_power_of_two().max(1 << TX_MIN_ORDER))
+                .and_then(|k| self.tx_spare[k].pop());
+            let mut buf = match reused {
+                Some(mut b) => {
+                    // A recycled buffer: rewrite the header (no checksum, no GSO).
+                    b.write_at(0, &[0u8; NET_HDR_LEN])?;
+                    b
+                }
+                None => match pool.try_alloc(need) {
+                    // Zeroed by the pool: the header is already right.
+                    Ok(b) => b,
+                    Err(PoolError::Exhausted { .. }) => break,
+                    Err(e) => return Err(e.into()),
+                },
             };
-            // The pool zeroed the buffer: the header (no checksum, no GSO) is already right.
             buf.write_at(NET_HDR_LEN, f)?;
             if tx.push(buf, (NET_HDR_LEN + f.len()) as u32, false).is_err() {
                 break;
@@ -831,6 +878,16 @@ impl Drop for VirtioNet {
     fn drop(&mut self) {
         self.irq.clear();
         let reset = self.transport.reset(self.reset_timeout);
+        if reset.is_ok() {
+            self.release_tx_spares();
+        } else {
+            // The device may still write them (the IOMMU mapping is live): never reuse.
+            for s in &mut self.tx_spare {
+                for b in s.drain(..) {
+                    std::mem::forget(b);
+                }
+            }
+        }
         self.transport.disable_msix();
         for q in [self.rx.take(), self.tx.take()].into_iter().flatten() {
             if reset.is_ok() {
@@ -841,5 +898,35 @@ impl Drop for VirtioNet {
                 q.leak_after_failed_reset();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spare_classes_cover_tx_bounce_sizes_only() {
+        assert_eq!(spare_class(512), Some(0));
+        assert_eq!(spare_class(1024), Some(1));
+        assert_eq!(spare_class(2048), Some(2));
+        // A 1514-byte frame with its header lands in the 2 KiB class.
+        assert_eq!(spare_class((NET_HDR_LEN + MAX_FRAME).next_power_of_two()), Some(2));
+        assert_eq!(spare_class(4096), None);
+        assert_eq!(spare_class(256), None);
+        assert_eq!(spare_class(1500), None);
+    }
+
+    #[test]
+    fn frame_length_limits() {
+        assert!(VirtioNet::check_frame(MAX_FRAME).is_ok());
+        assert!(matches!(
+            VirtioNet::check_frame(MAX_FRAME + 1),
+            Err(NetError::FrameTooLarge { len: 1515, max: 1514 })
+        ));
+        assert!(matches!(
+            VirtioNet::check_frame(13),
+            Err(NetError::FrameTooShort { .. })
+        ));
     }
 }

@@ -89,7 +89,59 @@ fn run() -> Result<(), String> {
             "{in_use} B still in use after the driver was dropped"
         ));
     }
-    Ok(())
+    pool_exhausted(&env, &sock, kmac)
+}
+
+/// A full pool means fewer posted RX buffers, never a blocked poller.
+fn pool_exhausted(env: &VnetEnv, sock: &PacketSocket, kmac: [u8; 6]) -> Result<(), String> {
+    let mut cfg = NetConfig {
+        interrupts: false,
+        ..NetConfig::default()
+    };
+    cfg.pool.background = false;
+    cfg.pool.max_bytes = cfg.pool.prefill_bytes;
+    let mut net = VirtioNet::open(&env.bdf, cfg).map_err(|e| e.to_string())?;
+    let pool = net.pool().clone();
+    let mut hoard = Vec::new();
+    while let Ok(b) = pool.try_alloc(2048) {
+        hoard.push(b);
+    }
+    let posted = net.rx_posted();
+    println!(
+        "exhaustion: holding {} B of the pool; {posted} RX buffers posted",
+        hoard.len() * 2048
+    );
+    let t = Instant::now();
+    rx_from_kernel(&mut net, sock, kmac, 9000, 100)?;
+    let st = net.stats();
+    println!(
+        "exhaustion: received 100 frames in {:?} with an empty pool; now {} posted, {} refill failures",
+        t.elapsed(),
+        net.rx_posted(),
+        st.rx_alloc_failures
+    );
+    if st.rx_alloc_failures == 0 || net.rx_posted() + 100 > posted {
+        return Err(
+            "an exhausted pool should have left the ring short and counted failures".into(),
+        );
+    }
+    drop(hoard);
+    let refilled = net.refill_rx().map_err(|e| e.to_string())?;
+    println!(
+        "exhaustion: after release, refill posted {refilled}, ring holds {}",
+        net.rx_posted()
+    );
+    if net.rx_posted() != posted {
+        return Err(format!(
+            "ring holds {} after release, expected {posted}",
+            net.rx_posted()
+        ));
+    }
+    drop(net);
+    match pool.stats().in_use_bytes {
+        0 => Ok(()),
+        n => Err(format!("{n} B in use after the second driver was dropped")),
+    }
 }
 
 fn serde_json_line<T: std::fmt::Debug>(t: &T) -> String {
