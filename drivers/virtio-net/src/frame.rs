@@ -78,9 +78,10 @@ pub fn build_test_frame(buf: &mut [u8], dst: [u8; 6], src: [u8; 6], seq: u64, ts
 }
 
 /// Rewrites the sequence number and timestamp of a frame made by [`build_test_frame`] and its
-/// header check (26 bytes written, 36 hashed). False (nothing written) if `buf` is too short.
+/// header check (26 bytes written, 36 hashed). Only the first 40 bytes are touched, so `buf`
+/// may be just a frame's head. False (nothing written) if `buf` is shorter than 40 bytes.
 pub fn stamp_test_frame(buf: &mut [u8], seq: u64, ts: u64) -> bool {
-    if buf.len() < MIN_TEST_FRAME {
+    if buf.len() < PAYLOAD {
         return false;
     }
     buf[18..26].copy_from_slice(&seq.to_le_bytes());

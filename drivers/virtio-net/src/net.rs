@@ -267,6 +267,22 @@ impl TxBuf {
         self.buf.write_at(NET_HDR_LEN + offset, src)
     }
 
+    /// Copies frame bytes from `offset` into `dst` (must fit inside the frame length): lets a
+    /// caller of [`VirtioNet::tx_buffer_reused`] see what the recycled buffer holds.
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), PoolError> {
+        if offset
+            .checked_add(dst.len())
+            .is_none_or(|end| end > self.len)
+        {
+            return Err(PoolError::OutOfBounds {
+                offset,
+                len: dst.len(),
+                capacity: self.len,
+            });
+        }
+        self.buf.read_at(NET_HDR_LEN + offset, dst)
+    }
+
     /// The frame's first byte in this process (after the virtio header), for callers that
     /// build frames in place with raw writes. The buffer is not posted yet, so no device uses it.
     pub fn frame_ptr(&mut self) -> *mut u8 {
@@ -697,6 +713,29 @@ impl VirtioNet {
         Ok(TxBuf { buf, len })
     }
 
+    /// A buffer for a frame of `len` bytes to fill in place, preferring a recycled TX buffer
+    /// of the right size class (no pool call, no zeroing): its frame bytes are **unspecified**
+    /// — an earlier frame this driver sent to this device, or zeros — so the caller must
+    /// overwrite whatever it does not want sent. A generator sending frames of one size can
+    /// thereby restamp a few header bytes instead of writing whole frames (as Linux pktgen's
+    /// `clone_skb` does). The virtio header is rewritten here. Falls back to
+    /// [`VirtioNet::tx_buffer`].
+    pub fn tx_buffer_reused(&mut self, len: usize) -> Result<TxBuf, NetError> {
+        Self::check_frame(len)?;
+        let class = spare_class(
+            (NET_HDR_LEN + len)
+                .next_power_of_two()
+                .max(1 << TX_MIN_ORDER),
+        );
+        match class.and_then(|k| self.tx_spare[k].pop()) {
+            Some(mut buf) => {
+                buf.write_at(0, &[0u8; NET_HDR_LEN])?;
+                Ok(TxBuf { buf, len })
+            }
+            None => self.tx_buffer(len),
+        }
+    }
+
     /// Queues buffers from the front of `bufs` while the TX ring has room, publishing them
     /// with one doorbell at most; the ones not queued stay in `bufs`. Returns how many were
     /// queued.
@@ -911,7 +950,10 @@ mod tests {
         assert_eq!(spare_class(1024), Some(1));
         assert_eq!(spare_class(2048), Some(2));
         // A 1514-byte frame with its header lands in the 2 KiB class.
-        assert_eq!(spare_class((NET_HDR_LEN + MAX_FRAME).next_power_of_two()), Some(2));
+        assert_eq!(
+            spare_class((NET_HDR_LEN + MAX_FRAME).next_power_of_two()),
+            Some(2)
+        );
         assert_eq!(spare_class(4096), None);
         assert_eq!(spare_class(256), None);
         assert_eq!(spare_class(1500), None);
@@ -922,7 +964,10 @@ mod tests {
         assert!(VirtioNet::check_frame(MAX_FRAME).is_ok());
         assert!(matches!(
             VirtioNet::check_frame(MAX_FRAME + 1),
-            Err(NetError::FrameTooLarge { len: 1515, max: 1514 })
+            Err(NetError::FrameTooLarge {
+                len: 1515,
+                max: 1514
+            })
         ));
         assert!(matches!(
             VirtioNet::check_frame(13),

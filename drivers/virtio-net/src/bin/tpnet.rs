@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! tpnet tx --bdf 0000:00:10.0 --dst 52:54:00:12:34:20 --size 64 --batch 32 --rate 0 --duration 5
+//! tpnet tx --bdf 0000:00:10.0 --dst 52:54:00:12:34:20 --size 1500 --zero-copy --json
 //! tpnet rx --bdf 0000:00:10.0 --duration 10 --count 100000 --json
 //! ```
 //! `tx` sends sequenced, checksummed test frames (see `tidepool_virtio_net::frame`) and measures
@@ -17,7 +18,7 @@ use tidepool_virtio_net::bench::{run_rx, run_tx, RxOptions, TxOptions};
 use tidepool_virtio_net::{NetConfig, VirtioNet};
 
 const USAGE: &str = "usage: tpnet tx|rx --bdf BDF [--dst MAC] [--size BYTES] [--batch N] \
-[--rate PPS] [--duration SECS] [--count N] [--json]";
+[--rate PPS] [--duration SECS] [--count N] [--zero-copy] [--json]";
 
 /// Parsed command line.
 #[derive(Debug)]
@@ -31,6 +32,7 @@ struct Args {
     duration: f64,
     count: u64,
     json: bool,
+    zero_copy: bool,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -58,6 +60,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         duration: 5.0,
         count: 0,
         json: false,
+        zero_copy: false,
     };
     if a.mode != "tx" && a.mode != "rx" {
         return Err(format!("unknown mode {:?}; {USAGE}", a.mode));
@@ -81,6 +84,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "--duration" => a.duration = num("--duration", value("--duration")?)?,
             "--count" => a.count = num("--count", value("--count")?)? as u64,
             "--json" => a.json = true,
+            "--zero-copy" => a.zero_copy = true,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown option {other}; {USAGE}")),
         }
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
                 duration,
                 count: args.count,
                 first_seq: 0,
+                zero_copy: args.zero_copy,
             };
             run_tx(&mut net, &opts).map(|r| {
                 if args.json {
