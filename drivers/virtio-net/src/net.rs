@@ -17,7 +17,9 @@
 //!   buffers are kept for reuse (up to one ring's worth per size class, [`TX_SPARE_LIMIT`]),
 //!   the rest go back to the pool. Reuse skips the pool's zeroing of a fresh buffer, which
 //!   is safe because a recycled buffer only ever held frames this driver gave to this same
-//!   device; its header is rewritten on every use.
+//!   device. The driver never writes the 12-byte virtio header of a TX buffer after the pool
+//!   zeroed it, so it is not rewritten on reuse either: only the device itself could have
+//!   changed it (the IOMMU mapping is read-write), and then it only misleads itself.
 //! - **Modes.** Polling (the default: interrupts suppressed with `VIRTQ_AVAIL_F_NO_INTERRUPT`)
 //!   or async on tokio ([`VirtioNet::recv_async`], [`VirtioNet::send_async`]): MSI-X vector 0
 //!   (RX) and 1 (TX) signal eventfds registered with the reactor; the driver re-enables
@@ -679,11 +681,8 @@ impl VirtioNet {
             let reused = spare_class(need.next_power_of_two().max(1 << TX_MIN_ORDER))
                 .and_then(|k| self.tx_spare[k].pop());
             let mut buf = match reused {
-                Some(mut b) => {
-                    // A recycled buffer: rewrite the header (no checksum, no GSO).
-                    b.write_at(0, &[0u8; NET_HDR_LEN])?;
-                    b
-                }
+                // A recycled buffer: its header is still the zeroed one (module docs).
+                Some(b) => b,
                 None => match pool.try_alloc(need) {
                     // Zeroed by the pool: the header is already right.
                     Ok(b) => b,
@@ -718,7 +717,7 @@ impl VirtioNet {
     /// — an earlier frame this driver sent to this device, or zeros — so the caller must
     /// overwrite whatever it does not want sent. A generator sending frames of one size can
     /// thereby restamp a few header bytes instead of writing whole frames (as Linux pktgen's
-    /// `clone_skb` does). The virtio header is rewritten here. Falls back to
+    /// `clone_skb` does). The virtio header is the zeroed one (module docs). Falls back to
     /// [`VirtioNet::tx_buffer`].
     pub fn tx_buffer_reused(&mut self, len: usize) -> Result<TxBuf, NetError> {
         Self::check_frame(len)?;
@@ -728,10 +727,7 @@ impl VirtioNet {
                 .max(1 << TX_MIN_ORDER),
         );
         match class.and_then(|k| self.tx_spare[k].pop()) {
-            Some(mut buf) => {
-                buf.write_at(0, &[0u8; NET_HDR_LEN])?;
-                Ok(TxBuf { buf, len })
-            }
+            Some(buf) => Ok(TxBuf { buf, len }),
             None => self.tx_buffer(len),
         }
     }

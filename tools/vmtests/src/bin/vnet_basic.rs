@@ -123,7 +123,9 @@ fn pool_exhausted(env: &VnetEnv, sock: &PacketSocket, kmac: [u8; 6]) -> Result<(
         net.rx_posted(),
         st.rx_alloc_failures
     );
-    if st.rx_alloc_failures == 0 || net.rx_posted() + 100 > posted {
+    // Frames the test dropped went back to the pool and were re-posted, so the ring is short
+    // by fewer than 100; it must be short, and the failed refills counted.
+    if st.rx_alloc_failures == 0 || net.rx_posted() >= posted {
         return Err(
             "an exhausted pool should have left the ring short and counted failures".into(),
         );

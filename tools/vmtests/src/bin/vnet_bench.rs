@@ -1,14 +1,14 @@
 //! # vnet_bench: driver TX/RX rates vs the minimal polled loop, in one boot
 //!
-//! Needs `tools/vm/run --virtio-net`. Usage: `vnet_bench [SECONDS_PER_RUN]` (default 1.5).
+//! Needs `tools/vm/run --virtio-net`. Usage: `vnet_bench [SECONDS_PER_RUN]` (default 1).
 //! - **TX** at 64 B and 1500 B frames to the kernel's NIC, batch 32: the minimal polled loop
 //!   (`VirtioNet::baseline_tx_loop`: pre-filled buffers re-posted, no allocation or copy) and
 //!   the driver's real path (`bench::run_tx`: pool allocation, bounce copy, sequenced test
 //!   frames, latency tracking) through both its bounce path and its zero-copy path (recycled
-//!   buffers restamped in place), alternated, five rounds each; the medians are compared (TCG rates vary ±30-50% from
+//!   buffers restamped in place), alternated, seven rounds each; the medians are compared (TCG rates vary ±30-50% from
 //!   one second to the next under host load).
-//!   Pass: zero-copy path ≥ 90% of the baseline at both sizes; the bounce path is reported
-//!   (it copies every frame, which the minimal loop never does).
+//!   Pass: the bounce path (the driver's standard `send_batch`) ≥ 90% of the baseline at both
+//!   sizes; the zero-copy path is reported alongside.
 //! - **RX** at 64 B and 1500 B from the kernel's pktgen (burst 32) aimed at the driver's MAC:
 //!   the driver's pps against pktgen's sent count over the same run. RX is sender-limited
 //!   here (notes/virtio-net.md), so the figure of merit is the share of sent frames received.
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
 }
 
 /// Alternating rounds per size and kind.
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 7;
 
 /// The median of `v` (sorted in place).
 fn median(v: &mut [f64]) -> f64 {
@@ -80,7 +80,7 @@ fn separate_cpus() {
 fn run() -> Result<(), String> {
     let secs: f64 = match std::env::args().skip(1).find(|a| a != "--pin") {
         Some(s) => s.parse().map_err(|_| format!("bad seconds {s}"))?,
-        None => 1.5,
+        None => 1.0,
     };
     let env = VnetEnv::from_env()?;
     let kmac = env.kernel_mac()?;
@@ -145,16 +145,11 @@ fn run() -> Result<(), String> {
             ratio * 100.0,
             zc_ratio * 100.0
         );
-        if zc_ratio < 0.9 {
-            failures.push(format!(
-                "TX {size} B zero-copy at {:.1}% of the minimal loop",
-                zc_ratio * 100.0
-            ));
-        }
         if ratio < 0.9 {
-            // Reported, not failed: the bounce path copies every frame, which the minimal
-            // loop never does.
-            println!("note: TX {size} B bounce path below 90% of the minimal loop");
+            failures.push(format!(
+                "TX {size} B (bounce path) at {:.1}% of the minimal loop",
+                ratio * 100.0
+            ));
         }
     }
     for size in [64usize, 1500] {
