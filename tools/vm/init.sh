@@ -56,7 +56,7 @@ mkdir -p /dev/hugepages
 mount -t hugetlbfs -o pagesize=2M hugetlbfs /dev/hugepages || setup_fail "cannot mount hugetlbfs on /dev/hugepages"
 
 # --- take the userspace functions away from kernel drivers, then load modules -----------------
-for bdf in $TP_VFIO_BDFS; do
+for bdf in $TP_VFIO_BDFS $TP_VNET_VFIO_BDFS; do
     dev=/sys/bus/pci/devices/$bdf
     [ -d "$dev" ] || setup_fail "PCI function $bdf (meant for vfio-pci) is not in the guest: check the QEMU -device addr="
     if [ -e "$dev/driver" ]; then
@@ -73,7 +73,7 @@ for mod in $TP_MODULES; do
     insmod "/lib/modules/$mod" $params || setup_fail "insmod $name failed"
 done
 
-for bdf in $TP_VFIO_BDFS; do
+for bdf in $TP_VFIO_BDFS $TP_VNET_VFIO_BDFS; do
     dev=/sys/bus/pci/devices/$bdf
     [ -e "$dev/driver" ] || echo "$bdf" > /sys/bus/pci/drivers_probe
     drv=$(basename "$(readlink "$dev/driver" 2>/dev/null)" 2>/dev/null)
@@ -101,6 +101,26 @@ if [ -n "$TP_KERNEL_NVME_BDF" ]; then
     say "KERNEL-NVME $TP_KERNEL_NVME_BDF $TIDEPOOL_KERNEL_NVME_DEV"
 fi
 
+# The virtio-net function left to the kernel (--virtio-net): find its interface, give it
+# 10.11.12.1/24 and switch IPv6 off on it (fewer unsolicited frames on the hub).
+TIDEPOOL_VNET_KERNEL_IF=""
+if [ -n "${TP_VNET_KERNEL_BDF:-}" ]; then
+    i=0
+    while [ $i -lt 100 ]; do
+        for n in "/sys/bus/pci/devices/$TP_VNET_KERNEL_BDF"/virtio*/net/*; do
+            [ -e "$n" ] && TIDEPOOL_VNET_KERNEL_IF=$(basename "$n")
+        done
+        [ -n "$TIDEPOOL_VNET_KERNEL_IF" ] && break
+        i=$((i + 1))
+        sleep 0.1
+    done
+    [ -n "$TIDEPOOL_VNET_KERNEL_IF" ] || setup_fail "the kernel virtio_net driver made no interface for $TP_VNET_KERNEL_BDF within 10 s"
+    echo 1 > "/proc/sys/net/ipv6/conf/$TIDEPOOL_VNET_KERNEL_IF/disable_ipv6" 2>/dev/null
+    ip link set "$TIDEPOOL_VNET_KERNEL_IF" up || setup_fail "ip link set $TIDEPOOL_VNET_KERNEL_IF up failed"
+    ip addr add 10.11.12.1/24 dev "$TIDEPOOL_VNET_KERNEL_IF" || setup_fail "ip addr add on $TIDEPOOL_VNET_KERNEL_IF failed"
+    say "KERNEL-NET $TP_VNET_KERNEL_BDF $TIDEPOOL_VNET_KERNEL_IF"
+fi
+
 # --- the environment every test sees ----------------------------------------------------------
 # shellcheck disable=SC2086 # split the list into $1, $2, ...
 set -- $TP_VFIO_BDFS
@@ -112,6 +132,13 @@ export TIDEPOOL_KERNEL_NVME_BDF="$TP_KERNEL_NVME_BDF"
 export TIDEPOOL_KERNEL_NVME_DEV
 export TIDEPOOL_HUGETLBFS=/dev/hugepages
 export TIDEPOOL_IOMMU="$TP_IOMMU"
+# shellcheck disable=SC2086 # split the list into $1, $2
+set -- ${TP_VNET_VFIO_BDFS:-}
+export TIDEPOOL_VNET_BDF="${1:-}"
+export TIDEPOOL_VNET_NOIOMMU_BDF="${2:-}"
+export TIDEPOOL_VNET_KERNEL_IF
+export TIDEPOOL_VNET_KERNEL_IP=10.11.12.1
+export TIDEPOOL_VNET_IP=10.11.12.2
 if [ -f /etc/tidepool/env ]; then
     set -a
     # shellcheck source=/dev/null # written by tools/vm/run from --env
