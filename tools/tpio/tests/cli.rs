@@ -63,8 +63,16 @@ fn bad_input_exits_1_with_a_message_and_no_stdout() {
         "No such file",
     );
     assert_bad_input(
-        &tpio(&["--ioengine=tidepool", "--filename=0000:00:04.0"]),
-        "not built",
+        &tpio(&["--ioengine=tidepool", "--filename=/dev/null"]),
+        "PCI address of an NVMe controller",
+    );
+    assert_bad_input(
+        &tpio(&[
+            "--ioengine=tidepool",
+            "--filename=0000:00:04.0",
+            "--completion=interrupt",
+        ]),
+        "--completion=interrupt is not supported",
     );
     assert_bad_input(
         &tpio(&["--time_based", "--ioengine=null", "--size=1m"]),
