@@ -679,12 +679,14 @@ impl Engine for TidepoolEngine {
         } else {
             Ok(())
         };
-        self.final_stats = Some(self.snapshot());
         self.queue = None;
         self.in_flight.clear();
         self.pool_slots.clear();
         self.slot_ptrs.clear();
         self.private = None;
+        // After the queue and slot buffers went back: `in_use_bytes` then shows only what the
+        // controller itself keeps (the admin queue).
+        self.final_stats = Some(self.snapshot());
         drained
     }
 
