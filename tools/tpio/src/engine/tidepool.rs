@@ -226,7 +226,10 @@ impl TidepoolEngine {
         }
         let cfg = ControllerConfig {
             io_queues: spec.numjobs.clamp(1, 64) as u16,
-            interrupts: false,
+            // Polled queues raise no interrupts (IEN = 0), but QEMU's NVMe refuses Create I/O
+            // CQ with a non-zero vector while MSI-X is disabled, and the driver names vector
+            // `qid` even for polled queues: so MSI-X stays enabled (a driver fix is pending).
+            interrupts: true,
             pool: pool_config(&spec.pool),
             ..ControllerConfig::default()
         };
