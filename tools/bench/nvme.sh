@@ -37,7 +37,7 @@ done
 
 LOGS=${TIDEPOOL_VM_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/vm}/logs
 runs=0
-for s in $SETS; do case "$s" in dma) runs=$((runs + 12)) ;; kernel) runs=$((runs + 8)) ;; esac; done
+for s in $SETS; do case "$s" in dma) runs=$((runs + 12)) ;; kernel) runs=$((runs + 10)) ;; esac; done
 limit=$((runs * (RUNTIME + 6) + 60))
 
 mkdir -p "$OUT"
@@ -73,6 +73,6 @@ plot() {
 dma_runs=()
 for bs in 4k 16k 64k 128k; do for d in bounce map-per-io auto; do dma_runs+=("dma-$d-$bs"); done; done
 plot dma.png "${dma_runs[@]}"
-plot kernel-4k.png tidepool-bounce-randread-4k tidepool-zero-copy-randread-4k tpio-io_uring-randread-4k fio-io_uring-randread-4k
-plot kernel-128k.png tidepool-bounce-read-128k tidepool-zero-copy-read-128k tpio-io_uring-read-128k fio-io_uring-read-128k
+plot kernel-4k.png tidepool-bounce-randread-4k tidepool-zero-copy-randread-4k tpio-io_uring-randread-4k fio-io_uring-randread-4k fio-batch-io_uring-randread-4k
+plot kernel-128k.png tidepool-bounce-read-128k tidepool-zero-copy-read-128k tpio-io_uring-read-128k fio-io_uring-read-128k fio-batch-io_uring-read-128k
 exit "$status"

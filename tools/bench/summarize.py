@@ -85,6 +85,7 @@ def main():
             "tidepool zero-copy (vfio)": load(folder, f"tidepool-zero-copy-{workload}"),
             "tpio io_uring (kernel nvme)": load(folder, f"tpio-io_uring-{workload}"),
             "fio io_uring (kernel nvme)": load(folder, f"fio-io_uring-{workload}"),
+            "fio io_uring, batched submit (kernel nvme)": load(folder, f"fio-batch-io_uring-{workload}"),
         }
         if not any(runs.values()):
             continue
@@ -111,6 +112,9 @@ def main():
             )
         if tpio_uring and kernel:
             out.append(f"- tpio io_uring / fio io_uring: {fmt(100 * tpio_uring[0] / kernel[0], 1)}%")
+        batched = runs["fio io_uring, batched submit (kernel nvme)"]
+        if tpio_uring and batched:
+            out.append(f"- tpio io_uring / fio io_uring with batched submit: {fmt(100 * tpio_uring[0] / batched[0], 1)}%")
         out.append("")
     print("\n".join(out))
 

@@ -82,8 +82,14 @@ for set in $SETS; do
             run "tpio-io_uring-$rw-$bs" tpio --name="io_uring-$rw-$bs" --ioengine=io_uring --direct=1 \
                 --filename="$KDEV" --rw="$rw" --bs="$bs" --iodepth=32 --size=1g $TIME
             # fixedbufs/registerfiles: the same io_uring features tpio's engine uses.
-            fio_run "fio-io_uring-$rw-$bs" --name="fio-$rw-$bs" --ioengine=io_uring --direct=1 \
+            fio_run "fio-io_uring-$rw-$bs" --name="io_uring-$rw-$bs" --ioengine=io_uring --direct=1 \
                 --fixedbufs=1 --registerfiles=1 \
+                --filename="$KDEV" --rw="$rw" --bs="$bs" --iodepth=32 --size=1g \
+                --runtime="$RUNTIME" --time_based
+            # fio submits every I/O with its own io_uring_enter by default (iodepth_batch_submit=1);
+            # tpio queues all free slots and submits them with one. Same batching here:
+            fio_run "fio-batch-io_uring-$rw-$bs" --name="io_uring-$rw-$bs" --ioengine=io_uring \
+                --direct=1 --fixedbufs=1 --registerfiles=1 --iodepth_batch_submit=32 \
                 --filename="$KDEV" --rw="$rw" --bs="$bs" --iodepth=32 --size=1g \
                 --runtime="$RUNTIME" --time_based
         done

@@ -225,7 +225,9 @@ impl TidepoolEngine {
             ));
         }
         let cfg = ControllerConfig {
-            io_queues: spec.numjobs.clamp(1, 64) as u16,
+            // Engines of every job are opened up front and share the controller, so ask for as
+            // many queues as QEMU and most controllers offer; the controller grants what it has.
+            io_queues: 64,
             // Polled queues raise no interrupts (IEN = 0), but QEMU's NVMe refuses Create I/O
             // CQ with a non-zero vector while MSI-X is disabled, and the driver names vector
             // `qid` even for polled queues: so MSI-X stays enabled (a driver fix is pending).
