@@ -71,6 +71,7 @@ for set in $SETS; do
     kernel)
         [ -n "$KDEV" ] || { echo "TPBENCH-FAIL kernel no kernel-owned NVMe (--kernel-nvme)"; FAILED=1; continue; }
         for w in "randread 4k" "read 128k"; do
+            # shellcheck disable=SC2086 # split "randread 4k" into $1 $2 on purpose
             set -- $w
             rw=$1 bs=$2
             for dma in bounce zero-copy; do

@@ -7,6 +7,7 @@ RUNTIME=${1:-5}
 BDF=${TIDEPOOL_NVME_BDF:?no vfio NVMe}
 status=0
 for job in "randread 4k" "read 128k"; do
+    # shellcheck disable=SC2086 # split "randread 4k" into $1 $2 on purpose
     set -- $job
     echo "tpio_demo: \$ tpio --ioengine=tidepool --filename=$BDF --rw=$1 --bs=$2 --iodepth=32 --runtime=${RUNTIME}s --time_based --size=256m"
     # Through a file: stdout is then no terminal, so tpio draws no live progress line.

@@ -168,7 +168,12 @@ fn corrupt_on_vfio(bdf: &str) -> Res<()> {
         offset.as_str(),
     ];
     let mut write = common.to_vec();
-    write.extend(["--name=fill", "--rw=write", "--iodepth=8", "--verify=crc32c"]);
+    write.extend([
+        "--name=fill",
+        "--rw=write",
+        "--iodepth=8",
+        "--verify=crc32c",
+    ]);
     let (status, report) = tpio(&write)?;
     check(
         status == 0 && num(job(&report), &["verify", "mismatches"]) == 0,
@@ -187,7 +192,12 @@ fn corrupt_on_vfio(bdf: &str) -> Res<()> {
     ])?;
     check(status == 0, format!("corrupting write exited {status}"))?;
     let mut read = common.to_vec();
-    read.extend(["--name=check", "--rw=read", "--iodepth=8", "--verify=crc32c"]);
+    read.extend([
+        "--name=check",
+        "--rw=read",
+        "--iodepth=8",
+        "--verify=crc32c",
+    ]);
     let (status, report) = tpio(&read)?;
     exactly_one_bad_block("vfio corruption", status, &report, bad)
 }
@@ -203,7 +213,12 @@ fn corrupt_on_kernel_path(dev: &str) -> Res<()> {
         "--size=1m",
     ];
     let mut write = common.to_vec();
-    write.extend(["--name=fill", "--rw=write", "--iodepth=8", "--verify=crc32c"]);
+    write.extend([
+        "--name=fill",
+        "--rw=write",
+        "--iodepth=8",
+        "--verify=crc32c",
+    ]);
     let (status, report) = tpio(&write)?;
     check(
         status == 0 && num(job(&report), &["verify", "mismatches"]) == 0,
@@ -227,9 +242,19 @@ fn corrupt_on_kernel_path(dev: &str) -> Res<()> {
         format!("dd failed: {}", String::from_utf8_lossy(&dd.stderr)),
     )?;
     let mut read = common.to_vec();
-    read.extend(["--name=check", "--rw=read", "--iodepth=8", "--verify=crc32c"]);
+    read.extend([
+        "--name=check",
+        "--rw=read",
+        "--iodepth=8",
+        "--verify=crc32c",
+    ]);
     let (status, report) = tpio(&read)?;
-    exactly_one_bad_block("kernel-path corruption", status, &report, BAD_BLOCK_IN_REGION)
+    exactly_one_bad_block(
+        "kernel-path corruption",
+        status,
+        &report,
+        BAD_BLOCK_IN_REGION,
+    )
 }
 
 fn run() -> Res<()> {
