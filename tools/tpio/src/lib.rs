@@ -16,6 +16,7 @@ pub mod cli;
 pub mod engine;
 pub mod jobfile;
 pub mod options;
+#[cfg(feature = "plot")]
 pub mod plot;
 pub mod report;
 pub mod runner;
