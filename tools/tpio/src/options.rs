@@ -228,7 +228,7 @@ pub struct JobArgs {
     /// tidepool engine: size of each chunk the pool grows by.
     #[arg(long = "pool-chunk", alias = "pool_chunk", value_parser = parse_size, value_name = "SIZE")]
     pub pool_chunk: Option<u64>,
-    /// tidepool engine: how completions are noticed.
+    /// tidepool engine: how completions are noticed (only `poll` is implemented so far).
     #[arg(long, value_enum, default_value = "poll")]
     pub completion: CompletionMode,
 }
