@@ -4,10 +4,10 @@
 //! `--verify`, ...), fio's ini job files, fio's human summary and fio's JSON field names, so
 //! scripts and plotting tools written for fio work on tpio's output. What it adds is a pluggable
 //! [`engine::Engine`] seam so the Tidepool userspace NVMe driver can be measured with the same
-//! workloads as the kernel's io_uring path.
+//! workloads as the kernel's io_uring path ([`engine::tidepool`]).
 //!
 //! Module map: [`units`] (fio's number syntax), [`options`] (clap options → [`options::JobSpec`]),
-//! [`jobfile`] (ini job files), [`engine`] (the trait, io_uring and null engines), [`workload`]
+//! [`jobfile`] (ini job files), [`engine`] (the trait; io_uring, null and tidepool engines), [`workload`]
 //! (offsets, order, direction), [`verify`] (block headers and checks), [`stats`] (latency
 //! statistics), [`runner`] (the per-thread I/O loop), [`report`] (normal and JSON output),
 //! [`plot`] (PNG/SVG charts of JSON results), [`cli`] (gluing it together).
@@ -16,6 +16,7 @@ pub mod cli;
 pub mod engine;
 pub mod jobfile;
 pub mod options;
+#[cfg(feature = "plot")]
 pub mod plot;
 pub mod report;
 pub mod runner;

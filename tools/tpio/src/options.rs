@@ -34,7 +34,7 @@ pub enum OptionError {
 #[command(
     name = "tpio",
     version,
-    about = "A fio-like block I/O benchmark (engines: io_uring, null; tidepool NVMe to come)",
+    about = "A fio-like block I/O benchmark (engines: io_uring, null, tidepool: the userspace NVMe driver over VFIO)",
     args_override_self = true,
     after_help = "Job files use fio's ini format: [global] plus one [section] per job, key=value \
                   lines with the same names as the options above (bare keys such as time_based are flags). \
@@ -210,9 +210,15 @@ pub struct JobArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "0",
           value_parser = parse_bool, action = ArgAction::Set)]
     pub direct: bool,
-    /// tidepool engine: DMA policy.
-    #[arg(long, value_enum, default_value = "auto")]
+    /// tidepool engine: how slot memory reaches the device (bounce: copy through pre-mapped
+    /// pool buffers; map-per-io: IOMMU map/unmap around every I/O; zero-copy: slots are pool
+    /// buffers; auto: bounce below a size threshold, map from it on).
+    #[arg(long, value_enum, default_value = "bounce")]
     pub dma: DmaPolicy,
+    /// tidepool engine, --dma=auto: the first I/O size that is mapped instead of bounced
+    /// (default: measured at start with the pool's calibration).
+    #[arg(long = "dma-threshold", alias = "dma_threshold", value_parser = parse_size, value_name = "SIZE")]
+    pub dma_threshold: Option<u64>,
     /// tidepool engine: pool memory reserved at start.
     #[arg(long = "pool-min", alias = "pool_min", value_parser = parse_size, value_name = "SIZE")]
     pub pool_min: Option<u64>,
@@ -222,7 +228,7 @@ pub struct JobArgs {
     /// tidepool engine: size of each chunk the pool grows by.
     #[arg(long = "pool-chunk", alias = "pool_chunk", value_parser = parse_size, value_name = "SIZE")]
     pub pool_chunk: Option<u64>,
-    /// tidepool engine: how completions are noticed.
+    /// tidepool engine: how completions are noticed (only `poll` is implemented so far).
     #[arg(long, value_enum, default_value = "poll")]
     pub completion: CompletionMode,
 }
@@ -264,6 +270,8 @@ impl BlockSizes {
 pub struct PoolSettings {
     /// DMA policy.
     pub dma: DmaPolicy,
+    /// `--dma=auto` threshold in bytes (`None`: calibrate).
+    pub dma_threshold: Option<u64>,
     /// Reserved pool bytes at start.
     pub min: Option<u64>,
     /// Most pool bytes.
@@ -444,6 +452,7 @@ impl JobArgs {
             direct: self.direct,
             pool: PoolSettings {
                 dma: self.dma,
+                dma_threshold: self.dma_threshold,
                 min: self.pool_min,
                 max: self.pool_max,
                 chunk: self.pool_chunk,

@@ -1,5 +1,6 @@
 //! `tpio plot A.json B.json ... -o out.png`: IOPS bars and completion-latency percentile lines
-//! (log scale) side by side, one bar and one line per job, labelled `file:jobname`.
+//! (log scale) side by side, one bar and one line per job, labelled `file:jobname` (just `file` when
+//! the file's name contains the job's).
 //!
 //! Rendering uses plotters' bitmap backend (PNG) or SVG backend (`-o x.svg`) with the `ab_glyph`
 //! text renderer, which needs no fontconfig or freetype: it takes a TrueType file's bytes. tpio loads
@@ -86,6 +87,9 @@ pub fn series_from_json(file_label: &str, document: &Value) -> Result<Vec<PlotSe
                 .collect();
             let label = if jobs.len() > 1 {
                 format!("{file_label}:{name}#{index}")
+            } else if file_label.contains(name) {
+                // `dma-bounce-4k.json` holding job `bounce-4k`: the file name says it all.
+                file_label.to_string()
             } else {
                 format!("{file_label}:{name}")
             };
@@ -271,4 +275,31 @@ pub fn run(args: &[OsString]) -> Result<(), CliError> {
         )
     };
     result.map_err(|error| CliError::Plot(format!("drawing {}: {error}", plot.output.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_drop_a_job_name_the_file_name_already_holds() {
+        let one =
+            |name: &str| serde_json::json!({"jobs": [{"jobname": name, "read": {"iops": 5.0}}]});
+        let label = |file: &str, doc: &Value| {
+            series_from_json(file, doc).expect("series")[0]
+                .label
+                .clone()
+        };
+        assert_eq!(label("dma-bounce-4k", &one("bounce-4k")), "dma-bounce-4k");
+        assert_eq!(label("run1", &one("randread")), "run1:randread");
+        let two = serde_json::json!({"jobs": [{"jobname": "a"}, {"jobname": "a"}]});
+        assert_eq!(
+            series_from_json("xa", &two).expect("series")[1].label,
+            "xa:a#1"
+        );
+        assert_eq!(
+            series_from_json("x", &one("y")).expect("series")[0].iops,
+            5.0
+        );
+    }
 }

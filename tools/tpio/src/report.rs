@@ -327,6 +327,57 @@ fn direction_text(out: &mut String, name: &str, report: &DirectionReport) {
     percentile_block(out, "clat", &report.clat);
 }
 
+/// One human line from the tidepool engine's statistics object: the DMA mode and the paths it
+/// took, the pool's capacity, peak use, growth and waits, and the direct mapper's calls. Fields
+/// that are missing are left out (the JSON report has everything).
+pub fn engine_stats_line(stats: &Value) -> String {
+    let number = |value: &Value, key: &str| value.get(key).and_then(Value::as_u64);
+    let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20));
+    let mut parts = Vec::new();
+    if let Some(dma) = stats.get("dma").and_then(Value::as_str) {
+        let mut part = format!("dma={dma}");
+        if let Some(threshold) = stats.get("dma_threshold") {
+            match threshold.as_u64() {
+                Some(bytes) => part.push_str(&format!(" (map from {} KiB)", bytes / 1024)),
+                None => part.push_str(" (always bounce)"),
+            }
+        }
+        parts.push(part);
+    }
+    if let Some(paths) = stats.get("paths") {
+        parts.push(format!(
+            "bounced={} mapped={} zero-copy={}",
+            number(paths, "bounced").unwrap_or(0),
+            number(paths, "mapped").unwrap_or(0),
+            number(paths, "zero_copy").unwrap_or(0)
+        ));
+    }
+    if let Some(pool) = stats.get("pool") {
+        parts.push(format!(
+            "pool: capacity {}, peak {}, in use {}, chunks {}, grows {}, waits {}, immediate failures {}",
+            mib(number(pool, "capacity_bytes").unwrap_or(0)),
+            mib(number(pool, "peak_allocated_bytes").unwrap_or(0)),
+            mib(number(pool, "in_use_bytes").unwrap_or(0)),
+            number(pool, "chunks").unwrap_or(0),
+            number(pool, "grows").unwrap_or(0),
+            number(pool, "waits").unwrap_or(0),
+            number(pool, "immediate_failures").unwrap_or(0)
+        ));
+    }
+    if let Some(direct) = stats.get("direct") {
+        parts.push(format!(
+            "iommu maps={} unmaps={}",
+            number(direct, "maps").unwrap_or(0),
+            number(direct, "unmaps").unwrap_or(0)
+        ));
+    }
+    if parts.is_empty() {
+        stats.to_string()
+    } else {
+        parts.join("; ")
+    }
+}
+
 /// fio's human-readable summary of all clones.
 pub fn render_normal(results: &[CloneResult]) -> String {
     let mut out = String::new();
@@ -364,7 +415,7 @@ pub fn render_normal(results: &[CloneResult]) -> String {
             }
         }
         if let Some(stats) = &result.engine_stats {
-            let _ = writeln!(out, "  tidepool: {stats}");
+            let _ = writeln!(out, "  tidepool: {}", engine_stats_line(stats));
         }
         out.push('\n');
     }
@@ -415,6 +466,25 @@ pub fn render_normal(results: &[CloneResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engine_stats_line_summarises_the_tidepool_object() {
+        let stats = json!({
+            "dma": "auto",
+            "dma_threshold": 65536,
+            "paths": {"bounced": 10, "mapped": 5, "zero_copy": 0},
+            "pool": {"capacity_bytes": 16u64 << 20, "peak_allocated_bytes": 1u64 << 20,
+                     "in_use_bytes": 0, "chunks": 1, "grows": 0, "waits": 2, "immediate_failures": 0},
+            "direct": {"maps": 5, "unmaps": 5},
+        });
+        assert_eq!(
+            engine_stats_line(&stats),
+            "dma=auto (map from 64 KiB); bounced=10 mapped=5 zero-copy=0; pool: capacity 16.0 MiB, \
+             peak 1.0 MiB, in use 0.0 MiB, chunks 1, grows 0, waits 2, immediate failures 0; \
+             iommu maps=5 unmaps=5"
+        );
+        assert_eq!(engine_stats_line(&json!({"x": 1})), "{\"x\":1}");
+    }
 
     #[test]
     fn iops_formatting_like_fio() {

@@ -29,6 +29,7 @@ use crate::options::{EngineKind, JobSpec};
 pub mod io_uring;
 pub mod null;
 pub mod region;
+pub mod tidepool;
 
 /// An engine failed; the message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -162,20 +163,14 @@ pub trait Engine: Send {
 
 /// Opens the engine a job asks for on the job's target, checking the target covers the job's region.
 ///
-/// The tidepool engine slots in here once drivers/nvme exists: construct it from `spec.pool` and
-/// `spec.filename` (the controller's PCI address) and return it boxed.
+/// `ioengine=tidepool` takes the controller's PCI address as `spec.filename` and its DMA and
+/// pool settings from `spec.pool` (see [`tidepool::TidepoolEngine`]).
 pub fn open_engine(spec: &JobSpec) -> Result<Box<dyn Engine>, EngineError> {
-    let engine: Box<dyn Engine> =
-        match spec.ioengine {
-            EngineKind::IoUring => Box::new(io_uring::IoUringEngine::open(spec)?),
-            EngineKind::Null => Box::new(null::NullEngine::new(spec)),
-            EngineKind::Tidepool => return Err(EngineError::Unavailable(
-                "tidepool",
-                "the userspace NVMe driver (drivers/nvme) is not built into this tpio yet: use \
-                 --ioengine=io_uring or --ioengine=null"
-                    .into(),
-            )),
-        };
+    let engine: Box<dyn Engine> = match spec.ioengine {
+        EngineKind::IoUring => Box::new(io_uring::IoUringEngine::open(spec)?),
+        EngineKind::Null => Box::new(null::NullEngine::new(spec)),
+        EngineKind::Tidepool => Box::new(tidepool::TidepoolEngine::open(spec)?),
+    };
     let capacity = engine.geometry().capacity;
     if let Some(size) = spec.size {
         if spec
