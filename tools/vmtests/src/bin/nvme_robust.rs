@@ -194,7 +194,10 @@ fn timeout_reset_recover(bdf: &str) -> Res<()> {
     if !matches!(cause, NvmeError::CommandTimeout { .. }) {
         return Err(format!("expected a command timeout, got {cause}"));
     }
-    if el < timeout || el > timeout * 5 / 4 + Duration::from_millis(300) {
+    // Never early; late by at most the driver's 1.25x epoch rule plus scheduling slack. The
+    // slack is generous because the guest is emulated (TCG) on a shared 2-core host, where one
+    // descheduling of the vCPU thread costs hundreds of milliseconds (831 ms seen under load).
+    if el < timeout || el > timeout * 5 / 4 + Duration::from_millis(1500) {
         return Err(format!(
             "timeout fired after {el:?} for a {timeout:?} timeout"
         ));
