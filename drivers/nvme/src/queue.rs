@@ -21,7 +21,7 @@
 //!   contiguous buffer is one Data Block descriptor in the command itself (no list at all);
 //!   a scatter list of ranges ([`QueuePair::submit_ranges`]) puts its descriptors in the same
 //!   per-slot page (it holds a PRP list or an SGL segment, whichever the slot's command needs),
-//!   and only more than 256 descriptors allocate a chained segment list per command.
+//!   and only more than 256 descriptors allocate a longer segment per command.
 //!
 //! # The hot path and the clock
 //! `submit` and `poll` read no clock and no register: a command records the queue's
@@ -106,7 +106,7 @@ struct Inflight<T> {
     user: T,
     opcode: u8,
     data: Option<DmaBuf>,
-    /// A chained PRP list (transfers beyond 2 MiB) or SGL segment list (more than 256
+    /// A chained PRP list (transfers beyond 2 MiB) or an SGL segment of more than 256
     /// descriptors); one-page lists live in `prp_pages`.
     _prp_chain: Option<DmaBuf>,
     /// The timeout epoch the command was submitted in.

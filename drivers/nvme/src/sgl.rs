@@ -19,22 +19,28 @@
 //! - One contiguous range (every pool buffer is contiguous in device address space): SGL1 is
 //!   one Data Block descriptor. No list, no extra memory, no extra DMA for the controller —
 //!   unlike PRPs, which need a list page for any transfer over two pages.
-//! - `n > 1` ranges (a caller's scatter list, [`data_blocks`]): the Data Block descriptors go
-//!   in a **segment list** of 4 KiB pages from the pool, 256 descriptors to a page. SGL1 points
-//!   at the first page. If they do not all fit one page, the last slot of each full page holds
-//!   a descriptor pointing at the next page instead — Segment, or Last Segment for the final
-//!   page — exactly like a chained PRP list. A pointer's length is 16 bytes times the number of
-//!   descriptors in the page it points at, so the controller reads exactly what was written.
+//! - `n > 1` ranges (a caller's scatter list, [`data_blocks`]): the `n` Data Block descriptors
+//!   go, in order, in **one segment** — a pool buffer of `16 n` bytes (one 4 KiB page holds
+//!   256) — and SGL1 is a **Last Segment** descriptor pointing at it with length `16 n`.
+//!   This is what SPDK builds too.
+//!
+//! ## Why one segment and not a chain of page-sized segments
+//! The spec allows a segment to be any qword-aligned, contiguous run of descriptors (pool
+//! buffers are contiguous in device address space), so one segment is always possible and the
+//! controller fetches each descriptor once. A chain (the last slot of each full page a
+//! Segment descriptor to the next page, like a chained PRP list) is also legal, but QEMU 7.2's
+//! controller rejects chains of three or more segments with "invalid SGL segment descriptor":
+//! `nvme_map_sgl` keeps a pointer to the previous segment's last descriptor inside the buffer
+//! it then overwrites with the next segment, and so checks the wrong descriptor's type. The
+//! VM test `nvme_sgl` found this with a 600-descriptor list.
 //!
 //! # Why the layout is correct
-//! The spec requires: a Segment or Last Segment descriptor is the last descriptor of its
-//! segment; a Last Segment points at a segment holding no segment descriptors; the data
-//! descriptors, walked in order, describe the transfer. [`layout`] puts a pointer only in the
-//! last slot of a non-final page, makes the pointer to the final page a Last Segment, and
-//! places the data descriptors in their original order, so a controller's walk (modelled by
-//! the tests' `walk`, checked by proptest) visits exactly the given ranges, in order, and
-//! their lengths add up to the transfer. Pages never straddle: segment `k` starts at
-//! `list_addr + k * 4096` and holds at most 256 descriptors.
+//! The spec requires: a Last Segment points at a segment holding no segment descriptors; its
+//! length is a non-zero multiple of 16; the data descriptors, walked in order, describe the
+//! transfer (exactly, unless the controller allows excess length). [`layout`] stores only the
+//! Data Block descriptors, in their original order, and sets the Last Segment's length to
+//! `16 n`, so a controller's walk (modelled by the tests' `walk`, checked by proptest) visits
+//! exactly the given ranges, in order, and their lengths add up to the transfer.
 //!
 //! [`layout`] is the pure layout; [`Sgl::build`] and [`write_one_page_segment`] put it in pool
 //! memory (the queue keeps one page per command slot, like its PRP list pages).
@@ -48,8 +54,11 @@ use crate::spec::PAGE_BYTES;
 /// Bytes per SGL descriptor.
 pub const DESCRIPTOR_BYTES: usize = 16;
 
-/// Descriptors per 4 KiB segment list page.
+/// Descriptors per 4 KiB segment page (the queue keeps one such page per command slot).
 pub const DESCRIPTORS_PER_SEGMENT_PAGE: usize = PAGE_BYTES / DESCRIPTOR_BYTES;
+
+/// The most descriptors one segment can hold: its length (16 bytes each) is a 32-bit field.
+pub const MAX_SEGMENT_DESCRIPTORS: usize = (u32::MAX as usize) / DESCRIPTOR_BYTES;
 
 /// The most bytes one Data Block descriptor is made to describe: the length field has 32 bits;
 /// a longer range is split at this power of two, so the pieces keep the range's alignment.
@@ -323,8 +332,14 @@ pub enum SglError {
         addr: u64,
     },
     /// More descriptors than the one page given for them holds.
-    #[error("{descriptors} SGL descriptors do not fit one 4 KiB segment page (256): use Sgl::build, which chains segment pages")]
+    #[error("{descriptors} SGL descriptors do not fit one 4 KiB segment page (256): use Sgl::build, which takes a list as long as needed")]
     TooManyForPage {
+        /// Descriptors needed.
+        descriptors: usize,
+    },
+    /// More descriptors than one segment's 32-bit length can describe.
+    #[error("{descriptors} SGL descriptors exceed one segment's limit of {MAX_SEGMENT_DESCRIPTORS}: split the transfer")]
+    TooManyDescriptors {
         /// Descriptors needed.
         descriptors: usize,
     },
@@ -437,21 +452,19 @@ pub fn data_blocks(
     Ok(out)
 }
 
-/// How many 4 KiB segment pages hold `descriptors` data descriptors (0 when SGL1 itself can
-/// be the one descriptor).
+/// How many 4 KiB pages the segment for `descriptors` data descriptors takes (0 when SGL1
+/// itself can be the one descriptor).
 pub fn segment_pages_for(descriptors: usize) -> usize {
     match descriptors {
         0 | 1 => 0,
-        n if n <= DESCRIPTORS_PER_SEGMENT_PAGE => 1,
-        // p pages hold 255 (p - 1) + 256 = 255 p + 1 data descriptors.
-        n => (n - 1).div_ceil(DESCRIPTORS_PER_SEGMENT_PAGE - 1),
+        n => (n * DESCRIPTOR_BYTES).div_ceil(PAGE_BYTES),
     }
 }
 
 /// The SGL for the data descriptors `data` (in transfer order), given the device address
-/// `list_addr` of the segment pages (contiguous from there): SGL1 for the command, and the
-/// descriptors of the segment list (descriptor `i` goes at byte `16 * i`; empty when SGL1 is
-/// the only descriptor). See the module doc for the layout.
+/// `list_addr` of the segment (contiguous from there): SGL1 for the command, and the
+/// descriptors of the segment (descriptor `i` goes at byte `16 * i`; empty when SGL1 is the
+/// only descriptor). See the module doc for the layout.
 ///
 /// ```
 /// use tidepool_nvme::sgl::{layout, Descriptor};
@@ -467,39 +480,17 @@ pub fn layout(
     match data {
         [] => Err(SglError::Empty),
         [one] => Ok((*one, Vec::new())),
-        _ => {
-            let pages = segment_pages_for(data.len());
-            let pointer = |page: usize, count: usize| {
-                let addr = list_addr + (page * PAGE_BYTES) as u64;
-                // `count` ≤ 256, so the length fits 32 bits.
-                let len = (count * DESCRIPTOR_BYTES) as u32;
-                if page + 1 == pages {
-                    Descriptor::last_segment(addr, len)
-                } else {
-                    Descriptor::segment(addr, len)
-                }
-            };
-            // Descriptors held by page `p`: 256 for a full page (255 data + the pointer), the
-            // rest for the last.
-            let held = |p: usize| {
-                if p + 1 < pages {
-                    DESCRIPTORS_PER_SEGMENT_PAGE
-                } else {
-                    data.len() - p * (DESCRIPTORS_PER_SEGMENT_PAGE - 1)
-                }
-            };
-            let mut list = Vec::with_capacity(data.len() + pages - 1);
-            let mut rest = data.iter();
-            for p in 0..pages {
-                if p + 1 < pages {
-                    list.extend(rest.by_ref().take(DESCRIPTORS_PER_SEGMENT_PAGE - 1));
-                    list.push(pointer(p + 1, held(p + 1)));
-                } else {
-                    list.extend(rest.by_ref());
-                }
-            }
-            Ok((pointer(0, held(0)), list))
+        _ => Ok((last_segment_for(list_addr, data.len())?, data.to_vec())),
+    }
+}
+
+/// The Last Segment descriptor for a segment of `descriptors` descriptors at `list_addr`.
+fn last_segment_for(list_addr: u64, descriptors: usize) -> Result<Descriptor, SglError> {
+    match u32::try_from(descriptors * DESCRIPTOR_BYTES) {
+        Ok(len) if descriptors <= MAX_SEGMENT_DESCRIPTORS => {
+            Ok(Descriptor::last_segment(list_addr, len))
         }
+        _ => Err(SglError::TooManyDescriptors { descriptors }),
     }
 }
 
@@ -513,8 +504,8 @@ pub struct Sgl {
 }
 
 impl Sgl {
-    /// Describes the data descriptors `data`, taking the segment list from `alloc_list`
-    /// (called with the bytes needed, a multiple of 4 KiB) only when there is more than one.
+    /// Describes the data descriptors `data`, taking the segment from `alloc_list` (called with
+    /// the bytes needed, a multiple of 4 KiB) only when there is more than one.
     pub fn build(
         data: &[Descriptor],
         alloc_list: impl FnOnce(usize) -> Result<DmaBuf, PoolError>,
@@ -527,6 +518,11 @@ impl Sgl {
         }
         if data.is_empty() {
             return Err(SglError::Empty);
+        }
+        if data.len() > MAX_SEGMENT_DESCRIPTORS {
+            return Err(SglError::TooManyDescriptors {
+                descriptors: data.len(),
+            });
         }
         let bytes = segment_pages_for(data.len()) * PAGE_BYTES;
         let mut list =
@@ -587,11 +583,7 @@ pub fn write_one_page_segment(
             base.add(2 * i + 1).write_volatile(b.to_le());
         }
     }
-    // `data.len()` ≤ 256, so the length fits 32 bits.
-    Ok(Descriptor::last_segment(
-        list_addr,
-        (data.len() * DESCRIPTOR_BYTES) as u32,
-    ))
+    last_segment_for(list_addr, data.len())
 }
 
 #[cfg(test)]
@@ -607,7 +599,7 @@ mod tests {
     /// Segment / Last Segment descriptors through `memory` (segment address → descriptors
     /// stored there), collecting Data Blocks. Checks the spec's rules on the way: a segment
     /// pointer is the last descriptor of its segment, its length is a non-zero multiple of 16,
-    /// a Last Segment's segment holds no pointers, segments do not cross a 4 KiB page.
+    /// a Last Segment's segment holds no pointers.
     fn walk(sgl1: Descriptor, memory: &dyn Fn(u64, usize) -> Vec<Descriptor>) -> Vec<Descriptor> {
         let mut out = Vec::new();
         let mut current = sgl1;
@@ -623,8 +615,6 @@ mod tests {
                         len > 0 && len % DESCRIPTOR_BYTES == 0,
                         "segment length {len}"
                     );
-                    let in_page = current.addr as usize % PAGE_BYTES;
-                    assert!(in_page + len <= PAGE_BYTES, "segment crosses a page");
                     let seg = memory(current.addr, len / DESCRIPTOR_BYTES);
                     let (last, body) = seg.split_last().expect("non-empty segment");
                     for d in body {
@@ -650,13 +640,15 @@ mod tests {
         }
     }
 
-    /// `memory` for a list laid out from `list_addr`.
+    /// `memory` for a list laid out from `list_addr`: the descriptors from every 16-byte
+    /// address in it to its end (a walk reads the count its pointer gives).
     fn memory_of(list: &[Descriptor], list_addr: u64) -> HashMap<u64, Vec<Descriptor>> {
-        (0..list.len().div_ceil(DESCRIPTORS_PER_SEGMENT_PAGE))
-            .map(|p| {
-                let from = p * DESCRIPTORS_PER_SEGMENT_PAGE;
-                let to = (from + DESCRIPTORS_PER_SEGMENT_PAGE).min(list.len());
-                (list_addr + (p * PAGE_BYTES) as u64, list[from..to].to_vec())
+        (0..list.len())
+            .map(|i| {
+                (
+                    list_addr + (i * DESCRIPTOR_BYTES) as u64,
+                    list[i..].to_vec(),
+                )
             })
             .collect()
     }
@@ -757,19 +749,36 @@ mod tests {
     }
 
     #[test]
-    fn two_pages_chain_with_a_segment_then_a_last_segment() {
-        // 257 data descriptors: page 0 holds 255 + a pointer, page 1 holds 2.
+    fn many_descriptors_make_one_last_segment() {
+        // 257 data descriptors: one segment over two pages, no pointer inside it.
         let data: Vec<Descriptor> = (0..257)
             .map(|i| Descriptor::data_block(0x10_0000 + i * 0x1000, 512))
             .collect();
         assert_eq!(segment_pages_for(256), 1);
         assert_eq!(segment_pages_for(257), 2);
         let (sgl1, list) = layout(&data, 0x8000).unwrap();
-        assert_eq!(sgl1, Descriptor::segment(0x8000, 4096));
-        assert_eq!(list.len(), 258);
-        assert_eq!(list[254], data[254]);
-        assert_eq!(list[255], Descriptor::last_segment(0x9000, 32));
-        assert_eq!(&list[256..], &data[255..]);
+        assert_eq!(sgl1, Descriptor::last_segment(0x8000, 257 * 16));
+        assert_eq!(list, data);
+        assert!(matches!(
+            last_segment_for(0, MAX_SEGMENT_DESCRIPTORS + 1),
+            Err(SglError::TooManyDescriptors { .. })
+        ));
+        assert!(last_segment_for(0, MAX_SEGMENT_DESCRIPTORS).is_ok());
+    }
+
+    /// The walk model follows chains too (legal, what other hosts build): a Segment ->
+    /// Segment -> Last Segment chain visits its data in order.
+    #[test]
+    fn the_walk_model_follows_chains() {
+        let d = |i: u64| Descriptor::data_block(i * 0x1000, 512);
+        let mut mem: HashMap<u64, Vec<Descriptor>> = HashMap::new();
+        mem.insert(0xa000, vec![d(1), Descriptor::segment(0xb000, 32)]);
+        mem.insert(0xb000, vec![d(2), Descriptor::last_segment(0xc000, 16)]);
+        mem.insert(0xc000, vec![d(3)]);
+        let got = walk(Descriptor::segment(0xa000, 32), &|a, n| {
+            mem[&a][..n].to_vec()
+        });
+        assert_eq!(got, vec![d(1), d(2), d(3)]);
     }
 
     #[test]
@@ -834,9 +843,7 @@ mod tests {
             prop_assert_eq!(data.len(), ranges.len());
             let list_addr = 0x9000_0000u64;
             let (sgl1, list) = layout(&data, list_addr).unwrap();
-            prop_assert_eq!(list.len(), if data.len() == 1 { 0 } else {
-                data.len() + segment_pages_for(data.len()) - 1
-            });
+            prop_assert_eq!(list.len(), if data.len() == 1 { 0 } else { data.len() });
             let mem = memory_of(&list, list_addr);
             let visited = walk(sgl1, &|a, n| mem[&a][..n].to_vec());
             let want: Vec<(u64, usize)> =
