@@ -590,7 +590,10 @@ fn async_check(
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    // The queue registers its eventfd with the runtime's reactor: create it inside.
+    let entered = rt.enter();
     let q = AsyncQueue::new(ctrl, 16, AsyncConfig::default()).map_err(|e| e.to_string())?;
+    drop(entered);
     let ns2 = *ns;
     let written: Res<()> = rt.block_on(async {
         for (lba, data) in &jobs {
