@@ -70,10 +70,11 @@ const PCI_COMMAND_MASTER: u16 = 1 << 2;
 /// ```
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub enum DataPointer {
-    /// SGLs if the controller supports them (Identify Controller SGLS), PRPs otherwise.
-    Auto,
-    /// Always PRPs. The default: see [`ControllerConfig::data_pointer`].
+    /// SGLs if the controller supports them (Identify Controller SGLS), PRPs otherwise. The
+    /// default: see [`ControllerConfig::data_pointer`].
     #[default]
+    Auto,
+    /// Always PRPs.
     Prp,
     /// Always SGLs; bring-up fails with [`SglError::Unsupported`] if the controller has none.
     Sgl,
@@ -115,7 +116,12 @@ pub struct ControllerConfig {
     /// batch crosses it) and cost the emulated controller extra DMA, so it was not faster.
     pub shadow_doorbells: bool,
     /// PRPs or SGLs for I/O commands' data (queues may switch with
-    /// [`IoQueue::set_data_pointer`]). Default [`DataPointer::Prp`]: PLACEHOLDER.
+    /// [`IoQueue::set_data_pointer`]). Default [`DataPointer::Auto`], measured in the QEMU 7.2
+    /// guest (`nvme_sgl`, polled QD32 reads, SGL and PRP queues interleaved): 128 KiB reads
+    /// were faster with SGLs in every one of 8 paired rounds (median 1.18x and 1.49x in two
+    /// boots: one descriptor instead of a PRP list of 32 pages for the emulated controller to
+    /// fetch and map), 4 KiB reads showed no reliable difference. Controllers without SGLs get
+    /// PRPs.
     pub data_pointer: DataPointer,
 }
 
