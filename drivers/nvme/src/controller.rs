@@ -117,11 +117,11 @@ pub struct ControllerConfig {
     pub shadow_doorbells: bool,
     /// PRPs or SGLs for I/O commands' data (queues may switch with
     /// [`IoQueue::set_data_pointer`]). Default [`DataPointer::Auto`], measured in the QEMU 7.2
-    /// guest (`nvme_sgl`, polled QD32 reads, SGL and PRP queues interleaved): 128 KiB reads
-    /// were faster with SGLs in every one of 8 paired rounds (median 1.18x and 1.49x in two
-    /// boots: one descriptor instead of a PRP list of 32 pages for the emulated controller to
-    /// fetch and map), 4 KiB reads showed no reliable difference. Controllers without SGLs get
-    /// PRPs.
+    /// guest (`nvme_sgl`, polled QD32 reads, SGL and PRP queues interleaved, three boots on a
+    /// loaded 2-core host): 128 KiB reads were faster with SGLs in 10 of 11 paired rounds
+    /// (median ratios 1.49, 1.18, 1.35: one descriptor instead of a 32-entry PRP list for
+    /// the emulated controller to fetch and map page by page); 4 KiB reads showed no reliable
+    /// difference (single PRP vs single descriptor). Controllers without SGLs get PRPs.
     pub data_pointer: DataPointer,
 }
 
