@@ -7,6 +7,7 @@ use tidepool::share::ShareError;
 
 use crate::completion::CompletionError;
 use crate::prp::PrpError;
+use crate::sgl::SglError;
 use crate::spec::Status;
 
 /// Everything that can go wrong in the NVMe driver.
@@ -129,6 +130,9 @@ pub enum NvmeError {
     /// The data pointer could not be built.
     #[error(transparent)]
     Prp(#[from] PrpError),
+    /// An SGL could not be built, or SGLs were asked for and the controller has none.
+    #[error(transparent)]
+    Sgl(#[from] SglError),
     /// The queue was deleted or its controller reset.
     #[error("queue {qid} is no longer usable ({why}); create a new one")]
     QueueGone {

@@ -11,14 +11,24 @@
 //!   commands of at most `max_transfer` bytes (MDTS, and the pool's largest buffer), keep up
 //!   to the queue's depth of them in flight, and poll until all are done.
 //!
+//! - **Scatter/gather in one buffer**: [`IoQueue::submit_read_ranges`] /
+//!   [`IoQueue::submit_write_ranges`] move the bytes of several ranges of one pool buffer
+//!   (at any byte offset the controller's SGLs allow) as one command; they need SGLs unless
+//!   the ranges form one contiguous run.
+//!
+//! Each queue describes data with PRPs or SGLs ([`IoQueue::data_pointer`]); the controller's
+//! [`crate::ControllerConfig::data_pointer`] picks for new queues, and
+//! [`IoQueue::set_data_pointer`] switches one queue.
+//!
 //! Completions of the caller's own zero-copy commands that arrive while a blocking helper
 //! polls are kept and returned by the next [`IoQueue::poll`].
 
 use std::collections::VecDeque;
+use std::ops::Range;
 
 use tidepool::pool::DmaBuf;
 
-use crate::controller::Controller;
+use crate::controller::{Controller, DataPointer};
 use crate::error::NvmeError;
 use crate::queue::{Done, QueuePair, SubmitError};
 use crate::spec::{dsm_range_bytes, Command, IdentifyNamespace, IoOpcode};
@@ -177,6 +187,25 @@ impl<T> IoQueue<T> {
         self.qp().set_defer_doorbell(defer);
     }
 
+    /// How this queue describes data now: [`DataPointer::Prp`] or [`DataPointer::Sgl`].
+    pub fn data_pointer(&self) -> DataPointer {
+        match self.qp.as_ref().is_some_and(QueuePair::uses_sgl) {
+            true => DataPointer::Sgl,
+            false => DataPointer::Prp,
+        }
+    }
+
+    /// Switches how later commands describe their data (`Auto`: SGLs if the controller
+    /// supports them), returning the resolved choice. Commands in flight are unaffected.
+    /// [`crate::sgl::SglError::Unsupported`] if SGLs are demanded and the controller has none.
+    pub fn set_data_pointer(&mut self, choice: DataPointer) -> Result<DataPointer, NvmeError> {
+        let support = self.ctrl.sgl_support();
+        let resolved = choice.resolve(support)?;
+        self.qp()
+            .set_sgl((resolved == DataPointer::Sgl).then_some(support));
+        Ok(resolved)
+    }
+
     /// Doorbell counters (register writes made and, with shadow doorbells, avoided) and
     /// fault-injection counters.
     pub fn counters(&self) -> crate::QueueCounters {
@@ -231,6 +260,72 @@ impl<T> IoQueue<T> {
         user: T,
     ) -> Result<u16, SubmitError<T>> {
         self.submit_rw(ns, IoOpcode::Write, lba, buf, user)
+    }
+
+    /// Submits a read of `lba..` into the byte `ranges` of `buf`, in order (scatter): the
+    /// ranges' total must be whole blocks and at most [`Namespace::max_transfer`]. With SGLs
+    /// every range is a Data Block descriptor (byte offsets allowed unless the controller wants
+    /// dword alignment); with PRPs the ranges must join into one contiguous 4-byte-aligned run.
+    /// The buffer comes back with `user` from [`IoQueue::poll`].
+    ///
+    /// ```no_run
+    /// # use tidepool_nvme::{Controller, ControllerConfig, DataPointer};
+    /// # let ctrl = Controller::open("0000:00:04.0", ControllerConfig::default())?;
+    /// # let ns = ctrl.namespace(1)?;
+    /// let mut q = ctrl.create_io_queue::<()>(8)?;
+    /// q.set_data_pointer(DataPointer::Sgl)?;
+    /// let buf = ctrl.pool().try_alloc(8192)?;
+    /// // One 4 KiB block, landing as two halves at odd offsets of the buffer.
+    /// q.submit_read_ranges(&ns, 0, buf, &[3..2051, 5001..7049], ()).map_err(|e| e.error)?;
+    /// # Ok::<(), tidepool_nvme::NvmeError>(())
+    /// ```
+    pub fn submit_read_ranges(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        buf: DmaBuf,
+        ranges: &[Range<usize>],
+        user: T,
+    ) -> Result<u16, SubmitError<T>> {
+        self.submit_rw_ranges(ns, IoOpcode::Read, lba, buf, ranges, user)
+    }
+
+    /// Submits a write at `lba` of the byte `ranges` of `buf`, in order (gather); see
+    /// [`IoQueue::submit_read_ranges`].
+    pub fn submit_write_ranges(
+        &mut self,
+        ns: &Namespace,
+        lba: u64,
+        buf: DmaBuf,
+        ranges: &[Range<usize>],
+        user: T,
+    ) -> Result<u16, SubmitError<T>> {
+        self.submit_rw_ranges(ns, IoOpcode::Write, lba, buf, ranges, user)
+    }
+
+    fn submit_rw_ranges(
+        &mut self,
+        ns: &Namespace,
+        op: IoOpcode,
+        lba: u64,
+        buf: DmaBuf,
+        ranges: &[Range<usize>],
+        user: T,
+    ) -> Result<u16, SubmitError<T>> {
+        let cmd = crate::sgl::check_ranges(ranges, buf.capacity())
+            .map_err(NvmeError::from)
+            .and_then(|len| ns.rw_command(op, lba, len));
+        match cmd {
+            Ok(cmd) => self
+                .qp()
+                .submit_ranges(cmd, buf, ranges, Tag::User(user))
+                .map_err(untag),
+            Err(error) => Err(SubmitError {
+                error,
+                user,
+                data: Some(buf),
+            }),
+        }
     }
 
     fn submit_rw(
@@ -321,14 +416,7 @@ impl<T> IoQueue<T> {
     ) -> Result<u16, SubmitError<T>> {
         self.qp()
             .submit(cmd, data, data_len, Tag::User(user))
-            .map_err(|e| SubmitError {
-                error: e.error,
-                user: match e.user {
-                    Tag::User(u) => u,
-                    Tag::Chunk { .. } => unreachable!("submitted as a user command"),
-                },
-                data: e.data,
-            })
+            .map_err(untag)
     }
 
     /// Moves finished commands into `out` (appending); returns how many. Never blocks. An
@@ -538,6 +626,18 @@ impl<T> IoQueue<T> {
             Err(e) if own.is_empty() => Err(e),
             Err(_) => Ok(own),
         }
+    }
+}
+
+/// A refused user submission with the caller's data unwrapped from its [`Tag`].
+fn untag<T>(e: SubmitError<Tag<T>>) -> SubmitError<T> {
+    SubmitError {
+        error: e.error,
+        user: match e.user {
+            Tag::User(u) => u,
+            Tag::Chunk { .. } => unreachable!("submitted as a user command"),
+        },
+        data: e.data,
     }
 }
 

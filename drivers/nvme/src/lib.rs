@@ -8,13 +8,18 @@
 //! | [`regs`] | BAR0 registers with typed values: CAP, VS, CC, CSTS, AQA/ASQ/ACQ, doorbells |
 //! | [`completion`] | reading a completion entry **once** from device-written memory, and validating it |
 //! | [`prp`] | PRP1/PRP2/PRP lists for a transfer (pure layout + a pool buffer for the list) |
+//! | [`sgl`] | SGL descriptors and segment lists, and the controller's SGL support (SGLS) |
 //! | [`doorbell`] | doorbell writes: MMIO registers, or shadow doorbells with event indexes |
 //! | [`queue`] | an SQ/CQ pair: rings in pool memory, command slots, doorbells, timeouts, reset |
 //! | [`controller`] | bring-up, admin commands, I/O queue creation, reset/recover, shutdown |
 //! | [`io`] | namespaces and the polled [`IoQueue`]: zero-copy submit/poll and blocking helpers |
 //! | [`async_io`] | the tokio [`AsyncQueue`]: `read(..).await` driven by MSI-X eventfds |
 //!
-//! All memory the device sees — queue rings, PRP lists, data — comes from one
+//! I/O commands describe their data with SGLs when the controller supports them and PRPs
+//! otherwise ([`DataPointer`], chosen per controller and changeable per queue); admin commands
+//! always use PRPs, as the spec requires over PCIe.
+//!
+//! All memory the device sees — queue rings, PRP lists, SGL segments, data — comes from one
 //! [`tidepool::pool::Pool`] over the device's VFIO container. The polling path uses only the
 //! pool's immediate API (`try_alloc`), so a poller never waits; the async path awaits pool
 //! capacity and queue slots, and its reaper never awaits anything but the interrupt.
@@ -44,10 +49,11 @@ pub mod io;
 pub mod prp;
 pub mod queue;
 pub mod regs;
+pub mod sgl;
 pub mod spec;
 
 pub use async_io::{AsyncConfig, AsyncQueue, WakeCounts};
-pub use controller::{Controller, ControllerConfig};
+pub use controller::{Controller, ControllerConfig, DataPointer};
 pub use error::NvmeError;
 pub use io::{IoQueue, Namespace};
 pub use queue::{Done, QueueCounters, SubmitError};

@@ -17,6 +17,11 @@
 //!   one 4 KiB page from the pool and the slot keeps it, so later commands just rewrite it (no
 //!   allocation, no zeroing on the I/O path). Only transfers beyond 2 MiB, which need a chained
 //!   list, allocate a list per command.
+//! - **SGLs** (an I/O queue whose controller supports them, [`QueuePair::set_sgl`]): a
+//!   contiguous buffer is one Data Block descriptor in the command itself (no list at all);
+//!   a scatter list of ranges ([`QueuePair::submit_ranges`]) puts its descriptors in the same
+//!   per-slot page (it holds a PRP list or an SGL segment, whichever the slot's command needs),
+//!   and only more than 256 descriptors allocate a longer segment per command.
 //!
 //! # The hot path and the clock
 //! `submit` and `poll` read no clock and no register: a command records the queue's
@@ -40,6 +45,7 @@
 //! None inside: a `QueuePair` is owned by one thread (`&mut self`); the async queue puts it in a
 //! mutex. Doorbell writes go straight to the BAR; they are per-queue registers.
 
+use std::ops::Range;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +57,7 @@ use crate::controller::Hw;
 use crate::doorbell::Doorbell;
 use crate::error::NvmeError;
 use crate::prp::{pages_touched, write_one_page_list, Prp, ENTRIES_PER_LIST_PAGE};
+use crate::sgl::{self, Sgl, SglError, SglSupport, DESCRIPTORS_PER_SEGMENT_PAGE};
 use crate::spec::{Command, PAGE_BYTES, SQ_ENTRY_BYTES};
 
 /// The queue reads the clock for its health check once every this many polls (or on
@@ -84,13 +91,23 @@ pub struct SubmitError<T> {
     pub data: Option<DmaBuf>,
 }
 
+/// How a submission's data lies in its buffer.
+#[derive(Copy, Clone, Debug)]
+enum Layout<'a> {
+    /// The first `n` bytes (capped at the buffer's capacity).
+    Contiguous(usize),
+    /// These byte ranges, in order.
+    Ranges(&'a [Range<usize>]),
+}
+
 /// What a slot keeps while its command is in flight.
 #[derive(Debug)]
 struct Inflight<T> {
     user: T,
     opcode: u8,
     data: Option<DmaBuf>,
-    /// A chained PRP list (transfers beyond 2 MiB only); one-page lists live in `prp_pages`.
+    /// A chained PRP list (transfers beyond 2 MiB) or an SGL segment of more than 256
+    /// descriptors); one-page lists live in `prp_pages`.
     _prp_chain: Option<DmaBuf>,
     /// The timeout epoch the command was submitted in.
     epoch: u32,
@@ -126,8 +143,12 @@ pub struct QueuePair<T> {
     sq_doorbell: Doorbell,
     cq_doorbell: Doorbell,
     slots: Vec<Option<Inflight<T>>>,
-    /// Per slot, the PRP list page it keeps once a command of it needed one.
+    /// Per slot, the list page it keeps once a command of it needed one: a PRP list or an SGL
+    /// segment (one command per slot at a time, so one page serves both).
     prp_pages: Vec<Option<DmaBuf>>,
+    /// `Some` when I/O data is described with SGLs (the controller's SGL support, for its
+    /// alignment rule); `None` for PRPs.
+    sgl: Option<SglSupport>,
     free: Vec<u16>,
     timeout: Duration,
     /// The current timeout epoch and when it began.
@@ -189,6 +210,7 @@ impl<T> QueuePair<T> {
             cq,
             slots: (0..depth).map(|_| None).collect(),
             prp_pages: (0..depth).map(|_| None).collect(),
+            sgl: None,
             free: (0..depth).rev().collect(),
             timeout,
             epoch: 0,
@@ -226,6 +248,18 @@ impl<T> QueuePair<T> {
             cq_doorbells_avoided: self.cq_doorbell.avoided,
             completions_dropped: self.completions_dropped,
         }
+    }
+
+    /// Describes the data of later commands with SGLs (`Some`, the controller's support, which
+    /// must say SGLs are supported) or PRPs (`None`). Commands in flight keep what they were
+    /// submitted with. Never for the admin queue: over PCIe admin commands must use PRPs.
+    pub(crate) fn set_sgl(&mut self, support: Option<SglSupport>) {
+        self.sgl = support.filter(|s| s.supported() && self.qid != 0);
+    }
+
+    /// Does this queue describe data with SGLs (else PRPs)?
+    pub fn uses_sgl(&self) -> bool {
+        self.sgl.is_some()
     }
 
     /// Switches this (admin) queue's doorbells to "shadow entry and register" once Doorbell
@@ -272,9 +306,35 @@ impl<T> QueuePair<T> {
     /// Never waits. On error everything is handed back in the [`SubmitError`].
     pub fn submit(
         &mut self,
-        mut cmd: Command,
+        cmd: Command,
         data: Option<DmaBuf>,
         data_len: usize,
+        user: T,
+    ) -> Result<u16, SubmitError<T>> {
+        self.submit_layout(cmd, data, Layout::Contiguous(data_len), user)
+    }
+
+    /// Like [`QueuePair::submit`], but the command's data is the byte `ranges` of `data`, in
+    /// order (a scatter/gather list inside one pool buffer, at any byte offsets the
+    /// controller's SGL alignment allows). On an SGL queue each range becomes one Data Block
+    /// descriptor; on a PRP queue adjacent ranges are merged and must form one contiguous,
+    /// 4-byte aligned run ([`SglError::NeedsSgl`] otherwise).
+    pub fn submit_ranges(
+        &mut self,
+        cmd: Command,
+        data: DmaBuf,
+        ranges: &[Range<usize>],
+        user: T,
+    ) -> Result<u16, SubmitError<T>> {
+        self.submit_layout(cmd, Some(data), Layout::Ranges(ranges), user)
+    }
+
+    /// The common submission path of [`QueuePair::submit`] and [`QueuePair::submit_ranges`].
+    fn submit_layout(
+        &mut self,
+        mut cmd: Command,
+        data: Option<DmaBuf>,
+        layout: Layout<'_>,
         user: T,
     ) -> Result<u16, SubmitError<T>> {
         let refuse = |error, user, data| Err(SubmitError { error, user, data });
@@ -296,13 +356,8 @@ impl<T> QueuePair<T> {
         };
         let mut prp_chain = None;
         if let Some(buf) = &data {
-            let len = data_len.min(buf.capacity());
-            match self.data_pointer(cid, buf.device_addr().0, len) {
-                Ok((prp1, prp2, chain)) => {
-                    cmd.prp1 = prp1;
-                    cmd.prp2 = prp2;
-                    prp_chain = chain;
-                }
+            match self.describe_data(cid, &mut cmd, buf, layout) {
+                Ok(chain) => prp_chain = chain,
                 Err(e) => return refuse(e, user, data),
             }
         }
@@ -325,6 +380,59 @@ impl<T> QueuePair<T> {
             }
         }
         Ok(cid)
+    }
+
+    /// Fills `cmd`'s data pointer for the data of `buf` laid out as `layout`, for slot `cid`:
+    /// PRPs or SGLs as the queue is set. Returns the list buffer the command must keep when
+    /// the slot's own page was not enough (a chained PRP list or SGL segment list).
+    fn describe_data(
+        &mut self,
+        cid: u16,
+        cmd: &mut Command,
+        buf: &DmaBuf,
+        layout: Layout<'_>,
+    ) -> Result<Option<DmaBuf>, NvmeError> {
+        let base = buf.device_addr().0;
+        let (prp_addr, prp_len) = match (layout, self.sgl) {
+            (Layout::Contiguous(len), None) => (base, len.min(buf.capacity())),
+            (Layout::Contiguous(len), Some(support)) => {
+                let len = len.min(buf.capacity());
+                cmd.set_sgl1(sgl::contiguous(base, len, support.dword_aligned())?);
+                return Ok(None);
+            }
+            (Layout::Ranges(ranges), None) => {
+                sgl::check_ranges(ranges, buf.capacity())?;
+                match sgl::merge_adjacent(ranges).as_slice() {
+                    [run] => (base + run.start as u64, run.end - run.start),
+                    runs => return Err(SglError::NeedsSgl { ranges: runs.len() }.into()),
+                }
+            }
+            (Layout::Ranges(ranges), Some(support)) => {
+                let data = sgl::data_blocks(base, buf.capacity(), ranges, support.dword_aligned())?;
+                if data.len() <= DESCRIPTORS_PER_SEGMENT_PAGE {
+                    if let [one] = data.as_slice() {
+                        cmd.set_sgl1(*one);
+                        return Ok(None);
+                    }
+                    let page = &mut self.prp_pages[usize::from(cid)];
+                    if page.is_none() {
+                        *page = Some(self.hw.pool.try_alloc(PAGE_BYTES)?);
+                    }
+                    if let Some(page) = page.as_mut() {
+                        cmd.set_sgl1(sgl::write_one_page_segment(page, &data)?);
+                        return Ok(None);
+                    }
+                }
+                let pool = &self.hw.pool;
+                let built = Sgl::build(&data, |n| pool.try_alloc(n))?;
+                cmd.set_sgl1(built.sgl1);
+                return Ok(built.list);
+            }
+        };
+        let (prp1, prp2, chain) = self.data_pointer(cid, prp_addr, prp_len)?;
+        cmd.prp1 = prp1;
+        cmd.prp2 = prp2;
+        Ok(chain)
     }
 
     /// PRP1, PRP2 and (beyond 2 MiB only) a chained list buffer for `len` bytes at `addr`,

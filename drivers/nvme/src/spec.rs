@@ -16,6 +16,12 @@ pub const CQ_ENTRY_BYTES: usize = 16;
 pub const PAGE_BYTES: usize = 4096;
 /// The size of an Identify data structure and of the pages we read logs into.
 pub const IDENTIFY_BYTES: usize = 4096;
+/// The PSDT field (PRP or SGL for Data Transfer) in [`Command::flags`]: CDW0 bits 15:14.
+pub const PSDT_MASK: u8 = 0xc0;
+/// PSDT = 00b: PRP1/PRP2 describe the data (the only choice for admin commands over PCIe).
+pub const PSDT_PRP: u8 = 0x00;
+/// PSDT = 01b: SGL1 (bytes 24..40) describes the data; MPTR, if used, is a contiguous buffer.
+pub const PSDT_SGL_MPTR_CONTIGUOUS: u8 = 0x40;
 
 /// Admin command opcodes (Base spec 1.4, figure 139).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -108,7 +114,8 @@ pub enum LogPageId {
 pub struct Command {
     /// Opcode (CDW0 bits 7:0).
     pub opcode: u8,
-    /// Fused operation and PSDT (CDW0 bits 15:8); always 0 here (PRPs, not fused).
+    /// Fused operation and PSDT (CDW0 bits 15:8): 0 for PRPs, [`PSDT_SGL_MPTR_CONTIGUOUS`]
+    /// once [`Command::set_sgl1`] put an SGL descriptor in the data pointer. Never fused.
     pub flags: u8,
     /// Command identifier (CDW0 bits 31:16): unique among this SQ's outstanding commands.
     pub cid: u16,
@@ -120,9 +127,11 @@ pub struct Command {
     pub cdw3: u32,
     /// Metadata pointer.
     pub mptr: u64,
-    /// PRP entry 1: the first data page (may have an offset).
+    /// PRP entry 1: the first data page (may have an offset). With PSDT = SGL, the first
+    /// eight bytes of SGL1 (the descriptor's address).
     pub prp1: u64,
-    /// PRP entry 2: the second page, or the PRP list's address.
+    /// PRP entry 2: the second page, or the PRP list's address. With PSDT = SGL, the last
+    /// eight bytes of SGL1 (length, and the SGL identifier in the top byte).
     pub prp2: u64,
     /// Command dwords 10-15.
     pub cdw10: u32,
@@ -261,6 +270,29 @@ impl Command {
         }
     }
 
+    /// Describes the command's data with the SGL descriptor `sgl1` instead of PRPs: stores it
+    /// in the data pointer (bytes 24..40) and sets PSDT = 01b (SGL, metadata pointer
+    /// contiguous) in CDW0 bits 15:14. Only for NVM I/O commands: over PCIe, admin commands
+    /// must use PRPs.
+    ///
+    /// ```
+    /// use tidepool_nvme::sgl::Descriptor;
+    /// use tidepool_nvme::spec::{Command, IoOpcode};
+    /// let mut c = Command::read_write(IoOpcode::Read, 1, 0, 8);
+    /// c.set_sgl1(Descriptor::data_block(0x1_0003, 4096));
+    /// let b = c.to_bytes();
+    /// assert_eq!(b[1] >> 6, 0b01); // PSDT: SGL
+    /// assert_eq!(&b[24..32], &0x1_0003u64.to_le_bytes());
+    /// assert_eq!(&b[32..36], &4096u32.to_le_bytes());
+    /// assert_eq!(b[39], 0x00); // Data Block, sub type Address
+    /// ```
+    pub fn set_sgl1(&mut self, sgl1: crate::sgl::Descriptor) {
+        let [address, rest] = sgl1.to_words();
+        self.prp1 = address;
+        self.prp2 = rest;
+        self.flags = (self.flags & !PSDT_MASK) | PSDT_SGL_MPTR_CONTIGUOUS;
+    }
+
     /// The 64 wire bytes as eight little-endian 64-bit words (word `i` = bytes `8i..8i+8`),
     /// what the queue stores into the ring.
     pub fn to_words(&self) -> [u64; 8] {
@@ -361,6 +393,12 @@ impl Status {
             (0, 0x06) => "internal error",
             (0, 0x07) => "command abort requested",
             (0, 0x0b) => "invalid namespace or format",
+            (0, 0x0d) => "invalid SGL segment descriptor",
+            (0, 0x0e) => "invalid number of SGL descriptors",
+            (0, 0x0f) => "data SGL length invalid",
+            (0, 0x10) => "metadata SGL length invalid",
+            (0, 0x11) => "SGL descriptor type invalid",
+            (0, 0x16) => "SGL offset invalid",
             (0, 0x13) => "invalid PRP offset",
             (0, 0x80) => "LBA out of range",
             (0, 0x81) => "capacity exceeded",
@@ -466,6 +504,8 @@ pub struct IdentifyController {
     pub elpe: u8,
     /// Optional Admin Command Support (bit 8: Doorbell Buffer Config).
     pub oacs: u16,
+    /// SGL Support (bytes 536..540), decoded by [`IdentifyController::sgl_support`].
+    pub sgls: u32,
 }
 
 impl IdentifyController {
@@ -487,7 +527,13 @@ impl IdentifyController {
             nn: le32(b, 516),
             oncs: le16(b, 520),
             vwc: b.get(525).copied().unwrap_or(0),
+            sgls: le32(b, 536),
         }
+    }
+
+    /// What the controller supports of SGLs (the SGLS field decoded).
+    pub fn sgl_support(&self) -> crate::sgl::SglSupport {
+        crate::sgl::SglSupport::from_sgls(self.sgls)
     }
 
     /// Does the controller support Dataset Management (deallocate)?
@@ -744,7 +790,10 @@ mod tests {
         p[513] = 0x44;
         p[516..520].copy_from_slice(&1u32.to_le_bytes());
         p[520] = 0b1100;
+        p[536..540].copy_from_slice(&0x0001_0001u32.to_le_bytes());
         let id = IdentifyController::parse(&p);
+        assert_eq!(id.sgls, 0x0001_0001);
+        assert!(id.sgl_support().supported() && id.sgl_support().bit_bucket());
         assert_eq!(id.vid, 0x1b36);
         assert_eq!(id.serial, "SERIAL-1");
         assert_eq!(id.model, "QEMU NVMe Ctrl");
