@@ -301,16 +301,7 @@ pub struct VfioContainer {
     /// The one view; created on first [`VfioContainer::view`]. Lock order: this lock, then the
     /// view's own state lock (never the other way round).
     view: Mutex<Option<Arc<VfioType1>>>,
-    /// Every device opened in this container, kept open for as long as the container or its
-    /// view lives: closing a group's last device detaches the group, and a container with no
-    /// group left loses its IOMMU and every mapping in it — while a pool may still hold
-    /// chunks it has to unshare. Shared with the view.
-    devices: Attached,
 }
-
-/// Devices kept open so that the container's IOMMU (and its mappings) outlive the drivers'
-/// handles; see [`VfioContainer`].
-type Attached = Arc<Mutex<Vec<Arc<RawDevice>>>>;
 
 impl std::fmt::Debug for VfioContainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -336,7 +327,6 @@ impl VfioContainer {
         Ok(Arc::new(VfioContainer {
             raw: Arc::new(raw),
             view: Mutex::new(None),
-            devices: Attached::default(),
         }))
     }
 
@@ -380,34 +370,28 @@ impl VfioContainer {
             )
         })?;
         let ops: Arc<dyn VfioOps> = self.raw.clone();
-        let raw = RawDevice::new(&sysfs, ops, false)
-            .map(Arc::new)
-            .map_err(|e| match e {
-                VfioError::GroupViable => device_err(format!(
-                    "IOMMU group {group} is not viable: every device in it must be bound to \
+        let raw = RawDevice::new(&sysfs, ops, false).map_err(|e| match e {
+            VfioError::GroupViable => device_err(format!(
+                "IOMMU group {group} is not viable: every device in it must be bound to \
                  vfio-pci or to no driver; now: {}",
-                    group_members(group)
-                )),
-                // The group file opens once per process: vfio-ioctls reuses it for a second
-                // device of the same group, so EBUSY means another process or container has it.
-                VfioError::OpenGroup(e, _) => match e.kind() {
-                    io::ErrorKind::PermissionDenied | io::ErrorKind::NotFound => {
-                        ShareError::Permission {
-                            path: format!("/dev/vfio/{group}"),
-                            hint: HINT_NO_VFIO,
-                        }
+                group_members(group)
+            )),
+            // The group file opens once per process: vfio-ioctls reuses it for a second
+            // device of the same group, so EBUSY means another process or container has it.
+            VfioError::OpenGroup(e, _) => match e.kind() {
+                io::ErrorKind::PermissionDenied | io::ErrorKind::NotFound => {
+                    ShareError::Permission {
+                        path: format!("/dev/vfio/{group}"),
+                        hint: HINT_NO_VFIO,
                     }
-                    _ => device_err(format!(
-                        "cannot open /dev/vfio/{group}: {e}; is another process or container \
+                }
+                _ => device_err(format!(
+                    "cannot open /dev/vfio/{group}: {e}; is another process or container \
                      using this IOMMU group?"
-                    )),
-                },
-                e => vfio_error("open device", e),
-            })?;
-        self.devices
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::clone(&raw));
+                )),
+            },
+            e => vfio_error("open device", e),
+        })?;
         let mut device = VfioDevice {
             bdf,
             raw,
@@ -446,12 +430,7 @@ impl VfioContainer {
             )));
         }
         let info = self.iommu_info()?;
-        let view = Arc::new(VfioType1::new(
-            Arc::clone(&self.raw),
-            Arc::clone(&self.devices),
-            info,
-            dma_mask,
-        )?);
+        let view = Arc::new(VfioType1::new(Arc::clone(&self.raw), info, dma_mask)?);
         *slot = Some(Arc::clone(&view));
         Ok(view)
     }
@@ -506,9 +485,7 @@ fn group_members(group: u32) -> String {
 /// [`VfioDevice::enable_bus_master`] are not atomic against other writers of the same register.
 pub struct VfioDevice {
     bdf: Bdf,
-    /// Also held by the container (see [`VfioContainer`]): dropping this handle does not
-    /// close the device while the container's mappings may be in use.
-    raw: Arc<RawDevice>,
+    raw: RawDevice,
     container: Arc<VfioContainer>,
     vendor_id: u16,
     device_id: u16,
@@ -876,9 +853,6 @@ struct Type1State {
 /// algorithm and locking.
 pub struct VfioType1 {
     container: Arc<RawContainer>,
-    /// Keeps the container's devices (hence its groups and IOMMU) attached while this view,
-    /// and so any pool chunk it mapped, lives.
-    _devices: Attached,
     dma_mask: u64,
     ranges: Vec<IovaRange>,
     /// `dma_avail` when the view was made (no mapping existed then): the container's limit.
@@ -899,14 +873,12 @@ impl std::fmt::Debug for VfioType1 {
 impl VfioType1 {
     fn new(
         container: Arc<RawContainer>,
-        devices: Attached,
         info: IommuInfo,
         dma_mask: u64,
     ) -> Result<VfioType1, ShareError> {
         let iova = iova_adapter::IovaSpace::new(&info.iova_ranges, dma_mask)?;
         Ok(VfioType1 {
             container,
-            _devices: devices,
             dma_mask,
             ranges: info.iova_ranges,
             limit: info.dma_avail.map(u64::from),
