@@ -1005,6 +1005,16 @@ impl DeviceView for VfioType1 {
             m
         };
         let unmapped = self.container.vfio_dma_unmap(addr.0, mapping.len);
+        // A container whose last device (group) was closed has lost its IOMMU domain, and the
+        // kernel dropped every mapping with it: the unmap then fails (EINVAL), but nothing is
+        // device-visible any more. That happens when a driver closes its device before the
+        // pool that lives on its container is gone (a pool outlives its driver through
+        // buffers still held, or frees on its grower thread). The container answers
+        // VFIO_IOMMU_GET_INFO only while an IOMMU is set, which tells the two cases apart.
+        let unmapped = unmapped.or_else(|e| match self.iommu_info() {
+            Err(_) => Ok(()),
+            Ok(_) => Err(e),
+        });
         let mut state = self.lock();
         match unmapped {
             Ok(()) => {
