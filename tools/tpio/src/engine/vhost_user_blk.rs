@@ -21,7 +21,9 @@
 //!   engine's channel, then takes every other one already there.
 //!
 //! The runtime advances only inside `commit`/`reap`; that is fine because tpio calls `reap`
-//! whenever it has nothing else to do. `--completion=poll` (the default) makes the driver's
+//! whenever it has nothing else to do. As a consequence tpio's `slat` (queue to end of
+//! `commit`) includes the driver's submission work (pool allocation, the bounce copy of a
+//! write, publishing on the ring and the kick), and `clat` the rest, as with a real device. `--completion=poll` (the default) makes the driver's
 //! reaper busy-poll the used ring inside `reap`; `--completion=interrupt` makes it sleep on
 //! the call eventfd (the thread then sleeps in epoll).
 //!
@@ -158,7 +160,9 @@ impl Backend {
             conn.close();
             open_error(
                 socket,
-                format!("pool on the vhost-user view: {e} (check --pool-min/--pool-max/--pool-chunk)"),
+                format!(
+                    "pool on the vhost-user view: {e} (check --pool-min/--pool-max/--pool-chunk)"
+                ),
             )
         })?;
         let queues = u16::try_from(spec.numjobs).unwrap_or(u16::MAX).max(1);
@@ -312,7 +316,10 @@ impl VhostUserBlkEngine {
             source: std::io::Error::new(source.kind(), format!("{source} ({FILENAME_HINT})")),
         })?;
         if !metadata.file_type().is_socket() {
-            return Err(open_error(path, format!("not a unix socket ({FILENAME_HINT})")));
+            return Err(open_error(
+                path,
+                format!("not a unix socket ({FILENAME_HINT})"),
+            ));
         }
         let socket = std::fs::canonicalize(path).map_err(|source| EngineError::Open {
             path: path.display().to_string(),
