@@ -7,7 +7,7 @@
 //! workloads as the kernel's io_uring path ([`engine::tidepool`]).
 //!
 //! Module map: [`units`] (fio's number syntax), [`options`] (clap options → [`options::JobSpec`]),
-//! [`jobfile`] (ini job files), [`engine`] (the trait; io_uring, null and tidepool engines), [`workload`]
+//! [`jobfile`] (ini job files), [`engine`] (the trait; io_uring, null, tidepool and vhost-user-blk engines), [`workload`]
 //! (offsets, order, direction), [`verify`] (block headers and checks), [`stats`] (latency
 //! statistics), [`runner`] (the per-thread I/O loop), [`report`] (normal and JSON output),
 //! [`plot`] (PNG/SVG charts of JSON results), [`cli`] (gluing it together).

@@ -34,7 +34,7 @@ pub enum OptionError {
 #[command(
     name = "tpio",
     version,
-    about = "A fio-like block I/O benchmark (engines: io_uring, null, tidepool: the userspace NVMe driver over VFIO)",
+    about = "A fio-like block I/O benchmark (engines: io_uring, null, tidepool: the userspace NVMe driver over VFIO, vhost-user-blk: the confidential data plane)",
     args_override_self = true,
     after_help = "Job files use fio's ini format: [global] plus one [section] per job, key=value \
                   lines with the same names as the options above (bare keys such as time_based are flags). \
@@ -114,6 +114,10 @@ pub enum EngineKind {
     Null,
     /// The Tidepool userspace NVMe driver (drivers/nvme).
     Tidepool,
+    /// Tidepool's vhost-user-blk frontend (drivers/vhost-user-blk): `--filename` is the
+    /// backend's unix socket; every byte is bounced through a pool shared with the backend.
+    #[value(name = "vhost-user-blk")]
+    VhostUserBlk,
 }
 
 /// fio's `verify=`: how a written block proves it came back intact.
@@ -203,7 +207,7 @@ pub struct JobArgs {
     /// I/O engine.
     #[arg(long, value_enum, default_value = "io_uring")]
     pub ioengine: EngineKind,
-    /// File or block device to work on.
+    /// File or block device to work on (tidepool: a PCI address; vhost-user-blk: a unix socket).
     #[arg(long, value_name = "PATH")]
     pub filename: Option<PathBuf>,
     /// Bypass the page cache (O_DIRECT).
@@ -219,16 +223,18 @@ pub struct JobArgs {
     /// (default: measured at start with the pool's calibration).
     #[arg(long = "dma-threshold", alias = "dma_threshold", value_parser = parse_size, value_name = "SIZE")]
     pub dma_threshold: Option<u64>,
-    /// tidepool engine: pool memory reserved at start.
+    /// tidepool and vhost-user-blk engines: pool memory reserved at start.
     #[arg(long = "pool-min", alias = "pool_min", value_parser = parse_size, value_name = "SIZE")]
     pub pool_min: Option<u64>,
-    /// tidepool engine: most pool memory it may grow to.
+    /// tidepool and vhost-user-blk engines: most pool memory it may grow to.
     #[arg(long = "pool-max", alias = "pool_max", value_parser = parse_size, value_name = "SIZE")]
     pub pool_max: Option<u64>,
-    /// tidepool engine: size of each chunk the pool grows by.
+    /// tidepool and vhost-user-blk engines: size of each chunk the pool grows by.
     #[arg(long = "pool-chunk", alias = "pool_chunk", value_parser = parse_size, value_name = "SIZE")]
     pub pool_chunk: Option<u64>,
     /// tidepool engine: how completions are noticed (only `poll` is implemented so far).
+    /// vhost-user-blk engine: `poll` busy-polls the used ring, `interrupt` sleeps on the call
+    /// eventfd.
     #[arg(long, value_enum, default_value = "poll")]
     pub completion: CompletionMode,
 }

@@ -30,6 +30,7 @@ pub mod io_uring;
 pub mod null;
 pub mod region;
 pub mod tidepool;
+pub mod vhost_user_blk;
 
 /// An engine failed; the message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -164,12 +165,15 @@ pub trait Engine: Send {
 /// Opens the engine a job asks for on the job's target, checking the target covers the job's region.
 ///
 /// `ioengine=tidepool` takes the controller's PCI address as `spec.filename` and its DMA and
-/// pool settings from `spec.pool` (see [`tidepool::TidepoolEngine`]).
+/// pool settings from `spec.pool` (see [`tidepool::TidepoolEngine`]). `ioengine=vhost-user-blk`
+/// takes a backend's unix socket and the same pool settings (see
+/// [`vhost_user_blk::VhostUserBlkEngine`]).
 pub fn open_engine(spec: &JobSpec) -> Result<Box<dyn Engine>, EngineError> {
     let engine: Box<dyn Engine> = match spec.ioengine {
         EngineKind::IoUring => Box::new(io_uring::IoUringEngine::open(spec)?),
         EngineKind::Null => Box::new(null::NullEngine::new(spec)),
         EngineKind::Tidepool => Box::new(tidepool::TidepoolEngine::open(spec)?),
+        EngineKind::VhostUserBlk => Box::new(vhost_user_blk::VhostUserBlkEngine::open(spec)?),
     };
     let capacity = engine.geometry().capacity;
     if let Some(size) = spec.size {

@@ -98,7 +98,7 @@ fn is_pci_address(name: &str) -> bool {
 /// The pool configuration from `--pool-min/--pool-max/--pool-chunk` (defaults: the pool's own).
 /// The prefill (`--pool-min`, or the default) is rounded up to whole chunks; the watermarks follow the chunk size so that the
 /// pool's own validation (which names any remaining problem) accepts them.
-fn pool_config(settings: &PoolSettings) -> PoolConfig {
+pub(super) fn pool_config(settings: &PoolSettings) -> PoolConfig {
     let mut cfg = PoolConfig::default();
     if let Some(chunk) = settings.chunk {
         cfg.chunk_bytes = chunk as usize;
