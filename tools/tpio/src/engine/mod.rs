@@ -128,6 +128,21 @@ pub struct SlotBuffer {
     pub len: usize,
 }
 
+impl SlotBuffer {
+    /// Slot `slot` of an engine whose slots begin at `ptrs`, each `len` bytes long; a slot
+    /// number out of range is the harness's misuse.
+    pub(crate) fn of(
+        ptrs: &[NonNull<u8>],
+        len: usize,
+        slot: u32,
+    ) -> Result<SlotBuffer, EngineError> {
+        let ptr = *ptrs.get(slot as usize).ok_or_else(|| {
+            EngineError::Misuse(format!("slot {slot} out of range (have {})", ptrs.len()))
+        })?;
+        Ok(SlotBuffer { ptr, len })
+    }
+}
+
 /// A block I/O engine driven by one job thread. See the module doc for the call order.
 pub trait Engine: Send {
     /// The `ioengine=` name, for reports.

@@ -607,16 +607,7 @@ impl Engine for TidepoolEngine {
     }
 
     fn slot_buffer(&self, slot: u32) -> Result<SlotBuffer, EngineError> {
-        let ptr = *self.slot_ptrs.get(slot as usize).ok_or_else(|| {
-            EngineError::Misuse(format!(
-                "slot {slot} out of range (have {})",
-                self.slot_ptrs.len()
-            ))
-        })?;
-        Ok(SlotBuffer {
-            ptr,
-            len: self.slot_bytes,
-        })
+        SlotBuffer::of(&self.slot_ptrs, self.slot_bytes, slot)
     }
 
     fn queue(&mut self, request: IoRequest) -> Result<(), EngineError> {
