@@ -7,7 +7,7 @@
 //!   --blockdev driver=file,node-name=file0,filename=/tmp/disk.img,aio=io_uring \
 //!   --blockdev driver=raw,node-name=disk0,file=file0 \
 //!   --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=/tmp/vhost.sock,writable=on &
-//! cargo run -p tidepool-vhost-user-blk --example vhost_blk_copy -- /tmp/vhost.sock SOME_FILE
+//! cargo run -p tidepool-examples --example vhost_blk_copy -- /tmp/vhost.sock SOME_FILE
 //! ```
 
 use std::sync::Arc;
