@@ -17,6 +17,8 @@
 //! - [`wait`]: the FIFO, size-aware, cancel-safe waiter queue.
 //! - [`pool`]: the pool itself: allocation, waiting maps, the immediate path, growth and
 //!   shrinking, stats.
+//! - [`policy`]: how a driver chooses between bouncing through the pool and mapping caller
+//!   memory directly (bounce / direct / auto with a measured crossover).
 //!
 //! The word for "device-visible" is the same everywhere: an IOMMU mapping, a physical address
 //! and a vhost-user region are three implementations of one idea ([`share::DeviceView`]); the

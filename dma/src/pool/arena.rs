@@ -1,7 +1,7 @@
 //! The arena: every chunk the pool holds, each with its buddy allocator, behind the pool's one
 //! shared lock.
 //!
-//! The arena is plain data; [`super::Shared::global`] guards it. It never makes a system call:
+//! The arena is plain data; `Shared::global` guards it. It never makes a system call:
 //! chunks are made and shared by the grower (or setup, or the immediate path's transient
 //! allocation) *before* they are inserted, and removed chunks are unshared and freed *after*
 //! they leave, always outside the lock.

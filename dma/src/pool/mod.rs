@@ -13,7 +13,7 @@
 //! and natural alignment. [`PoolStats::in_use_bytes`] counts the rounded sizes.
 //!
 //! # Paths
-//! - **Hot path** ([`cache`]): the calling CPU's cache of free blocks, one uncontended lock.
+//! - **Hot path** (`cache`): the calling CPU's cache of free blocks, one uncontended lock.
 //! - **Slow path**: the shared [`arena`] under one mutex (`global`), refilling caches in
 //!   batches. Never held across a system call.
 //! - **Waiting** ([`Pool::alloc`], [`Pool::map`]): when the arena has nothing (or only the
@@ -28,7 +28,7 @@
 //!   made just for this burst and given back as soon as it is idle, then
 //!   [`PoolError::Exhausted`] with the pool's state. It never waits for a lock held across a
 //!   system call.
-//! - **Grower** ([`grower`]): a dedicated thread (mmap, hugepage faults and VFIO ioctls block:
+//! - **Grower** (`grower`): a dedicated thread (mmap, hugepage faults and VFIO ioctls block:
 //!   never on an async worker) that grows by whole chunks when free space falls below the low
 //!   watermark or anyone waits, up to `max_bytes`; backs off after a failure, except that a
 //!   waiter older than `grow_after` forces growth at once (the bounded wait: a waiter cannot be
