@@ -24,8 +24,10 @@ use std::io::Write;
 
 mod env;
 pub mod mmio;
+mod rng;
 
 pub use env::{is_pci_address, EnvError, HarnessEnv};
+pub use rng::{env_u64, Rng};
 
 /// The line a test prints (alone on its line, on stdout) to tell the harness that it expects at
 /// least one IOMMU fault in the guest's dmesg while it runs, instead of none.

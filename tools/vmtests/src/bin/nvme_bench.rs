@@ -29,24 +29,12 @@ use tidepool::share::vfio::{Bar, VfioDevice};
 use tidepool_nvme::regs::{offset, Cap, Cc};
 use tidepool_nvme::spec::{Command, IoOpcode};
 use tidepool_nvme::{Controller, ControllerConfig, Done, Namespace};
-use tidepool_vmtests::HarnessEnv;
+use tidepool_vmtests::{env_u64, HarnessEnv, Rng};
 
 /// Queue depth of every run.
 const QD: usize = 32;
 
 type Res<T> = Result<T, String>;
-
-/// A small deterministic PRNG (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
 
 /// Where the next read goes: random aligned offsets, or sequential with wrap-around.
 struct Lbas {
@@ -102,13 +90,6 @@ impl Measured {
 fn ticks() -> u64 {
     // SAFETY: RDTSC has no memory effects; every x86_64 CPU has it.
     unsafe { core::arch::x86_64::_rdtsc() }
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() -> ExitCode {

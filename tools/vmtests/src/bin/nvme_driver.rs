@@ -21,37 +21,7 @@ use std::time::{Duration, Instant};
 use tidepool_nvme::{
     AsyncConfig, AsyncQueue, Controller, ControllerConfig, Done, Namespace, NvmeError,
 };
-use tidepool_vmtests::HarnessEnv;
-
-/// A small deterministic PRNG (xorshift64*), seeded per thread.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn fill(&mut self, b: &mut [u8]) {
-        for c in b.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use tidepool_vmtests::{env_u64, HarnessEnv, Rng};
 
 fn main() -> ExitCode {
     match run() {

@@ -39,44 +39,12 @@ use tidepool_nvme::{
     AsyncConfig, AsyncQueue, Controller, ControllerConfig, DataPointer, Done, IoQueue, Namespace,
     NvmeError, SubmitError,
 };
-use tidepool_vmtests::HarnessEnv;
+use tidepool_vmtests::{env_u64, HarnessEnv, Rng};
 
 type Res<T> = Result<T, String>;
 
 /// Queue depth of the throughput runs.
 const QD: usize = 32;
-
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        for c in v.chunks_mut(8) {
-            let w = self.next().to_le_bytes();
-            c.copy_from_slice(&w[..c.len()]);
-        }
-        v
-    }
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() -> ExitCode {
     match run() {

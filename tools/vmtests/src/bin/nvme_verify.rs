@@ -19,7 +19,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use tidepool_nvme::{AsyncConfig, AsyncQueue, Controller, ControllerConfig, Namespace};
-use tidepool_vmtests::HarnessEnv;
+use tidepool_vmtests::{HarnessEnv, Rng};
 
 type Res<T> = Result<T, String>;
 
@@ -47,24 +47,6 @@ fn first_bad_block(lba: u64, buf: &[u8]) -> Option<u64> {
             .all(|(i, w)| w == pattern_word(lba + b as u64, i as u64).to_le_bytes());
         (!ok).then_some(lba + b as u64)
     })
-}
-
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, (self.next() % (i as u64 + 1)) as usize);
-        }
-    }
 }
 
 /// Tiles `[first, first + blocks)` with extents of 1..=2048 blocks, shuffled.
