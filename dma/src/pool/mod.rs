@@ -578,7 +578,8 @@ impl Shared {
     }
 
     /// Hands free space to waiters in the queue's fair order, keeping the reserve (and the
-    /// throttle, if configured). Call with the pool lock held; wake `wakes` after releasing it.
+    /// throttle, if configured), and refreshes [`Shared::waiting`]. Call with the pool lock
+    /// held; wake `wakes` after releasing it.
     fn dispatch(&self, g: &mut Global, now: Instant, wakes: &mut WakeList) {
         let reserve = self.cfg.reserve_bytes as u64;
         self.update_throttle(g);
@@ -590,6 +591,8 @@ impl Shared {
             ..
         } = g;
         if !queue.has_waiters() {
+            // Keep the hot path's mirror right after the last waiter left (cancel, timeout).
+            self.waiting.store(0, Ordering::Relaxed);
             return;
         }
         queue.dispatch(now, wakes, |size| {
@@ -844,9 +847,9 @@ impl<'p> Alloc<'p> {
                         }
                     }
                 };
-                shared.waiting.store(g.queue.waiting(), Ordering::Relaxed);
                 let mut wakes = WakeList::new();
-                // The head may have changed: others may now be served.
+                // The head may have changed: others may now be served (and the hot path's
+                // waiter count is refreshed).
                 shared.dispatch(&mut g, now, &mut wakes);
                 drop(g);
                 wakes.wake_all();
@@ -926,7 +929,6 @@ impl Drop for Alloc<'_> {
                         g.retired.push(slot);
                     }
                 }
-                shared.waiting.store(g.queue.waiting(), Ordering::Relaxed);
                 shared.dispatch(&mut g, now, &mut wakes);
             }
             wakes.wake_all();
