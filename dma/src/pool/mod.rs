@@ -541,6 +541,18 @@ impl Shared {
         self.give_back(back);
     }
 
+    /// Frees `block` into the arena; a transient chunk it leaves idle is queued for the grower
+    /// to retire. Returns whether one was (wake the grower then). Call with the pool lock held.
+    fn free_locked(g: &mut Global, block: Block, now: Instant) -> bool {
+        match g.arena.free(block, now) {
+            Some(slot) => {
+                g.retired.push(slot);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Returns blocks to the arena and serves waiters. Takes the pool lock; wakes after
     /// releasing it.
     fn give_back(&self, blocks: Vec<Block>) {
@@ -550,10 +562,7 @@ impl Shared {
             let now = Instant::now();
             let mut retired = false;
             for b in blocks {
-                if let Some(slot) = g.arena.free(b, now) {
-                    g.retired.push(slot);
-                    retired = true;
-                }
+                retired |= Shared::free_locked(&mut g, b, now);
             }
             self.dispatch(&mut g, now, &mut wakes);
             if retired {
@@ -924,12 +933,14 @@ impl Drop for Alloc<'_> {
                     g.deadlines.remove(&k);
                 }
                 let now = Instant::now();
-                if let Some(b) = g.queue.cancel(ticket) {
-                    if let Some(slot) = g.arena.free(b, now) {
-                        g.retired.push(slot);
-                    }
-                }
+                let retired = g
+                    .queue
+                    .cancel(ticket)
+                    .is_some_and(|b| Shared::free_locked(&mut g, b, now));
                 shared.dispatch(&mut g, now, &mut wakes);
+                if retired {
+                    shared.grower.wake();
+                }
             }
             wakes.wake_all();
         }
