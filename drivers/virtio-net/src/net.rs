@@ -196,16 +196,7 @@ impl RxFrame {
 
     /// Copies frame bytes from `offset` into `dst` (which must fit inside the frame).
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), PoolError> {
-        if offset
-            .checked_add(dst.len())
-            .is_none_or(|end| end > self.len)
-        {
-            return Err(PoolError::OutOfBounds {
-                offset,
-                len: dst.len(),
-                capacity: self.len,
-            });
-        }
+        check_frame_range(offset, dst.len(), self.len)?;
         self.buf.read_at(NET_HDR_LEN + offset, dst)
     }
 
@@ -256,32 +247,14 @@ impl TxBuf {
 
     /// Copies `src` into the frame at `offset` (must fit inside the frame length).
     pub fn write_at(&mut self, offset: usize, src: &[u8]) -> Result<(), PoolError> {
-        if offset
-            .checked_add(src.len())
-            .is_none_or(|end| end > self.len)
-        {
-            return Err(PoolError::OutOfBounds {
-                offset,
-                len: src.len(),
-                capacity: self.len,
-            });
-        }
+        check_frame_range(offset, src.len(), self.len)?;
         self.buf.write_at(NET_HDR_LEN + offset, src)
     }
 
     /// Copies frame bytes from `offset` into `dst` (must fit inside the frame length): lets a
     /// caller of [`VirtioNet::tx_buffer_reused`] see what the recycled buffer holds.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), PoolError> {
-        if offset
-            .checked_add(dst.len())
-            .is_none_or(|end| end > self.len)
-        {
-            return Err(PoolError::OutOfBounds {
-                offset,
-                len: dst.len(),
-                capacity: self.len,
-            });
-        }
+        check_frame_range(offset, dst.len(), self.len)?;
         self.buf.read_at(NET_HDR_LEN + offset, dst)
     }
 
@@ -933,6 +906,18 @@ impl Drop for VirtioNet {
                 q.leak_after_failed_reset();
             }
         }
+    }
+}
+
+/// Checks that `len` bytes at `offset` lie inside a frame of `frame_len` bytes.
+fn check_frame_range(offset: usize, len: usize, frame_len: usize) -> Result<(), PoolError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= frame_len => Ok(()),
+        _ => Err(PoolError::OutOfBounds {
+            offset,
+            len,
+            capacity: frame_len,
+        }),
     }
 }
 
