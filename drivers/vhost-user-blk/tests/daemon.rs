@@ -242,7 +242,11 @@ async fn growth_under_load_and_shrink_when_drained() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        eprintln!("round {round}: shrank to {:?} in {:?}", view.usage().mappings, t.elapsed());
+        eprintln!(
+            "round {round}: shrank to {:?} in {:?}",
+            view.usage().mappings,
+            t.elapsed()
+        );
         assert!(dev.pool().stats().shrinks > 0);
     }
     // Still fully usable after regions came and went.
