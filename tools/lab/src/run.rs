@@ -148,11 +148,14 @@ pub fn run(trace: &Trace, config: PoolConfig, opts: &RunOptions) -> Result<RunRe
     });
 
     let sampling = Arc::new(AtomicBool::new(true));
+    // The t = 0 sample is taken here, before any request is released: the sampler thread may
+    // start late on a loaded host, after the pool has already grown.
+    let first = sample(&pool, start);
     let sampler = {
         let (pool, sampling, every) = (pool.clone(), sampling.clone(), opts.sample_every);
         std::thread::Builder::new()
             .name("tplab-sampler".into())
-            .spawn(move || sample_loop(&pool, start, every, &sampling))
+            .spawn(move || sample_loop(&pool, start, first, every, &sampling))
             .expect("spawning the sampler thread")
     };
 
@@ -249,17 +252,27 @@ async fn serve(shared: Arc<Shared>, index: usize, req: Request, hold_tx: mpsc::S
     shared.live.fetch_sub(1, Ordering::SeqCst);
 }
 
-/// Samples the pool's memory every `every` until `running` is cleared.
-fn sample_loop(pool: &Pool, start: Instant, every: Duration, running: &AtomicBool) -> Vec<Sample> {
-    let mut out = Vec::new();
+/// The pool's memory now, timed from `start`.
+fn sample(pool: &Pool, start: Instant) -> Sample {
+    let s = pool.stats();
+    Sample {
+        t_us: start.elapsed().as_micros() as u64,
+        capacity_bytes: s.capacity_bytes,
+        in_use_bytes: s.in_use_bytes,
+    }
+}
+
+/// Samples the pool's memory every `every` after `first` until `running` is cleared.
+fn sample_loop(
+    pool: &Pool,
+    start: Instant,
+    first: Sample,
+    every: Duration,
+    running: &AtomicBool,
+) -> Vec<Sample> {
+    let mut out = vec![first];
     let mut next = start;
     while running.load(Ordering::SeqCst) {
-        let s = pool.stats();
-        out.push(Sample {
-            t_us: start.elapsed().as_micros() as u64,
-            capacity_bytes: s.capacity_bytes,
-            in_use_bytes: s.in_use_bytes,
-        });
         next += every;
         let now = Instant::now();
         if next > now {
@@ -267,6 +280,7 @@ fn sample_loop(pool: &Pool, start: Instant, every: Duration, running: &AtomicBoo
         } else {
             next = now;
         }
+        out.push(sample(pool, start));
     }
     out
 }
