@@ -21,20 +21,18 @@ use super::buddy::Buddy;
 ///
 /// A block is a capability: whoever holds it owns those bytes until it is given back to the
 /// arena. Blocks are never cloned.
+///
+/// Three 8-byte words, so that the hot path moves it (through the per-CPU caches, into and out
+/// of buffers) in whole words; the pointer's niche makes `Option<Block>` the same size.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Block {
-    /// The chunk's slot in the arena.
-    pub slot: u32,
-    /// log2 of the block size.
-    pub order: u8,
-    /// Offset within the chunk.
-    pub offset: u64,
     /// First byte, in this process.
     pub ptr: NonNull<u8>,
     /// First byte, for the device.
     pub dev: DeviceAddr,
-    /// Whether the block lives in a transient chunk (never cached: it must drain promptly).
-    pub transient: bool,
+    /// The chunk's slot in the arena (bits 0–31), log2 of the block size (bits 32–39), and
+    /// whether the chunk is transient (bit 40: never cached, it must drain promptly).
+    meta: u64,
 }
 
 // SAFETY: a Block is an exclusive claim on a range of a chunk that outlives it (chunks are only
@@ -43,10 +41,43 @@ unsafe impl Send for Block {}
 // SAFETY: shared references to a Block only read its fields.
 unsafe impl Sync for Block {}
 
+const _: () = assert!(std::mem::size_of::<Block>() == 24);
+const _: () = assert!(std::mem::size_of::<Option<Block>>() == 24);
+
 impl Block {
+    const TRANSIENT: u64 = 1 << 40;
+
+    fn new(slot: u32, order: u32, ptr: NonNull<u8>, dev: DeviceAddr, transient: bool) -> Block {
+        debug_assert!(order < 64);
+        Block {
+            ptr,
+            dev,
+            meta: slot as u64 | (order as u64) << 32 | if transient { Block::TRANSIENT } else { 0 },
+        }
+    }
+
+    /// The chunk's slot in the arena.
+    #[inline]
+    pub fn slot(&self) -> u32 {
+        self.meta as u32
+    }
+
+    /// log2 of the block size.
+    #[inline]
+    pub fn order(&self) -> u32 {
+        (self.meta >> 32) as u8 as u32
+    }
+
+    /// Whether the block lives in a transient chunk.
+    #[inline]
+    pub fn transient(&self) -> bool {
+        self.meta & Block::TRANSIENT != 0
+    }
+
     /// The block's size in bytes.
+    #[inline]
     pub fn size(&self) -> usize {
-        1usize << self.order
+        1usize << self.order()
     }
 }
 
@@ -183,14 +214,7 @@ impl Arena {
         // SAFETY: offset + (1 << order) lies inside the chunk (the buddy manages [0, len)), so
         // the pointer stays within the chunk's mapping.
         let ptr = unsafe { NonNull::new_unchecked(s.chunk.as_ptr().add(offset as usize)) };
-        Block {
-            slot,
-            order: order as u8,
-            offset,
-            ptr,
-            dev: s.dev.offset(offset),
-            transient: s.transient,
-        }
+        Block::new(slot, order, ptr, s.dev.offset(offset), s.transient)
     }
 
     /// Gives a block back. Returns the slot if it was a transient chunk that is now idle (the
@@ -199,11 +223,11 @@ impl Arena {
     /// A block that does not belong here is a bug in the pool (blocks are capabilities minted
     /// only by this arena); it is reported and leaked rather than corrupting the allocator.
     pub fn free(&mut self, block: Block, now: Instant) -> Option<u32> {
-        let Some(Some(s)) = self.slots.get_mut(block.slot as usize) else {
+        let Some(Some(s)) = self.slots.get_mut(block.slot() as usize) else {
             debug_assert!(false, "block for an empty slot: {block:?}");
             return None;
         };
-        if let Err(e) = s.buddy.free(block.offset, block.order as u32) {
+        if let Err(e) = s.buddy.free(block.dev.0 - s.dev.0, block.order()) {
             debug_assert!(false, "bad free {block:?}: {e}");
             return None;
         }
@@ -215,7 +239,7 @@ impl Arena {
         if s.buddy.is_idle() {
             s.idle_since = Some(now);
             if s.transient {
-                return Some(block.slot);
+                return Some(block.slot());
             }
         }
         None

@@ -1,13 +1,13 @@
 //! [`DmaBuf`]: an owned device-visible buffer.
 
 use std::fmt;
+use std::mem::ManuallyDrop;
 
 use crate::copy;
-use crate::sync::Arc;
 use crate::DeviceAddr;
 
 use super::arena::Block;
-use super::{Anchor, PoolError};
+use super::{Claim, PoolError, Shared};
 
 /// The size of the pages a device addresses in PRP lists and the like.
 pub const DEVICE_PAGE: usize = 4096;
@@ -22,24 +22,28 @@ pub const DEVICE_PAGE: usize = 4096;
 ///
 /// A fresh buffer is zeroed: a device never sees another user's bytes.
 pub struct DmaBuf {
-    /// The pool, through the allocating CPU's anchor (see [`Anchor`]).
-    anchor: Arc<Anchor>,
-    block: Option<Block>,
+    block: Block,
     len: usize,
+    /// This buffer's reference to the pool; taken only by `drop`.
+    pool: ManuallyDrop<crate::sync::Arc<Shared>>,
 }
 
 impl DmaBuf {
     /// Wraps a block just taken from the pool, zeroing the whole block (the rounded-up tail
     /// too: the device may see it).
-    pub(crate) fn new_zeroed(anchor: Arc<Anchor>, block: Block, len: usize) -> DmaBuf {
+    #[inline(always)]
+    pub(crate) fn new_zeroed(claim: Claim, len: usize) -> DmaBuf {
+        let block = &claim.block;
         // SAFETY: we own the block exclusively and no device has its address yet.
         unsafe { copy::zero_device(block.ptr.as_ptr(), block.size()) };
-        DmaBuf::new_unzeroed(anchor, block, len)
+        DmaBuf::new_unzeroed(claim, len)
     }
 
     /// Wraps a block holding a copy of `src`, the rest of the block zeroed (the device may see
     /// the whole block).
-    pub(crate) fn new_filled(anchor: Arc<Anchor>, block: Block, src: &[u8]) -> DmaBuf {
+    #[inline(always)]
+    pub(crate) fn new_filled(claim: Claim, src: &[u8]) -> DmaBuf {
+        let block = &claim.block;
         debug_assert!(src.len() <= block.size());
         // SAFETY: we own the block exclusively, no device has its address yet, and `src` (at
         // most the block's size, checked by the pool) is private memory.
@@ -47,24 +51,27 @@ impl DmaBuf {
             copy::copy_to_device(src, block.ptr.as_ptr());
             copy::zero_device(block.ptr.as_ptr().add(src.len()), block.size() - src.len());
         }
-        DmaBuf::new_unzeroed(anchor, block, src.len())
+        DmaBuf::new_unzeroed(claim, src.len())
     }
 
     /// Wraps a block without zeroing. The caller must overwrite all of it before a device
     /// can see it (the bounce paths copy the caller's data in and zero the tail).
-    pub(crate) fn new_unzeroed(anchor: Arc<Anchor>, block: Block, len: usize) -> DmaBuf {
+    #[inline(always)]
+    pub(crate) fn new_unzeroed(claim: Claim, len: usize) -> DmaBuf {
         DmaBuf {
-            anchor,
-            block: Some(block),
+            block: claim.block,
             len,
+            pool: ManuallyDrop::new(claim.pool),
         }
     }
 
+    #[inline]
     fn block(&self) -> &Block {
-        self.block.as_ref().expect("block present until drop")
+        &self.block
     }
 
     /// Length asked for, in bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
@@ -75,17 +82,20 @@ impl DmaBuf {
     }
 
     /// Bytes actually reserved (the length rounded up to the size class). Also usable.
+    #[inline]
     pub fn capacity(&self) -> usize {
         self.block().size()
     }
 
     /// The buffer's first byte as the device addresses it.
+    #[inline]
     pub fn device_addr(&self) -> DeviceAddr {
         self.block().dev
     }
 
     /// The buffer's first byte in this process. Accesses must not form references while a
     /// device may use the buffer.
+    #[inline]
     pub fn as_ptr(&self) -> *mut u8 {
         self.block().ptr.as_ptr()
     }
@@ -149,10 +159,14 @@ impl DmaBuf {
 }
 
 impl Drop for DmaBuf {
+    #[inline(always)]
     fn drop(&mut self) {
-        if let Some(b) = self.block.take() {
-            self.anchor.shared.release(b);
-        }
+        // SAFETY: `pool` is taken exactly once, here, and never used again.
+        let pool = unsafe { ManuallyDrop::take(&mut self.pool) };
+        // SAFETY: `block` is read out exactly once, here, and `self` is not used again; `Block`
+        // has no destructor, so the field left behind is never dropped twice.
+        let block = unsafe { std::ptr::read(&self.block) };
+        Shared::release(Claim { block, pool });
     }
 }
 

@@ -1,10 +1,14 @@
 //! Per-core caches: the hot path's allocator, with no global lock.
 //!
-//! Each CPU has a small cache of free blocks per size class, behind its own mutex. The mutex is
-//! almost never contended (only a thread migrating between CPUs mid-operation, or the shrinker
-//! draining caches, can meet it), so an allocation or release costs one uncontended lock pair,
-//! a `Vec` push or pop and a `sched_getcpu` (a vDSO/rseq read). Misses refill a batch from the
-//! shared arena under the pool lock; overflows give half back.
+//! Each CPU has a small cache of free blocks per size class, behind its own spinlock. The lock
+//! is almost never contended (only a thread migrating between CPUs mid-operation, or the
+//! shrinker draining caches, can meet it), so an allocation or release costs one atomic swap, a
+//! plain store, a `Vec` push or pop and a `sched_getcpu` (an rseq/vDSO read). Misses refill a
+//! batch from the shared arena under the pool lock; overflows give half back.
+//!
+//! Each cache also holds *credits*: references to the pool that buffers allocated here take
+//! and buffers released here give back, so that a buffer keeps the pool alive without an
+//! atomic reference-count update per allocation and release (see [`CoreCache::credits`]).
 //!
 //! Lock order: a cache lock is never held while taking the pool lock or another cache's lock.
 //! Refills and flushes move blocks through a local vector between the two critical sections.
@@ -12,18 +16,56 @@
 //! Each cache also counts the bytes its CPU handed out minus those it took back; the sum over
 //! all caches is the pool's bytes in use (one CPU may go negative when buffers migrate).
 
-use crate::sync::{Mutex, MutexGuard};
+use std::fmt;
+
+use crate::sync::{Arc, SpinGuard, SpinLock};
 
 use super::arena::Block;
+use super::Shared;
 
 /// A free-block cache for one CPU.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct CoreCache {
     /// Free blocks per size class (index = order - min order).
     pub classes: Vec<Vec<Block>>,
     /// Bytes handed out minus bytes taken back through this cache's CPU.
     pub in_use: i64,
+    /// Strong references to the pool, ready for new buffers to take (every `DmaBuf` owns one).
+    /// A release puts its buffer's reference here instead of decrementing the shared count; an
+    /// allocation takes one instead of incrementing it. An empty list is topped up with
+    /// [`CREDITS_BATCH`] clones at once; a full one ([`CREDITS_MAX`]) lets releases drop their
+    /// reference (buffers that move from allocating CPUs to one releasing CPU). Either way the
+    /// shared count is touched per batch or per migrated buffer, never per local round trip.
+    /// A credit leaves a cache only under its lock.
+    ///
+    /// These references make a cycle (the pool holds itself): when the last [`super::Pool`]
+    /// handle goes, [`Caches::close`] sets `closed` and drops them; after that releases drop
+    /// their reference instead of keeping it, and the pool is freed with the last buffer.
+    pub credits: Vec<Arc<Shared>>,
+    /// Set once, by [`Caches::close`]: no credits may be kept any more.
+    pub closed: bool,
 }
+
+impl fmt::Debug for CoreCache {
+    /// Counts only: the credits point back at the pool.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoreCache")
+            .field(
+                "cached_blocks",
+                &self.classes.iter().map(Vec::len).sum::<usize>(),
+            )
+            .field("in_use", &self.in_use)
+            .field("credits", &self.credits.len())
+            .field("closed", &self.closed)
+            .finish()
+    }
+}
+
+/// Most credits a cache keeps; a release beyond this drops its reference instead.
+pub(crate) const CREDITS_MAX: usize = if cfg!(loom) { 2 } else { 256 };
+/// Credits an allocation takes at once when its cache has none (one reference-count update each,
+/// back to back on one cache line).
+pub(crate) const CREDITS_BATCH: usize = if cfg!(loom) { 1 } else { 32 };
 
 /// A cache line of its own for each cache, so that two CPUs never share one.
 #[repr(align(128))]
@@ -33,7 +75,7 @@ pub(crate) struct Padded<T>(pub T);
 /// All CPUs' caches and the per-class limits.
 #[derive(Debug)]
 pub(crate) struct Caches {
-    cores: Box<[Padded<Mutex<CoreCache>>]>,
+    cores: Box<[Padded<SpinLock<CoreCache>>]>,
     /// Blocks each cache may hold per class (0: the class is not cached).
     limits: Vec<usize>,
     min_order: u32,
@@ -49,9 +91,9 @@ impl Caches {
             .collect();
         let cores = (0..ncpu)
             .map(|_| {
-                Padded(Mutex::new(CoreCache {
+                Padded(SpinLock::new(CoreCache {
                     classes: (0..classes).map(|_| Vec::new()).collect(),
-                    in_use: 0,
+                    ..CoreCache::default()
                 }))
             })
             .collect();
@@ -76,21 +118,31 @@ impl Caches {
     }
 
     /// The calling CPU's cache, locked.
-    pub fn local(&self) -> MutexGuard<'_, CoreCache> {
-        self.cores[self.current_index()].0.lock().unwrap()
+    #[inline]
+    pub fn local(&self) -> SpinGuard<'_, CoreCache> {
+        self.cores[self.current_index()].0.lock()
     }
 
     /// Every cache in turn (for stats and draining).
-    pub fn each(&self) -> impl Iterator<Item = &Mutex<CoreCache>> {
+    pub fn each(&self) -> impl Iterator<Item = &SpinLock<CoreCache>> {
         self.cores.iter().map(|p| &p.0)
     }
 
-    /// How many caches (one per possible CPU).
-    pub fn len(&self) -> usize {
-        self.cores.len()
+    /// The last pool handle is gone: marks every cache closed and returns the credits they
+    /// held, for the caller to drop *after* this returns (dropping one may free the pool, whose
+    /// memory holds these locks). Takes each cache lock in turn.
+    pub fn close(&self) -> Vec<Arc<Shared>> {
+        let mut credits = Vec::new();
+        for c in self.each() {
+            let mut c = c.lock();
+            c.closed = true;
+            credits.append(&mut c.credits);
+        }
+        credits
     }
 
     /// The calling CPU's index into the caches.
+    #[inline]
     pub fn current_index(&self) -> usize {
         if cfg!(loom) {
             return 0;
@@ -107,11 +159,13 @@ impl Caches {
     }
 
     /// The class index of `order`.
+    #[inline]
     pub fn class(&self, order: u32) -> usize {
         (order - self.min_order) as usize
     }
 
     /// How many blocks of `order` a cache may hold.
+    #[inline]
     pub fn limit(&self, order: u32) -> usize {
         self.limits[self.class(order)]
     }

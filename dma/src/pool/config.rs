@@ -216,6 +216,7 @@ impl PoolConfig {
     }
 
     /// The size class (log2 of the block size) for a request of `len` bytes.
+    #[inline]
     pub(crate) fn order_for(&self, len: usize) -> u32 {
         len.max(MIN_BUFFER).next_power_of_two().trailing_zeros()
     }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use crate::copy;
 use crate::DeviceAddr;
 
-use super::{Alloc, DmaBuf, Pool, PoolError};
+use super::{Alloc, DmaBuf, Pool, PoolError, Shared};
 
 /// Which way data moves between the CPU and the device.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -38,9 +38,11 @@ pub enum Direction {
 }
 
 impl Direction {
+    #[inline]
     fn copies_in(self) -> bool {
         matches!(self, Direction::ToDevice | Direction::Bidirectional)
     }
+    #[inline]
     fn copies_out(self) -> bool {
         matches!(self, Direction::FromDevice | Direction::Bidirectional)
     }
@@ -56,12 +58,14 @@ pub enum UserBuf<'a> {
 }
 
 impl UserBuf<'_> {
+    #[inline]
     fn len(&self) -> usize {
         match self {
             UserBuf::Shared(b) => b.len(),
             UserBuf::Exclusive(b) => b.len(),
         }
     }
+    #[inline]
     fn bytes(&self) -> &[u8] {
         match self {
             UserBuf::Shared(b) => b,
@@ -71,12 +75,14 @@ impl UserBuf<'_> {
 }
 
 impl<'a> From<&'a [u8]> for UserBuf<'a> {
+    #[inline]
     fn from(b: &'a [u8]) -> Self {
         UserBuf::Shared(b)
     }
 }
 
 impl<'a> From<&'a mut [u8]> for UserBuf<'a> {
+    #[inline]
     fn from(b: &'a mut [u8]) -> Self {
         UserBuf::Exclusive(b)
     }
@@ -109,6 +115,7 @@ impl Default for Segments<'_> {
 }
 
 impl<'a> Segments<'a> {
+    #[inline]
     fn as_slice(&self) -> &[UserBuf<'a>] {
         match self {
             Segments::One(one) => one,
@@ -116,6 +123,7 @@ impl<'a> Segments<'a> {
         }
     }
 
+    #[inline]
     fn as_mut_slice(&mut self) -> &mut [UserBuf<'a>] {
         match self {
             Segments::One(one) => one,
@@ -134,6 +142,7 @@ pub struct Mapping<'a> {
 
 impl<'a> Mapping<'a> {
     /// Fills a fresh (unzeroed) pool buffer per `dir`: caller bytes in, the rest zeroed.
+    #[inline(always)]
     fn new(mut buf: DmaBuf, segments: Segments<'a>, dir: Direction) -> Mapping<'a> {
         let mut at = 0;
         if dir.copies_in() {
@@ -144,13 +153,16 @@ impl<'a> Mapping<'a> {
                 at += s.len();
             }
         }
-        // SAFETY: zeroes [at, capacity) of our own block.
-        unsafe { copy::zero_device(buf.as_ptr().add(at), buf.capacity() - at) };
+        if at < buf.capacity() {
+            // SAFETY: zeroes [at, capacity) of our own block.
+            unsafe { copy::zero_device(buf.as_ptr().add(at), buf.capacity() - at) };
+        }
         let _ = &mut buf;
         Mapping { buf, segments, dir }
     }
 
     /// The device address of the mapped bytes.
+    #[inline]
     pub fn device_addr(&self) -> DeviceAddr {
         self.buf.device_addr()
     }
@@ -171,6 +183,7 @@ impl<'a> Mapping<'a> {
     }
 
     /// The pool buffer behind the mapping (device pages for PRP lists, etc.).
+    #[inline]
     pub fn buffer(&self) -> &DmaBuf {
         &self.buf
     }
@@ -191,6 +204,7 @@ impl<'a> Mapping<'a> {
 
     /// Copies what the device wrote into the caller's memory (`FromDevice` /
     /// `Bidirectional`), while keeping the mapping.
+    #[inline]
     pub fn sync_for_cpu(&mut self) {
         if !self.dir.copies_out() {
             return;
@@ -207,6 +221,7 @@ impl<'a> Mapping<'a> {
 
     /// Ends the mapping: copies the device's bytes out once (`FromDevice` / `Bidirectional`)
     /// and returns the buffer to the pool.
+    #[inline(always)]
     pub fn unmap(mut self) {
         self.sync_for_cpu();
     }
@@ -230,9 +245,9 @@ impl<'a> Future for MapFuture<'_, 'a> {
             Ok((alloc, segs)) => match alloc.poll_block(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                Poll::Ready(Ok(block)) => {
+                Poll::Ready(Ok(claim)) => {
                     let len = segs.as_slice().iter().map(UserBuf::len).sum();
-                    let buf = DmaBuf::new_unzeroed(alloc.pool.anchor(), block, len);
+                    let buf = DmaBuf::new_unzeroed(claim, len);
                     Poll::Ready(Ok(Mapping::new(buf, std::mem::take(segs), dir)))
                 }
             },
@@ -241,6 +256,7 @@ impl<'a> Future for MapFuture<'_, 'a> {
 }
 
 impl Pool {
+    #[inline(always)]
     fn check_segments(&self, segs: &[UserBuf<'_>], dir: Direction) -> Result<usize, PoolError> {
         if dir.copies_out() && segs.iter().any(|s| matches!(s, UserBuf::Shared(_))) {
             return Err(PoolError::Direction(dir));
@@ -296,6 +312,7 @@ impl Pool {
     }
 
     /// The immediate-path [`Pool::map`]: never waits (see [`Pool::try_alloc`]).
+    #[inline(always)]
     pub fn try_map<'a>(
         &self,
         buf: impl Into<UserBuf<'a>>,
@@ -313,6 +330,7 @@ impl Pool {
         self.try_map_segments(Segments::Many(segs), dir)
     }
 
+    #[inline(always)]
     fn try_map_segments<'a>(
         &self,
         segs: Segments<'a>,
@@ -320,8 +338,8 @@ impl Pool {
     ) -> Result<Mapping<'a>, PoolError> {
         let len = self.check_segments(segs.as_slice(), dir)?;
         let order = self.check_len(len)?;
-        let block = self.shared.alloc_immediate(order, len)?;
-        let buf = DmaBuf::new_unzeroed(self.anchor(), block, len);
+        let claim = Shared::alloc_immediate(&self.shared, order, len)?;
+        let buf = DmaBuf::new_unzeroed(claim, len);
         Ok(Mapping::new(buf, segs, dir))
     }
 }

@@ -13,7 +13,9 @@
 //! and natural alignment. [`PoolStats::in_use_bytes`] counts the rounded sizes.
 //!
 //! # Paths
-//! - **Hot path** (`cache`): the calling CPU's cache of free blocks, one uncontended lock.
+//! - **Hot path** (`cache`): the calling CPU's cache of free blocks, one uncontended
+//!   spinlock; the buffer's reference to the pool comes from the same cache (no shared
+//!   reference count is touched per buffer).
 //! - **Slow path**: the shared [`arena`] under one mutex (`global`), refilling caches in
 //!   batches. Never held across a system call.
 //! - **Waiting** ([`Pool::alloc`], [`Pool::map`]): when the arena has nothing (or only the
@@ -72,7 +74,7 @@ use crate::wait::{Ticket, WaitQueue, WakeList};
 
 use arena::{Arena, Block};
 use buddy::Buddy;
-use cache::Caches;
+use cache::{Caches, CoreCache, CREDITS_BATCH, CREDITS_MAX};
 use stats::Counters;
 
 /// A pool of device-visible DMA buffers. Cheap to clone (all clones share one pool).
@@ -94,21 +96,32 @@ use stats::Counters;
 #[derive(Clone, Debug)]
 pub struct Pool {
     shared: Arc<Shared>,
-    /// One [`Anchor`] per CPU, each holding the pool alive for the buffers allocated there.
-    anchors: Arc<Vec<Arc<Anchor>>>,
+    /// Shared by every clone of this handle; the last one to go closes the per-CPU caches'
+    /// credits (see [`Handle`]).
+    _handle: Arc<Handle>,
 }
 
-/// A per-CPU reference to the pool, with a cache line of its own.
-///
-/// Every [`DmaBuf`] must keep the pool alive, but if each cloned the pool's one `Arc`, every
-/// allocation and release on every CPU would bounce that reference count's cache line between
-/// CPUs — the hot path's only shared write. Instead a buffer clones the anchor of the CPU that
-/// allocated it: the count it touches is (almost always) local. Each anchor holds the pool;
-/// the pool is freed when its last handle, anchor and buffer are gone.
-#[repr(align(128))]
+/// What all clones of a [`Pool`] handle share. Dropping it (the last handle is gone) breaks the
+/// reference cycle the caches' credits make: see [`cache::CoreCache::credits`]. Buffers still
+/// alive keep the pool until they are released.
 #[derive(Debug)]
-pub(crate) struct Anchor {
-    pub shared: Arc<Shared>,
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // Dropped outside every cache lock; our own reference keeps the pool alive meanwhile.
+        drop(self.shared.caches.close());
+    }
+}
+
+/// A block taken from the pool and the reference to the pool that the buffer made from it will
+/// own (from the CPU's cache credits on the hot path, a plain clone elsewhere).
+#[derive(Debug)]
+pub(crate) struct Claim {
+    pub block: Block,
+    pub pool: Arc<Shared>,
 }
 
 /// Everything the pool's handles, buffers and grower share.
@@ -210,23 +223,12 @@ impl Pool {
         if shared.cfg.background {
             grower::spawn(&shared);
         }
-        let anchors = (0..shared.caches.len())
-            .map(|_| {
-                Arc::new(Anchor {
-                    shared: shared.clone(),
-                })
-            })
-            .collect::<Vec<_>>();
         Ok(Pool {
+            _handle: Arc::new(Handle {
+                shared: shared.clone(),
+            }),
             shared,
-            anchors: Arc::new(anchors),
         })
-    }
-
-    /// The calling CPU's anchor, for a new buffer.
-    fn anchor(&self) -> Arc<Anchor> {
-        // One anchor per cache: the index is in range.
-        self.anchors[self.shared.caches.current_index()].clone()
     }
 
     /// The pool's configuration.
@@ -264,18 +266,20 @@ impl Pool {
     }
 
     /// The immediate-path [`Pool::alloc_from`]: never waits.
+    #[inline(always)]
     pub fn try_alloc_from(&self, src: &[u8]) -> Result<DmaBuf, PoolError> {
         let order = self.check_len(src.len())?;
-        let block = self.shared.alloc_immediate(order, src.len())?;
-        Ok(DmaBuf::new_filled(self.anchor(), block, src))
+        let claim = Shared::alloc_immediate(&self.shared, order, src.len())?;
+        Ok(DmaBuf::new_filled(claim, src))
     }
 
     /// An owned, zeroed buffer now, or an error: never waits (the immediate path). Uses the
     /// per-core cache, the arena *and its reserve*, then a transient chunk if enabled.
+    #[inline(always)]
     pub fn try_alloc(&self, len: usize) -> Result<DmaBuf, PoolError> {
         let order = self.check_len(len)?;
-        let block = self.shared.alloc_immediate(order, len)?;
-        Ok(DmaBuf::new_zeroed(self.anchor(), block, len))
+        let claim = Shared::alloc_immediate(&self.shared, order, len)?;
+        Ok(DmaBuf::new_zeroed(claim, len))
     }
 
     /// A snapshot of the pool's state and history.
@@ -291,17 +295,25 @@ impl Pool {
     }
 
     /// Validates a length and returns its size class.
+    #[inline]
     fn check_len(&self, len: usize) -> Result<u32, PoolError> {
-        if len == 0 {
-            return Err(PoolError::ZeroLength);
-        }
-        if len > self.shared.cfg.max_buffer {
-            return Err(PoolError::TooLarge {
-                len,
-                max: self.shared.cfg.max_buffer,
-            });
+        if len == 0 || len > self.shared.cfg.max_buffer {
+            return Err(self.bad_len(len));
         }
         Ok(self.shared.cfg.order_for(len))
+    }
+
+    /// The error for a length [`Pool::check_len`] refused.
+    #[cold]
+    fn bad_len(&self, len: usize) -> PoolError {
+        if len == 0 {
+            PoolError::ZeroLength
+        } else {
+            PoolError::TooLarge {
+                len,
+                max: self.shared.cfg.max_buffer,
+            }
+        }
     }
 }
 
@@ -342,20 +354,40 @@ impl Shared {
             .fetch_max(g.arena.allocated_bytes, Ordering::Relaxed);
     }
 
-    /// Hot path: a block from this CPU's cache. Awaitable callers skip it while anyone waits
-    /// (no barging past the queue).
-    fn alloc_cached(&self, order: u32, caller: Caller) -> Option<Block> {
-        if caller == Caller::Awaitable && self.waiting.load(Ordering::Relaxed) > 0 {
+    /// Hot path: a block from this CPU's cache, with a pool reference from the same cache's
+    /// credits (topped up with a batch of clones when it has none). Awaitable callers skip it
+    /// while anyone waits (no barging past the queue). Takes the cache lock.
+    #[inline(always)]
+    fn alloc_cached(this: &Arc<Self>, order: u32, caller: Caller) -> Option<Claim> {
+        if caller == Caller::Awaitable && this.waiting.load(Ordering::Relaxed) > 0 {
             return None;
         }
-        if self.caches.limit(order) == 0 {
+        if this.caches.limit(order) == 0 {
             return None;
         }
-        let mut c = self.caches.local();
-        let class = self.caches.class(order);
-        let b = c.classes[class].pop()?;
-        c.in_use += b.size() as i64;
-        Some(b)
+        let mut c = this.caches.local();
+        let class = this.caches.class(order);
+        let block = c.classes[class].pop()?;
+        c.in_use += block.size() as i64;
+        let pool = match c.credits.pop() {
+            Some(p) => p,
+            None => Shared::top_up_credits(this, &mut c),
+        };
+        Some(Claim { block, pool })
+    }
+
+    /// A cache ran out of credits: one reference for the caller and a batch more for the cache.
+    #[cold]
+    #[inline(never)]
+    fn top_up_credits(this: &Arc<Self>, cache: &mut CoreCache) -> Arc<Shared> {
+        // Allocating needs a pool handle, so the caches are open; should that ever change, a
+        // closed cache must not take credits (they would keep the pool alive forever).
+        if !cache.closed {
+            cache
+                .credits
+                .extend((1..CREDITS_BATCH).map(|_| Arc::clone(this)));
+        }
+        Arc::clone(this)
     }
 
     /// Slow path: a block from the arena under the pool lock, refilling this CPU's cache on
@@ -420,53 +452,69 @@ impl Shared {
     }
 
     /// One awaitable attempt without waiting: cache, then arena. Counts the block as in use.
-    fn alloc_now(&self, order: u32) -> Option<Block> {
-        if let Some(b) = self.alloc_cached(order, Caller::Awaitable) {
-            return Some(b);
+    fn alloc_now(this: &Arc<Self>, order: u32) -> Option<Claim> {
+        if let Some(c) = Shared::alloc_cached(this, order, Caller::Awaitable) {
+            return Some(c);
         }
         let b = {
-            let mut g = self.global.lock().unwrap();
-            self.alloc_arena(&mut g, order, Caller::Awaitable)?
+            let mut g = this.global.lock().unwrap();
+            this.alloc_arena(&mut g, order, Caller::Awaitable)?
         };
-        self.count_in_use(b.size() as i64);
-        self.refill(order);
-        Some(b)
+        this.count_in_use(b.size() as i64);
+        this.refill(order);
+        Some(Shared::claim(this, b))
+    }
+
+    /// `block` with a new reference to the pool (the slow paths' claim).
+    fn claim(this: &Arc<Self>, block: Block) -> Claim {
+        Claim {
+            block,
+            pool: Arc::clone(this),
+        }
     }
 
     /// The immediate path: cache, arena with reserve, transient chunk, error.
-    fn alloc_immediate(&self, order: u32, len: usize) -> Result<Block, PoolError> {
-        if let Some(b) = self.alloc_cached(order, Caller::Immediate) {
-            return Ok(b);
+    #[inline(always)]
+    fn alloc_immediate(this: &Arc<Self>, order: u32, len: usize) -> Result<Claim, PoolError> {
+        match Shared::alloc_cached(this, order, Caller::Immediate) {
+            Some(c) => Ok(c),
+            None => Shared::alloc_immediate_slow(this, order, len),
         }
+    }
+
+    /// [`Shared::alloc_immediate`] after a cache miss: arena with reserve, other CPUs' caches,
+    /// transient chunk, error. Takes the pool lock (never held across a system call).
+    #[inline(never)]
+    fn alloc_immediate_slow(this: &Arc<Self>, order: u32, len: usize) -> Result<Claim, PoolError> {
         let mut got = {
-            let mut g = self.global.lock().unwrap();
-            self.alloc_arena(&mut g, order, Caller::Immediate)
+            let mut g = this.global.lock().unwrap();
+            this.alloc_arena(&mut g, order, Caller::Immediate)
         };
         // Free blocks may sit in other CPUs' caches: bring them back before giving up.
-        if got.is_none() && self.drain_caches() > 0 {
-            let mut g = self.global.lock().unwrap();
-            got = self.alloc_arena(&mut g, order, Caller::Immediate);
+        if got.is_none() && this.drain_caches() > 0 {
+            let mut g = this.global.lock().unwrap();
+            got = this.alloc_arena(&mut g, order, Caller::Immediate);
         }
         if let Some(b) = got {
-            self.count_in_use(b.size() as i64);
-            if self.waiting.load(Ordering::Relaxed) == 0 {
-                self.refill(order);
+            this.count_in_use(b.size() as i64);
+            if this.waiting.load(Ordering::Relaxed) == 0 {
+                this.refill(order);
             }
-            return Ok(b);
+            return Ok(Shared::claim(this, b));
         }
-        self.grower.wake();
-        let why = match self.alloc_transient(order) {
+        this.grower.wake();
+        let why = match this.alloc_transient(order) {
             Ok(b) => {
-                self.count_in_use(b.size() as i64);
-                return Ok(b);
+                this.count_in_use(b.size() as i64);
+                return Ok(Shared::claim(this, b));
             }
             Err(why) => why,
         };
-        Counters::bump(&self.counters.immediate_failures);
+        Counters::bump(&this.counters.immediate_failures);
         Err(PoolError::Exhausted {
             len,
             why,
-            stats: Box::new(self.stats()),
+            stats: Box::new(this.stats()),
         })
     }
 
@@ -512,12 +560,51 @@ impl Shared {
         self.caches.local().in_use += bytes;
     }
 
-    /// Gives a block back: to this CPU's cache when nobody waits and the cache has room, else
-    /// to the arena, handing it (or what it coalesces into) to waiters.
-    pub(crate) fn release(&self, block: Block) {
+    /// Gives a buffer's claim back: the block to this CPU's cache when nobody waits and the
+    /// cache has room, else to the arena, handing it (or what it coalesces into) to waiters;
+    /// the pool reference to the cache's credits unless the caches are closed. Takes the cache
+    /// lock, then (after releasing it) the pool lock if blocks go to the arena.
+    #[inline(always)]
+    pub(crate) fn release(claim: Claim) {
+        let Claim { block, pool } = claim;
+        // SAFETY: `this` is used only while `pool` is still ours, or while we hold the local
+        // cache's lock with `pool` among that (open) cache's credits. A credit leaves a cache
+        // only under its lock: taken by an allocation (which holds a pool handle) or by
+        // `Caches::close` (whose caller holds a reference of its own), so the pool outlives our
+        // last access through `this`, the release of the cache lock.
+        let this: &Shared = unsafe { &*Arc::as_ptr(&pool) };
+        let order = block.order();
+        let limit = this.caches.limit(order);
+        // The fast path: a cacheable block with room for it in this CPU's cache, open caches,
+        // nobody waiting.
+        if !block.transient() && limit > 0 && this.waiting.load(Ordering::Relaxed) == 0 {
+            let mut c = this.caches.local();
+            let class = this.caches.class(order);
+            if !c.closed && c.classes[class].len() < limit {
+                c.in_use -= block.size() as i64;
+                c.classes[class].push(block);
+                if c.credits.len() < CREDITS_MAX {
+                    c.credits.push(pool);
+                    return;
+                }
+                // Enough credits here (buffers move from CPUs that allocate to one that
+                // releases): give this reference back to the shared count.
+                drop(c);
+                drop(pool);
+                return;
+            }
+        }
+        pool.release_slow(block);
+    }
+
+    /// [`Shared::release`] when the fast path cannot take the block: a transient block, a
+    /// waiter, a full cache or credit list, or closed caches. Keeps `self`'s reference (the
+    /// caller's `Arc`) across the pool lock.
+    #[inline(never)]
+    fn release_slow(&self, block: Block) {
         let size = block.size() as i64;
-        let order = block.order as u32;
-        let cacheable = !block.transient
+        let order = block.order();
+        let cacheable = !block.transient()
             && self.caches.limit(order) > 0
             && self.waiting.load(Ordering::Relaxed) == 0;
         let mut back = Vec::new();
@@ -529,16 +616,16 @@ impl Shared {
                 let limit = self.caches.limit(order);
                 let list = &mut c.classes[class];
                 list.push(block);
-                if list.len() <= limit {
-                    return;
+                if list.len() > limit {
+                    back.extend(list.drain(limit / 2..));
                 }
-                let keep = limit / 2;
-                back.extend(list.drain(keep..));
             } else {
                 back.push(block);
             }
         }
-        self.give_back(back);
+        if !back.is_empty() {
+            self.give_back(back);
+        }
     }
 
     /// Frees `block` into the arena; a transient chunk it leaves idle is queued for the grower
@@ -555,6 +642,7 @@ impl Shared {
 
     /// Returns blocks to the arena and serves waiters. Takes the pool lock; wakes after
     /// releasing it.
+    #[inline(never)]
     fn give_back(&self, blocks: Vec<Block>) {
         let mut wakes = WakeList::new();
         {
@@ -627,7 +715,7 @@ impl Shared {
     pub(crate) fn drain_caches(&self) -> usize {
         let mut back = Vec::new();
         for c in self.caches.each() {
-            let mut c = c.lock().unwrap();
+            let mut c = c.lock();
             for class in c.classes.iter_mut() {
                 back.append(class);
             }
@@ -641,7 +729,7 @@ impl Shared {
 
     /// Bytes in use: the sum of every CPU's count.
     fn in_use_bytes(&self) -> u64 {
-        let sum: i64 = self.caches.each().map(|c| c.lock().unwrap().in_use).sum();
+        let sum: i64 = self.caches.each().map(|c| c.lock().in_use).sum();
         sum.max(0) as u64
     }
 
@@ -729,7 +817,7 @@ impl<'p> Alloc<'p> {
     }
 
     /// The block behind the future's result, without zeroing (map paths overwrite it).
-    fn poll_block(&mut self, cx: &mut Context<'_>) -> Poll<Result<Block, PoolError>> {
+    fn poll_block(&mut self, cx: &mut Context<'_>) -> Poll<Result<Claim, PoolError>> {
         let shared = &self.pool.shared;
         match self.state {
             AllocState::Done => panic!("Alloc polled after completion"),
@@ -743,11 +831,11 @@ impl<'p> Alloc<'p> {
                 };
                 if !shared.cfg.waiting {
                     self.state = AllocState::Done;
-                    return Poll::Ready(shared.alloc_immediate(order, self.len));
+                    return Poll::Ready(Shared::alloc_immediate(shared, order, self.len));
                 }
-                if let Some(b) = shared.alloc_now(order) {
+                if let Some(c) = Shared::alloc_now(shared, order) {
                     self.state = AllocState::Done;
-                    return Poll::Ready(Ok(b));
+                    return Poll::Ready(Ok(c));
                 }
                 // Before queueing: free blocks may sit in other CPUs' caches.
                 shared.drain_caches();
@@ -758,7 +846,7 @@ impl<'p> Alloc<'p> {
                     drop(g);
                     shared.count_in_use(b.size() as i64);
                     self.state = AllocState::Done;
-                    return Poll::Ready(Ok(b));
+                    return Poll::Ready(Ok(Shared::claim(shared, b)));
                 }
                 let ticket = g.queue.enqueue(1u64 << order, now, cx.waker());
                 shared.waiting.store(g.queue.waiting(), Ordering::Relaxed);
@@ -867,7 +955,7 @@ impl<'p> Alloc<'p> {
                     Ok(b) => {
                         shared.count_in_use(b.size() as i64);
                         shared.counters.record_wait(now - since);
-                        Poll::Ready(Ok(b))
+                        Poll::Ready(Ok(Shared::claim(shared, b)))
                     }
                     Err(e) => {
                         if matches!(e, PoolError::Timeout { .. }) {
@@ -887,7 +975,7 @@ impl Future for Alloc<'_> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let len = self.len;
         match self.poll_block(cx) {
-            Poll::Ready(Ok(b)) => Poll::Ready(Ok(DmaBuf::new_zeroed(self.pool.anchor(), b, len))),
+            Poll::Ready(Ok(c)) => Poll::Ready(Ok(DmaBuf::new_zeroed(c, len))),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
         }
@@ -909,9 +997,7 @@ impl Future for AllocFrom<'_, '_> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let src = self.src;
         match self.alloc.poll_block(cx) {
-            Poll::Ready(Ok(b)) => {
-                Poll::Ready(Ok(DmaBuf::new_filled(self.alloc.pool.anchor(), b, src)))
-            }
+            Poll::Ready(Ok(c)) => Poll::Ready(Ok(DmaBuf::new_filled(c, src))),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
         }

@@ -488,6 +488,43 @@ fn teardown_unshares_every_chunk() {
     assert_eq!(view.usage().mappings, 0);
 }
 
+/// Buffers own pool references taken from the per-CPU caches' credits: the pool must live
+/// exactly as long as its last handle or buffer, whichever order they go in and whichever
+/// thread releases them, with credits both topped up and overflowing on the way.
+#[test]
+fn the_pool_lives_until_its_last_handle_and_buffer() {
+    let view = Arc::new(Identity::new());
+    let p = Pool::new(
+        view.clone(),
+        PoolConfig {
+            max_buffer: 4096,
+            cache_bytes_per_class: 256 << 10,
+            ..small_config()
+        },
+    )
+    .unwrap();
+    let p2 = p.clone();
+    // Many allocations and releases on this thread: credits are taken in batches and, as
+    // releases outnumber what a cache keeps (CREDITS_MAX), given back one by one.
+    for _ in 0..3 {
+        let bufs: Vec<_> = (0..300).map(|_| p.try_alloc(512).unwrap()).collect();
+        drop(bufs);
+    }
+    // Buffers allocated here, released on other threads after every handle is gone.
+    let bufs: Vec<_> = (0..40).map(|_| p2.try_alloc(512).unwrap()).collect();
+    drop(p);
+    assert_eq!(view.usage().mappings, 1, "a handle is left");
+    drop(p2);
+    assert_eq!(view.usage().mappings, 1, "buffers keep the pool alive");
+    let mut bufs = bufs.into_iter();
+    let first: Vec<_> = bufs.by_ref().take(20).collect();
+    std::thread::spawn(move || drop(first)).join().unwrap();
+    assert_eq!(view.usage().mappings, 1, "20 buffers keep the pool alive");
+    let rest: Vec<_> = bufs.collect();
+    std::thread::spawn(move || drop(rest)).join().unwrap();
+    assert_eq!(view.usage().mappings, 0, "the last buffer freed the pool");
+}
+
 #[test]
 fn throttle_holds_awaitable_requests_between_the_thresholds() {
     let p = pool(PoolConfig {
