@@ -231,6 +231,11 @@ impl Pool {
         })
     }
 
+    /// The state every handle and buffer shares (identity checks).
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// The pool's configuration.
     pub fn config(&self) -> &PoolConfig {
         &self.shared.cfg

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::frame::{build_test_frame, parse_test_frame, stamp_test_frame, FrameError};
+use crate::frame::{
+    build_test_frame, parse_test_frame, stamp_test_frame, FrameError, TEST_ETHERTYPE,
+};
 use crate::net::{NetError, RxFrame, TxBuf, VirtioNet, MAX_FRAME};
 
 /// `CLOCK_MONOTONIC` in nanoseconds (what test frames carry).
@@ -155,6 +157,10 @@ pub fn run_tx(net: &mut VirtioNet, opts: &TxOptions) -> Result<TxReport, NetErro
     let mut last_completion = start;
     let mut zc: VecDeque<TxBuf> = VecDeque::new();
     let mut restamped = 0u64;
+    // Completions counted so far, from the driver's own count: `send_batch` and
+    // `send_buffers` reap too, so counting only what our `reap_tx` calls return would miss
+    // theirs (and pair later completions with the wrong submissions).
+    let mut seen = net.stats().tx_completed;
     let limit = if opts.count == 0 {
         u64::MAX
     } else {
@@ -166,14 +172,26 @@ pub fn run_tx(net: &mut VirtioNet, opts: &TxOptions) -> Result<TxReport, NetErro
             let now = Instant::now();
             if due > now {
                 // Reap while waiting so completions keep flowing.
-                completed += reap(net, &mut pending, &mut hist, &mut last_completion)?;
+                completed += reap(
+                    net,
+                    &mut pending,
+                    &mut hist,
+                    &mut last_completion,
+                    &mut seen,
+                )?;
                 if due - now > Duration::from_micros(50) {
                     std::thread::sleep(Duration::from_micros(20));
                 }
                 continue;
             }
         }
-        completed += reap(net, &mut pending, &mut hist, &mut last_completion)?;
+        completed += reap(
+            net,
+            &mut pending,
+            &mut hist,
+            &mut last_completion,
+            &mut seen,
+        )?;
         let room = net.tx_free_slots();
         if room == 0 {
             stalls += 1;
@@ -209,6 +227,14 @@ pub fn run_tx(net: &mut VirtioNet, opts: &TxOptions) -> Result<TxReport, NetErro
         if sent < n {
             stalls += 1;
         }
+        // Completions the send reaped belong to earlier submissions: pair them first.
+        completed += account(
+            net,
+            &mut pending,
+            &mut hist,
+            &mut last_completion,
+            &mut seen,
+        );
         for _ in 0..sent {
             pending.push_back(now_ns);
         }
@@ -217,7 +243,13 @@ pub fn run_tx(net: &mut VirtioNet, opts: &TxOptions) -> Result<TxReport, NetErro
     }
     let drain_until = Instant::now() + Duration::from_secs(2);
     while !pending.is_empty() && Instant::now() < drain_until {
-        completed += reap(net, &mut pending, &mut hist, &mut last_completion)?;
+        completed += reap(
+            net,
+            &mut pending,
+            &mut hist,
+            &mut last_completion,
+            &mut seen,
+        )?;
     }
     let seconds = last_completion
         .duration_since(start)
@@ -254,14 +286,31 @@ fn restamp(b: &mut TxBuf, template: &[u8], seq: u64, ts: u64) -> Result<bool, Ne
     Ok(true)
 }
 
-/// Reaps TX completions, pairing each with the oldest submission time.
+/// Reaps TX completions, then accounts for every completion since the last look.
 fn reap(
     net: &mut VirtioNet,
     pending: &mut VecDeque<u64>,
     hist: &mut Histogram<u64>,
     last: &mut Instant,
+    seen: &mut u64,
 ) -> Result<u64, NetError> {
-    let n = net.reap_tx()?;
+    net.reap_tx()?;
+    Ok(account(net, pending, hist, last, seen))
+}
+
+/// Counts the TX completions the driver reaped since `seen` (whoever reaped them: our
+/// `reap_tx` or the send calls' own), pairing each with the oldest submission time. Returns
+/// how many.
+fn account(
+    net: &VirtioNet,
+    pending: &mut VecDeque<u64>,
+    hist: &mut Histogram<u64>,
+    last: &mut Instant,
+    seen: &mut u64,
+) -> u64 {
+    let total = net.stats().tx_completed;
+    let n = total - *seen;
+    *seen = total;
     if n > 0 {
         let now = monotonic_ns();
         *last = Instant::now();
@@ -271,7 +320,7 @@ fn reap(
             }
         }
     }
-    Ok(n as u64)
+    n
 }
 
 /// What to receive.
@@ -342,7 +391,19 @@ pub fn run_rx(
             r.bytes += f.len() as u64;
             on_frame(&f);
             let n = f.len();
-            if f.read_at(0, &mut bytes[..n]).is_err() {
+            // The Ethernet header first: only test frames are read whole and verified.
+            let head = n.min(14);
+            let is_test = f.read_at(0, &mut bytes[..head]).is_ok()
+                && head == 14
+                && bytes[12..14] == TEST_ETHERTYPE.to_be_bytes();
+            let read = if is_test {
+                f.read_at(0, &mut bytes[..n])
+            } else {
+                Ok(())
+            };
+            // The driver posts the buffer again without re-zeroing it.
+            net.recycle_rx(f);
+            if !is_test || read.is_err() {
                 continue;
             }
             match parse_test_frame(&bytes[..n]) {

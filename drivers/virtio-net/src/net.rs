@@ -8,7 +8,12 @@
 //!   [`NetStats::rx_alloc_failures`]) and the next refill tries again.
 //!   [`VirtioNet::recv_batch`] pops validated completions and hands each frame to the caller as
 //!   an [`RxFrame`] that *owns the pool buffer the device wrote*: no copy is made by the driver;
-//!   dropping the frame returns the buffer to the pool. Every receive refills the ring.
+//!   dropping the frame returns the buffer to the pool, and handing it back with
+//!   [`VirtioNet::recycle_rx`] lets the driver post it again without the pool's zeroing (up to
+//!   one ring's worth are kept). That is safe because an [`RxFrame`] is read-only: a recycled
+//!   buffer holds only bytes this device wrote into it (and the pool's zeros), so posting it
+//!   again shows the device nothing it did not write itself. Buffers of another pool are not
+//!   kept. Every receive refills the ring, recycled buffers first.
 //! - **TX.** [`VirtioNet::send_batch`] bounces caller frames through pool buffers (header zeroed,
 //!   frame copied with Tidepool's copy routine); [`VirtioNet::tx_buffer`] +
 //!   [`VirtioNet::send_buffers`] send pool buffers the caller filled in place (zero-copy).
@@ -299,6 +304,9 @@ pub struct VirtioNet {
     rx_target: usize,
     /// Completed TX bounce buffers for reuse, by size class (module docs).
     tx_spare: [Vec<DmaBuf>; TX_CLASSES],
+    /// RX buffers the caller handed back ([`VirtioNet::recycle_rx`]), posted again before new
+    /// ones are allocated (module docs); at most `rx_target`.
+    rx_spare: Vec<DmaBuf>,
 }
 
 impl std::fmt::Debug for VirtioNet {
@@ -441,6 +449,7 @@ impl VirtioNet {
             reset_timeout: cfg.reset_timeout,
             rx_target,
             tx_spare: Default::default(),
+            rx_spare: Vec::new(),
         };
         net.transport.driver_ok()?;
         net.refill_rx()?;
@@ -528,25 +537,29 @@ impl VirtioNet {
     /// pool has nothing right now; one doorbell at most. Returns how many it posted. Never
     /// blocks.
     pub fn refill_rx(&mut self) -> Result<usize, NetError> {
-        let pool = self.pool.clone();
         let target = self.rx_target;
-        let rx = self.rx_mut()?;
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(NetError::Ring(RingError::Broken(RX_QUEUE)));
+        };
         let mut posted = 0;
         let mut failed = false;
         while rx.outstanding() < target && rx.free_slots() > 0 {
-            match pool.try_alloc(RX_BUFFER) {
-                Ok(buf) => {
-                    if rx.push(buf, RX_BUFFER as u32, true).is_err() {
+            let buf = match self.rx_spare.pop() {
+                // Recycled: only this device's bytes and zeros (module docs).
+                Some(buf) => buf,
+                None => match self.pool.try_alloc(RX_BUFFER) {
+                    Ok(buf) => buf,
+                    Err(PoolError::Exhausted { .. }) => {
+                        failed = true;
                         break;
                     }
-                    posted += 1;
-                }
-                Err(PoolError::Exhausted { .. }) => {
-                    failed = true;
-                    break;
-                }
-                Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            if rx.push(buf, RX_BUFFER as u32, true).is_err() {
+                break;
             }
+            posted += 1;
         }
         rx.publish();
         if failed {
@@ -585,6 +598,25 @@ impl VirtioNet {
             self.refill_rx()?;
         }
         Ok(got)
+    }
+
+    /// Hands a received frame's buffer back to the driver, to be posted again by the next
+    /// refill without a trip through the pool (no zeroing: module docs). Kept only if it is one
+    /// of this driver's RX buffers (from this pool, RX-sized) and fewer than one ring's worth
+    /// are kept; otherwise it simply returns to its pool.
+    pub fn recycle_rx(&mut self, frame: RxFrame) {
+        let buf = frame.buf;
+        if self.rx_spare.len() < self.rx_target
+            && buf.capacity() == RX_BUFFER
+            && buf.is_from(&self.pool)
+        {
+            self.rx_spare.push(buf);
+        }
+    }
+
+    /// Returns every recycled RX buffer to the pool.
+    pub fn release_rx_spares(&mut self) {
+        self.rx_spare.clear();
     }
 
     /// Takes back completed TX buffers (kept for reuse up to [`TX_SPARE_LIMIT`] per size
@@ -785,6 +817,36 @@ impl VirtioNet {
         Ok(completed)
     }
 
+    /// The minimal polled RX loop, for comparison with the driver's real path: every completed
+    /// buffer is posted straight back (no allocation, no zeroing, nothing handed to a caller),
+    /// one publication per poll that found frames. Runs until `until` (checked every 64 polls)
+    /// and returns the frames received. Not a data path: a yardstick.
+    pub fn baseline_rx_loop(&mut self, until: std::time::Instant) -> Result<u64, NetError> {
+        self.refill_rx()?;
+        let rx = self.rx_mut()?;
+        let mut received = 0u64;
+        let mut polls = 0u32;
+        loop {
+            polls = polls.wrapping_add(1);
+            if polls % 64 == 0 && std::time::Instant::now() >= until {
+                break;
+            }
+            let mut n = 0;
+            while let Some(c) = rx.pop_used()? {
+                // The slot just freed takes it back.
+                if rx.push(c.buf, RX_BUFFER as u32, true).is_err() {
+                    break;
+                }
+                n += 1;
+            }
+            if n > 0 {
+                rx.publish();
+                received += n;
+            }
+        }
+        Ok(received)
+    }
+
     /// Registers the MSI-X eventfds with tokio's reactor on first use.
     fn irq_fds(&mut self) -> Result<(), NetError> {
         if !self.irq.is_empty() {
@@ -888,9 +950,10 @@ impl Drop for VirtioNet {
         let reset = self.transport.reset(self.reset_timeout);
         if reset.is_ok() {
             self.release_tx_spares();
+            self.release_rx_spares();
         } else {
             // The device may still write them (the IOMMU mapping is live): never reuse.
-            for s in &mut self.tx_spare {
+            for s in self.tx_spare.iter_mut().chain([&mut self.rx_spare]) {
                 for b in s.drain(..) {
                     std::mem::forget(b);
                 }
