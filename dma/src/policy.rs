@@ -70,37 +70,62 @@ impl DmaPolicy {
     }
 
     /// Measures bounce (pool `try_map` + unmap, `FromDevice`: zero, then copy out) against
-    /// direct (map + unmap of the same page-aligned memory) at power-of-two sizes from 4 KiB to
+    /// direct (map + unmap of page-aligned private memory) at power-of-two sizes from 4 KiB to
     /// `max` and returns `Auto` with the smallest size from which direct mapping is faster at
     /// every larger measured size (or `Bounce` if it never is). Median of `rounds` runs each.
     ///
-    /// Blocks (direct mapping makes system calls); run at setup, not on the hot path.
+    /// Each run maps `in_flight` distinct caller buffers (the caller's I/O depth), then unmaps
+    /// them in order, and counts the time per buffer: as in an I/O loop, a bounce buffer is
+    /// copied out after `in_flight - 1` others were zeroed, and the caller's memory cycles
+    /// through `in_flight × size` bytes. One warm buffer mapped and unmapped back to back
+    /// flatters bouncing at large sizes (everything stays in the CPU's caches), which made
+    /// `auto` keep bouncing at 128 KiB where mapping won in the loop.
+    ///
+    /// The pool must have room for `in_flight` buffers of `max` (or the run fails with the
+    /// pool's `Exhausted`). Blocks (direct mapping makes system calls); run at setup, not on
+    /// the hot path.
     pub fn calibrate(
         pool: &Pool,
         mapper: &DirectMapper,
         max: usize,
         rounds: usize,
+        in_flight: usize,
     ) -> Result<Calibration, crate::pool::PoolError> {
         let max = max.min(pool.config().max_buffer).max(4096);
-        let mut scratch = AlignedScratch::new(max);
+        let in_flight = in_flight.max(1);
+        let mut scratch = AlignedScratch::new(max * in_flight);
         let mut points = Vec::new();
         let mut size = 4096;
         while size <= max {
             let bounce = median(rounds, || {
                 let t = Instant::now();
-                let m = pool.try_map(scratch.slice(size), Direction::FromDevice)?;
-                m.unmap();
-                Ok(t.elapsed())
+                let maps = scratch
+                    .slice(size * in_flight)
+                    .chunks_mut(size)
+                    .map(|s| pool.try_map(s, Direction::FromDevice))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for m in maps {
+                    m.unmap();
+                }
+                Ok(t.elapsed() / in_flight as u32)
             })?;
             let direct = median(rounds, || {
+                let base = scratch.ptr();
                 let t = Instant::now();
-                // SAFETY: `scratch` stays allocated and untouched while the mapping lives; no
-                // device uses the address (nothing is submitted).
-                let m = unsafe { mapper.map(scratch.ptr(), size) }.map_err(|e| {
-                    crate::pool::PoolError::Internal(format!("direct map during calibration: {e}"))
-                })?;
-                drop(m);
-                Ok(t.elapsed())
+                let maps = (0..in_flight)
+                    .map(|k| {
+                        // SAFETY: each slot lies inside `scratch`, which stays allocated and
+                        // untouched while the mappings live; no device uses the addresses
+                        // (nothing is submitted).
+                        unsafe { mapper.map(base.add(k * size), size) }.map_err(|e| {
+                            crate::pool::PoolError::Internal(format!(
+                                "direct map during calibration: {e}"
+                            ))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                drop(maps);
+                Ok(t.elapsed() / in_flight as u32)
             })?;
             points.push(CalibrationPoint {
                 size,
@@ -184,7 +209,7 @@ mod tests {
         let view = Arc::new(Identity::new());
         let pool = Pool::new(view.clone(), small_config()).unwrap();
         let mapper = DirectMapper::new(view, 0);
-        let cal = DmaPolicy::calibrate(&pool, &mapper, 64 << 10, 5).unwrap();
+        let cal = DmaPolicy::calibrate(&pool, &mapper, 64 << 10, 5, 4).unwrap();
         assert_eq!(cal.points.len(), 5, "4 KiB .. 64 KiB");
         match cal.policy {
             DmaPolicy::Auto { threshold } => {

@@ -23,13 +23,13 @@ MINIMAL_LOOP = {"randread-4k": ("IOPS", 68600.0), "read-128k": ("GB/s", 3.9)}
 
 def load(folders, name):
     """Medians over `folders` of (iops, bytes/s, p50 clat us, p99 clat us) of a run's first job,
-    plus the tidepool object of the first folder, or None when no folder has the run."""
+    plus the tidepool objects of every folder that has it, or None when no folder has the run."""
     found = [load_one(f, name) for f in folders]
     found = [r for r in found if r is not None]
     if not found:
         return None
     columns = list(zip(*[r[:4] for r in found]))
-    return tuple(statistics.median(c) for c in columns) + (found[0][4], len(found))
+    return tuple(statistics.median(c) for c in columns) + ([r[4] for r in found], len(found))
 
 
 def load_one(folder, name):
@@ -59,9 +59,16 @@ def main():
     folder = sys.argv[2:]
     out = []
     sizes = ["4k", "16k", "64k", "128k"]
-    boots = f"median of {len(folder)} boots" if len(folder) > 1 else "one boot"
+    def medians_of(name):
+        """How the numbers of a table whose first run is `name` were combined."""
+        n = sum(1 for f in folder if os.path.exists(os.path.join(f, name + ".json")))
+        return f"median of {n} runs (boots or rounds)" if n > 1 else "one boot"
+
     if any(load(folder, f"dma-bounce-{s}") for s in sizes):
-        out.append(f"### DMA modes: tidepool engine, random reads, QD 64, {runtime} s per run, {boots}\n")
+        out.append(
+            f"### DMA modes: tidepool engine, random reads, QD 64, {runtime} s per run, "
+            f"{medians_of('dma-bounce-4k')}\n"
+        )
         out.append("| bs | bounce IOPS | map-per-io IOPS | auto IOPS | bounce / map-per-io | auto vs best | auto threshold |")
         out.append("|---|---:|---:|---:|---:|---:|---|")
         for s in sizes:
@@ -70,9 +77,14 @@ def main():
             best = max((v for v in (iops["bounce"], iops["map-per-io"]) if v is not None), default=None)
             auto_pct = ratio(iops["auto"], best)
             threshold = "-"
-            if runs["auto"] and runs["auto"][4]:
-                t = runs["auto"][4].get("dma_threshold", "-")
-                threshold = "always bounce" if t is None else f"map from {t // 1024} KiB"
+            if runs["auto"]:
+                # Every run's calibrated threshold, with how many runs chose it.
+                chosen = {}
+                for tp in runs["auto"][4]:
+                    t = (tp or {}).get("dma_threshold", "-")
+                    key = "always bounce" if t is None else ("-" if t == "-" else f"map from {t // 1024} KiB")
+                    chosen[key] = chosen.get(key, 0) + 1
+                threshold = ", ".join(k if len(chosen) == 1 else f"{k} ({n})" for k, n in chosen.items())
             out.append(
                 f"| {s} | {fmt(iops['bounce'])} | {fmt(iops['map-per-io'])} | {fmt(iops['auto'])} | "
                 f"{fmt(ratio(iops['bounce'], iops['map-per-io']), 2)}x | "
@@ -89,7 +101,7 @@ def main():
         }
         if not any(runs.values()):
             continue
-        out.append(f"### Engines: {label}, {runtime} s per run, {boots}\n")
+        out.append(f"### Engines: {label}, {runtime} s per run, {medians_of('tidepool-bounce-' + workload)}\n")
         out.append("| engine | IOPS | MB/s | clat p50 (us) | clat p99 (us) |")
         out.append("|---|---:|---:|---:|---:|")
         for name, r in runs.items():

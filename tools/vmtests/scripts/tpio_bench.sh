@@ -2,7 +2,11 @@
 # VM "test" tpio_bench: the headline NVMe benchmarks, run by tools/bench/nvme.sh in one boot
 # (tools/vm/run --tpio --fio --kernel-nvme ...). busybox sh.
 #
-# Usage: tpio_bench [RUNTIME_SECONDS] [SET...]   SET: dma, kernel (default both)
+# Usage: tpio_bench [RUNTIME_SECONDS] [rounds=N] [SET...]   SET: dma, kernel (default both)
+#
+# rounds=N repeats the dma set N times, interleaved (round 1 of every mode and size, then
+# round 2, ...), naming its results r1/dma-..., r2/dma-...: single 5 s runs of the same path
+# differ by ~10 % under TCG, so the modes are compared by medians over rounds.
 #
 # Every result is printed as a JSON document between the lines
 #   TPBENCH-BEGIN <name>   and   TPBENCH-END <name>
@@ -18,6 +22,8 @@
 
 RUNTIME=${1:-5}
 shift 2>/dev/null
+ROUNDS=1
+case "${1:-}" in rounds=*) ROUNDS=${1#rounds=}; shift ;; esac
 SETS=${*:-dma kernel}
 BDF=${TIDEPOOL_NVME_BDF:?no vfio NVMe}
 KDEV=${TIDEPOOL_KERNEL_NVME_DEV:-}
@@ -27,6 +33,7 @@ FAILED=0
 run() {
     name=$1
     shift
+    mkdir -p "/tmp/$(dirname "$name")"
     echo "tpio_bench: $name: $*"
     if "$@" --output-format=json --output="/tmp/$name.json" >"/tmp/$name.log" 2>&1; then
         echo "TPBENCH-BEGIN $name"
@@ -60,12 +67,19 @@ TIME="--runtime=$RUNTIME --time_based"
 for set in $SETS; do
     case "$set" in
     dma)
-        for bs in 4k 16k 64k 128k; do
-            for dma in bounce map-per-io auto; do
-                # shellcheck disable=SC2086 # TIME is two options
-                run "dma-$dma-$bs" tpio --name="$dma-$bs" --ioengine=tidepool --filename="$BDF" \
-                    --dma="$dma" --rw=randread --bs="$bs" --iodepth=64 --size=1g $TIME
+        round=1
+        while [ "$round" -le "$ROUNDS" ]; do
+            prefix=""
+            [ "$ROUNDS" -gt 1 ] && prefix="r$round/"
+            for bs in 4k 16k 64k 128k; do
+                for dma in bounce map-per-io auto; do
+                    # shellcheck disable=SC2086 # TIME is two options
+                    run "${prefix}dma-$dma-$bs" tpio --name="$dma-$bs" --ioengine=tidepool \
+                        --filename="$BDF" --dma="$dma" --rw=randread --bs="$bs" --iodepth=64 \
+                        --size=1g $TIME
+                done
             done
+            round=$((round + 1))
         done
         ;;
     kernel)

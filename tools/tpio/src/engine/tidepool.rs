@@ -273,9 +273,9 @@ impl TidepoolEngine {
         self.ctrl.pool()
     }
 
-    /// Resolves `--dma` (calibrating for `auto` without a threshold) and makes the mapper the
-    /// mapping modes need.
-    fn resolve_mode(&mut self) -> Result<(), EngineError> {
+    /// Resolves `--dma` (calibrating for `auto` without a threshold, with `slots` buffers in
+    /// flight as in the loop) and makes the mapper the mapping modes need.
+    fn resolve_mode(&mut self, slots: u32) -> Result<(), EngineError> {
         let needs_mapper = matches!(self.requested, DmaPolicy::MapPerIo | DmaPolicy::Auto);
         if needs_mapper {
             self.mapper = Some(DirectMapper::new(Arc::clone(self.pool().view()), 0));
@@ -293,12 +293,17 @@ impl TidepoolEngine {
                         EngineError::Misuse("auto mode without a direct mapper".into())
                     })?;
                     let max = self.slot_bytes.next_power_of_two().max(4096);
-                    let calibration =
-                        PoolPolicy::calibrate(self.pool(), mapper, max, CALIBRATION_ROUNDS)
-                            .map_err(|e| EngineError::Setup {
-                                what: "DMA policy calibration (give --dma-threshold to skip it)",
-                                source: std::io::Error::other(e.to_string()),
-                            })?;
+                    let calibration = PoolPolicy::calibrate(
+                        self.pool(),
+                        mapper,
+                        max,
+                        CALIBRATION_ROUNDS,
+                        slots as usize,
+                    )
+                    .map_err(|e| EngineError::Setup {
+                        what: "DMA policy calibration (give --dma-threshold to skip it)",
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
                     let mode = match calibration.policy {
                         PoolPolicy::Auto { threshold } => Mode::Auto { threshold },
                         PoolPolicy::Direct => Mode::MapPerIo,
@@ -574,7 +579,7 @@ impl Engine for TidepoolEngine {
             )));
         }
         self.slot_bytes = slot_bytes as usize;
-        self.resolve_mode()?;
+        self.resolve_mode(slots)?;
         if self.mode == Mode::ZeroCopy {
             for _ in 0..slots {
                 let buf = self.pool().try_alloc(self.slot_bytes).map_err(|e| {
