@@ -83,7 +83,9 @@ impl Signal {
         }
     }
 
-    /// Sleeps until woken, shut down, or `timeout`. Returns false on shutdown.
+    /// Sleeps until woken, shut down, or `timeout`. Returns false on shutdown. (Only the
+    /// grower thread calls it; there is none under loom.)
+    #[cfg(not(loom))]
     fn sleep(&self, timeout: Duration) -> bool {
         let mut st = self.state.lock().unwrap();
         if !st.shutdown && !self.pending.load(Ordering::Acquire) {
@@ -96,25 +98,23 @@ impl Signal {
     /// Stops the grower thread and waits for it, unless called from the grower itself (its
     /// own last reference dropped the pool: it exits on its next check).
     pub fn shutdown(&self) {
-        let handle = {
-            let mut st = self.state.lock().unwrap();
-            st.shutdown = true;
-            self.cond.notify_all();
-            #[cfg(not(loom))]
-            {
-                st.thread.take()
-            }
-        };
+        #[cfg_attr(loom, allow(unused_mut))]
+        let mut st = self.state.lock().unwrap();
+        st.shutdown = true;
+        self.cond.notify_all();
         #[cfg(not(loom))]
-        if let Some(h) = handle {
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
+        {
+            let handle = st.thread.take();
+            drop(st);
+            if let Some(h) = handle {
+                if h.thread().id() != std::thread::current().id() {
+                    let _ = h.join();
+                }
             }
         }
-        #[cfg(loom)]
-        let _ = handle;
     }
 
+    #[cfg(not(loom))]
     fn is_shut_down(&self) -> bool {
         self.state.lock().unwrap().shutdown
     }
