@@ -13,10 +13,11 @@
 //!   for the same time each round: the minimal polled RX loop (`VirtioNet::baseline_rx_loop`:
 //!   completed buffers posted straight back) and the driver's real path (`bench::run_rx`:
 //!   frames handed to the caller, copied out and parsed, buffers recycled), alternated, five
-//!   rounds each; frames received are compared by median. Pass: the driver ≥ 90% of the
-//!   minimal loop at both sizes. The share of pktgen's frames each received is printed too:
-//!   on a loaded host the sender is the limit (notes/virtio-net.md), on a quiet one the
-//!   receiver can be (QEMU's hub drops what a full RX ring cannot take).
+//!   rounds each. pktgen's rate varies ±20% from one run to the next (it shares the two vCPUs
+//!   with the receiver), so each run is judged by the share of pktgen's frames it received
+//!   (QEMU's hub drops what a full RX ring cannot take): Pass: the driver's median share ≥ 90%
+//!   of the minimal loop's, at both sizes. Frames received per run are printed too; when both
+//!   receive everything, those medians measure the sender, not the receiver.
 //!
 //! Every measurement is printed as a `VNET-BENCH {json}` line.
 //!
@@ -180,18 +181,21 @@ fn run() -> Result<(), String> {
             }
         }
         let (base, drv) = (median(&mut bases), median(&mut drvs));
-        let ratio = drv / base.max(1.0);
+        let (base_share, drv_share) = (median(&mut base_shares), median(&mut drv_shares));
+        let ratio = drv_share / base_share.max(1e-9);
         println!(
-            "RX {size} B: frames received per {secs} s pktgen run, minimal loop median {base:.0}, \
-             driver median {drv:.0} = {:.1}%; share of pktgen's frames received: minimal loop \
-             {:.1}%, driver {:.1}% (rounds: minimal {bases:.0?}, driver {drvs:.0?})",
-            ratio * 100.0,
-            median(&mut base_shares) * 100.0,
-            median(&mut drv_shares) * 100.0
+            "RX {size} B: share of pktgen's frames received, minimal loop median {:.1}%, driver \
+             median {:.1}% = {:.1}% of the minimal loop's; frames per {secs} s pktgen run: minimal \
+             loop median {base:.0}, driver {drv:.0} (rounds: minimal {bases:.0?}, driver {drvs:.0?})",
+            base_share * 100.0,
+            drv_share * 100.0,
+            ratio * 100.0
         );
         if ratio < 0.9 {
             failures.push(format!(
-                "RX {size} B (driver path) at {:.1}% of the minimal loop",
+                "RX {size} B (driver path) received {:.1}% of pktgen's frames, {:.1}% of the \
+                 minimal loop's share",
+                drv_share * 100.0,
                 ratio * 100.0
             ));
         }
