@@ -60,7 +60,8 @@ mod spin {
         }
 
         /// Takes the lock, spinning (then yielding the CPU) while another thread holds it.
-        /// Never fails: there is no poisoning (critical sections do not panic midway).
+        /// Never fails: there is no poisoning (a panic while it is held releases it through
+        /// the guard's drop, as a `Mutex` whose poisoning is ignored would).
         pub(crate) fn lock(&self) -> SpinGuard<'_, T> {
             let mut spins = 0u32;
             loop {
@@ -70,7 +71,7 @@ mod spin {
                 // Wait with plain loads (no cache-line ping-pong), yielding if the holder was
                 // descheduled.
                 while self.locked.load(Ordering::Relaxed) {
-                    spins += 1;
+                    spins = spins.saturating_add(1);
                     if spins < 64 {
                         std::hint::spin_loop();
                     } else {

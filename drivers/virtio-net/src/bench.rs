@@ -148,19 +148,13 @@ pub fn run_tx(net: &mut VirtioNet, opts: &TxOptions) -> Result<TxReport, NetErro
             f
         })
         .collect();
-    let mut pending: VecDeque<u64> = VecDeque::new();
-    let mut hist = histogram();
     let start = Instant::now();
+    let mut tally = TxTally::new(net, start);
     let until = start + opts.duration;
     let mut seq = opts.first_seq;
     let (mut queued, mut completed, mut stalls) = (0u64, 0u64, 0u64);
-    let mut last_completion = start;
     let mut zc: VecDeque<TxBuf> = VecDeque::new();
     let mut restamped = 0u64;
-    // Completions counted so far, from the driver's own count: `send_batch` and
-    // `send_buffers` reap too, so counting only what our `reap_tx` calls return would miss
-    // theirs (and pair later completions with the wrong submissions).
-    let mut seen = net.stats().tx_completed;
     let limit = if opts.count == 0 {
         u64::MAX
     } else {
@@ -172,26 +166,14 @@ pub fn run_tx(net: &mut VirtioNet, opts: &TxOptions) -> Result<TxReport, NetErro
             let now = Instant::now();
             if due > now {
                 // Reap while waiting so completions keep flowing.
-                completed += reap(
-                    net,
-                    &mut pending,
-                    &mut hist,
-                    &mut last_completion,
-                    &mut seen,
-                )?;
+                completed += tally.reap(net)?;
                 if due - now > Duration::from_micros(50) {
                     std::thread::sleep(Duration::from_micros(20));
                 }
                 continue;
             }
         }
-        completed += reap(
-            net,
-            &mut pending,
-            &mut hist,
-            &mut last_completion,
-            &mut seen,
-        )?;
+        completed += tally.reap(net)?;
         let room = net.tx_free_slots();
         if room == 0 {
             stalls += 1;
@@ -228,30 +210,19 @@ pub fn run_tx(net: &mut VirtioNet, opts: &TxOptions) -> Result<TxReport, NetErro
             stalls += 1;
         }
         // Completions the send reaped belong to earlier submissions: pair them first.
-        completed += account(
-            net,
-            &mut pending,
-            &mut hist,
-            &mut last_completion,
-            &mut seen,
-        );
+        completed += tally.account(net);
         for _ in 0..sent {
-            pending.push_back(now_ns);
+            tally.pending.push_back(now_ns);
         }
         queued += sent as u64;
         seq += sent as u64;
     }
     let drain_until = Instant::now() + Duration::from_secs(2);
-    while !pending.is_empty() && Instant::now() < drain_until {
-        completed += reap(
-            net,
-            &mut pending,
-            &mut hist,
-            &mut last_completion,
-            &mut seen,
-        )?;
+    while !tally.pending.is_empty() && Instant::now() < drain_until {
+        completed += tally.reap(net)?;
     }
-    let seconds = last_completion
+    let seconds = tally
+        .last
         .duration_since(start)
         .as_secs_f64()
         .max(1e-9);
@@ -265,7 +236,7 @@ pub fn run_tx(net: &mut VirtioNet, opts: &TxOptions) -> Result<TxReport, NetErro
         seconds,
         pps: completed as f64 / seconds,
         bits_per_second: completed as f64 * size as f64 * 8.0 / seconds,
-        latency: Percentiles::from(&hist),
+        latency: Percentiles::from(&tally.hist),
         stalls,
     })
 }
@@ -286,41 +257,51 @@ fn restamp(b: &mut TxBuf, template: &[u8], seq: u64, ts: u64) -> Result<bool, Ne
     Ok(true)
 }
 
-/// Reaps TX completions, then accounts for every completion since the last look.
-fn reap(
-    net: &mut VirtioNet,
-    pending: &mut VecDeque<u64>,
-    hist: &mut Histogram<u64>,
-    last: &mut Instant,
-    seen: &mut u64,
-) -> Result<u64, NetError> {
-    net.reap_tx()?;
-    Ok(account(net, pending, hist, last, seen))
+/// TX completions as `run_tx` counts them: submission times waiting for their completion,
+/// the latency histogram, when the last completion was seen, and the driver's completion count
+/// at the last look. Counted from the driver's own `tx_completed`: `send_batch` and
+/// `send_buffers` reap too, so counting only what our `reap_tx` calls return would miss theirs
+/// (and pair later completions with the wrong submissions).
+struct TxTally {
+    pending: VecDeque<u64>,
+    hist: Histogram<u64>,
+    last: Instant,
+    seen: u64,
 }
 
-/// Counts the TX completions the driver reaped since `seen` (whoever reaped them: our
-/// `reap_tx` or the send calls' own), pairing each with the oldest submission time. Returns
-/// how many.
-fn account(
-    net: &VirtioNet,
-    pending: &mut VecDeque<u64>,
-    hist: &mut Histogram<u64>,
-    last: &mut Instant,
-    seen: &mut u64,
-) -> u64 {
-    let total = net.stats().tx_completed;
-    let n = total - *seen;
-    *seen = total;
-    if n > 0 {
-        let now = monotonic_ns();
-        *last = Instant::now();
-        for _ in 0..n {
-            if let Some(t) = pending.pop_front() {
-                let _ = hist.record(now.saturating_sub(t).max(1));
-            }
+impl TxTally {
+    fn new(net: &VirtioNet, start: Instant) -> TxTally {
+        TxTally {
+            pending: VecDeque::new(),
+            hist: histogram(),
+            last: start,
+            seen: net.stats().tx_completed,
         }
     }
-    n
+
+    /// Reaps TX completions, then accounts for every completion since the last look.
+    fn reap(&mut self, net: &mut VirtioNet) -> Result<u64, NetError> {
+        net.reap_tx()?;
+        Ok(self.account(net))
+    }
+
+    /// Counts the completions the driver reaped since the last look (whoever reaped them),
+    /// pairing each with the oldest submission time. Returns how many.
+    fn account(&mut self, net: &VirtioNet) -> u64 {
+        let total = net.stats().tx_completed;
+        let n = total - self.seen;
+        self.seen = total;
+        if n > 0 {
+            let now = monotonic_ns();
+            self.last = Instant::now();
+            for _ in 0..n {
+                if let Some(t) = self.pending.pop_front() {
+                    let _ = self.hist.record(now.saturating_sub(t).max(1));
+                }
+            }
+        }
+        n
+    }
 }
 
 /// What to receive.
