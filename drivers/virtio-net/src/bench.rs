@@ -221,11 +221,7 @@ pub fn run_tx(net: &mut VirtioNet, opts: &TxOptions) -> Result<TxReport, NetErro
     while !tally.pending.is_empty() && Instant::now() < drain_until {
         completed += tally.reap(net)?;
     }
-    let seconds = tally
-        .last
-        .duration_since(start)
-        .as_secs_f64()
-        .max(1e-9);
+    let seconds = tally.last.duration_since(start).as_secs_f64().max(1e-9);
     Ok(TxReport {
         size,
         batch,
