@@ -73,7 +73,7 @@ impl DmaBuf {
     /// Whether this buffer came from `pool` (or a clone of it). A driver that takes buffers
     /// back for reuse checks this: another pool's buffer has another device's addresses.
     pub fn is_from(&self, pool: &super::Pool) -> bool {
-        crate::sync::Arc::ptr_eq(&self.pool, pool.shared())
+        crate::sync::Arc::ptr_eq(&self.pool, &pool.shared)
     }
 
     /// Length asked for, in bytes.

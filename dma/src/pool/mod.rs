@@ -231,11 +231,6 @@ impl Pool {
         })
     }
 
-    /// The state every handle and buffer shares (identity checks).
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
-
     /// The pool's configuration.
     pub fn config(&self) -> &PoolConfig {
         &self.shared.cfg
@@ -582,7 +577,9 @@ impl Shared {
         let limit = this.caches.limit(order);
         // The fast path: a cacheable block with room for it in this CPU's cache, open caches,
         // nobody waiting.
-        if !block.transient() && limit > 0 && this.waiting.load(Ordering::Relaxed) == 0 {
+        let cacheable =
+            !block.transient() && limit > 0 && this.waiting.load(Ordering::Relaxed) == 0;
+        if cacheable {
             let mut c = this.caches.local();
             let class = this.caches.class(order);
             if !c.closed && c.classes[class].len() < limit {
@@ -599,19 +596,16 @@ impl Shared {
                 return;
             }
         }
-        pool.release_slow(block);
+        pool.release_slow(block, cacheable);
     }
 
-    /// [`Shared::release`] when the fast path cannot take the block: a transient block, a
-    /// waiter, a full cache or credit list, or closed caches. Keeps `self`'s reference (the
-    /// caller's `Arc`) across the pool lock.
+    /// [`Shared::release`] when the fast path cannot take the block: not `cacheable` (a
+    /// transient block, an uncached class, a waiter), a full cache, or closed caches. The caller
+    /// keeps its reference to the pool (`self`) across the pool lock.
     #[inline(never)]
-    fn release_slow(&self, block: Block) {
+    fn release_slow(&self, block: Block, cacheable: bool) {
         let size = block.size() as i64;
         let order = block.order();
-        let cacheable = !block.transient()
-            && self.caches.limit(order) > 0
-            && self.waiting.load(Ordering::Relaxed) == 0;
         let mut back = Vec::new();
         {
             let mut c = self.caches.local();
