@@ -166,6 +166,8 @@ pub struct NetStats {
     pub rx_runts: u64,
     /// Times a refill stopped because the pool's immediate path had nothing.
     pub rx_alloc_failures: u64,
+    /// RX buffers posted again from [`VirtioNet::recycle_rx`] instead of the pool.
+    pub rx_recycled: u64,
     /// Frames queued for sending.
     pub tx_frames: u64,
     /// Their bytes.
@@ -546,7 +548,10 @@ impl VirtioNet {
         while rx.outstanding() < target && rx.free_slots() > 0 {
             let buf = match self.rx_spare.pop() {
                 // Recycled: only this device's bytes and zeros (module docs).
-                Some(buf) => buf,
+                Some(buf) => {
+                    self.stats.rx_recycled += 1;
+                    buf
+                }
                 None => match self.pool.try_alloc(RX_BUFFER) {
                     Ok(buf) => buf,
                     Err(PoolError::Exhausted { .. }) => {
