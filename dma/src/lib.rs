@@ -11,6 +11,10 @@
 //!   4 KiB pages when explicitly allowed.
 //! - [`share`]: the [`share::DeviceView`] trait — make a chunk reachable by one device and learn
 //!   its device address — with the VFIO type1, no-IOMMU and identity (tests) backends.
+//! - [`device`]: the device seam drivers reach hardware through, [`device::PciDevice`]
+//!   (registers, config space and capabilities, MSI-X eventfds, reset, bus mastering, the DMA
+//!   view), with VFIO as one implementation and emulated devices (crate `tidepool-emu`) as
+//!   another.
 //! - [`iova`]: the IOVA space allocator that honours the IOMMU's valid ranges and a DMA mask.
 //! - [`copy`]: the one audited routine that moves bytes between CPU memory and device-visible
 //!   memory.
@@ -25,6 +29,7 @@
 //! pool never knows which one it has.
 
 pub mod copy;
+pub mod device;
 pub mod iova;
 pub mod memory;
 pub mod policy;

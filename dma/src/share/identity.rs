@@ -84,6 +84,11 @@ impl DeviceView for Identity {
     fn kind(&self) -> &'static str {
         "identity"
     }
+
+    /// Device addresses here are this process's virtual addresses: one space shared by every such view.
+    fn domain(&self) -> super::DomainId {
+        super::DomainId::PROCESS_VIRTUAL
+    }
 }
 
 #[cfg(test)]

@@ -57,6 +57,41 @@ pub trait DeviceView: Send + Sync + std::fmt::Debug {
 
     /// A short name for logs and stats ("vfio-type1", "no-iommu", "identity", "vhost-user").
     fn kind(&self) -> &'static str;
+
+    /// The address space this view's device addresses belong to. Two views with the same
+    /// domain hand out addresses that mean the same memory to every device behind either; a
+    /// buffer of one domain given to a device of another would make it DMA into whatever that
+    /// domain has at the address, so drivers refuse it.
+    ///
+    /// The default is the view object itself (views live behind an `Arc` and are never moved,
+    /// and a buffer keeps its pool's view alive, so no two live views share an identity): right
+    /// for IOMMU domains, where each view owns one. Views whose addresses are global (physical
+    /// addresses, this process's virtual addresses) override it with a fixed domain.
+    fn domain(&self) -> DomainId {
+        DomainId((self as *const Self).cast::<u8>() as usize as u64)
+    }
+}
+
+/// Identifies a DMA address space (an IOMMU domain, or a global one). See
+/// [`DeviceView::domain`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct DomainId(pub u64);
+
+impl DomainId {
+    /// Physical addresses (no IOMMU): one space for every device of the machine.
+    pub const PHYSICAL: DomainId = DomainId(1);
+    /// This process's virtual addresses (the identity view of tests).
+    pub const PROCESS_VIRTUAL: DomainId = DomainId(2);
+}
+
+impl std::fmt::Display for DomainId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            DomainId::PHYSICAL => f.write_str("physical"),
+            DomainId::PROCESS_VIRTUAL => f.write_str("process-virtual"),
+            DomainId(id) => write!(f, "domain {id:#x}"),
+        }
+    }
 }
 
 /// What went wrong making memory device-visible, each variant saying what to do.
@@ -113,31 +148,6 @@ pub enum ShareError {
         path: String,
         /// What to do.
         hint: &'static str,
-    },
-    /// A PCI device cannot be used from userspace as asked (bad address, missing, bound to
-    /// another driver, no IOMMU group, group not viable); `problem` says how to fix it.
-    #[error("PCI device {bdf}: {problem}")]
-    Device {
-        /// The PCI address as given.
-        bdf: String,
-        /// What is wrong and what to do.
-        problem: String,
-    },
-    /// A register or config-space access outside the region or not naturally aligned: a
-    /// driver bug; check the offset against the device's specification.
-    #[error(
-        "{what} access of {width} B at offset {offset:#x} is outside the {size} B region or \
-         not aligned to {width} B"
-    )]
-    BadAccess {
-        /// Which region ("BAR", "PCI config space").
-        what: &'static str,
-        /// Offset of the access.
-        offset: u64,
-        /// Bytes accessed.
-        width: u64,
-        /// Size of the region.
-        size: u64,
     },
     /// The backend that owns the device side refused or broke (e.g. a vhost-user backend's
     /// protocol error).

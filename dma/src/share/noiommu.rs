@@ -371,6 +371,11 @@ impl DeviceView for NoIommu {
     fn kind(&self) -> &'static str {
         "no-iommu"
     }
+
+    /// Device addresses here are physical addresses: one space shared by every such view.
+    fn domain(&self) -> super::DomainId {
+        super::DomainId::PHYSICAL
+    }
 }
 
 #[cfg(test)]

@@ -1,19 +1,17 @@
-//! VFIO type1: PCI functions bound to `vfio-pci`, and IOMMU mappings made with
-//! `VFIO_IOMMU_MAP_DMA`.
+//! VFIO type1: IOMMU mappings made with `VFIO_IOMMU_MAP_DMA` in a VFIO container.
 //!
 //! ## Objects and their lifetimes
 //! - [`VfioContainer`]: one `/dev/vfio/vfio` container = one IOMMU domain = one IOVA space.
 //!   Several devices (from one or more IOMMU groups) can be opened into the same container with
-//!   [`VfioContainer::open_device`]; they then see the same mappings.
-//! - [`VfioDevice`]: one PCI function: config space, BAR mappings ([`Bar`]), reset, bus
-//!   mastering and MSI-X to eventfds.
+//!   [`crate::device::vfio::VfioDevice::open_in`]; they then see the same mappings. The PCI
+//!   side (config space, BARs, MSI-X, reset) is the device layer's, [`crate::device::vfio`].
 //! - [`VfioType1`]: the [`DeviceView`] of a container. There is exactly **one view per
 //!   container** ([`VfioContainer::view`] returns the same one every time) because the view owns
 //!   the container's IOVA allocator: two allocators over one IOVA space would hand out the same
 //!   addresses twice. When devices with different DMA masks share a container, create the view
 //!   with the narrowest mask (asking later for a narrower mask than the view has is an error).
 //!
-//! The shortcut [`VfioDevice::open`] makes a container, opens one device in it and returns the
+//! The shortcut [`crate::device::vfio::VfioDevice::open`] makes a container, opens one device in it and returns the
 //! device together with the container's view.
 //!
 //! ## How `share` works (and why it is correct)
@@ -49,17 +47,13 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfio_bindings::bindings::vfio::{
     VFIO_BASE, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
-    VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, VFIO_PCI_BAR5_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
-    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_TYPE,
+    VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, VFIO_TYPE,
 };
-use vfio_ioctls::{VfioContainer as RawContainer, VfioDevice as RawDevice, VfioError, VfioOps};
-use vmm_sys_util::eventfd::EventFd;
+use vfio_ioctls::{VfioContainer as RawContainer, VfioError};
 
 use super::{DeviceView, ShareError, ShareUsage};
 pub use crate::iova::IovaRange;
@@ -69,80 +63,14 @@ use crate::DeviceAddr;
 /// `VFIO_IOMMU_GET_INFO` = `_IO(VFIO_TYPE, VFIO_BASE + 12)` (linux/vfio.h); VFIO ioctls encode
 /// no size or direction.
 const VFIO_IOMMU_GET_INFO: u64 = ((VFIO_TYPE as u64) << 8) | (VFIO_BASE as u64 + 12);
-/// `VFIO_DEVICE_RESET` = `_IO(VFIO_TYPE, VFIO_BASE + 11)`.
-const VFIO_DEVICE_RESET: u64 = ((VFIO_TYPE as u64) << 8) | (VFIO_BASE as u64 + 11);
+
+/// What to do when VFIO is missing or not accessible.
+pub(crate) const HINT_NO_VFIO: &str = "load the VFIO driver (`modprobe vfio-pci`), bind the \
+     device to vfio-pci, boot with the IOMMU on (intel_iommu=on / amd_iommu=on) and run as root \
+     or give this user access to /dev/vfio/*";
 
 /// Size of `struct vfio_iommu_type1_info` (argsz, flags, iova_pgsizes, cap_offset, pad).
 const IOMMU_INFO_LEN: usize = 24;
-
-/// PCI config space: COMMAND register offset and its bits.
-const PCI_COMMAND: u64 = 0x04;
-/// COMMAND bit 1: respond to memory-space (BAR) accesses.
-const PCI_COMMAND_MEMORY: u16 = 1 << 1;
-/// COMMAND bit 2: the function may master the bus, i.e. do DMA.
-const PCI_COMMAND_MASTER: u16 = 1 << 2;
-
-const HINT_NO_VFIO: &str = "load the VFIO driver (`modprobe vfio-pci`), bind the device to \
-     vfio-pci, boot with the IOMMU on (intel_iommu=on / amd_iommu=on) and run as root or give \
-     this user access to /dev/vfio/*";
-
-/// A PCI address `domain:bus:device.function`, e.g. `0000:00:04.0`, validated.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Bdf(String);
-
-impl Bdf {
-    /// Parses `DDDD:BB:DD.F` (hex domain, bus and device, function 0-7) or the short
-    /// `BB:DD.F`, which means domain 0. The result is always in the long, lower-case form that
-    /// sysfs uses.
-    ///
-    /// ```
-    /// use tidepool::share::vfio::Bdf;
-    /// assert_eq!(Bdf::parse("00:04.0").unwrap().as_str(), "0000:00:04.0");
-    /// assert!(Bdf::parse("0000:00:04.8").is_err());
-    /// ```
-    pub fn parse(text: &str) -> Result<Bdf, ShareError> {
-        let bad = || ShareError::Device {
-            bdf: text.to_string(),
-            problem: "not a PCI address: expected domain:bus:device.function in hex, like \
-                      0000:00:04.0 (see `lspci -D`)"
-                .into(),
-        };
-        let parts: Vec<&str> = text.trim().split(':').collect();
-        let (domain, bus, devfn) = match parts.as_slice() {
-            [d, b, df] => (*d, *b, *df),
-            [b, df] => ("0000", *b, *df),
-            _ => return Err(bad()),
-        };
-        let (dev, func) = devfn.split_once('.').ok_or_else(bad)?;
-        let hex = |s: &str, digits: usize, max: u32| -> Option<u32> {
-            if s.len() != digits || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
-                return None;
-            }
-            u32::from_str_radix(s, 16).ok().filter(|&v| v <= max)
-        };
-        let domain = hex(domain, 4, 0xffff).ok_or_else(bad)?;
-        let bus = hex(bus, 2, 0xff).ok_or_else(bad)?;
-        let dev = hex(dev, 2, 0x1f).ok_or_else(bad)?;
-        let func = hex(func, 1, 7).ok_or_else(bad)?;
-        Ok(Bdf(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}")))
-    }
-
-    /// The address as text, `0000:00:04.0`.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// `/sys/bus/pci/devices/<bdf>`.
-    pub fn sysfs_path(&self) -> PathBuf {
-        Path::new("/sys/bus/pci/devices").join(&self.0)
-    }
-}
-
-impl std::fmt::Display for Bdf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// What `VFIO_IOMMU_GET_INFO` says about a container's IOMMU.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -270,7 +198,7 @@ fn ioctl_iommu_get_info(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
 }
 
 /// Turns a vfio-ioctls error into ours.
-fn vfio_error(what: &'static str, e: VfioError) -> ShareError {
+pub(crate) fn vfio_error(what: &'static str, e: VfioError) -> ShareError {
     let mut detail = e.to_string();
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
@@ -283,18 +211,19 @@ fn vfio_error(what: &'static str, e: VfioError) -> ShareError {
 
 /// One VFIO container (one IOMMU domain, one IOVA space) using the type1v2 IOMMU driver.
 ///
-/// Open devices into it with [`VfioContainer::open_device`], then get its one
+/// Open devices into it with [`crate::device::vfio::VfioDevice::open_in`], then get its one
 /// [`VfioType1`] view with [`VfioContainer::view`]. The container stays open while any device
 /// or the view holds it; when the last device is closed the kernel drops the IOMMU domain and
 /// every mapping in it, so unshare (drop the pool) before closing the last device.
 ///
 /// ```no_run
+/// use tidepool::device::vfio::VfioDevice;
 /// use tidepool::share::vfio::VfioContainer;
 /// let container = VfioContainer::new()?;
-/// let nvme0 = container.open_device("0000:00:04.0")?;
-/// let nvme1 = container.open_device("0000:00:05.0")?; // same IOVA space
+/// let nvme0 = VfioDevice::open_in(&container, "0000:00:04.0")?;
+/// let nvme1 = VfioDevice::open_in(&container, "0000:00:05.0")?; // same IOVA space
 /// let view = container.view(u64::MAX)?; // one view for both
-/// # Ok::<(), tidepool::share::ShareError>(())
+/// # Ok::<(), tidepool::device::DeviceError>(())
 /// ```
 pub struct VfioContainer {
     raw: Arc<RawContainer>,
@@ -330,80 +259,6 @@ impl VfioContainer {
         }))
     }
 
-    /// Opens the PCI function `bdf` into this container.
-    ///
-    /// Checks, each with an error that says what to do: the address format, that the device
-    /// exists, that it is bound to `vfio-pci`, that it has an IOMMU group, that
-    /// `/dev/vfio/<group>` can be opened and that the group is viable (every device in it bound
-    /// to vfio-pci or to no driver). The first device opened sets the container's IOMMU type
-    /// (type1v2). Devices of a group already in this container reuse it. Blocking; setup only.
-    pub fn open_device(self: &Arc<Self>, bdf: &str) -> Result<VfioDevice, ShareError> {
-        let bdf = Bdf::parse(bdf)?;
-        let sysfs = bdf.sysfs_path();
-        let device_err = |problem: String| ShareError::Device {
-            bdf: bdf.to_string(),
-            problem,
-        };
-        if !sysfs.exists() {
-            return Err(device_err(format!(
-                "no such PCI device ({} does not exist); list devices with `lspci -D`",
-                sysfs.display()
-            )));
-        }
-        match current_driver(&sysfs).as_deref() {
-            Some("vfio-pci") => {}
-            other => {
-                let now = other.map_or("no driver".to_string(), |d| format!("driver {d}"));
-                return Err(device_err(format!(
-                    "bound to {now}, not vfio-pci; bind it as root: `modprobe vfio-pci; \
-                     echo vfio-pci > {p}/driver_override; \
-                     echo {bdf} > {p}/driver/unbind; echo {bdf} > /sys/bus/pci/drivers_probe`",
-                    p = sysfs.display()
-                )));
-            }
-        }
-        let group = iommu_group(&sysfs).ok_or_else(|| {
-            device_err(
-                "has no IOMMU group: the IOMMU is off or absent; boot with intel_iommu=on \
-                 (or amd_iommu=on), or use the no-IOMMU backend"
-                    .into(),
-            )
-        })?;
-        let ops: Arc<dyn VfioOps> = self.raw.clone();
-        let raw = RawDevice::new(&sysfs, ops, false).map_err(|e| match e {
-            VfioError::GroupViable => device_err(format!(
-                "IOMMU group {group} is not viable: every device in it must be bound to \
-                 vfio-pci or to no driver; now: {}",
-                group_members(group)
-            )),
-            // The group file opens once per process: vfio-ioctls reuses it for a second
-            // device of the same group, so EBUSY means another process or container has it.
-            VfioError::OpenGroup(e, _) => match e.kind() {
-                io::ErrorKind::PermissionDenied | io::ErrorKind::NotFound => {
-                    ShareError::Permission {
-                        path: format!("/dev/vfio/{group}"),
-                        hint: HINT_NO_VFIO,
-                    }
-                }
-                _ => device_err(format!(
-                    "cannot open /dev/vfio/{group}: {e}; is another process or container \
-                     using this IOMMU group?"
-                )),
-            },
-            e => vfio_error("open device", e),
-        })?;
-        let mut device = VfioDevice {
-            bdf,
-            raw,
-            container: Arc::clone(self),
-            vendor_id: 0,
-            device_id: 0,
-        };
-        device.vendor_id = device.read_config_u16(0x00)?;
-        device.device_id = device.read_config_u16(0x02)?;
-        Ok(device)
-    }
-
     /// What the IOMMU says now (valid IOVA ranges, mappings still available). Needs at least
     /// one device opened in the container. Blocking ioctl; cheap.
     pub fn iommu_info(&self) -> Result<IommuInfo, ShareError> {
@@ -435,400 +290,21 @@ impl VfioContainer {
         Ok(view)
     }
 
+    /// The vfio-ioctls container, for the device layer to open devices into.
+    pub(crate) fn raw_container(&self) -> &Arc<RawContainer> {
+        &self.raw
+    }
+
     fn container_fd(&self) -> BorrowedFd<'_> {
         borrow_fd(self.raw.as_raw_fd(), self)
     }
 }
 
 /// Borrows a raw fd for as long as `_owner` is borrowed.
-fn borrow_fd<T: ?Sized>(fd: RawFd, _owner: &T) -> BorrowedFd<'_> {
+pub(crate) fn borrow_fd<T: ?Sized>(fd: RawFd, _owner: &T) -> BorrowedFd<'_> {
     // SAFETY: every caller passes the fd of a file owned by `_owner` (a container or device
     // that closes it only on drop), so the fd stays open for the borrow's lifetime.
     unsafe { BorrowedFd::borrow_raw(fd) }
-}
-
-/// The name of the driver bound to the device at `sysfs`, if any.
-fn current_driver(sysfs: &Path) -> Option<String> {
-    let link = std::fs::read_link(sysfs.join("driver")).ok()?;
-    Some(link.file_name()?.to_string_lossy().into_owned())
-}
-
-/// The IOMMU group number of the device at `sysfs`, if it has one.
-fn iommu_group(sysfs: &Path) -> Option<u32> {
-    let link = std::fs::read_link(sysfs.join("iommu_group")).ok()?;
-    link.file_name()?.to_str()?.parse().ok()
-}
-
-/// "0000:00:04.0 (vfio-pci), 0000:00:04.1 (nvme)" for the devices in an IOMMU group.
-fn group_members(group: u32) -> String {
-    let dir = format!("/sys/kernel/iommu_groups/{group}/devices");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return format!("(cannot list {dir})");
-    };
-    let mut members: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let driver = current_driver(&e.path()).unwrap_or_else(|| "no driver".into());
-            format!("{name} ({driver})")
-        })
-        .collect();
-    members.sort();
-    members.join(", ")
-}
-
-/// One PCI function bound to `vfio-pci`, opened in a [`VfioContainer`].
-///
-/// Dropping it closes the device; the container lives on while other devices or its view hold
-/// it. All methods take `&self` and are safe to call from several threads (each is one
-/// `pread`/`pwrite`/ioctl on the device fd); read-modify-write sequences such as
-/// [`VfioDevice::enable_bus_master`] are not atomic against other writers of the same register.
-pub struct VfioDevice {
-    bdf: Bdf,
-    raw: RawDevice,
-    container: Arc<VfioContainer>,
-    vendor_id: u16,
-    device_id: u16,
-}
-
-impl std::fmt::Debug for VfioDevice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VfioDevice")
-            .field("bdf", &self.bdf)
-            .field("vendor_id", &format_args!("{:#06x}", self.vendor_id))
-            .field("device_id", &format_args!("{:#06x}", self.device_id))
-            .finish_non_exhaustive()
-    }
-}
-
-impl VfioDevice {
-    /// Opens `bdf` in a new container and returns it with the container's view (made with
-    /// `dma_mask`). Use [`VfioContainer`] directly to put several devices in one container.
-    ///
-    /// ```no_run
-    /// use tidepool::share::{vfio::VfioDevice, DeviceView};
-    /// let (nvme, view) = VfioDevice::open("0000:00:04.0", u64::MAX)?;
-    /// println!("{:04x}:{:04x}, {} mappings left", nvme.vendor_id(), nvme.device_id(),
-    ///          view.usage().mapping_limit.unwrap_or(0));
-    /// # Ok::<(), tidepool::share::ShareError>(())
-    /// ```
-    pub fn open(bdf: &str, dma_mask: u64) -> Result<(VfioDevice, Arc<VfioType1>), ShareError> {
-        let container = VfioContainer::new()?;
-        let device = container.open_device(bdf)?;
-        let view = container.view(dma_mask)?;
-        Ok((device, view))
-    }
-
-    /// The device's PCI address.
-    pub fn bdf(&self) -> &Bdf {
-        &self.bdf
-    }
-
-    /// PCI vendor id (config offset 0).
-    pub fn vendor_id(&self) -> u16 {
-        self.vendor_id
-    }
-
-    /// PCI device id (config offset 2).
-    pub fn device_id(&self) -> u16 {
-        self.device_id
-    }
-
-    /// The container the device is in.
-    pub fn container(&self) -> &Arc<VfioContainer> {
-        &self.container
-    }
-
-    /// Reads `buf.len()` bytes of PCI config space at `offset` (VFIO region 7). Out-of-range
-    /// reads are [`ShareError::BadAccess`].
-    pub fn read_config(&self, offset: u64, buf: &mut [u8]) -> Result<(), ShareError> {
-        let at = self.config_offset(offset, buf.len())?;
-        let n = nix::sys::uio::pread(self.device_fd(), buf, at as libc::off_t).map_err(|e| {
-            ShareError::Os {
-                what: "pread of PCI config space",
-                source: e.into(),
-            }
-        })?;
-        short_io(n, buf.len(), "pread of PCI config space")
-    }
-
-    /// Writes `buf` to PCI config space at `offset`. VFIO filters what may be written
-    /// (it virtualises BARs and the MSI/MSI-X capabilities).
-    pub fn write_config(&self, offset: u64, buf: &[u8]) -> Result<(), ShareError> {
-        let at = self.config_offset(offset, buf.len())?;
-        let n = nix::sys::uio::pwrite(self.device_fd(), buf, at as libc::off_t).map_err(|e| {
-            ShareError::Os {
-                what: "pwrite of PCI config space",
-                source: e.into(),
-            }
-        })?;
-        short_io(n, buf.len(), "pwrite of PCI config space")
-    }
-
-    /// Reads a little-endian `u16` from config space.
-    pub fn read_config_u16(&self, offset: u64) -> Result<u16, ShareError> {
-        let mut b = [0u8; 2];
-        self.read_config(offset, &mut b)?;
-        Ok(u16::from_le_bytes(b))
-    }
-
-    /// Reads a little-endian `u32` from config space.
-    pub fn read_config_u32(&self, offset: u64) -> Result<u32, ShareError> {
-        let mut b = [0u8; 4];
-        self.read_config(offset, &mut b)?;
-        Ok(u32::from_le_bytes(b))
-    }
-
-    /// Writes a little-endian `u16` to config space.
-    pub fn write_config_u16(&self, offset: u64, value: u16) -> Result<(), ShareError> {
-        self.write_config(offset, &value.to_le_bytes())
-    }
-
-    /// Lets the device do DMA: sets the COMMAND register's bus-master bit (2), and the
-    /// memory-space bit (1) so its BARs decode. Read-modify-write; call during setup.
-    pub fn enable_bus_master(&self) -> Result<(), ShareError> {
-        let cmd = self.read_config_u16(PCI_COMMAND)?;
-        self.write_config_u16(PCI_COMMAND, cmd | PCI_COMMAND_MASTER | PCI_COMMAND_MEMORY)
-    }
-
-    /// Resets the function (`VFIO_DEVICE_RESET`: FLR, PM or bus reset, whichever the kernel
-    /// has for it). Blocking (up to ~100 ms for an FLR).
-    pub fn reset(&self) -> Result<(), ShareError> {
-        ioctl_device_reset(self.device_fd()).map_err(|e| ShareError::Vfio {
-            what: "VFIO_DEVICE_RESET",
-            detail: format!("{e}; the device may not support function reset"),
-        })
-    }
-
-    /// How many MSI-X vectors the device has (0 if none).
-    pub fn msix_vectors(&self) -> u32 {
-        self.raw
-            .get_irq_info(VFIO_PCI_MSIX_IRQ_INDEX)
-            .map_or(0, |irq| irq.count)
-    }
-
-    /// Routes MSI-X vectors `0..fds.len()` to these eventfds (vector i signals `fds[i]`).
-    pub fn enable_msix(&self, fds: &[EventFd]) -> Result<(), ShareError> {
-        let available = self.msix_vectors();
-        if fds.is_empty() || fds.len() as u64 > u64::from(available) {
-            return Err(ShareError::Unsuitable(format!(
-                "asked for {} MSI-X vectors, the device has {available}",
-                fds.len()
-            )));
-        }
-        self.raw
-            .enable_msix(fds.iter().collect())
-            .map_err(|e| vfio_error("enable MSI-X", e))
-    }
-
-    /// Makes `n` fresh non-blocking eventfds and routes MSI-X vectors `0..n` to them.
-    pub fn enable_msix_eventfds(&self, n: usize) -> Result<Vec<EventFd>, ShareError> {
-        let fds = (0..n)
-            .map(|_| {
-                EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| ShareError::Os {
-                    what: "eventfd",
-                    source: e,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        self.enable_msix(&fds)?;
-        Ok(fds)
-    }
-
-    /// Stops MSI-X delivery (all vectors).
-    pub fn disable_msix(&self) -> Result<(), ShareError> {
-        self.raw
-            .disable_msix()
-            .map_err(|e| vfio_error("disable MSI-X", e))
-    }
-
-    /// Maps BAR `index` (0-5) into this process. The BAR must be memory (not I/O ports) and
-    /// mmappable; the mapping stays valid after the device is dropped, until the [`Bar`] is.
-    pub fn bar(&self, index: u32) -> Result<Bar, ShareError> {
-        let bad = |why: &str| {
-            ShareError::Unsuitable(format!("BAR{index} of {}: {why}", self.bdf.as_str()))
-        };
-        if index > VFIO_PCI_BAR5_REGION_INDEX {
-            return Err(bad("BAR index must be 0-5"));
-        }
-        let size = self.raw.get_region_size(index);
-        if size == 0 {
-            return Err(bad("not implemented by the device"));
-        }
-        if self.raw.get_region_flags(index) & VFIO_REGION_INFO_FLAG_MMAP == 0 {
-            return Err(bad("VFIO does not allow mmap of it (I/O port BAR?)"));
-        }
-        let len = usize::try_from(size).map_err(|_| bad("too large to map"))?;
-        let offset = self.raw.get_region_offset(index);
-        let ptr = mmap_region(self.device_fd(), len, offset).map_err(|e| ShareError::Os {
-            what: "mmap of a BAR",
-            source: e,
-        })?;
-        Ok(Bar { ptr, len, index })
-    }
-
-    /// The underlying vfio-ioctls device, for what this wrapper does not cover.
-    pub fn raw(&self) -> &RawDevice {
-        &self.raw
-    }
-
-    fn device_fd(&self) -> BorrowedFd<'_> {
-        borrow_fd(self.raw.as_raw_fd(), self)
-    }
-
-    /// The device-fd file offset of config-space `offset`, checked against the region.
-    fn config_offset(&self, offset: u64, len: usize) -> Result<u64, ShareError> {
-        let size = self.raw.get_region_size(VFIO_PCI_CONFIG_REGION_INDEX);
-        let end = offset.checked_add(len as u64);
-        if end.is_none_or(|end| end > size) {
-            return Err(ShareError::BadAccess {
-                what: "PCI config space",
-                offset,
-                width: len as u64,
-                size,
-            });
-        }
-        Ok(self.raw.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX) + offset)
-    }
-}
-
-/// Checks a `pread`/`pwrite` moved every byte.
-fn short_io(done: usize, wanted: usize, what: &'static str) -> Result<(), ShareError> {
-    if done == wanted {
-        return Ok(());
-    }
-    Err(ShareError::Os {
-        what,
-        source: io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("moved {done} of {wanted} bytes"),
-        ),
-    })
-}
-
-/// The raw `VFIO_DEVICE_RESET` ioctl.
-fn ioctl_device_reset(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: VFIO_DEVICE_RESET takes no argument and touches no memory of ours.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), VFIO_DEVICE_RESET as _) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Maps `len` bytes of a device-fd region at file offset `offset`, shared, read-write.
-fn mmap_region(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<NonNull<u8>> {
-    let offset = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-    // SAFETY: a fresh mapping (addr NULL) of a device region; no existing memory is affected.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            offset,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))
-}
-
-/// A mapped PCI BAR: device registers, accessed only with volatile loads and stores.
-///
-/// Every accessor checks that the access lies inside the BAR and is naturally aligned, and
-/// returns [`ShareError::BadAccess`] otherwise. [`Bar::as_ptr`] gives the base for drivers that
-/// precompute doorbell addresses; they take on those checks themselves.
-#[derive(Debug)]
-pub struct Bar {
-    ptr: NonNull<u8>,
-    len: usize,
-    index: u32,
-}
-
-// SAFETY: the Bar owns an MMIO mapping, not Rust data; volatile accesses from any thread are
-// what the hardware sees, and nothing in it is tied to a thread.
-unsafe impl Send for Bar {}
-// SAFETY: every access through `&Bar` is a single volatile load or store to device registers;
-// the device, not Rust, defines what concurrent accesses mean.
-unsafe impl Sync for Bar {}
-
-impl Bar {
-    /// The BAR's index (0-5).
-    pub fn index(&self) -> u32 {
-        self.index
-    }
-
-    /// The mapped length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false: an empty BAR is never mapped.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// The base of the mapping. Accesses through it must be volatile, aligned and in bounds.
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-
-    /// Reads the 32-bit register at `offset`.
-    pub fn read32(&self, offset: usize) -> Result<u32, ShareError> {
-        let p = self.at::<u32>(offset)?;
-        // SAFETY: `at` checked that p is inside the mapping and 4-byte aligned.
-        Ok(unsafe { p.read_volatile() })
-    }
-
-    /// Writes the 32-bit register at `offset`.
-    pub fn write32(&self, offset: usize, value: u32) -> Result<(), ShareError> {
-        let p = self.at::<u32>(offset)?;
-        // SAFETY: `at` checked that p is inside the mapping and 4-byte aligned.
-        unsafe { p.write_volatile(value) };
-        Ok(())
-    }
-
-    /// Reads the 64-bit register at `offset` (one 8-byte access).
-    pub fn read64(&self, offset: usize) -> Result<u64, ShareError> {
-        let p = self.at::<u64>(offset)?;
-        // SAFETY: `at` checked that p is inside the mapping and 8-byte aligned.
-        Ok(unsafe { p.read_volatile() })
-    }
-
-    /// Writes the 64-bit register at `offset` (one 8-byte access).
-    pub fn write64(&self, offset: usize, value: u64) -> Result<(), ShareError> {
-        let p = self.at::<u64>(offset)?;
-        // SAFETY: `at` checked that p is inside the mapping and 8-byte aligned.
-        unsafe { p.write_volatile(value) };
-        Ok(())
-    }
-
-    /// A pointer to a `T` at `offset`, if it lies inside the BAR and is aligned.
-    fn at<T>(&self, offset: usize) -> Result<*mut T, ShareError> {
-        let width = std::mem::size_of::<T>();
-        let fits = offset.checked_add(width).is_some_and(|end| end <= self.len);
-        if !fits || offset % width != 0 {
-            return Err(ShareError::BadAccess {
-                what: "BAR",
-                offset: offset as u64,
-                width: width as u64,
-                size: self.len as u64,
-            });
-        }
-        Ok(self.ptr.as_ptr().wrapping_add(offset).cast())
-    }
-}
-
-impl Drop for Bar {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len is exactly the mapping made in `mmap_region`, owned by this Bar; no
-        // access through it can happen after drop (as_ptr users must not outlive the Bar).
-        let r = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-        debug_assert_eq!(r, 0, "munmap of a BAR failed");
-    }
 }
 
 /// One live IOMMU mapping made by [`VfioType1::share`].
@@ -849,7 +325,7 @@ struct Type1State {
 
 /// The [`DeviceView`] of a VFIO type1 container: device address = an IOVA we allocate.
 ///
-/// Get it from [`VfioContainer::view`] or [`VfioDevice::open`]. See the module docs for the
+/// Get it from [`VfioContainer::view`] or [`crate::device::vfio::VfioDevice::open`]. See the module docs for the
 /// algorithm and locking.
 pub struct VfioType1 {
     container: Arc<RawContainer>,
@@ -1091,6 +567,7 @@ mod iova_adapter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ptr::NonNull;
 
     /// Builds a GET_INFO reply with the given capabilities (each: id, body bytes).
     fn reply(pgsizes: u64, caps: &[(u16, Vec<u8>)]) -> Vec<u8> {
@@ -1210,66 +687,6 @@ mod tests {
         assert!(parse_iommu_info(&buf).is_err());
         // Truncated header.
         assert!(parse_iommu_info(&[0u8; 10]).is_err());
-    }
-
-    #[test]
-    fn bdf_parsing() {
-        assert_eq!(Bdf::parse("0000:00:04.0").unwrap().as_str(), "0000:00:04.0");
-        assert_eq!(Bdf::parse("0000:AF:1f.7").unwrap().as_str(), "0000:af:1f.7");
-        assert_eq!(Bdf::parse("3b:00.1").unwrap().as_str(), "0000:3b:00.1");
-        for bad in [
-            "",
-            "0000:00:04",
-            "0000:00:20.0", // device > 0x1f
-            "0000:00:04.8", // function > 7
-            "000:00:04.0",
-            "0000:000:04.0",
-            "0000:00:04.0.1",
-            "zzzz:00:04.0",
-            "0:0:0:0.0",
-            "/dev/../0000:00:04.0",
-        ] {
-            assert!(
-                matches!(Bdf::parse(bad), Err(ShareError::Device { .. })),
-                "{bad:?} accepted"
-            );
-        }
-        assert_eq!(
-            Bdf::parse("0000:00:04.0").unwrap().sysfs_path(),
-            Path::new("/sys/bus/pci/devices/0000:00:04.0")
-        );
-    }
-
-    #[test]
-    fn missing_vfio_is_a_permission_error_with_a_hint() {
-        // These machines have no /dev/vfio; inside the VM this test is not run.
-        if Path::new("/dev/vfio/vfio").exists() {
-            eprintln!("skipping: /dev/vfio/vfio exists here");
-            return;
-        }
-        match VfioContainer::new() {
-            Err(ShareError::Permission { path, hint }) => {
-                assert_eq!(path, "/dev/vfio/vfio");
-                assert!(hint.contains("vfio-pci"), "{hint}");
-            }
-            other => panic!("expected a permission error, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn missing_device_and_wrong_driver_are_named() {
-        let Ok(container) = VfioContainer::new() else {
-            // Without /dev/vfio we cannot get a container; check the sysfs helpers directly.
-            assert_eq!(current_driver(Path::new("/nonexistent")), None);
-            assert_eq!(iommu_group(Path::new("/nonexistent")), None);
-            return;
-        };
-        match container.open_device("ffff:ff:1f.7") {
-            Err(ShareError::Device { problem, .. }) => {
-                assert!(problem.contains("no such PCI device"), "{problem}")
-            }
-            other => panic!("expected a missing-device error, got {other:?}"),
-        }
     }
 
     #[test]
