@@ -147,11 +147,12 @@ impl VfioDevice {
     /// `dma_mask`). Use [`VfioContainer`] directly to put several devices in one container.
     ///
     /// ```no_run
-    /// use tidepool::share::{vfio::VfioDevice, DeviceView};
+    /// use tidepool::device::vfio::VfioDevice;
+    /// use tidepool::share::DeviceView;
     /// let (nvme, view) = VfioDevice::open("0000:00:04.0", u64::MAX)?;
     /// println!("{:04x}:{:04x}, {} mappings left", nvme.vendor_id(), nvme.device_id(),
     ///          view.usage().mapping_limit.unwrap_or(0));
-    /// # Ok::<(), tidepool::share::ShareError>(())
+    /// # Ok::<(), tidepool::device::DeviceError>(())
     /// ```
     pub fn open(bdf: &str, dma_mask: u64) -> Result<(VfioDevice, Arc<VfioType1>), DeviceError> {
         let container = VfioContainer::new()?;

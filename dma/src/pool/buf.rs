@@ -76,6 +76,13 @@ impl DmaBuf {
         crate::sync::Arc::ptr_eq(&self.pool, &pool.shared)
     }
 
+    /// The DMA address space this buffer's device address belongs to: a driver refuses a
+    /// buffer whose domain is not its device's ([`crate::share::DeviceView::domain`]).
+    #[inline]
+    pub fn domain(&self) -> crate::share::DomainId {
+        self.pool.view.domain()
+    }
+
     /// Length asked for, in bytes.
     #[inline]
     pub fn len(&self) -> usize {

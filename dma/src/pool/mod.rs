@@ -241,6 +241,11 @@ impl Pool {
         &self.shared.view
     }
 
+    /// The DMA address space of this pool's buffers ([`DeviceView::domain`] of its view).
+    pub fn domain(&self) -> crate::share::DomainId {
+        self.shared.view.domain()
+    }
+
     /// An owned, zeroed device-visible buffer of at least `len` bytes, waiting for capacity if
     /// there is none. Cancel-safe: dropping the future at any point loses nothing.
     pub fn alloc(&self, len: usize) -> Alloc<'_> {

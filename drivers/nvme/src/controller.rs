@@ -36,8 +36,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use tidepool::device::vfio::VfioDevice;
+use tidepool::device::PciDevice;
 use tidepool::pool::{Pool, PoolConfig, PoolStats};
-use tidepool::share::vfio::VfioDevice;
+use tidepool::share::DomainId;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::doorbell::ShadowBuffer;
@@ -53,9 +55,6 @@ use crate::spec::{
 
 /// PCI class code of an NVM Express controller (mass storage, NVM, NVMe).
 const NVME_CLASS: u32 = 0x01_08_02;
-/// PCI COMMAND register and its bus-master bit.
-const PCI_COMMAND: u64 = 0x04;
-const PCI_COMMAND_MASTER: u16 = 1 << 2;
 
 /// How I/O commands describe where their data is: PRPs or SGLs (see [`crate::prp`] and
 /// [`crate::sgl`]). Admin commands always use PRPs (the spec requires it over PCIe).
@@ -150,7 +149,9 @@ struct ResetState {
 pub struct Hw {
     pub(crate) regs: Registers,
     pub(crate) pool: Pool,
-    pub(crate) device: VfioDevice,
+    pub(crate) device: Arc<dyn PciDevice>,
+    /// The DMA address space the device reaches memory through; data of any other is refused.
+    pub(crate) domain: DomainId,
     pub(crate) cap: Cap,
     generation: AtomicU64,
     reset_state: Mutex<ResetState>,
@@ -201,7 +202,7 @@ impl Hw {
         }
         if let Err(e) = self.set_bus_master(false) {
             // Cannot switch DMA off: reset the whole function instead (FLR also stops DMA).
-            let _ = self.device.reset();
+            let _ = self.device.function_reset();
             st.reason = Some(format!(
                 "{reason}; clearing bus master failed ({e}), function reset"
             ));
@@ -216,13 +217,7 @@ impl Hw {
 
     /// Sets or clears the PCI bus-master bit (and keeps memory decoding on).
     fn set_bus_master(&self, on: bool) -> Result<(), NvmeError> {
-        if on {
-            return Ok(self.device.enable_bus_master()?);
-        }
-        let cmd = self.device.read_config_u16(PCI_COMMAND)?;
-        Ok(self
-            .device
-            .write_config_u16(PCI_COMMAND, cmd & !PCI_COMMAND_MASTER)?)
+        Ok(self.device.set_bus_master(on)?)
     }
 
     /// Clears CC.EN and waits for CSTS.RDY = 0.
@@ -299,22 +294,40 @@ impl Controller {
     /// Opens the NVMe controller at PCI address `bdf` (bound to `vfio-pci`) in a new VFIO
     /// container, makes a pool over it with `cfg.pool`, and brings it up.
     pub fn open(bdf: &str, cfg: ControllerConfig) -> Result<Controller, NvmeError> {
-        let (device, view) = VfioDevice::open(bdf, u64::MAX)?;
-        check_class(&device)?;
-        let pool = Pool::new(view, cfg.pool.clone())?;
+        let (device, _view) = VfioDevice::open(bdf, u64::MAX)?;
+        Controller::with_device(Arc::new(device), cfg)
+    }
+
+    /// Brings up the controller behind `device` (any [`PciDevice`]: VFIO, or an emulated
+    /// controller in tests) with a new pool over the device's DMA view, made with `cfg.pool`.
+    pub fn with_device(
+        device: Arc<dyn PciDevice>,
+        cfg: ControllerConfig,
+    ) -> Result<Controller, NvmeError> {
+        check_class(device.as_ref())?;
+        let pool = Pool::new(device.dma_view()?, cfg.pool.clone())?;
         Controller::new(device, pool, cfg)
     }
 
-    /// Brings up the controller behind an opened `device`, with queues and buffers from
-    /// `pool` (whose view must be the device's container view).
+    /// Brings up the controller behind `device`, with queues and buffers from `pool`, which
+    /// must be a pool over the device's DMA domain (several devices in one VFIO container may
+    /// share one pool). A pool of another domain is refused with
+    /// [`NvmeError::ForeignBuffer`].
     pub fn new(
-        device: VfioDevice,
+        device: Arc<dyn PciDevice>,
         pool: Pool,
         cfg: ControllerConfig,
     ) -> Result<Controller, NvmeError> {
-        check_class(&device)?;
-        device.enable_bus_master()?;
-        let regs = Registers::new(device.bar(0)?)?;
+        check_class(device.as_ref())?;
+        let domain = device.dma_view()?.domain();
+        if pool.domain() != domain {
+            return Err(NvmeError::ForeignBuffer {
+                buffer: pool.domain(),
+                device: domain,
+            });
+        }
+        device.set_bus_master(true)?;
+        let regs = Registers::new(device.map_bar(0)?)?;
         let cap = regs.cap()?;
         let version = regs.version()?;
         if !cap.supports_nvm_command_set() {
@@ -332,6 +345,7 @@ impl Controller {
             regs,
             pool,
             device,
+            domain,
             cap,
             generation: AtomicU64::new(0),
             reset_state: Mutex::new(ResetState::default()),
@@ -587,11 +601,11 @@ impl Controller {
 }
 
 /// Refuses a PCI function that is not an NVMe controller.
-fn check_class(device: &VfioDevice) -> Result<(), NvmeError> {
-    let class = device.read_config_u32(0x08)? >> 8;
+fn check_class(device: &dyn PciDevice) -> Result<(), NvmeError> {
+    let class = device.class_code()?;
     if class != NVME_CLASS {
         return Err(NvmeError::NotNvme {
-            bdf: device.bdf().to_string(),
+            bdf: device.name().to_string(),
             class,
         });
     }

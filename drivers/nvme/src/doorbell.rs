@@ -33,8 +33,8 @@
 
 use std::sync::atomic::{fence, Ordering};
 
+use tidepool::device::DeviceError;
 use tidepool::pool::{DmaBuf, Pool, PoolError};
-use tidepool::share::ShareError;
 
 use crate::regs::Registers;
 use crate::spec::PAGE_BYTES;
@@ -174,7 +174,7 @@ impl Doorbell {
         regs: &Registers,
         shadow: Option<&ShadowBuffer>,
         value: u16,
-    ) -> Result<(), ShareError> {
+    ) -> Result<(), DeviceError> {
         let old = std::mem::replace(&mut self.last, value);
         match (self.mode, shadow) {
             (Mode::Shadow(entry), Some(sb)) => {

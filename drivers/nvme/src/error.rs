@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use tidepool::device::DeviceError;
 use tidepool::pool::PoolError;
-use tidepool::share::ShareError;
+use tidepool::share::{DomainId, ShareError};
 
 use crate::completion::CompletionError;
 use crate::prp::PrpError;
@@ -13,10 +14,23 @@ use crate::spec::Status;
 /// Everything that can go wrong in the NVMe driver.
 #[derive(Debug, thiserror::Error)]
 pub enum NvmeError {
-    /// Opening or driving the PCI function through VFIO failed (not bound to vfio-pci, no such
-    /// device, no IOMMU group, ...). The inner error says how to fix it.
-    #[error("VFIO: {0}")]
-    Vfio(#[from] ShareError),
+    /// Opening or driving the PCI function failed (not bound to vfio-pci, no such device, no
+    /// IOMMU group, a register access, ...). The inner error says how to fix it.
+    #[error("device: {0}")]
+    Device(#[from] DeviceError),
+    /// Making memory device-visible failed.
+    #[error("DMA view: {0}")]
+    Share(#[from] ShareError),
+    /// A buffer mapped in another IOMMU domain was given to this controller: the device would
+    /// DMA to whatever this domain has at that address. Use a buffer of this controller's pool
+    /// (or of a pool over the same container).
+    #[error("buffer belongs to {buffer}, but this controller DMAs through {device}: use a buffer from the controller's pool or from a pool over its container")]
+    ForeignBuffer {
+        /// The buffer's domain.
+        buffer: DomainId,
+        /// The controller's domain.
+        device: DomainId,
+    },
     /// The DMA pool could not provide memory.
     #[error("DMA pool: {0}")]
     Pool(#[from] PoolError),

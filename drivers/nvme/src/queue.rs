@@ -356,6 +356,14 @@ impl<T> QueuePair<T> {
         };
         let mut prp_chain = None;
         if let Some(buf) = &data {
+            // A buffer of another DMA domain has an address that means other memory here.
+            if buf.domain() != self.hw.domain {
+                let error = NvmeError::ForeignBuffer {
+                    buffer: buf.domain(),
+                    device: self.hw.domain,
+                };
+                return refuse(error, user, data);
+            }
             match self.describe_data(cid, &mut cmd, buf, layout) {
                 Ok(chain) => prp_chain = chain,
                 Err(e) => return refuse(e, user, data),

@@ -2,16 +2,18 @@
 //!
 //! Register *values* ([`Cap`], [`Version`], [`Cc`], [`Csts`]) are plain data with pure decoders
 //! and encoders, unit-tested here. [`Registers`] does the accesses: every one is a single
-//! volatile load or store through the VFIO BAR mapping ([`tidepool::share::vfio::Bar`]), which
-//! checks bounds and alignment. 64-bit registers (CAP, ASQ, ACQ) are accessed as one 8-byte
+//! access through the device seam's BAR ([`tidepool::device::Mmio`]: a volatile load or store
+//! on a VFIO BAR mapping, or a call into an emulated controller), which checks bounds and
+//! alignment. 64-bit registers (CAP, ASQ, ACQ) are accessed as one 8-byte
 //! access, which the spec allows and QEMU and real controllers accept.
 //!
 //! Doorbells sit at `0x1000 + (2 * qid + is_cq) * (4 << CAP.DSTRD)`.
 
 use std::time::Duration;
 
-use tidepool::share::vfio::Bar;
-use tidepool::share::ShareError;
+use std::sync::Arc;
+
+use tidepool::device::{DeviceError, Mmio};
 
 /// Register offsets in BAR0.
 pub mod offset {
@@ -177,13 +179,13 @@ impl Csts {
 /// set ASQ/ACQ before CC.EN) are the controller module's job.
 #[derive(Debug)]
 pub struct Registers {
-    bar: Bar,
+    bar: Arc<dyn Mmio>,
     stride: usize,
 }
 
 impl Registers {
     /// Wraps BAR0, reading CAP.DSTRD for the doorbell stride.
-    pub fn new(bar: Bar) -> Result<Registers, ShareError> {
+    pub fn new(bar: Arc<dyn Mmio>) -> Result<Registers, DeviceError> {
         let cap = Cap(bar.read64(offset::CAP)?);
         Ok(Registers {
             bar,
@@ -192,27 +194,27 @@ impl Registers {
     }
 
     /// CAP.
-    pub fn cap(&self) -> Result<Cap, ShareError> {
+    pub fn cap(&self) -> Result<Cap, DeviceError> {
         Ok(Cap(self.bar.read64(offset::CAP)?))
     }
 
     /// VS.
-    pub fn version(&self) -> Result<Version, ShareError> {
+    pub fn version(&self) -> Result<Version, DeviceError> {
         Ok(Version::from_raw(self.bar.read32(offset::VS)?))
     }
 
     /// CC.
-    pub fn cc(&self) -> Result<Cc, ShareError> {
+    pub fn cc(&self) -> Result<Cc, DeviceError> {
         Ok(Cc(self.bar.read32(offset::CC)?))
     }
 
     /// Writes CC.
-    pub fn set_cc(&self, cc: Cc) -> Result<(), ShareError> {
+    pub fn set_cc(&self, cc: Cc) -> Result<(), DeviceError> {
         self.bar.write32(offset::CC, cc.0)
     }
 
     /// CSTS.
-    pub fn csts(&self) -> Result<Csts, ShareError> {
+    pub fn csts(&self) -> Result<Csts, DeviceError> {
         Ok(Csts(self.bar.read32(offset::CSTS)?))
     }
 
@@ -224,7 +226,7 @@ impl Registers {
         cq_entries: u16,
         asq: u64,
         acq: u64,
-    ) -> Result<(), ShareError> {
+    ) -> Result<(), DeviceError> {
         let aqa = u32::from(sq_entries - 1) | (u32::from(cq_entries - 1) << 16);
         self.bar.write32(offset::AQA, aqa)?;
         self.bar.write64(offset::ASQ, asq)?;
@@ -232,7 +234,7 @@ impl Registers {
     }
 
     /// Masks (or unmasks) all pin/MSI interrupts. Has no effect on MSI-X (spec 3.1.3, 3.1.4).
-    pub fn mask_interrupts(&self, mask: bool) -> Result<(), ShareError> {
+    pub fn mask_interrupts(&self, mask: bool) -> Result<(), DeviceError> {
         let reg = if mask { offset::INTMS } else { offset::INTMC };
         self.bar.write32(reg, u32::MAX)
     }
@@ -243,7 +245,7 @@ impl Registers {
     }
 
     /// Rings a doorbell at an offset from [`Registers::doorbell_offset`].
-    pub fn ring(&self, doorbell: usize, value: u16) -> Result<(), ShareError> {
+    pub fn ring(&self, doorbell: usize, value: u16) -> Result<(), DeviceError> {
         self.bar.write32(doorbell, u32::from(value))
     }
 }

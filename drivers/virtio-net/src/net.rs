@@ -45,8 +45,9 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
+use tidepool::device::vfio::VfioDevice;
+use tidepool::device::PciDevice;
 use tidepool::pool::{DmaBuf, Pool, PoolConfig, PoolError};
-use tidepool::share::vfio::VfioDevice;
 use tidepool::share::DeviceView;
 use tokio::io::unix::AsyncFd;
 
@@ -115,6 +116,15 @@ pub enum NetError {
     /// Waiting on an interrupt eventfd failed.
     #[error("waiting for an interrupt failed: {0}; is this running inside a tokio runtime with IO enabled?")]
     Wait(std::io::Error),
+    /// A buffer (or pool) of another DMA domain was given to this device: it would DMA to
+    /// whatever this domain has at that address. Use buffers of this device's pool.
+    #[error("buffer belongs to {buffer}, but this device DMAs through {device}: use a buffer from the device's pool or from a pool over its container")]
+    ForeignBuffer {
+        /// The buffer's domain.
+        buffer: tidepool::share::DomainId,
+        /// The device's domain.
+        device: tidepool::share::DomainId,
+    },
 }
 
 /// How to open a [`VirtioNet`].
@@ -353,10 +363,20 @@ impl VirtioNet {
     /// # Ok::<(), tidepool_virtio_net::NetError>(())
     /// ```
     pub fn open(bdf: &str, cfg: NetConfig) -> Result<VirtioNet, NetError> {
-        let (device, view) = VfioDevice::open(bdf, u64::MAX).map_err(VirtioError::from)?;
+        let (device, _view) = VfioDevice::open(bdf, u64::MAX).map_err(VirtioError::from)?;
+        VirtioNet::with_device(std::sync::Arc::new(device), cfg)
+    }
+
+    /// Brings up `device` (any [`PciDevice`]: VFIO, or an emulated device in tests) with a new
+    /// pool over its DMA view, made with `cfg.pool` (see [`VirtioNet::with_pool`]).
+    pub fn with_device(
+        device: std::sync::Arc<dyn PciDevice>,
+        cfg: NetConfig,
+    ) -> Result<VirtioNet, NetError> {
         // Identify the device before making a pool for it: a wrong BDF fails fast and cheaply.
         let transport = VirtioPci::open(device, VIRTIO_NET_TYPE, "net")?;
-        let view: std::sync::Arc<dyn DeviceView> = view;
+        let view: std::sync::Arc<dyn DeviceView> =
+            transport.device().dma_view().map_err(VirtioError::from)?;
         let pool = Pool::new(view, cfg.pool.clone())?;
         VirtioNet::start(transport, pool, cfg)
     }
@@ -367,7 +387,7 @@ impl VirtioNet {
     /// bus mastering, MSI-X (if `cfg.interrupts`), queues 0 (RX) and 1 (TX), DRIVER_OK, and a
     /// first RX refill. Blocking; setup only.
     pub fn with_pool(
-        device: VfioDevice,
+        device: std::sync::Arc<dyn PciDevice>,
         pool: Pool,
         cfg: NetConfig,
     ) -> Result<VirtioNet, NetError> {
@@ -377,11 +397,22 @@ impl VirtioNet {
 
     /// The common part of [`VirtioNet::open`] and [`VirtioNet::with_pool`].
     fn start(mut transport: VirtioPci, pool: Pool, cfg: NetConfig) -> Result<VirtioNet, NetError> {
+        let domain = transport
+            .device()
+            .dma_view()
+            .map_err(VirtioError::from)?
+            .domain();
+        if pool.domain() != domain {
+            return Err(NetError::ForeignBuffer {
+                buffer: pool.domain(),
+                device: domain,
+            });
+        }
         transport.reset(cfg.reset_timeout)?;
         let required = features::VERSION_1 | features::ACCESS_PLATFORM;
         let accepted = transport.negotiate(required, F_MAC | F_STATUS, cfg.refuse_features)?;
         let setup = |t: &mut VirtioPci| -> Result<(SplitQueue, SplitQueue), NetError> {
-            t.vfio().enable_bus_master().map_err(VirtioError::from)?;
+            t.device().set_bus_master(true).map_err(VirtioError::from)?;
             if t.num_queues()? < 2 {
                 return Err(VirtioError::Queue {
                     queue: TX_QUEUE,
@@ -745,13 +776,28 @@ impl VirtioNet {
     /// Queues buffers from the front of `bufs` while the TX ring has room, publishing them
     /// with one doorbell at most; the ones not queued stay in `bufs`. Returns how many were
     /// queued.
+    /// A buffer of another DMA domain (another device's pool) is refused with
+    /// [`NetError::ForeignBuffer`] and stays at the front of `bufs`; the ones before it are
+    /// sent.
     pub fn send_buffers(&mut self, bufs: &mut VecDeque<TxBuf>) -> Result<usize, NetError> {
         self.reap_tx()?;
+        let domain = self.pool.domain();
         let tx = self.tx_mut()?;
         let mut queued = 0;
         let mut bytes = 0u64;
         while tx.free_slots() > 0 {
             let Some(b) = bufs.pop_front() else { break };
+            if b.buf.domain() != domain {
+                let buffer = b.buf.domain();
+                bufs.push_front(b);
+                tx.publish();
+                self.stats.tx_frames += queued as u64;
+                self.stats.tx_bytes += bytes;
+                return Err(NetError::ForeignBuffer {
+                    buffer,
+                    device: domain,
+                });
+            }
             let len = b.len;
             if let Err(buf) = tx.push(b.buf, (NET_HDR_LEN + len) as u32, false) {
                 bufs.push_front(TxBuf { buf, len });

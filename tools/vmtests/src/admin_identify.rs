@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use tidepool::share::vfio::{Bar, VfioDevice};
+use tidepool::device::vfio::{Bar, VfioDevice};
+use tidepool::device::{Mmio, PciDevice};
 
 /// Controller registers (NVMe base specification, "Controller Registers").
 const REG_CAP: usize = 0x00;
@@ -43,8 +44,8 @@ pub fn identify_controller(
     queues_iova: u64,
     data_iova: u64,
 ) -> Result<Completion, String> {
-    let e = |what: &str, err: tidepool::share::ShareError| format!("{what}: {err}");
-    dev.enable_bus_master()
+    let e = |what: &str, err: tidepool::device::DeviceError| format!("{what}: {err}");
+    dev.set_bus_master(true)
         .map_err(|err| e("enable bus master", err))?;
     let cap = bar.read64(REG_CAP).map_err(|err| e("read CAP", err))?;
     let timeout = Duration::from_millis(500 * ((cap >> 24) & 0xff).max(1));

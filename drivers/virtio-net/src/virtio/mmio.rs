@@ -1,5 +1,5 @@
-//! [`MmioWindow`]: a bounds-checked slice of a mapped BAR, accessed with volatile loads and
-//! stores of 8, 16 and 32 bits.
+//! [`MmioWindow`]: a bounds-checked slice of a BAR (the device seam's [`Mmio`]), accessed
+//! with single loads and stores of 8, 16 and 32 bits.
 //!
 //! A virtio PCI capability names a BAR, an offset and a length; every register of that
 //! structure must lie inside it. The window checks each access (inside the window, naturally
@@ -9,14 +9,14 @@
 
 use std::sync::Arc;
 
-use tidepool::share::vfio::Bar;
+use tidepool::device::Mmio;
 
 use super::VirtioError;
 
 /// `len` bytes at `offset` inside one mapped BAR.
 #[derive(Clone, Debug)]
 pub struct MmioWindow {
-    bar: Arc<Bar>,
+    bar: Arc<dyn Mmio>,
     offset: usize,
     len: usize,
     what: &'static str,
@@ -26,7 +26,7 @@ impl MmioWindow {
     /// A window over `bar[offset..offset + len]`, checked against the BAR's size. `what` names
     /// the structure in errors ("common config", "notify", ...).
     pub fn new(
-        bar: Arc<Bar>,
+        bar: Arc<dyn Mmio>,
         offset: usize,
         len: usize,
         what: &'static str,
@@ -34,9 +34,8 @@ impl MmioWindow {
         let fits = offset.checked_add(len).is_some_and(|end| end <= bar.len());
         if !fits || len == 0 {
             return Err(VirtioError::BadCapability(format!(
-                "{what} structure at BAR{} offset {offset:#x} (+{len:#x}) does not fit the \
+                "{what} structure at offset {offset:#x} (+{len:#x}) does not fit its \
                  {:#x}-byte BAR",
-                bar.index(),
                 bar.len()
             )));
         }
@@ -58,9 +57,9 @@ impl MmioWindow {
         false
     }
 
-    /// A pointer to a `width`-byte register at `offset`, if it lies inside the window and is
-    /// naturally aligned.
-    fn at(&self, offset: usize, width: usize) -> Result<*mut u8, VirtioError> {
+    /// The BAR offset of a `width`-byte register at `offset`, if it lies inside the window
+    /// and is naturally aligned.
+    fn at(&self, offset: usize, width: usize) -> Result<usize, VirtioError> {
         let fits = offset.checked_add(width).is_some_and(|end| end <= self.len);
         if !fits || offset % width != 0 || (self.offset + offset) % width != 0 {
             return Err(VirtioError::BadRegister {
@@ -70,52 +69,37 @@ impl MmioWindow {
                 len: self.len,
             });
         }
-        Ok(self.bar.as_ptr().wrapping_add(self.offset + offset))
+        Ok(self.offset + offset)
     }
 
     /// Reads the 8-bit register at `offset`.
     pub fn read8(&self, offset: usize) -> Result<u8, VirtioError> {
-        let p = self.at(offset, 1)?;
-        // SAFETY: `at` checked p lies inside the live BAR mapping (kept alive by self.bar).
-        Ok(unsafe { p.read_volatile() })
+        Ok(self.bar.read8(self.at(offset, 1)?)?)
     }
 
     /// Writes the 8-bit register at `offset`.
     pub fn write8(&self, offset: usize, value: u8) -> Result<(), VirtioError> {
-        let p = self.at(offset, 1)?;
-        // SAFETY: `at` checked p lies inside the live BAR mapping.
-        unsafe { p.write_volatile(value) };
-        Ok(())
+        Ok(self.bar.write8(self.at(offset, 1)?, value)?)
     }
 
     /// Reads the little-endian 16-bit register at `offset`.
     pub fn read16(&self, offset: usize) -> Result<u16, VirtioError> {
-        let p = self.at(offset, 2)?.cast::<u16>();
-        // SAFETY: `at` checked p is inside the mapping and 2-byte aligned.
-        Ok(u16::from_le(unsafe { p.read_volatile() }))
+        Ok(u16::from_le(self.bar.read16(self.at(offset, 2)?)?))
     }
 
     /// Writes the little-endian 16-bit register at `offset`.
     pub fn write16(&self, offset: usize, value: u16) -> Result<(), VirtioError> {
-        let p = self.at(offset, 2)?.cast::<u16>();
-        // SAFETY: `at` checked p is inside the mapping and 2-byte aligned.
-        unsafe { p.write_volatile(value.to_le()) };
-        Ok(())
+        Ok(self.bar.write16(self.at(offset, 2)?, value.to_le())?)
     }
 
     /// Reads the little-endian 32-bit register at `offset`.
     pub fn read32(&self, offset: usize) -> Result<u32, VirtioError> {
-        let p = self.at(offset, 4)?.cast::<u32>();
-        // SAFETY: `at` checked p is inside the mapping and 4-byte aligned.
-        Ok(u32::from_le(unsafe { p.read_volatile() }))
+        Ok(u32::from_le(self.bar.read32(self.at(offset, 4)?)?))
     }
 
     /// Writes the little-endian 32-bit register at `offset`.
     pub fn write32(&self, offset: usize, value: u32) -> Result<(), VirtioError> {
-        let p = self.at(offset, 4)?.cast::<u32>();
-        // SAFETY: `at` checked p is inside the mapping and 4-byte aligned.
-        unsafe { p.write_volatile(value.to_le()) };
-        Ok(())
+        Ok(self.bar.write32(self.at(offset, 4)?, value.to_le())?)
     }
 
     /// Writes a 64-bit register as two 32-bit stores, low half first (virtio 1.x §4.1.3.1

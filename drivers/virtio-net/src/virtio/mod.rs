@@ -139,9 +139,12 @@ pub enum VirtioError {
     /// The device set DEVICE_NEEDS_RESET.
     #[error("device reports DEVICE_NEEDS_RESET (status {0:#04x}); drop and reopen the driver")]
     NeedsReset(u8),
-    /// VFIO (config space, BAR mapping, MSI-X) failed.
+    /// The device (config space, BAR mapping, MSI-X, reset) failed.
     #[error(transparent)]
-    Vfio(#[from] tidepool::share::ShareError),
+    Device(#[from] tidepool::device::DeviceError),
+    /// Making memory device-visible failed.
+    #[error(transparent)]
+    Share(#[from] tidepool::share::ShareError),
     /// The pool could not provide ring memory.
     #[error("ring memory: {0}")]
     Pool(#[from] tidepool::pool::PoolError),

@@ -1,4 +1,5 @@
-//! The virtio 1.x PCI transport (§4.1) over a VFIO device.
+//! The virtio 1.x PCI transport (§4.1) over a PCI function reached through the device seam
+//! ([`tidepool::device::PciDevice`]: VFIO, or an emulated device in tests).
 //!
 //! ## Capability walk (§4.1.4)
 //! PCI config space holds a linked list of capabilities from the pointer at 0x34. Virtio's are
@@ -18,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidepool::share::vfio::{Bar, VfioDevice};
+use tidepool::device::{Mmio, PciDevice};
 use tidepool::DeviceAddr;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -149,9 +150,9 @@ impl Notifier {
     }
 }
 
-/// A virtio 1.x PCI device opened through VFIO, its structures mapped.
+/// A virtio 1.x PCI device, its structures mapped.
 pub struct VirtioPci {
-    device: VfioDevice,
+    device: Arc<dyn PciDevice>,
     common: MmioWindow,
     notify: MmioWindow,
     notify_multiplier: u32,
@@ -176,12 +177,12 @@ impl VirtioPci {
     /// has the modern capabilities), walks its capabilities and maps their BARs. Touches no
     /// device state (no reset): call [`VirtioPci::reset`] next. Blocking; setup only.
     pub fn open(
-        device: VfioDevice,
+        device: Arc<dyn PciDevice>,
         want_type: u16,
         want_name: &'static str,
     ) -> Result<VirtioPci, VirtioError> {
-        let vendor = device.vendor_id();
-        let id = device.device_id();
+        let vendor = device.read_config_u16(tidepool::device::config::VENDOR_ID)?;
+        let id = device.read_config_u16(tidepool::device::config::DEVICE_ID)?;
         let device_type = if vendor != VIRTIO_VENDOR {
             None
         } else if id >= MODERN_ID_BASE {
@@ -193,7 +194,7 @@ impl VirtioPci {
         };
         if device_type != Some(want_type) {
             return Err(VirtioError::WrongDevice {
-                bdf: device.bdf().to_string(),
+                bdf: device.name().to_string(),
                 vendor,
                 device: id,
                 want: want_name,
@@ -204,12 +205,12 @@ impl VirtioPci {
         device.read_config(0, &mut config)?;
         let caps = parse_virtio_caps(&config)?;
         let find = |t: u8| caps.iter().find(|c| c.cfg_type == t).copied();
-        let mut bars: HashMap<u8, Arc<Bar>> = HashMap::new();
+        let mut bars: HashMap<u8, Arc<dyn Mmio>> = HashMap::new();
         let mut window = |cap: CapInfo, what: &'static str| -> Result<MmioWindow, VirtioError> {
             let bar = match bars.get(&cap.bar) {
                 Some(b) => Arc::clone(b),
                 None => {
-                    let b = Arc::new(device.bar(u32::from(cap.bar))?);
+                    let b = device.map_bar(cap.bar)?;
                     bars.insert(cap.bar, Arc::clone(&b));
                     b
                 }
@@ -244,8 +245,8 @@ impl VirtioPci {
         })
     }
 
-    /// The VFIO device underneath.
-    pub fn vfio(&self) -> &VfioDevice {
+    /// The PCI function underneath.
+    pub fn device(&self) -> &Arc<dyn PciDevice> {
         &self.device
     }
 

@@ -28,8 +28,10 @@ mod admin_identify;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use tidepool::device::vfio::VfioDevice;
+use tidepool::device::PciDevice;
 use tidepool::memory::{Chunk, PageSize};
-use tidepool::share::vfio::{IovaRange, VfioContainer, VfioDevice, VfioType1};
+use tidepool::share::vfio::{IovaRange, VfioContainer, VfioType1};
 use tidepool::share::{DeviceView, ShareError};
 use tidepool::DeviceAddr;
 use tidepool_vmtests::HarnessEnv;
@@ -70,8 +72,8 @@ fn run() -> Result<(), String> {
 fn shared_container(bdfs: &[String]) -> Result<(), String> {
     println!("phase 4: {} and {} in one container", bdfs[0], bdfs[1]);
     let container = VfioContainer::new().map_err(|e| e.to_string())?;
-    let a = container.open_device(&bdfs[0]).map_err(|e| e.to_string())?;
-    let b = container.open_device(&bdfs[1]).map_err(|e| e.to_string())?;
+    let a = VfioDevice::open_in(&container, &bdfs[0]).map_err(|e| e.to_string())?;
+    let b = VfioDevice::open_in(&container, &bdfs[1]).map_err(|e| e.to_string())?;
     let view = container.view(u64::MAX).map_err(|e| e.to_string())?;
     let again = container.view(u64::MAX).map_err(|e| e.to_string())?;
     if !Arc::ptr_eq(&view, &again) {
@@ -265,7 +267,7 @@ fn full_mask(bdf: &str) -> Result<(), String> {
 
     // Reset the function, route MSI-X vector 0 (the admin CQ's) to an eventfd, and check the
     // Identify completion interrupt arrives there.
-    dev.reset().map_err(|e| e.to_string())?;
+    dev.function_reset().map_err(|e| e.to_string())?;
     let fds = dev.enable_msix_eventfds(1).map_err(|e| e.to_string())?;
     let (last_chunk, last_iova) = mapped.last().ok_or("nothing mapped")?;
     identify_through(&dev, last_chunk, *last_iova)?;

@@ -12,8 +12,8 @@ mod admin_identify;
 
 use std::process::ExitCode;
 
+use tidepool::device::vfio::VfioDevice;
 use tidepool::memory::{Chunk, PageSize};
-use tidepool::share::vfio::VfioDevice;
 use tidepool::share::DeviceView;
 use tidepool_vmtests::HarnessEnv;
 

@@ -11,9 +11,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tidepool::device::vfio::VfioDevice;
 use tidepool::memory::{Chunk, PageSize};
 use tidepool::share::direct::DirectMapper;
-use tidepool::share::vfio::{VfioDevice, VfioType1};
+use tidepool::share::vfio::VfioType1;
 use tidepool::share::{DeviceView, ShareError};
 use tidepool_vmtests::HarnessEnv;
 

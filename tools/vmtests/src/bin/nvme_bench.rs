@@ -24,8 +24,9 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use tidepool::device::vfio::{Bar, VfioDevice};
+use tidepool::device::{Mmio, PciDevice};
 use tidepool::pool::{DmaBuf, Pool, PoolConfig};
-use tidepool::share::vfio::{Bar, VfioDevice};
 use tidepool_nvme::regs::{offset, Cap, Cc};
 use tidepool_nvme::spec::{Command, IoOpcode};
 use tidepool_nvme::{Controller, ControllerConfig, Done, Namespace};
@@ -404,7 +405,7 @@ fn wait_ready(bar: &Bar, ready: bool) -> Res<()> {
 /// The minimal polled loop: its own bring-up, one I/O queue of 64 entries, QD32, fixed buffers.
 fn reference_loop(bdf: &str, size: usize, random: bool, limit: Duration) -> Res<Measured> {
     let (device, view) = VfioDevice::open(bdf, u64::MAX).map_err(|e| e.to_string())?;
-    device.enable_bus_master().map_err(|e| e.to_string())?;
+    device.set_bus_master(true).map_err(|e| e.to_string())?;
     let bar = device.bar(0).map_err(|e| e.to_string())?;
     let pool = Pool::new(view, PoolConfig::default()).map_err(|e| e.to_string())?;
     let cap = Cap::from_raw(bar.read64(offset::CAP).map_err(|e| e.to_string())?);

@@ -17,9 +17,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tidepool::device::vfio::VfioDevice;
 use tidepool::memory::{MemoryConfig, PageSize};
 use tidepool::pool::{DmaBuf, Pool, PoolConfig};
-use tidepool::share::vfio::{VfioDevice, VfioType1};
+use tidepool::share::vfio::VfioType1;
 use tidepool::share::DeviceView;
 use tidepool_nvme::{Controller, ControllerConfig, Done};
 use tidepool_vmtests::HarnessEnv;
@@ -77,7 +78,8 @@ fn run() -> Res<()> {
         interrupts: false,
         ..ControllerConfig::default()
     };
-    let ctrl = Controller::new(device, pool.clone(), ctrl_cfg).map_err(|e| e.to_string())?;
+    let ctrl =
+        Controller::new(Arc::new(device), pool.clone(), ctrl_cfg).map_err(|e| e.to_string())?;
     let ns = ctrl.namespace(1).map_err(|e| e.to_string())?;
     // In use now: the admin queue. The I/O queue adds its rings and, as it goes, one PRP list
     // page per command slot (kept for reuse); all of it returns when the queue is dropped.
