@@ -70,5 +70,6 @@ fn wait(
     let done = finished.remove(0);
     done.result?;
     done.data
+        .and_then(tidepool::data::DmaData::into_buf)
         .ok_or(NvmeError::Unsupported("the queue kept the buffer".into()))
 }

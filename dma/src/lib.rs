@@ -21,6 +21,9 @@
 //! - [`wait`]: the FIFO, size-aware, cancel-safe waiter queue.
 //! - [`pool`]: the pool itself: allocation, waiting maps, the immediate path, growth and
 //!   shrinking, stats.
+//! - [`data`]: [`data::DmaData`], the one DMA data type every driver accepts (an owned pool
+//!   buffer, a bounce of caller memory, or a direct mapping), which knows its domain and
+//!   completes exactly once.
 //! - [`policy`]: how a driver chooses between bouncing through the pool and mapping caller
 //!   memory directly (bounce / direct / auto with a measured crossover).
 //!
@@ -29,6 +32,7 @@
 //! pool never knows which one it has.
 
 pub mod copy;
+pub mod data;
 pub mod device;
 pub mod iova;
 pub mod memory;

@@ -94,6 +94,15 @@ impl DmaBuf {
         self.len == 0
     }
 
+    /// Sets the length (the bytes a transfer of this buffer moves) to `len`, at most
+    /// [`DmaBuf::capacity`]: a buffer reused for transfers of different sizes. The bytes past
+    /// the length stay as they are (device-visible, never another user's).
+    pub fn set_len(&mut self, len: usize) -> Result<(), PoolError> {
+        self.check(0, len)?;
+        self.len = len;
+        Ok(())
+    }
+
     /// Bytes actually reserved (the length rounded up to the size class). Also usable.
     #[inline]
     pub fn capacity(&self) -> usize {

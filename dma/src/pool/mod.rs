@@ -779,7 +779,7 @@ impl Drop for Shared {
             if let Err(e) = self.view.unshare(&s.chunk.region(), s.dev) {
                 // The memory is about to be unmapped while the device may still reach it: the
                 // view refused, so leak the chunk rather than free memory a device can write.
-                eprintln!("tidepool: unsharing a chunk at teardown failed ({e}); leaking it");
+                tracing::error!(error = %e, "unsharing a chunk at teardown failed; leaking it");
                 std::mem::forget(s.chunk);
             }
         }

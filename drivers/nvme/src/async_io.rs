@@ -17,7 +17,7 @@
 //! # Why the bounce buffer is owned, not a borrowed `Mapping`
 //! A future can be dropped at any `.await`. If the device were still writing into a buffer the
 //! future owned, dropping it would hand memory to the pool while DMA is in flight. So the
-//! command's [`DmaBuf`] lives in the queue slot until the device completes it; a cancelled
+//! command's [`DmaData`] lives in the queue slot until the device completes it; a cancelled
 //! future just stops waiting, and the reaper frees the buffer afterwards. (A
 //! `tidepool::pool::Mapping` borrows the caller's memory, so it cannot outlive the future.)
 
@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tidepool::data::DmaData;
 use tidepool::pool::DmaBuf;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
@@ -40,7 +41,7 @@ use crate::spec::{Command, IoOpcode};
 /// What travels with an async command: where to send the result, and its queue slot permit.
 #[derive(Debug)]
 pub(crate) struct Waiter {
-    reply: oneshot::Sender<(Result<u32, NvmeError>, Option<DmaBuf>)>,
+    reply: oneshot::Sender<(Result<u32, NvmeError>, Option<DmaData>)>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -187,9 +188,9 @@ impl AsyncQueue {
             let at = lba + (i * ns.max_transfer() / block) as u64;
             let buf = self.inner.ctrl.pool().alloc(part.len()).await?;
             let cmd = ns.rw_command(IoOpcode::Read, at, part.len())?;
-            let (result, buf) = self.run(cmd, Some(buf), part.len()).await;
+            let (result, buf) = self.run(cmd, Some(buf.into()), part.len()).await;
             result?;
-            if let Some(buf) = buf {
+            if let Some(buf) = buf.and_then(DmaData::into_buf) {
                 buf.read_at(0, part)?;
             }
         }
@@ -205,7 +206,7 @@ impl AsyncQueue {
             let mut buf = self.inner.ctrl.pool().alloc(part.len()).await?;
             buf.write_at(0, part)?;
             let cmd = ns.rw_command(IoOpcode::Write, at, part.len())?;
-            self.run(cmd, Some(buf), part.len()).await.0?;
+            self.run(cmd, Some(buf.into()), part.len()).await.0?;
         }
         Ok(())
     }
@@ -219,9 +220,50 @@ impl AsyncQueue {
     ) -> Result<DmaBuf, NvmeError> {
         let cmd = ns.rw_command(IoOpcode::Read, lba, buf.len())?;
         let len = buf.len();
-        let (r, buf) = self.run(cmd, Some(buf), len).await;
+        let (r, buf) = self.run(cmd, Some(buf.into()), len).await;
         r?;
-        buf.ok_or_else(|| NvmeError::Unsupported("buffer not returned".into()))
+        buf.and_then(DmaData::into_buf)
+            .ok_or_else(|| NvmeError::Unsupported("buffer not returned".into()))
+    }
+
+    /// Reads `data.len()` bytes at `lba` into `data` (owned: a pool buffer, or caller memory
+    /// bounced or mapped as [`tidepool::data::DmaPolicy::prepare_wait`] chose) and gives the
+    /// data back with the result; [`DmaData::complete`] then copies a bounce out. If this
+    /// future is dropped, the data stays with the command until the device is done with it.
+    /// One command: at most [`Namespace::max_transfer`] bytes.
+    pub async fn read_data(
+        &self,
+        ns: &Namespace,
+        lba: u64,
+        data: DmaData,
+    ) -> (Result<(), NvmeError>, Option<DmaData>) {
+        self.rw_data(ns, IoOpcode::Read, lba, data).await
+    }
+
+    /// Writes `data` at `lba`; see [`AsyncQueue::read_data`].
+    pub async fn write_data(
+        &self,
+        ns: &Namespace,
+        lba: u64,
+        data: DmaData,
+    ) -> (Result<(), NvmeError>, Option<DmaData>) {
+        self.rw_data(ns, IoOpcode::Write, lba, data).await
+    }
+
+    async fn rw_data(
+        &self,
+        ns: &Namespace,
+        op: IoOpcode,
+        lba: u64,
+        data: DmaData,
+    ) -> (Result<(), NvmeError>, Option<DmaData>) {
+        let len = data.len();
+        let cmd = match ns.rw_command(op, lba, len) {
+            Ok(cmd) => cmd,
+            Err(e) => return (Err(e), Some(data)),
+        };
+        let (r, data) = self.run(cmd, Some(data), len).await;
+        (r.map(|_| ()), data)
     }
 
     /// Flushes the volatile write cache.
@@ -236,9 +278,9 @@ impl AsyncQueue {
     async fn run(
         &self,
         cmd: Command,
-        data: Option<DmaBuf>,
+        data: Option<DmaData>,
         len: usize,
-    ) -> (Result<u32, NvmeError>, Option<DmaBuf>) {
+    ) -> (Result<u32, NvmeError>, Option<DmaData>) {
         let permit = match self.inner.slots.clone().acquire_owned().await {
             Ok(p) => p,
             Err(_) => {

@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use tidepool::data::DmaData;
 use tidepool::device::vfio::VfioDevice;
 use tidepool::device::PciDevice;
 use tidepool::pool::{Pool, PoolConfig, PoolStats};
@@ -637,9 +638,9 @@ impl Shared {
     /// Runs an admin command that returns `len` bytes (≤ 4 KiB) and copies them out.
     fn admin_read(&self, cmd: Command, len: usize) -> Result<Vec<u8>, NvmeError> {
         let buf = self.hw.pool.try_alloc(IDENTIFY_BYTES)?;
-        let (_, buf) = lock(&self.admin).run(cmd, Some(buf), len)?;
+        let (_, buf) = lock(&self.admin).run(cmd, Some(buf.into()), len)?;
         let mut out = vec![0u8; len];
-        if let Some(buf) = buf {
+        if let Some(buf) = buf.and_then(DmaData::into_buf) {
             buf.read_at(0, &mut out)?;
         }
         Ok(out)

@@ -2,10 +2,13 @@
 //! benchmarks and engines at any queue depth) and simple blocking `read`/`write` helpers.
 //!
 //! # Two ways to submit
-//! - **Zero copy, pool buffers**: [`IoQueue::submit_read`] / [`IoQueue::submit_write`] take a
-//!   [`DmaBuf`] by value, so nobody can touch it while the device does; [`IoQueue::poll`]
-//!   hands it back in the [`Done`] with the caller's user data. One command each: the buffer
-//!   must not exceed [`Namespace::max_transfer`] (else [`NvmeError::TooLarge`]).
+//! - **Any DMA data**: [`IoQueue::submit_read`] / [`IoQueue::submit_write`] take a
+//!   [`DmaData`] by value (a pool [`DmaBuf`] for zero copy, or caller memory bounced or mapped
+//!   directly as [`tidepool::data::DmaPolicy::prepare`] chooses), so nobody can touch it while
+//!   the device does; [`IoQueue::poll`] hands it back in the [`Done`] with the caller's user
+//!   data, to [`DmaData::complete`]. Data of another DMA domain is refused with
+//!   [`NvmeError::ForeignBuffer`]. One command each: the data must not exceed
+//!   [`Namespace::max_transfer`] (else [`NvmeError::TooLarge`]).
 //! - **Caller memory**: [`IoQueue::read`] / [`IoQueue::write`] bounce through pool buffers
 //!   taken with the immediate `try_alloc` (a poller never waits), split the request into
 //!   commands of at most `max_transfer` bytes (MDTS, and the pool's largest buffer), keep up
@@ -26,6 +29,7 @@
 use std::collections::VecDeque;
 use std::ops::Range;
 
+use tidepool::data::DmaData;
 use tidepool::pool::DmaBuf;
 
 use crate::controller::{Controller, DataPointer};
@@ -239,27 +243,28 @@ impl<T> IoQueue<T> {
         &self.ctrl
     }
 
-    /// Submits a read of `buf.len()` bytes at `lba` into `buf` (zero copy). Returns the
-    /// command ID; the buffer comes back with `user` from [`IoQueue::poll`].
+    /// Submits a read of `data.len()` bytes at `lba` into `data` (a [`DmaBuf`] converts:
+    /// zero copy). Returns the command ID; the data comes back with `user` from
+    /// [`IoQueue::poll`].
     pub fn submit_read(
         &mut self,
         ns: &Namespace,
         lba: u64,
-        buf: DmaBuf,
+        data: impl Into<DmaData>,
         user: T,
     ) -> Result<u16, SubmitError<T>> {
-        self.submit_rw(ns, IoOpcode::Read, lba, buf, user)
+        self.submit_rw(ns, IoOpcode::Read, lba, data.into(), user)
     }
 
-    /// Submits a write of `buf.len()` bytes from `buf` at `lba` (zero copy).
+    /// Submits a write of `data.len()` bytes from `data` at `lba`.
     pub fn submit_write(
         &mut self,
         ns: &Namespace,
         lba: u64,
-        buf: DmaBuf,
+        data: impl Into<DmaData>,
         user: T,
     ) -> Result<u16, SubmitError<T>> {
-        self.submit_rw(ns, IoOpcode::Write, lba, buf, user)
+        self.submit_rw(ns, IoOpcode::Write, lba, data.into(), user)
     }
 
     /// Submits a read of `lba..` into the byte `ranges` of `buf`, in order (scatter): the
@@ -283,11 +288,11 @@ impl<T> IoQueue<T> {
         &mut self,
         ns: &Namespace,
         lba: u64,
-        buf: DmaBuf,
+        buf: impl Into<DmaData>,
         ranges: &[Range<usize>],
         user: T,
     ) -> Result<u16, SubmitError<T>> {
-        self.submit_rw_ranges(ns, IoOpcode::Read, lba, buf, ranges, user)
+        self.submit_rw_ranges(ns, IoOpcode::Read, lba, buf.into(), ranges, user)
     }
 
     /// Submits a write at `lba` of the byte `ranges` of `buf`, in order (gather); see
@@ -296,11 +301,11 @@ impl<T> IoQueue<T> {
         &mut self,
         ns: &Namespace,
         lba: u64,
-        buf: DmaBuf,
+        buf: impl Into<DmaData>,
         ranges: &[Range<usize>],
         user: T,
     ) -> Result<u16, SubmitError<T>> {
-        self.submit_rw_ranges(ns, IoOpcode::Write, lba, buf, ranges, user)
+        self.submit_rw_ranges(ns, IoOpcode::Write, lba, buf.into(), ranges, user)
     }
 
     fn submit_rw_ranges(
@@ -308,7 +313,7 @@ impl<T> IoQueue<T> {
         ns: &Namespace,
         op: IoOpcode,
         lba: u64,
-        buf: DmaBuf,
+        buf: DmaData,
         ranges: &[Range<usize>],
         user: T,
     ) -> Result<u16, SubmitError<T>> {
@@ -333,7 +338,7 @@ impl<T> IoQueue<T> {
         ns: &Namespace,
         op: IoOpcode,
         lba: u64,
-        buf: DmaBuf,
+        buf: DmaData,
         user: T,
     ) -> Result<u16, SubmitError<T>> {
         let len = buf.len();
@@ -386,7 +391,7 @@ impl<T> IoQueue<T> {
         match range {
             Ok(b) => {
                 let cmd = Command::deallocate(ns.nsid(), 1, 0);
-                self.submit_tagged(cmd, Some(b), 16, user)
+                self.submit_tagged(cmd, Some(b.into()), 16, user)
             }
             Err(error) => Err(SubmitError {
                 error,
@@ -396,21 +401,10 @@ impl<T> IoQueue<T> {
         }
     }
 
-    /// Submits any I/O command (its data pointer is filled from `data`, `data_len` bytes).
-    pub fn submit_raw(
-        &mut self,
-        cmd: Command,
-        data: Option<DmaBuf>,
-        data_len: usize,
-        user: T,
-    ) -> Result<u16, SubmitError<T>> {
-        self.submit_tagged(cmd, data, data_len, user)
-    }
-
     fn submit_tagged(
         &mut self,
         cmd: Command,
-        data: Option<DmaBuf>,
+        data: Option<DmaData>,
         data_len: usize,
         user: T,
     ) -> Result<u16, SubmitError<T>> {
@@ -507,14 +501,19 @@ impl<T> IoQueue<T> {
             let n = (blocks - done).min(u64::from(u32::MAX)) as u32;
             let mut b = self.ctrl.pool().try_alloc(4096)?;
             b.write_at(0, &dsm_range_bytes(lba + done, n))?;
-            self.run_one(Command::deallocate(ns.nsid(), 1, 0), Some(b), 16)?;
+            self.run_one(Command::deallocate(ns.nsid(), 1, 0), Some(b.into()), 16)?;
             done += u64::from(n);
         }
         Ok(())
     }
 
     /// Runs one internal command to completion.
-    fn run_one(&mut self, cmd: Command, data: Option<DmaBuf>, len: usize) -> Result<(), NvmeError> {
+    fn run_one(
+        &mut self,
+        cmd: Command,
+        data: Option<DmaData>,
+        len: usize,
+    ) -> Result<(), NvmeError> {
         let cid = self
             .qp()
             .submit(cmd, data, len, Tag::Chunk { offset: 0 })
@@ -559,7 +558,7 @@ impl<T> IoQueue<T> {
                         fill(next, &mut buf)?;
                         let cmd = ns.rw_command(op, lba + (next / block) as u64, n)?;
                         self.qp()
-                            .submit(cmd, Some(buf), n, Tag::Chunk { offset: next })
+                            .submit(cmd, Some(buf.into()), n, Tag::Chunk { offset: next })
                             .map_err(|e| e.error)
                     });
                 match submitted {
@@ -580,7 +579,9 @@ impl<T> IoQueue<T> {
             }
             for d in self.poll_internal()? {
                 in_flight -= 1;
-                let (Tag::Chunk { offset }, Some(buf)) = (d.user, d.data) else {
+                let (Tag::Chunk { offset }, Some(buf)) =
+                    (d.user, d.data.and_then(DmaData::into_buf))
+                else {
                     continue;
                 };
                 match d.result {

@@ -50,6 +50,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tidepool::data::DmaData;
 use tidepool::pool::DmaBuf;
 
 use crate::completion::{validate, CompletionRing, Expected};
@@ -74,8 +75,9 @@ pub struct Done<T> {
     pub cid: u16,
     /// The caller's data, as given to `submit`.
     pub user: T,
-    /// The data buffer, given back.
-    pub data: Option<DmaBuf>,
+    /// The command's data, given back once the device is done with it: call
+    /// [`DmaData::complete`] to copy a bounced read out and get the memory back.
+    pub data: Option<DmaData>,
     /// DW0 of the completion on success, or why it failed.
     pub result: Result<u32, NvmeError>,
 }
@@ -87,8 +89,8 @@ pub struct SubmitError<T> {
     pub error: NvmeError,
     /// The user data.
     pub user: T,
-    /// The data buffer.
-    pub data: Option<DmaBuf>,
+    /// The data, untouched by the device.
+    pub data: Option<DmaData>,
 }
 
 /// How a submission's data lies in its buffer.
@@ -105,7 +107,7 @@ enum Layout<'a> {
 struct Inflight<T> {
     user: T,
     opcode: u8,
-    data: Option<DmaBuf>,
+    data: Option<DmaData>,
     /// A chained PRP list (transfers beyond 2 MiB) or an SGL segment of more than 256
     /// descriptors); one-page lists live in `prp_pages`.
     _prp_chain: Option<DmaBuf>,
@@ -307,7 +309,7 @@ impl<T> QueuePair<T> {
     pub fn submit(
         &mut self,
         cmd: Command,
-        data: Option<DmaBuf>,
+        data: Option<DmaData>,
         data_len: usize,
         user: T,
     ) -> Result<u16, SubmitError<T>> {
@@ -322,7 +324,7 @@ impl<T> QueuePair<T> {
     pub fn submit_ranges(
         &mut self,
         cmd: Command,
-        data: DmaBuf,
+        data: DmaData,
         ranges: &[Range<usize>],
         user: T,
     ) -> Result<u16, SubmitError<T>> {
@@ -333,7 +335,7 @@ impl<T> QueuePair<T> {
     fn submit_layout(
         &mut self,
         mut cmd: Command,
-        data: Option<DmaBuf>,
+        data: Option<DmaData>,
         layout: Layout<'_>,
         user: T,
     ) -> Result<u16, SubmitError<T>> {
@@ -397,7 +399,7 @@ impl<T> QueuePair<T> {
         &mut self,
         cid: u16,
         cmd: &mut Command,
-        buf: &DmaBuf,
+        buf: &DmaData,
         layout: Layout<'_>,
     ) -> Result<Option<DmaBuf>, NvmeError> {
         let base = buf.device_addr().0;
@@ -682,9 +684,9 @@ impl<T> QueuePair<T> {
     pub(crate) fn run(
         &mut self,
         cmd: Command,
-        data: Option<DmaBuf>,
+        data: Option<DmaData>,
         data_len: usize,
-    ) -> Result<(u32, Option<DmaBuf>), NvmeError>
+    ) -> Result<(u32, Option<DmaData>), NvmeError>
     where
         T: Default,
     {

@@ -132,9 +132,10 @@ pub enum VerifyKind {
     Pattern,
 }
 
-/// Tidepool's DMA policy for the NVMe engine.
+/// `--dma`: where the tidepool engine's buffers live and how they reach the device. The
+/// caller-memory choices map onto the library's one policy, `tidepool::data::DmaPolicy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DmaPolicy {
+pub enum DmaMode {
     /// Copy through pre-mapped bounce buffers.
     Bounce,
     /// Map and unmap the caller's buffer around every I/O.
@@ -218,7 +219,7 @@ pub struct JobArgs {
     /// pool buffers; map-per-io: IOMMU map/unmap around every I/O; zero-copy: slots are pool
     /// buffers; auto: bounce below a size threshold, map from it on).
     #[arg(long, value_enum, default_value = "bounce")]
-    pub dma: DmaPolicy,
+    pub dma: DmaMode,
     /// tidepool engine, --dma=auto: the first I/O size that is mapped instead of bounced
     /// (default: measured at start with the pool's calibration).
     #[arg(long = "dma-threshold", alias = "dma_threshold", value_parser = parse_size, value_name = "SIZE")]
@@ -275,7 +276,7 @@ impl BlockSizes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolSettings {
     /// DMA policy.
-    pub dma: DmaPolicy,
+    pub dma: DmaMode,
     /// `--dma=auto` threshold in bytes (`None`: calibrate).
     pub dma_threshold: Option<u64>,
     /// Reserved pool bytes at start.

@@ -9,32 +9,29 @@
 //! driven async queue, is not wired into this engine yet and is refused with a clear message).
 //!
 //! # Where the data lives: `--dma=`
-//! The harness reads and writes a slot's bytes through [`SlotBuffer`] only while the slot is idle
-//! (see [`super`]). What the device is given for a slot depends on the DMA mode:
+//! Every I/O goes through the driver's public API with one [`DmaData`]: the engine builds no
+//! command, no PRP and no SGL, and keeps no table of in-flight memory beside the driver's.
+//! Each slot owns its memory while idle, and the harness reads and writes it through
+//! [`SlotBuffer`] only then (see [`super`]); queueing moves the memory into the command and
+//! the completion gives it back.
 //!
 //! | mode | slot memory | per I/O |
 //! |---|---|---|
-//! | `bounce` (default) | private anonymous memory | [`Pool::try_map`]: a pre-mapped pool buffer, filled from the slot (write) or zeroed (read); on completion a read is copied back into the slot |
-//! | `map-per-io` | private, page aligned | [`DirectMapper::map`] (no cache): one `VFIO_IOMMU_MAP_DMA` before, one unmap after |
-//! | `zero-copy` | a pool [`DmaBuf`] per slot | nothing: the slot *is* device-visible memory |
-//! | `auto` | private, page aligned | [`DmaPolicy::choose`] by size: bounce below the threshold, map from it on; the threshold is `--dma-threshold` or measured at prepare with [`DmaPolicy::calibrate`] |
+//! | `bounce` (default) | a page-aligned [`PageBuf`] | [`DmaPolicy::Bounce`]: a pool buffer from the immediate path, filled from the slot (write) or zeroed (read); a read is copied back into the slot on completion |
+//! | `map-per-io` | a [`PageBuf`] | [`DmaPolicy::Direct`]: [`DirectMapper`] (no cache), one `VFIO_IOMMU_MAP_DMA` before, one unmap after |
+//! | `zero-copy` | a pool [`DmaBuf`] | nothing: the slot *is* device-visible memory |
+//! | `auto` | a [`PageBuf`] | [`DmaPolicy::Auto`]: bounce below the threshold, map from it on; the threshold is `--dma-threshold` or measured at prepare with [`DmaPolicy::calibrate`] |
 //!
-//! For `bounce` and `map-per-io` the engine builds the command's PRPs itself ([`Prp::build`], a
-//! PRP list from the pool's immediate path when more than two pages are touched) and submits it
-//! with [`IoQueue::submit_raw`] without a data buffer; the mapping and the PRP list are kept in
-//! the slot until the completion arrives, so no memory the device may still use is unmapped or
-//! freed. `zero-copy` hands the slot's [`DmaBuf`] to the queue, which gives it back in the
-//! completion.
+//! The choice is the library's ([`DmaPolicy::prepare`]); the data completes exactly once
+//! ([`DmaData::complete`]) when the driver hands it back.
 //!
 //! # Why in-flight memory is never released early
-//! - Every mapping (bounce or direct) and PRP list of a command lives in its slot's [`InFlight`]
-//!   until [`IoQueue::poll`] returns that command; only then is it unmapped (a bounce read copies
-//!   out exactly once, in [`Mapping::unmap`]) and dropped.
+//! - A slot's memory is inside its command's [`DmaData`], held by the driver's in-flight slot,
+//!   until [`IoQueue::poll`] returns that command; only then is it completed (copy-out or
+//!   unmap) and given back to the slot.
 //! - On `close`/drop the engine first polls until nothing is outstanding. If polling fails (the
 //!   controller was reset), the driver has already switched bus mastering off before failing the
 //!   commands, so the device can no longer touch the memory.
-//! - Fields are declared so that the queue is dropped (deleting it on the controller) before the
-//!   in-flight state, the private slot memory, the mapper and the controller.
 //!
 //! # Sharing the controller between clones
 //! A VFIO group can be opened once per process, so `numjobs` clones of a job share one
@@ -46,18 +43,15 @@ use std::collections::HashMap;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use tidepool::policy::{Calibration, DmaPolicy as PoolPolicy, Path};
-use tidepool::pool::{Direction, DmaBuf, Mapping, Pool, PoolConfig, UserBuf};
-use tidepool::share::direct::{DirectMapper, DirectMapping};
-use tidepool_nvme::prp::Prp;
-use tidepool_nvme::spec::{Command, IoOpcode};
+use tidepool::data::{Calibration, Completed, DataKind, DmaData, DmaPolicy, HostMemory, PageBuf};
+use tidepool::pool::{Direction, DmaBuf, Pool, PoolConfig};
+use tidepool::share::direct::DirectMapper;
 use tidepool_nvme::{Controller, ControllerConfig, Done, IoQueue, Namespace, NvmeError};
 
-use super::region::SlotRegion;
 use super::{
     target_label, Engine, EngineError, Geometry, IoCompletion, IoDirection, IoRequest, SlotBuffer,
 };
-use crate::options::{CompletionMode, DmaPolicy, JobSpec, PoolSettings};
+use crate::options::{CompletionMode, DmaMode, JobSpec, PoolSettings};
 
 /// The namespace the engine works on.
 const NSID: u32 = 1;
@@ -123,40 +117,23 @@ fn nvme_error(what: &'static str, error: NvmeError) -> EngineError {
     }
 }
 
-/// The DMA mode resolved at prepare (`auto` becomes a threshold).
+/// How slots reach the device, resolved at prepare (`auto` becomes a threshold).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Bounce every I/O through a pool buffer.
-    Bounce,
-    /// Map the slot's private memory for every I/O.
-    MapPerIo,
-    /// Slots are pool buffers.
+enum SlotKind {
+    /// Slots are pool buffers, handed to the device as they are.
     ZeroCopy,
-    /// Bounce below `threshold` bytes, map from it on.
-    Auto {
-        /// First size that is mapped.
-        threshold: usize,
-    },
+    /// Slots are caller memory, bounced or mapped as the library's policy chooses.
+    Caller(DmaPolicy),
 }
 
-/// What a slot holds while its command is in flight. Dropping it releases the memory the device
-/// used, so it is dropped only once the command completed (module doc).
+/// A slot's memory while idle. `None` in the slot table while its command is in flight (the
+/// memory is inside the command's [`DmaData`]).
 #[derive(Debug)]
-enum InFlight {
-    /// Nothing in flight.
-    Idle,
-    /// A bounce mapping of the slot's private memory, and the PRP list for it.
-    Bounce {
-        mapping: Mapping<'static>,
-        _prp_list: Option<DmaBuf>,
-    },
-    /// A direct IOMMU mapping of the slot's private memory, and the PRP list for it.
-    Direct {
-        mapping: DirectMapping<'static>,
-        _prp_list: Option<DmaBuf>,
-    },
-    /// The slot's pool buffer is with the queue.
-    ZeroCopy,
+enum SlotMemory {
+    /// Private, page-aligned memory (bounce, map-per-io, auto).
+    Host(PageBuf),
+    /// A pool buffer (zero-copy).
+    Pool(DmaBuf),
 }
 
 /// Counters of the paths taken, for the report.
@@ -167,37 +144,42 @@ struct PathCounts {
     zero_copy: u64,
 }
 
+impl PathCounts {
+    fn count(&mut self, kind: DataKind) {
+        match kind {
+            DataKind::Bounce => self.bounced += 1,
+            DataKind::Direct => self.mapped += 1,
+            DataKind::Owned => self.zero_copy += 1,
+        }
+    }
+}
+
 /// An open controller and, after `prepare`, its queue and slots. Field order is drop order; see
 /// the module doc.
 pub struct TidepoolEngine {
     queue: Option<IoQueue<u32>>,
-    in_flight: Vec<InFlight>,
-    /// Zero-copy slot buffers while idle (`None` while with the queue).
-    pool_slots: Vec<Option<DmaBuf>>,
-    /// Each slot's first byte (private memory or the pool buffer), fixed from prepare to close.
-    slot_ptrs: Vec<NonNull<u8>>,
+    /// Each slot's memory while idle; `None` while its command is in flight.
+    slots: Vec<Option<SlotMemory>>,
+    /// Each slot's first byte, fixed from prepare to close (the memory moves with the command
+    /// but its bytes stay where they are). Addresses, not pointers: the engine is `Send`, and
+    /// only the harness dereferences them (through [`SlotBuffer`], while the slot is idle).
+    slot_addrs: Vec<usize>,
     /// The length of each slot's current (or last) request.
     request_lens: Vec<u32>,
     slot_bytes: usize,
-    private: Option<SlotRegion>,
     mapper: Option<DirectMapper>,
     ctrl: Arc<Controller>,
     ns: Namespace,
     bdf: String,
-    requested: DmaPolicy,
+    requested: DmaMode,
     threshold: Option<u64>,
-    mode: Mode,
+    kind: SlotKind,
     calibration: Option<Calibration>,
     counts: PathCounts,
     outstanding: usize,
     done: Vec<Done<u32>>,
     final_stats: Option<serde_json::Value>,
 }
-
-// SAFETY: the raw slot pointers point into memory this engine owns (its private region or its
-// pool buffers); moving the engine to another thread moves that ownership with it. Everything
-// else is `Send` (the driver's queue, mappings and pool handles).
-unsafe impl Send for TidepoolEngine {}
 
 impl TidepoolEngine {
     /// Opens (or shares, see the module doc) the controller at `spec.filename` and reads
@@ -247,19 +229,17 @@ impl TidepoolEngine {
             .map_err(|e| nvme_error("namespace 1", e))?;
         Ok(TidepoolEngine {
             queue: None,
-            in_flight: Vec::new(),
-            pool_slots: Vec::new(),
-            slot_ptrs: Vec::new(),
+            slots: Vec::new(),
+            slot_addrs: Vec::new(),
             request_lens: Vec::new(),
             slot_bytes: 0,
-            private: None,
             mapper: None,
             ctrl,
             ns,
             bdf,
             requested: spec.pool.dma,
             threshold: spec.pool.dma_threshold,
-            mode: Mode::Bounce,
+            kind: SlotKind::Caller(DmaPolicy::Bounce),
             calibration: None,
             counts: PathCounts::default(),
             outstanding: 0,
@@ -275,25 +255,24 @@ impl TidepoolEngine {
 
     /// Resolves `--dma` (calibrating for `auto` without a threshold, with `slots` buffers in
     /// flight as in the loop) and makes the mapper the mapping modes need.
-    fn resolve_mode(&mut self, slots: u32) -> Result<(), EngineError> {
-        let needs_mapper = matches!(self.requested, DmaPolicy::MapPerIo | DmaPolicy::Auto);
-        if needs_mapper {
+    fn resolve_kind(&mut self, slots: u32) -> Result<(), EngineError> {
+        if matches!(self.requested, DmaMode::MapPerIo | DmaMode::Auto) {
             self.mapper = Some(DirectMapper::new(Arc::clone(self.pool().view()), 0));
         }
-        self.mode = match self.requested {
-            DmaPolicy::Bounce => Mode::Bounce,
-            DmaPolicy::MapPerIo => Mode::MapPerIo,
-            DmaPolicy::ZeroCopy => Mode::ZeroCopy,
-            DmaPolicy::Auto => match self.threshold {
-                Some(threshold) => Mode::Auto {
+        self.kind = match self.requested {
+            DmaMode::Bounce => SlotKind::Caller(DmaPolicy::Bounce),
+            DmaMode::MapPerIo => SlotKind::Caller(DmaPolicy::Direct),
+            DmaMode::ZeroCopy => SlotKind::ZeroCopy,
+            DmaMode::Auto => match self.threshold {
+                Some(threshold) => SlotKind::Caller(DmaPolicy::Auto {
                     threshold: threshold as usize,
-                },
+                }),
                 None => {
                     let mapper = self.mapper.as_ref().ok_or_else(|| {
                         EngineError::Misuse("auto mode without a direct mapper".into())
                     })?;
                     let max = self.slot_bytes.next_power_of_two().max(4096);
-                    let calibration = PoolPolicy::calibrate(
+                    let calibration = DmaPolicy::calibrate(
                         self.pool(),
                         mapper,
                         max,
@@ -304,123 +283,109 @@ impl TidepoolEngine {
                         what: "DMA policy calibration (give --dma-threshold to skip it)",
                         source: std::io::Error::other(e.to_string()),
                     })?;
-                    let mode = match calibration.policy {
-                        PoolPolicy::Auto { threshold } => Mode::Auto { threshold },
-                        PoolPolicy::Direct => Mode::MapPerIo,
-                        PoolPolicy::Bounce => Mode::Auto {
-                            threshold: usize::MAX,
-                        },
-                    };
+                    let policy = calibration.policy;
                     self.calibration = Some(calibration);
-                    mode
+                    SlotKind::Caller(policy)
                 }
             },
         };
         Ok(())
     }
 
-    /// Makes the command of `request` with the slot's data described per the DMA mode and
-    /// submits it. On failure the slot stays idle and everything taken is released.
+    /// Turns slot `slot`'s idle memory into the [`DmaData`] of a `len`-byte transfer in
+    /// `direction`, as the slot kind says. On failure the memory goes back to the slot.
+    fn data_for(
+        &mut self,
+        slot: usize,
+        len: usize,
+        direction: IoDirection,
+    ) -> Result<DmaData, EngineError> {
+        let dir = match direction {
+            IoDirection::Write => Direction::ToDevice,
+            IoDirection::Read => Direction::FromDevice,
+        };
+        let memory = self.slots[slot]
+            .take()
+            .ok_or_else(|| EngineError::Misuse(format!("slot {slot} is in flight")))?;
+        match (memory, self.kind) {
+            (SlotMemory::Pool(mut buf), _) => match buf.set_len(len) {
+                Ok(()) => Ok(DmaData::owned(buf)),
+                Err(e) => {
+                    self.slots[slot] = Some(SlotMemory::Pool(buf));
+                    Err(EngineError::Misuse(e.to_string()))
+                }
+            },
+            (SlotMemory::Host(mut page), SlotKind::Caller(policy)) => {
+                if !page.set_len(len) {
+                    self.slots[slot] = Some(SlotMemory::Host(page));
+                    return Err(EngineError::Misuse(format!(
+                        "{len} bytes do not fit slot {slot}"
+                    )));
+                }
+                match policy.prepare(self.ctrl.pool(), self.mapper.as_ref(), page, dir) {
+                    Ok(data) => Ok(data),
+                    Err(refused) => {
+                        self.return_memory(slot, Completed::Memory(refused.memory));
+                        Err(EngineError::Io {
+                            what: "DMA data for the slot (raise --pool-max or lower --iodepth)",
+                            source: std::io::Error::other(refused.error.to_string()),
+                        })
+                    }
+                }
+            }
+            (SlotMemory::Host(page), SlotKind::ZeroCopy) => {
+                self.slots[slot] = Some(SlotMemory::Host(page));
+                Err(EngineError::Misuse(
+                    "host memory in a zero-copy slot".into(),
+                ))
+            }
+        }
+    }
+
+    /// Gives completed memory back to its slot. Memory that did not come back as the slot's
+    /// own (a direct mapping that could not be undone is leaked by the library, never reused)
+    /// leaves the slot unusable: `false`.
+    fn return_memory(&mut self, slot: usize, completed: Completed) -> bool {
+        let memory = match completed {
+            Completed::Buf(buf) => SlotMemory::Pool(buf),
+            Completed::Memory(HostMemory::Page(page)) => SlotMemory::Host(page),
+            Completed::Memory(_) => return false,
+        };
+        if let Some(s) = self.slots.get_mut(slot) {
+            *s = Some(memory);
+        }
+        true
+    }
+
+    /// Submits `request` with its slot's memory as the command's data. On failure the slot
+    /// stays idle with its memory.
     fn submit(&mut self, request: IoRequest) -> Result<(), EngineError> {
         let slot = request.slot as usize;
         let len = request.len as usize;
         let block = u64::from(self.ns.block_bytes());
         let lba = request.offset / block;
-        let blocks = self
-            .ns
+        self.ns
             .check(lba, len)
             .map_err(|e| EngineError::Misuse(format!("request {request:?}: {e}")))?;
-        let opcode = match request.direction {
-            IoDirection::Read => IoOpcode::Read,
-            IoDirection::Write => IoOpcode::Write,
-        };
-        let mut cmd = Command::read_write(opcode, NSID, lba, blocks as u32);
-        let path = match self.mode {
-            Mode::Bounce => Path::Bounce,
-            Mode::MapPerIo => Path::Direct,
-            Mode::ZeroCopy => {
-                return self.submit_zero_copy(cmd, request);
-            }
-            Mode::Auto { threshold } => {
-                PoolPolicy::Auto { threshold }.choose(len, self.slot_ptrs[slot].as_ptr() as usize)
-            }
-        };
-        let ptr = self.slot_ptrs[slot].as_ptr();
-        let (device_addr, state) = match path {
-            Path::Bounce => {
-                let mapping = bounce_map(self.pool(), ptr, len, request.direction)?;
-                (mapping.device_addr().0, BounceOrDirect::Bounce(mapping))
-            }
-            Path::Direct => {
-                let mapper = self
-                    .mapper
-                    .as_ref()
-                    .ok_or_else(|| EngineError::Misuse("direct path without a mapper".into()))?;
-                // SAFETY: the slot's private memory is page aligned (SlotRegion), stays mapped
-                // until the engine is closed (after every command completed, module doc), and
-                // the harness does not touch a slot while its request is in flight.
-                let mapping = unsafe { mapper.map(ptr, len) }.map_err(|e| EngineError::Io {
-                    what: "IOMMU map of the slot (map-per-io)",
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-                (mapping.device_addr().0, BounceOrDirect::Direct(mapping))
-            }
-        };
-        let pool = self.ctrl.pool().clone();
-        let prp =
-            Prp::build(device_addr, len, |n| pool.try_alloc(n)).map_err(|e| EngineError::Io {
-                what: "PRP list allocation (raise --pool-max)",
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        cmd.prp1 = prp.prp1;
-        cmd.prp2 = prp.prp2;
+        let data = self.data_for(slot, len, request.direction)?;
+        let kind = data.kind();
         let queue = self
             .queue
             .as_mut()
             .ok_or_else(|| EngineError::Misuse("I/O before prepare".into()))?;
-        queue
-            .submit_raw(cmd, None, 0, request.slot)
-            .map_err(|e| EngineError::Io {
-                what: "NVMe submit",
-                source: std::io::Error::other(e.error.to_string()),
-            })?;
-        self.in_flight[slot] = match state {
-            BounceOrDirect::Bounce(mapping) => {
-                self.counts.bounced += 1;
-                InFlight::Bounce {
-                    mapping,
-                    _prp_list: prp.list,
-                }
-            }
-            BounceOrDirect::Direct(mapping) => {
-                self.counts.mapped += 1;
-                InFlight::Direct {
-                    mapping,
-                    _prp_list: prp.list,
-                }
-            }
+        let submitted = match request.direction {
+            IoDirection::Read => queue.submit_read(&self.ns, lba, data, request.slot),
+            IoDirection::Write => queue.submit_write(&self.ns, lba, data, request.slot),
         };
-        Ok(())
-    }
-
-    /// Submits `request` with the slot's own pool buffer as the data (zero copy).
-    fn submit_zero_copy(&mut self, cmd: Command, request: IoRequest) -> Result<(), EngineError> {
-        let slot = request.slot as usize;
-        let buf = self.pool_slots[slot]
-            .take()
-            .ok_or_else(|| EngineError::Misuse(format!("slot {slot} is in flight")))?;
-        let queue = self
-            .queue
-            .as_mut()
-            .ok_or_else(|| EngineError::Misuse("I/O before prepare".into()))?;
-        match queue.submit_raw(cmd, Some(buf), request.len as usize, request.slot) {
+        match submitted {
             Ok(_) => {
-                self.counts.zero_copy += 1;
-                self.in_flight[slot] = InFlight::ZeroCopy;
+                self.counts.count(kind);
                 Ok(())
             }
             Err(e) => {
-                self.pool_slots[slot] = e.data;
+                if let Some(data) = e.data {
+                    self.return_memory(slot, data.complete());
+                }
                 Err(EngineError::Io {
                     what: "NVMe submit",
                     source: std::io::Error::other(e.error.to_string()),
@@ -429,37 +394,19 @@ impl TidepoolEngine {
         }
     }
 
-    /// Finishes one completed command: copies a bounced read back into the slot (exactly once),
-    /// unmaps a direct mapping, returns a zero-copy buffer to its slot, and converts the status.
-    /// A successful NVMe read or write moves exactly the blocks it named (no short transfers),
-    /// so success reports the request's length.
+    /// Finishes one completed command: completes its data (a bounced read is copied back into
+    /// the slot, exactly once; a direct mapping is unmapped), gives the memory back to the slot
+    /// and converts the status. A successful NVMe read or write moves exactly the blocks it
+    /// named (no short transfers), so success reports the request's length.
     fn finish(&mut self, done: Done<u32>) -> IoCompletion {
         let slot = done.user;
-        let state = self
-            .in_flight
-            .get_mut(slot as usize)
-            .map(|s| std::mem::replace(s, InFlight::Idle))
-            .unwrap_or(InFlight::Idle);
         let len = self.request_lens.get(slot as usize).copied().unwrap_or(0);
         let mut result = done.result.map(|_| len).map_err(|_| libc::EIO);
-        match state {
-            InFlight::Bounce { mapping, .. } => {
-                if result.is_ok() {
-                    mapping.unmap();
-                }
-                // A failed read is abandoned: dropping the mapping copies nothing out.
-            }
-            InFlight::Direct { mapping, .. } => {
-                if mapping.unmap().is_err() {
-                    result = Err(libc::EIO);
-                }
-            }
-            InFlight::ZeroCopy => {
-                if let Some(slot_buf) = self.pool_slots.get_mut(slot as usize) {
-                    *slot_buf = done.data;
-                }
-            }
-            InFlight::Idle => {}
+        let returned = done
+            .data
+            .is_some_and(|data| self.return_memory(slot as usize, data.complete()));
+        if !returned {
+            result = Err(libc::EIO);
         }
         IoCompletion { slot, result }
     }
@@ -483,11 +430,11 @@ impl TidepoolEngine {
             "paths": self.counts,
             "pool": pool,
         });
-        if let Mode::Auto { threshold } = self.mode {
-            out["dma_threshold"] = if threshold == usize::MAX {
-                serde_json::Value::Null
-            } else {
-                serde_json::json!(threshold)
+        if self.requested == DmaMode::Auto {
+            out["dma_threshold"] = match self.kind {
+                SlotKind::Caller(DmaPolicy::Auto { threshold }) => serde_json::json!(threshold),
+                SlotKind::Caller(DmaPolicy::Direct) => serde_json::json!(0),
+                _ => serde_json::Value::Null,
             };
         }
         if let Some(mapper) = &self.mapper {
@@ -508,47 +455,13 @@ impl TidepoolEngine {
     }
 }
 
-/// A fresh mapping of either kind, before it is stored in the slot.
-enum BounceOrDirect {
-    Bounce(Mapping<'static>),
-    Direct(DirectMapping<'static>),
-}
-
-/// Bounce-maps `len` bytes of the slot at `ptr` through the pool's immediate path: a write's
-/// bytes are copied in now, a read gets a zeroed buffer that `Mapping::unmap` copies out.
-fn bounce_map(
-    pool: &Pool,
-    ptr: *mut u8,
-    len: usize,
-    direction: IoDirection,
-) -> Result<Mapping<'static>, EngineError> {
-    // SAFETY: `ptr..ptr+len` lies in the engine's private slot region, which outlives every
-    // mapping (mappings are dropped when their command completes, and close/drop drain before
-    // the region goes). While the mapping lives, the harness does not touch the slot (the engine
-    // protocol), so this is the only reference to those bytes.
-    let user: UserBuf<'static> = unsafe {
-        match direction {
-            IoDirection::Write => UserBuf::Shared(std::slice::from_raw_parts(ptr, len)),
-            IoDirection::Read => UserBuf::Exclusive(std::slice::from_raw_parts_mut(ptr, len)),
-        }
-    };
-    let dir = match direction {
-        IoDirection::Write => Direction::ToDevice,
-        IoDirection::Read => Direction::FromDevice,
-    };
-    pool.try_map(user, dir).map_err(|e| EngineError::Io {
-        what: "bounce buffer from the pool (raise --pool-max or lower --iodepth)",
-        source: std::io::Error::other(e.to_string()),
-    })
-}
-
 /// The `--dma` value as written on the command line.
-fn dma_name(policy: DmaPolicy) -> &'static str {
-    match policy {
-        DmaPolicy::Bounce => "bounce",
-        DmaPolicy::MapPerIo => "map-per-io",
-        DmaPolicy::ZeroCopy => "zero-copy",
-        DmaPolicy::Auto => "auto",
+fn dma_name(mode: DmaMode) -> &'static str {
+    match mode {
+        DmaMode::Bounce => "bounce",
+        DmaMode::MapPerIo => "map-per-io",
+        DmaMode::ZeroCopy => "zero-copy",
+        DmaMode::Auto => "auto",
     }
 }
 
@@ -579,28 +492,25 @@ impl Engine for TidepoolEngine {
             )));
         }
         self.slot_bytes = slot_bytes as usize;
-        self.resolve_mode(slots)?;
-        if self.mode == Mode::ZeroCopy {
-            for _ in 0..slots {
+        self.resolve_kind(slots)?;
+        for _ in 0..slots {
+            let memory = if self.kind == SlotKind::ZeroCopy {
                 let buf = self.pool().try_alloc(self.slot_bytes).map_err(|e| {
                     EngineError::Setup {
                         what: "zero-copy slot buffers from the pool (raise --pool-min/--pool-max)",
                         source: std::io::Error::other(e.to_string()),
                     }
                 })?;
-                let ptr = NonNull::new(buf.as_ptr())
-                    .ok_or_else(|| EngineError::Misuse("pool buffer at null".into()))?;
-                self.slot_ptrs.push(ptr);
-                self.pool_slots.push(Some(buf));
-            }
-        } else {
-            let region = SlotRegion::new(slots, slot_bytes)?;
-            for slot in 0..slots {
-                self.slot_ptrs.push(region.slot(slot)?.ptr);
-            }
-            self.private = Some(region);
+                SlotMemory::Pool(buf)
+            } else {
+                SlotMemory::Host(PageBuf::zeroed(self.slot_bytes))
+            };
+            self.slot_addrs.push(match &memory {
+                SlotMemory::Pool(buf) => buf.as_ptr() as usize,
+                SlotMemory::Host(page) => page.as_slice().as_ptr() as usize,
+            });
+            self.slots.push(Some(memory));
         }
-        self.in_flight = (0..slots).map(|_| InFlight::Idle).collect();
         self.request_lens = vec![0; slots as usize];
         let mut queue = self
             .ctrl
@@ -612,14 +522,22 @@ impl Engine for TidepoolEngine {
     }
 
     fn slot_buffer(&self, slot: u32) -> Result<SlotBuffer, EngineError> {
-        SlotBuffer::of(&self.slot_ptrs, self.slot_bytes, slot)
+        let addr = self.slot_addrs.get(slot as usize).copied().ok_or_else(|| {
+            EngineError::Misuse(format!(
+                "slot {slot} out of range (have {})",
+                self.slots.len()
+            ))
+        })?;
+        let ptr = NonNull::new(addr as *mut u8)
+            .ok_or_else(|| EngineError::Misuse("slot memory at null".into()))?;
+        Ok(SlotBuffer {
+            ptr,
+            len: self.slot_bytes,
+        })
     }
 
     fn queue(&mut self, request: IoRequest) -> Result<(), EngineError> {
-        let idle = matches!(
-            self.in_flight.get(request.slot as usize),
-            Some(InFlight::Idle)
-        );
+        let idle = matches!(self.slots.get(request.slot as usize), Some(Some(_)));
         if !idle || request.len as usize > self.slot_bytes || request.len == 0 {
             return Err(EngineError::Misuse(format!(
                 "request {request:?} names a busy or unknown slot, or exceeds its {} bytes",
@@ -681,10 +599,8 @@ impl Engine for TidepoolEngine {
             Ok(())
         };
         self.queue = None;
-        self.in_flight.clear();
-        self.pool_slots.clear();
-        self.slot_ptrs.clear();
-        self.private = None;
+        self.slots.clear();
+        self.slot_addrs.clear();
         // After the queue and slot buffers went back: `in_use_bytes` then shows only what the
         // controller itself keeps (the admin queue).
         self.final_stats = Some(self.snapshot());
@@ -724,7 +640,7 @@ mod tests {
     #[test]
     fn pool_options_make_a_valid_pool_config() {
         let settings = |min, max, chunk| PoolSettings {
-            dma: DmaPolicy::Bounce,
+            dma: DmaMode::Bounce,
             dma_threshold: None,
             min,
             max,

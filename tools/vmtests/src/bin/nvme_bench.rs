@@ -247,7 +247,10 @@ fn driver_loop(
         for d in out.drain(..) {
             d.result.map_err(|e| format!("read at {}: {e}", d.user))?;
             ios += 1;
-            let mut buf = d.data.ok_or("buffer not returned")?;
+            let mut buf = d
+                .data
+                .and_then(tidepool::data::DmaData::into_buf)
+                .ok_or("buffer not returned")?;
             if bounce {
                 buf.read_at(0, &mut private).map_err(|e| e.to_string())?;
                 drop(buf);

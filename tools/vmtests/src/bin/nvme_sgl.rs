@@ -187,7 +187,10 @@ fn complete(
                 return Err(format!("{what}: completion for CID {} not {cid}", d.cid));
             }
             d.result.map_err(|e| format!("{what}: {e}"))?;
-            return d.data.ok_or_else(|| format!("{what}: buffer not returned"));
+            return d
+                .data
+                .and_then(tidepool::data::DmaData::into_buf)
+                .ok_or_else(|| format!("{what}: buffer not returned"));
         }
         if start.elapsed() > Duration::from_secs(30) {
             return Err(format!("{what}: no completion in 30 s"));

@@ -153,7 +153,10 @@ fn run() -> Res<()> {
     let mut got = vec![0u8; BUF];
     for d in done.drain(..) {
         d.result.map_err(|e| format!("read {}: {e}", d.user))?;
-        let b = d.data.ok_or("read gave no buffer back")?;
+        let b = d
+            .data
+            .and_then(tidepool::data::DmaData::into_buf)
+            .ok_or("read gave no buffer back")?;
         b.read_at(0, &mut got).map_err(|e| e.to_string())?;
         if let Some(j) = (0..BUF).find(|&j| got[j] != pattern(d.user, j)) {
             return Err(format!("buffer {} differs at byte {j}", d.user));
