@@ -6,8 +6,9 @@
 //! handle, generic here as `G`) and collects their wakers in a [`WakeList`].
 //!
 //! ## Locking protocol
-//! `WaitQueue` is a plain data structure. It lives inside the pool's `Mutex<Inner>` next to the
-//! allocator state, and **every method must be called with that lock held** (this is what makes
+//! `WaitQueue` is a plain data structure. It lives inside the pool's global lock
+//! (`Shared::global: Mutex<Global>` in [`crate::pool`]) next to the arena, and **every method
+//! must be called with that lock held** (this is what makes
 //! `&mut self` enough: the queue has no atomics, no interior mutability and never locks anything
 //! itself). It never wakes a task: [`WaitQueue::dispatch`] *returns* the wakers in a
 //! [`WakeList`], which the caller wakes with [`WakeList::wake_all`] **after** releasing the lock,
@@ -17,10 +18,10 @@
 //! ```text
 //! let mut wakes = WakeList::new();
 //! {
-//!     let mut inner = pool.lock();
-//!     inner.release(block);                                    // space comes back
-//!     let Inner { alloc, queue, .. } = &mut *inner;
-//!     queue.dispatch(Instant::now(), &mut wakes, |size| alloc.take(size));
+//!     let mut global = pool.global.lock();
+//!     global.arena.release(block);                             // space comes back
+//!     let Global { arena, queue, .. } = &mut *global;
+//!     queue.dispatch(Instant::now(), &mut wakes, |size| arena.take(size));
 //! }                                                            // unlock
 //! wakes.wake_all();                                            // then wake
 //! ```

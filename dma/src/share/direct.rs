@@ -4,7 +4,8 @@
 //! caller's own buffer device-visible for the duration of one I/O: [`DirectMapper`] shares it
 //! through any [`DeviceView`] (one `VFIO_IOMMU_MAP_DMA` for VFIO) and unshares it when the
 //! returned [`DirectMapping`] is dropped. This is what the benchmarks compare against bounce
-//! buffers; which wins depends on the I/O size and the machine (see `notes/vm.md`).
+//! buffers; which wins depends on the I/O size and the machine (measured, not guessed:
+//! [`crate::policy::DmaPolicy::calibrate`]; BENCHMARKS.md has the figures from the test VM).
 //!
 //! ## Pages, not bytes
 //! IOMMUs map whole 4 KiB pages. A buffer must therefore start on a page boundary
