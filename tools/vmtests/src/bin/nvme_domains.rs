@@ -63,7 +63,9 @@ fn cfg() -> ControllerConfig {
 }
 
 fn pattern(seed: u8) -> Vec<u8> {
-    (0..LEN).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    (0..LEN)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
 }
 
 /// Polls `q` until one command completes, returning its data.
@@ -166,7 +168,14 @@ fn separate_containers(a: &str, b: &str) -> Res<()> {
     // The same buffer is right for B; A's own buffers are right for A.
     write_read_verify(&mut qb, &ns_b, &pool_b, 16, back, &data)?;
     let own_data = pattern(0xa0);
-    write_read_verify(&mut qa, &ns_a, &pool_a, 16, filled(&pool_a, &own_data)?, &own_data)?;
+    write_read_verify(
+        &mut qa,
+        &ns_a,
+        &pool_a,
+        16,
+        filled(&pool_a, &own_data)?,
+        &own_data,
+    )?;
     println!("  B's buffer works on B, A's on A; each read back verified");
     drop((qa, qb));
     Ok(())
