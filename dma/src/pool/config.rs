@@ -35,7 +35,8 @@ pub struct Throttle {
 ///
 /// The defaults suit a storage driver: 16 MiB prefilled, growth in 16 MiB chunks (one IOMMU
 /// mapping each) up to 1 GiB, buffers from 512 B to 2 MiB, 1 MiB (1/16 of the prefill) reserved
-/// for the immediate path, and a waiter that has waited 1 ms triggers growth.
+/// for the immediate path, a waiter that has waited 1 ms triggers growth, and a waiter gives up
+/// after 1 s of failing growth.
 ///
 /// ```
 /// use tidepool::pool::PoolConfig;
@@ -82,6 +83,14 @@ pub struct PoolConfig {
     pub grow_after: Duration,
     /// What happens at the cap when nothing is free.
     pub at_cap: AtCap,
+    /// How long an [`AtCap::Wait`] request keeps waiting for released space while growth
+    /// fails (no hugepages, the mapping limit, memlock): once it has waited this long and the
+    /// growth attempted on its behalf failed (or the grower is still backing off from
+    /// failures), it ends with [`PoolError::GrowthFailed`]. [`AtCap::Fail`] requests do not
+    /// wait for this: they fail as soon as growth on their behalf fails, or after
+    /// `grow_after` while the grower backs off. See the growth-failure rule in
+    /// [`crate::pool`].
+    pub growth_failure_wait: Duration,
     /// Whether awaitable requests ([`super::Pool::alloc`], [`super::Pool::map`]) wait at all.
     /// `false` makes them take the immediate path and fail when it fails: the classic
     /// swiotlb and SWIOTLB_DYNAMIC behaviours, kept for comparison.
@@ -120,6 +129,7 @@ impl Default for PoolConfig {
             transient: true,
             grow_after: Duration::from_millis(1),
             at_cap: AtCap::Wait,
+            growth_failure_wait: Duration::from_secs(1),
             waiting: true,
             throttle: None,
             fairness: FairnessConfig::default(),
