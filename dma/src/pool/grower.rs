@@ -178,34 +178,81 @@ impl Signal {
     }
 }
 
-/// Starts the grower thread for `shared`.
+/// The grower thread's body before it runs: what a [`Spawner`] starts.
 #[cfg(not(loom))]
-pub(crate) fn spawn(shared: &std::sync::Arc<Shared>) {
-    let weak = std::sync::Arc::downgrade(shared);
-    let signal = shared.grower.clone();
-    let handle = std::thread::Builder::new()
-        .name("tidepool-grower".into())
-        .spawn(move || loop {
+pub(crate) struct GrowerLoop {
+    /// The pool, held weakly: the thread must not keep it alive.
+    pool: std::sync::Weak<Shared>,
+    signal: std::sync::Arc<Signal>,
+}
+
+#[cfg(not(loom))]
+impl GrowerLoop {
+    /// Runs maintenance steps until the pool is gone or shut down.
+    pub(crate) fn run(self) {
+        loop {
             let next = {
-                let Some(shared) = weak.upgrade() else { return };
-                if signal.is_shut_down() {
+                let Some(shared) = self.pool.upgrade() else {
+                    return;
+                };
+                if self.signal.is_shut_down() {
                     return;
                 }
                 let r = shared.maintain(Instant::now());
                 r.next_wake.unwrap_or(Duration::from_secs(1))
             };
             // Sleeps without holding the pool alive.
-            if !signal.sleep(next) {
+            if !self.signal.sleep(next) {
                 return;
             }
-        })
-        .expect("spawning the tidepool grower thread");
+        }
+    }
+
+    /// The pool this loop would maintain (tests check that a pool whose grower never
+    /// started is freed).
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> std::sync::Weak<Shared> {
+        self.pool.clone()
+    }
+}
+
+/// Starts a thread from a builder and a loop: [`spawn_thread`] in production; tests pass one
+/// that fails, to drive [`super::Pool::new`]'s error path.
+#[cfg(not(loom))]
+pub(crate) type Spawner<'a> = &'a mut dyn FnMut(
+    std::thread::Builder,
+    GrowerLoop,
+) -> std::io::Result<std::thread::JoinHandle<()>>;
+
+/// The real [`Spawner`].
+#[cfg(not(loom))]
+pub(crate) fn spawn_thread(
+    builder: std::thread::Builder,
+    body: GrowerLoop,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    builder.spawn(move || body.run())
+}
+
+/// Starts the grower thread for `shared` through `spawner`. Fails (the thread limit,
+/// memory) with [`super::PoolError::GrowerSpawn`]; the caller then drops the pool.
+#[cfg(not(loom))]
+pub(crate) fn spawn(
+    shared: &std::sync::Arc<Shared>,
+    spawner: Spawner<'_>,
+) -> Result<(), super::PoolError> {
+    let body = GrowerLoop {
+        pool: std::sync::Arc::downgrade(shared),
+        signal: shared.grower.clone(),
+    };
+    let builder = std::thread::Builder::new().name("tidepool-grower".into());
+    let handle = spawner(builder, body).map_err(super::PoolError::GrowerSpawn)?;
     shared.grower.state.lock().unwrap().thread = Some(handle);
+    Ok(())
 }
 
 /// Loom models run the grower's steps by hand (`background: false`).
 #[cfg(loom)]
-pub(crate) fn spawn(_shared: &crate::sync::Arc<Shared>) {
+pub(crate) fn spawn(_shared: &crate::sync::Arc<Shared>) -> Result<(), super::PoolError> {
     panic!("PoolConfig::background must be false under loom");
 }
 

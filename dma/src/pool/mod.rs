@@ -208,7 +208,24 @@ enum Caller {
 impl Pool {
     /// Makes a pool over `view`, prefilling `cfg.prefill_bytes` (made and shared now, blocking)
     /// and starting the grower thread unless `cfg.background` is off.
+    ///
+    /// Fails with the configuration's, the memory's or the view's error, or with
+    /// [`PoolError::GrowerSpawn`] if the grower thread cannot be started; everything made
+    /// so far is unshared and freed first.
     pub fn new(view: Arc<dyn DeviceView>, cfg: PoolConfig) -> Result<Pool, PoolError> {
+        #[cfg(not(loom))]
+        let start = |shared: &Arc<Shared>| grower::spawn(shared, &mut grower::spawn_thread);
+        #[cfg(loom)]
+        let start = grower::spawn;
+        Pool::build(view, cfg, start)
+    }
+
+    /// [`Pool::new`] with the grower started by `start` (tests inject a failing spawn).
+    fn build(
+        view: Arc<dyn DeviceView>,
+        cfg: PoolConfig,
+        start: impl FnOnce(&Arc<Shared>) -> Result<(), PoolError>,
+    ) -> Result<Pool, PoolError> {
         cfg.validate()?;
         let shared = Arc::new(Shared {
             caches: Caches::new(
@@ -249,7 +266,8 @@ impl Pool {
             shared.publish_capacity(&g);
         }
         if shared.cfg.background {
-            grower::spawn(&shared);
+            // On failure `shared` is dropped here, unsharing and freeing the prefill.
+            start(&shared)?;
         }
         Ok(Pool {
             _handle: Arc::new(Handle {

@@ -1084,3 +1084,57 @@ fn an_expired_backoff_does_not_keep_the_grower_busy() {
         "the grower sleeps: {r:?}"
     );
 }
+
+/// `Pool::new` whose grower thread cannot be started (EAGAIN: the thread limit) returns
+/// `GrowerSpawn` instead of panicking, and gives back everything it made: the prefilled
+/// chunks are unshared and the pool's state (arena, chunks) is freed.
+#[test]
+fn a_grower_that_cannot_start_fails_pool_new_and_leaks_nothing() {
+    let view = Arc::new(Identity::new());
+    let cfg = PoolConfig {
+        background: true,
+        prefill_bytes: 512 << 10,
+        ..small_config()
+    };
+    let mut body = None;
+    let r = Pool::build(view.clone(), cfg, |shared| {
+        assert_eq!(
+            view.usage().mappings,
+            2,
+            "prefilled before the grower starts"
+        );
+        grower::spawn(shared, &mut |_builder, grower| {
+            body = Some(grower.pool());
+            Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+        })
+    });
+    let e = r.unwrap_err();
+    assert!(
+        matches!(&e, PoolError::GrowerSpawn(io) if io.raw_os_error() == Some(libc::EAGAIN)),
+        "{e}"
+    );
+    assert!(e.to_string().contains("grower thread"), "{e}");
+    let pool = body.expect("the real spawn path ran");
+    assert!(pool.upgrade().is_none(), "the pool's state was freed");
+    assert_eq!(
+        view.usage(),
+        crate::share::ShareUsage {
+            mappings: 0,
+            mapping_limit: None,
+            bytes: 0
+        },
+        "every prefilled chunk unshared"
+    );
+    // The real spawner still works.
+    let p = Pool::new(
+        view.clone(),
+        PoolConfig {
+            background: true,
+            ..small_config()
+        },
+    )
+    .unwrap();
+    assert_eq!(view.usage().mappings, 1);
+    drop(p);
+    assert_eq!(view.usage().mappings, 0);
+}
