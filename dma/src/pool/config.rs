@@ -16,7 +16,9 @@ pub enum AtCap {
     /// Keep waiting for space to be released (the default: at the cap, waiting is the point).
     #[default]
     Wait,
-    /// Fail with [`PoolError::AtCap`] once the bounded wait has passed.
+    /// Fail with [`PoolError::AtCap`] once the bounded wait (`grow_after`) has passed at the
+    /// cap; below it, fail with [`PoolError::GrowthFailed`] as soon as growth on the
+    /// request's behalf fails.
     Fail,
 }
 
@@ -78,8 +80,10 @@ pub struct PoolConfig {
     /// Let the immediate path create a one-off chunk when the pool and reserve are empty
     /// (as Linux's SWIOTLB_DYNAMIC does); it is freed as soon as it is idle.
     pub transient: bool,
-    /// A waiter that has waited this long makes the grower grow now, ignoring its backoff
-    /// (the bounded wait: no livelock behind a slow grower).
+    /// A waiter that has waited this long makes the grower grow now (synchronous growth;
+    /// the grower also drains the per-core caches for it). It does not cut a backoff after
+    /// failed growth short: an [`AtCap::Fail`] waiter this old ends with
+    /// [`PoolError::GrowthFailed`] instead (see the growth-failure rule in [`crate::pool`]).
     pub grow_after: Duration,
     /// What happens at the cap when nothing is free.
     pub at_cap: AtCap,
