@@ -11,7 +11,12 @@
 //!
 //! Machines without hugepages may opt in to locked 4 KiB pages ([`PageSize::Small4K`]); that is
 //! off by default because `mlock` needs a large `RLIMIT_MEMLOCK` and the IOMMU then needs many
-//! more page-table entries.
+//! more page-table entries. The limit is checked against the total: this process's locked
+//! chunks are counted ([`locked_bytes`]), a chunk that would pass the limit in total fails
+//! with [`MemoryError::MemlockLimit`] before any system call, and a kernel refusal to lock
+//! (EAGAIN/ENOMEM: other code may hold locked memory too) becomes the same error. A thread
+//! with `CAP_IPC_LOCK` is exempt, as the kernel exempts it. Hugetlb memory is not charged to
+//! the limit and not counted.
 //!
 //! Fresh chunks are zero-filled by the kernel, so a new chunk never shows a device stale data.
 //!
@@ -20,6 +25,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::sys::memfd::{memfd_create, MFdFlags};
 
@@ -110,15 +116,20 @@ pub enum MemoryError {
         /// A total that would satisfy this request.
         suggest: usize,
     },
-    /// `RLIMIT_MEMLOCK` is too small to lock 4 KiB pages.
+    /// `RLIMIT_MEMLOCK` is too small to lock 4 KiB pages: this chunk on top of what this
+    /// process's chunks already hold locked would pass it (or the kernel refused to lock
+    /// with EAGAIN/ENOMEM, which is how it reports the limit).
     #[error(
-        "memlock limit too low: locking {needed} B more, limit is {limit} B; raise it \
-         (`ulimit -l unlimited` as root, or LimitMEMLOCK= in systemd) or use hugepages"
+        "memlock limit too low: locking {needed} B more on top of {locked} B already locked \
+         by tidepool chunks, limit is {}; raise it (`ulimit -l unlimited` as root, or \
+         LimitMEMLOCK= in systemd) or use hugepages", show_limit(*.limit)
     )]
     MemlockLimit {
         /// Bytes this chunk needs locked.
         needed: usize,
-        /// The soft limit in bytes.
+        /// Bytes this process's 4 KiB-page chunks held locked already ([`locked_bytes`]).
+        locked: u64,
+        /// The soft limit in bytes (`RLIM_INFINITY` if unlimited).
         limit: u64,
     },
     /// Any other system call failure.
@@ -176,14 +187,21 @@ impl Chunk {
         if len == 0 || len % page != 0 {
             return Err(MemoryError::BadLength { len, page });
         }
-        if page_size == PageSize::Small4K {
-            check_memlock(len)?;
-        }
+        // Only 4 KiB pages are locked against RLIMIT_MEMLOCK: hugetlb memory is not charged
+        // to it.
+        let lock = match page_size {
+            PageSize::Small4K => Some(MemlockReservation::take(len)?),
+            PageSize::Huge2M | PageSize::Huge1G => None,
+        };
         let fd = memfd_create(c"tidepool-chunk", page_size.memfd_flags())
             .map_err(|e| os_or_hugepages("memfd_create", e.into(), page_size, len))?;
         nix::unistd::ftruncate(&fd, len as libc::off_t)
             .map_err(|e| os_or_hugepages("ftruncate", e.into(), page_size, len))?;
-        let ptr = map_shared(&fd, len, page_size)?;
+        let ptr = map_shared(&fd, len, page_size, lock.as_ref())?;
+        // The chunk's drop gives the bytes back from now on.
+        if let Some(lock) = lock {
+            lock.keep();
+        }
         Ok(Chunk {
             ptr,
             len,
@@ -234,6 +252,9 @@ impl Drop for Chunk {
         // pointer into it outlives the chunk (the pool drops chunks only when fully idle).
         let r = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
         debug_assert_eq!(r, 0, "munmap of a chunk failed");
+        if self.page_size == PageSize::Small4K {
+            LOCKED_BYTES.fetch_sub(self.len as u64, Ordering::AcqRel);
+        }
     }
 }
 
@@ -258,8 +279,14 @@ impl HostRegion<'_> {
     }
 }
 
-/// Maps `len` bytes of `fd` shared, read-write, and faults every page in.
-fn map_shared(fd: &OwnedFd, len: usize, page_size: PageSize) -> Result<NonNull<u8>, MemoryError> {
+/// Maps `len` bytes of `fd` shared, read-write, and faults every page in; 4 KiB pages are
+/// locked too, under `lock` (the reservation made for them).
+fn map_shared(
+    fd: &OwnedFd,
+    len: usize,
+    page_size: PageSize,
+    lock: Option<&MemlockReservation>,
+) -> Result<NonNull<u8>, MemoryError> {
     let mut flags = libc::MAP_SHARED | libc::MAP_POPULATE;
     if page_size == PageSize::Small4K {
         flags |= libc::MAP_LOCKED;
@@ -277,25 +304,148 @@ fn map_shared(fd: &OwnedFd, len: usize, page_size: PageSize) -> Result<NonNull<u
     };
     if p == libc::MAP_FAILED {
         let e = std::io::Error::last_os_error();
-        return Err(os_or_hugepages("mmap", e, page_size, len));
+        return Err(match lock {
+            // MAP_LOCKED over the limit fails with EAGAIN.
+            Some(lock) => lock.failure("mmap", e),
+            None => os_or_hugepages("mmap", e, page_size, len),
+        });
     }
     let ptr = NonNull::new(p.cast::<u8>()).expect("mmap returned NULL without MAP_FIXED");
-    if page_size == PageSize::Small4K {
+    if let Some(lock) = lock {
         // SAFETY: locks the range we just mapped; no memory is changed.
         if unsafe { libc::mlock(p, len) } != 0 {
             let e = std::io::Error::last_os_error();
             // SAFETY: undoes the mapping just made; nothing else refers to it yet.
             unsafe { libc::munmap(p, len) };
-            return Err(match check_memlock(len) {
-                Err(m) => m,
-                Ok(()) => MemoryError::Os {
-                    what: "mlock",
-                    source: e,
-                },
-            });
+            return Err(lock.failure("mlock", e));
         }
     }
     Ok(ptr)
+}
+
+/// Bytes of 4 KiB-page chunks this process holds locked: reserved before a chunk is made,
+/// given back when it is dropped (or was never made). Hugetlb chunks are not counted: the
+/// kernel does not charge hugetlb memory to `RLIMIT_MEMLOCK`.
+static LOCKED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes this process's 4 KiB-page chunks hold locked now (what [`MemoryError::MemlockLimit`]
+/// calls `locked`). Memory locked by other code in the process is not included; the kernel
+/// counts it, and its refusal comes back as the same typed error.
+pub fn locked_bytes() -> u64 {
+    LOCKED_BYTES.load(Ordering::Acquire)
+}
+
+/// `len` bytes counted in [`LOCKED_BYTES`] for a chunk being made; given back on drop unless
+/// [`MemlockReservation::keep`] hands them to the chunk.
+#[derive(Debug)]
+struct MemlockReservation {
+    len: usize,
+    /// What was locked before this reservation, and the soft limit, for error messages.
+    locked_before: u64,
+    limit: u64,
+}
+
+impl MemlockReservation {
+    /// Reserves `len` bytes if `RLIMIT_MEMLOCK` leaves room for them on top of what our
+    /// chunks already hold ([`memlock_verdict`]). Two threads cannot both take the last room:
+    /// the count is raised first, then checked.
+    fn take(len: usize) -> Result<MemlockReservation, MemoryError> {
+        let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
+            .map_err(|e| MemoryError::Os {
+                what: "getrlimit",
+                source: e.into(),
+            })?;
+        let locked_before = LOCKED_BYTES.fetch_add(len as u64, Ordering::AcqRel);
+        let reservation = MemlockReservation {
+            len,
+            locked_before,
+            limit: soft,
+        };
+        memlock_verdict(soft, ipc_lock_exempt(), locked_before, len as u64)?;
+        Ok(reservation)
+    }
+
+    /// The chunk was made: its drop gives the bytes back.
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+
+    /// The error for a failed `mmap(MAP_LOCKED)` or `mlock` of this reservation.
+    fn failure(&self, what: &'static str, e: std::io::Error) -> MemoryError {
+        lock_failure(what, e, self.len, self.locked_before, self.limit)
+    }
+}
+
+impl Drop for MemlockReservation {
+    fn drop(&mut self) {
+        LOCKED_BYTES.fetch_sub(self.len as u64, Ordering::AcqRel);
+    }
+}
+
+/// Whether locking `needed` more bytes on top of `locked` stays within the soft
+/// `RLIMIT_MEMLOCK` `limit`. A thread with `CAP_IPC_LOCK` (`exempt`: root, usually) or an
+/// unlimited limit is not limited: the kernel ignores the rlimit for it.
+fn memlock_verdict(limit: u64, exempt: bool, locked: u64, needed: u64) -> Result<(), MemoryError> {
+    if !exempt && limit != libc::RLIM_INFINITY && locked.saturating_add(needed) > limit {
+        return Err(MemoryError::MemlockLimit {
+            needed: needed as usize,
+            locked,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// The error for a failed lock: EAGAIN (`mmap(MAP_LOCKED)`) and ENOMEM (`mlock`) are how the
+/// kernel says `RLIMIT_MEMLOCK` would be passed, whatever our own count said (other code in
+/// the process may hold locked memory too), so they become [`MemoryError::MemlockLimit`].
+fn lock_failure(
+    what: &'static str,
+    e: std::io::Error,
+    needed: usize,
+    locked: u64,
+    limit: u64,
+) -> MemoryError {
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::ENOMEM) => MemoryError::MemlockLimit {
+            needed,
+            locked,
+            limit,
+        },
+        _ => MemoryError::Os { what, source: e },
+    }
+}
+
+/// `CAP_IPC_LOCK`'s bit in the capability sets.
+const CAP_IPC_LOCK: u32 = 14;
+
+/// Whether the calling thread has `CAP_IPC_LOCK` in its effective set (capabilities are per
+/// thread, and the kernel checks the thread that locks). Read from `/proc/thread-self/status`;
+/// if that cannot be read, root is assumed to have it.
+fn ipc_lock_exempt() -> bool {
+    let eff = std::fs::read_to_string("/proc/thread-self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_owned();
+            u64::from_str_radix(&hex, 16).ok()
+        });
+    match eff {
+        Some(caps) => caps & (1 << CAP_IPC_LOCK) != 0,
+        None => nix::unistd::geteuid().is_root(),
+    }
+}
+
+/// A memlock limit for messages: bytes, or "unlimited".
+fn show_limit(limit: u64) -> String {
+    if limit == libc::RLIM_INFINITY {
+        "unlimited".into()
+    } else {
+        format!("{limit} B")
+    }
 }
 
 /// Turns ENOMEM/EINVAL on hugetlb memory into [`MemoryError::NoHugepages`] with numbers.
@@ -333,24 +483,6 @@ pub fn hugepage_counts(page_size: PageSize) -> Option<(usize, usize)> {
     Some((read("nr_hugepages")?, read("free_hugepages")?))
 }
 
-/// Checks that `RLIMIT_MEMLOCK` leaves room to lock `len` more bytes (root with
-/// `CAP_IPC_LOCK` is exempt).
-fn check_memlock(len: usize) -> Result<(), MemoryError> {
-    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
-        .map_err(|e| MemoryError::Os {
-            what: "getrlimit",
-            source: e.into(),
-        })?;
-    let privileged = nix::unistd::geteuid().is_root();
-    if !privileged && soft != libc::RLIM_INFINITY && (len as u64) > soft {
-        return Err(MemoryError::MemlockLimit {
-            needed: len,
-            limit: soft,
-        });
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,6 +514,195 @@ mod tests {
         assert_eq!(bytes[100], 7);
         assert_eq!(c.region().len, 64 << 10);
         assert!(c.region().fd.is_some());
+    }
+
+    #[test]
+    fn memlock_decision_counts_bytes_already_locked() {
+        const K: u64 = 1024;
+        // Room for one more 256 KiB chunk under 384 KiB only while nothing else is locked.
+        assert!(memlock_verdict(384 * K, false, 0, 256 * K).is_ok());
+        assert!(
+            memlock_verdict(512 * K, false, 256 * K, 256 * K).is_ok(),
+            "exactly the limit"
+        );
+        match memlock_verdict(384 * K, false, 256 * K, 256 * K) {
+            Err(MemoryError::MemlockLimit {
+                needed,
+                locked,
+                limit,
+            }) => assert_eq!((needed, locked, limit), (256 << 10, 256 << 10, 384 << 10)),
+            other => panic!("{other:?}"),
+        }
+        // CAP_IPC_LOCK (root, usually) and an unlimited rlimit are exempt.
+        assert!(memlock_verdict(384 * K, true, 256 * K, 256 * K).is_ok());
+        assert!(memlock_verdict(libc::RLIM_INFINITY, false, u64::MAX / 2, 256 * K).is_ok());
+        // The message names the total.
+        let e = memlock_verdict(384 * K, false, 256 * K, 256 * K).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("262144 B already locked"), "{msg}");
+        assert!(msg.contains("limit is 393216 B"), "{msg}");
+    }
+
+    #[test]
+    fn eagain_and_enomem_from_locking_become_the_memlock_error() {
+        for errno in [libc::EAGAIN, libc::ENOMEM] {
+            let e = lock_failure(
+                "mmap",
+                std::io::Error::from_raw_os_error(errno),
+                4096,
+                8192,
+                12288,
+            );
+            assert!(
+                matches!(
+                    e,
+                    MemoryError::MemlockLimit {
+                        needed: 4096,
+                        locked: 8192,
+                        limit: 12288
+                    }
+                ),
+                "errno {errno}: {e}"
+            );
+        }
+        let e = lock_failure(
+            "mmap",
+            std::io::Error::from_raw_os_error(libc::EBADF),
+            4096,
+            0,
+            12288,
+        );
+        assert!(matches!(e, MemoryError::Os { what: "mmap", .. }), "{e}");
+    }
+
+    /// Runs [`memlock_child`] in a child process (its own RLIMIT_MEMLOCK, no CAP_IPC_LOCK,
+    /// no other test's chunks) and checks that it passed.
+    #[test]
+    fn memlock_limit_is_enforced_across_chunks() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "memory::tests::memlock_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env(CHILD_ENV, "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "child failed:\n{text}");
+        assert!(text.contains("1 passed"), "the child test ran:\n{text}");
+    }
+
+    const CHILD_ENV: &str = "TIDEPOOL_MEMLOCK_CHILD";
+
+    /// The child side of [`memlock_limit_is_enforced_across_chunks`]: gives up CAP_IPC_LOCK
+    /// (so the kernel enforces the limit even for root), sets RLIMIT_MEMLOCK to 384 KiB, and
+    /// checks that crossing it in total, by our chunks or by other locked memory, gives the
+    /// typed error, and that dropping a chunk gives its bytes back.
+    #[test]
+    #[ignore = "runs in a child process of memlock_limit_is_enforced_across_chunks"]
+    fn memlock_child() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        assert_eq!(
+            std::env::var(CHILD_ENV).as_deref(),
+            Ok("1"),
+            "run only by memlock_limit_is_enforced_across_chunks"
+        );
+        drop_ipc_lock();
+        assert!(!ipc_lock_exempt(), "CAP_IPC_LOCK dropped");
+        let (_, hard) = getrlimit(Resource::RLIMIT_MEMLOCK).unwrap();
+        let limit: u64 = 384 << 10;
+        assert!(hard >= limit, "hard limit {hard} too low for this test");
+        setrlimit(Resource::RLIMIT_MEMLOCK, limit, hard).unwrap();
+        assert_eq!(locked_bytes(), 0);
+
+        // 256 KiB fits; another 256 KiB would pass the limit in total (each fits alone).
+        let a = Chunk::with_page_size(256 << 10, PageSize::Small4K).unwrap();
+        assert_eq!(locked_bytes(), 256 << 10);
+        match Chunk::with_page_size(256 << 10, PageSize::Small4K) {
+            Err(MemoryError::MemlockLimit {
+                needed,
+                locked,
+                limit: l,
+            }) => assert_eq!((needed, locked, l), (256 << 10, 256 << 10, limit)),
+            other => panic!("expected the memlock error, got {other:?}"),
+        }
+        assert_eq!(locked_bytes(), 256 << 10, "the refused chunk took nothing");
+        // Dropping a chunk gives its bytes back.
+        drop(a);
+        assert_eq!(locked_bytes(), 0);
+        let b = Chunk::with_page_size(256 << 10, PageSize::Small4K).unwrap();
+        drop(b);
+
+        // Memory locked by someone else in this process is not in our count: the kernel's
+        // EAGAIN must still come back as the typed error.
+        let other = 256 << 10;
+        // SAFETY: a fresh private anonymous mapping (addr NULL), ours alone, locked and
+        // unmapped below; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                other,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: locks the mapping just made.
+        assert_eq!(unsafe { libc::mlock(p, other) }, 0);
+        match Chunk::with_page_size(256 << 10, PageSize::Small4K) {
+            Err(MemoryError::MemlockLimit { needed, locked, .. }) => {
+                assert_eq!((needed, locked), (256 << 10, 0))
+            }
+            other => panic!("expected the memlock error, got {other:?}"),
+        }
+        assert_eq!(locked_bytes(), 0);
+        // SAFETY: unmaps the mapping made above; nothing refers to it.
+        assert_eq!(unsafe { libc::munmap(p, other) }, 0);
+        let c = Chunk::with_page_size(256 << 10, PageSize::Small4K).unwrap();
+        assert_eq!(locked_bytes(), 256 << 10);
+        drop(c);
+    }
+
+    /// Removes CAP_IPC_LOCK from this thread's effective and permitted sets (capset v3;
+    /// capabilities are per thread, and the kernel checks the thread that locks).
+    fn drop_ipc_lock() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Copy, Clone, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const V3: u32 = 0x2008_0522;
+        let mut h = Header {
+            version: V3,
+            pid: 0,
+        };
+        let mut d = [Data::default(); 2];
+        // SAFETY: capget writes two v3 data structs, which `d` holds; `h` is a valid header.
+        let r = unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
+        assert_eq!(r, 0, "capget: {}", std::io::Error::last_os_error());
+        let bit = 1u32 << CAP_IPC_LOCK;
+        d[0].effective &= !bit;
+        d[0].permitted &= !bit;
+        // SAFETY: as above; capset only reads them, and dropping a capability is allowed.
+        let r = unsafe { libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) };
+        assert_eq!(r, 0, "capset: {}", std::io::Error::last_os_error());
     }
 
     #[test]

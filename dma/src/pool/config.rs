@@ -16,7 +16,9 @@ pub enum AtCap {
     /// Keep waiting for space to be released (the default: at the cap, waiting is the point).
     #[default]
     Wait,
-    /// Fail with [`PoolError::AtCap`] once the bounded wait has passed.
+    /// Fail with [`PoolError::AtCap`] once the bounded wait (`grow_after`) has passed at the
+    /// cap; below it, fail with [`PoolError::GrowthFailed`] as soon as growth on the
+    /// request's behalf fails.
     Fail,
 }
 
@@ -35,7 +37,8 @@ pub struct Throttle {
 ///
 /// The defaults suit a storage driver: 16 MiB prefilled, growth in 16 MiB chunks (one IOMMU
 /// mapping each) up to 1 GiB, buffers from 512 B to 2 MiB, 1 MiB (1/16 of the prefill) reserved
-/// for the immediate path, and a waiter that has waited 1 ms triggers growth.
+/// for the immediate path, a waiter that has waited 1 ms triggers growth, and a waiter gives up
+/// after 1 s of failing growth.
 ///
 /// ```
 /// use tidepool::pool::PoolConfig;
@@ -77,11 +80,21 @@ pub struct PoolConfig {
     /// Let the immediate path create a one-off chunk when the pool and reserve are empty
     /// (as Linux's SWIOTLB_DYNAMIC does); it is freed as soon as it is idle.
     pub transient: bool,
-    /// A waiter that has waited this long makes the grower grow now, ignoring its backoff
-    /// (the bounded wait: no livelock behind a slow grower).
+    /// A waiter that has waited this long makes the grower grow now (synchronous growth;
+    /// the grower also drains the per-core caches for it). It does not cut a backoff after
+    /// failed growth short: an [`AtCap::Fail`] waiter this old ends with
+    /// [`PoolError::GrowthFailed`] instead (see the growth-failure rule in [`crate::pool`]).
     pub grow_after: Duration,
     /// What happens at the cap when nothing is free.
     pub at_cap: AtCap,
+    /// How long an [`AtCap::Wait`] request keeps waiting for released space while growth
+    /// fails (no hugepages, the mapping limit, memlock): once it has waited this long and the
+    /// growth attempted on its behalf failed (or the grower is still backing off from
+    /// failures), it ends with [`PoolError::GrowthFailed`]. [`AtCap::Fail`] requests do not
+    /// wait for this: they fail as soon as growth on their behalf fails, or after
+    /// `grow_after` while the grower backs off. See the growth-failure rule in
+    /// [`crate::pool`].
+    pub growth_failure_wait: Duration,
     /// Whether awaitable requests ([`super::Pool::alloc`], [`super::Pool::map`]) wait at all.
     /// `false` makes them take the immediate path and fail when it fails: the classic
     /// swiotlb and SWIOTLB_DYNAMIC behaviours, kept for comparison.
@@ -120,6 +133,7 @@ impl Default for PoolConfig {
             transient: true,
             grow_after: Duration::from_millis(1),
             at_cap: AtCap::Wait,
+            growth_failure_wait: Duration::from_secs(1),
             waiting: true,
             throttle: None,
             fairness: FairnessConfig::default(),

@@ -1,5 +1,6 @@
 //! The pool's errors.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::memory::MemoryError;
@@ -33,6 +34,10 @@ pub enum PoolError {
         align: usize,
     },
     /// The immediate path found nothing: pool, reserve and transient allocation all failed.
+    ///
+    /// Drivers treat this as "no buffer right now" and retry later. When it happened because
+    /// the pool could not grow (its transient chunk failed, or the grower's latest attempt
+    /// did), `cause` holds that failure, typed, and `why` says so.
     #[error(
         "pool exhausted for an immediate {len} B request ({why}); in use {} of {} B, \
          {} waiters: use the awaitable path, raise reserve_bytes, or enable transient chunks",
@@ -45,7 +50,35 @@ pub enum PoolError {
         why: String,
         /// The pool's state at the time.
         stats: Box<PoolStats>,
+        /// Why the pool could not grow, when that is why nothing was free.
+        #[source]
+        cause: Option<Arc<PoolError>>,
     },
+    /// An awaitable request gave up because the pool could not grow: growth attempted on its
+    /// behalf failed, or growth kept failing for the whole of its bounded wait (see the
+    /// growth-failure rule in [`crate::pool`]). The pool keeps retrying with backoff and
+    /// recovers by itself once the cause is fixed.
+    #[error(
+        "no {len} B buffer after {waited:?}: the pool could not grow ({failures} growth \
+         attempt(s) failed in a row; it retries with backoff): {cause}"
+    )]
+    GrowthFailed {
+        /// Bytes asked for.
+        len: usize,
+        /// How long the request waited.
+        waited: Duration,
+        /// Growth attempts that failed in a row, this one included.
+        failures: u64,
+        /// The failure of the last attempt: [`PoolError::Memory`] (no hugepages, memlock),
+        /// [`PoolError::Share`] (mapping limit, ENOMEM from the IOMMU), or a device-address
+        /// check. Shared by every request the same failure ended.
+        #[source]
+        cause: Arc<PoolError>,
+    },
+    /// The pool's grower thread could not be started (thread limit, memory): the pool was
+    /// not created, and everything it had made was given back.
+    #[error("starting the pool's grower thread failed: {0}; raise the thread limit (ulimit -u, pids.max) or free memory")]
+    GrowerSpawn(#[source] std::io::Error),
     /// The wait ran out ([`super::Pool::alloc_timeout`] and friends).
     #[error("no {len} B buffer became free within {waited:?}")]
     Timeout {
@@ -103,4 +136,16 @@ pub enum PoolError {
         /// The buffer's capacity.
         capacity: usize,
     },
+}
+
+impl PoolError {
+    /// Why the pool could not grow, if that is what this error reports
+    /// ([`PoolError::GrowthFailed`], or [`PoolError::Exhausted`] with a cause).
+    pub fn growth_cause(&self) -> Option<&PoolError> {
+        match self {
+            PoolError::GrowthFailed { cause, .. } => Some(cause),
+            PoolError::Exhausted { cause, .. } => cause.as_deref(),
+            _ => None,
+        }
+    }
 }

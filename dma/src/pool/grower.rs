@@ -7,10 +7,13 @@
 //! 1. **Retire** transient chunks that went idle (unshare, free).
 //! 2. **Expire** waiters' deadlines (wake them so they can time out).
 //! 3. **Grow** by whole chunks when anyone waits (enough for the waiting bytes plus the
-//!    reserve) or when free space is below `low_watermark`, up to `max_bytes`. After a failure
-//!    (no hugepages, mapping refused) it backs off exponentially (10 ms → 1 s) and records
-//!    why; but a waiter that has waited `grow_after` forces one attempt at once (the bounded
-//!    wait: no waiter is left behind a backoff, and failure cannot spin).
+//!    reserve) or when free space is below `low_watermark`, up to `max_bytes`; growth for a
+//!    waiter that has waited `grow_after` counts as synchronous. After a failure (no
+//!    hugepages, mapping refused, memlock) it backs off exponentially (1 ms, doubling, at most
+//!    [`MAX_BACKOFF`] = 1 s; a success resets it), records the typed cause in
+//!    [`GrowthRecord`] and wakes every waiter, which ends or keeps waiting by the
+//!    growth-failure rule ([`super`]). Nothing cuts a backoff short: a waiter past its bound
+//!    ends with the cause instead, so failure cannot spin and no waiter hangs.
 //! 4. **Shrink**: chunks wholly idle for `shrink_delay`, while nobody waits and the pool has not
 //!    grown for `shrink_delay`, are unshared and freed — newest first, never below the prefill,
 //!    and only while at least `high_watermark` stays free. Since `high_watermark ≥
@@ -33,10 +36,65 @@ use crate::wait::WakeList;
 use super::stats::Counters;
 use super::Shared;
 
-/// The first backoff after a failed growth.
-pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(10);
-/// The longest backoff.
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// The first backoff after a failed growth: 1 ms, doubling with each failure in a row.
+pub(crate) const MIN_BACKOFF: Duration = Duration::from_millis(1);
+/// The longest backoff: while growth keeps failing it is retried at least once a second (if
+/// anyone waits or free space is below the low watermark).
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The grower's record of growth attempts, for the growth-failure rule ([`super`]).
+#[derive(Debug, Default)]
+pub(crate) struct GrowthRecord {
+    /// Growth attempts begun; the latest one's id (ids start at 1). A waiter that queued when
+    /// this was `n` is the reason for every attempt with an id above `n`: each attempt is
+    /// sized by all the bytes waiting when it begins.
+    pub attempts: u64,
+    /// The id of the latest attempt that made a chunk.
+    pub last_ok: u64,
+    /// Set while growth is failing: the latest attempt to finish failed.
+    pub failing: Option<GrowthFailure>,
+}
+
+/// The failure that left growth failing.
+#[derive(Debug)]
+pub(crate) struct GrowthFailure {
+    /// The id of the attempt that failed.
+    pub attempt: u64,
+    /// Attempts that failed in a row.
+    pub failures: u64,
+    /// Why: shared by every waiter it ends.
+    pub cause: std::sync::Arc<super::PoolError>,
+}
+
+impl GrowthRecord {
+    /// Begins an attempt; returns its id.
+    fn begin(&mut self) -> u64 {
+        self.attempts += 1;
+        self.attempts
+    }
+
+    /// Attempt `id` made a chunk: growth works (unless a later attempt has failed since).
+    fn succeeded(&mut self, id: u64) {
+        self.last_ok = self.last_ok.max(id);
+        if self.failing.as_ref().is_some_and(|f| f.attempt <= id) {
+            self.failing = None;
+        }
+    }
+
+    /// Attempt `id` failed with `cause` (ignored if a later attempt has made a chunk since:
+    /// growth works again).
+    fn failed(&mut self, id: u64, cause: super::PoolError) {
+        if id < self.last_ok {
+            return;
+        }
+        let failures = self.failing.as_ref().map_or(0, |f| f.failures) + 1;
+        self.failing = Some(GrowthFailure {
+            attempt: id,
+            failures,
+            cause: std::sync::Arc::new(cause),
+        });
+    }
+}
 
 /// What one [`super::Pool::maintain`] step did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -120,34 +178,81 @@ impl Signal {
     }
 }
 
-/// Starts the grower thread for `shared`.
+/// The grower thread's body before it runs: what a [`Spawner`] starts.
 #[cfg(not(loom))]
-pub(crate) fn spawn(shared: &std::sync::Arc<Shared>) {
-    let weak = std::sync::Arc::downgrade(shared);
-    let signal = shared.grower.clone();
-    let handle = std::thread::Builder::new()
-        .name("tidepool-grower".into())
-        .spawn(move || loop {
+pub(crate) struct GrowerLoop {
+    /// The pool, held weakly: the thread must not keep it alive.
+    pool: std::sync::Weak<Shared>,
+    signal: std::sync::Arc<Signal>,
+}
+
+#[cfg(not(loom))]
+impl GrowerLoop {
+    /// Runs maintenance steps until the pool is gone or shut down.
+    pub(crate) fn run(self) {
+        loop {
             let next = {
-                let Some(shared) = weak.upgrade() else { return };
-                if signal.is_shut_down() {
+                let Some(shared) = self.pool.upgrade() else {
+                    return;
+                };
+                if self.signal.is_shut_down() {
                     return;
                 }
                 let r = shared.maintain(Instant::now());
                 r.next_wake.unwrap_or(Duration::from_secs(1))
             };
             // Sleeps without holding the pool alive.
-            if !signal.sleep(next) {
+            if !self.signal.sleep(next) {
                 return;
             }
-        })
-        .expect("spawning the tidepool grower thread");
+        }
+    }
+
+    /// The pool this loop would maintain (tests check that a pool whose grower never
+    /// started is freed).
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> std::sync::Weak<Shared> {
+        self.pool.clone()
+    }
+}
+
+/// Starts a thread from a builder and a loop: [`spawn_thread`] in production; tests pass one
+/// that fails, to drive [`super::Pool::new`]'s error path.
+#[cfg(not(loom))]
+pub(crate) type Spawner<'a> = &'a mut dyn FnMut(
+    std::thread::Builder,
+    GrowerLoop,
+) -> std::io::Result<std::thread::JoinHandle<()>>;
+
+/// The real [`Spawner`].
+#[cfg(not(loom))]
+pub(crate) fn spawn_thread(
+    builder: std::thread::Builder,
+    body: GrowerLoop,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    builder.spawn(move || body.run())
+}
+
+/// Starts the grower thread for `shared` through `spawner`. Fails (the thread limit,
+/// memory) with [`super::PoolError::GrowerSpawn`]; the caller then drops the pool.
+#[cfg(not(loom))]
+pub(crate) fn spawn(
+    shared: &std::sync::Arc<Shared>,
+    spawner: Spawner<'_>,
+) -> Result<(), super::PoolError> {
+    let body = GrowerLoop {
+        pool: std::sync::Arc::downgrade(shared),
+        signal: shared.grower.clone(),
+    };
+    let builder = std::thread::Builder::new().name("tidepool-grower".into());
+    let handle = spawner(builder, body).map_err(super::PoolError::GrowerSpawn)?;
     shared.grower.state.lock().unwrap().thread = Some(handle);
+    Ok(())
 }
 
 /// Loom models run the grower's steps by hand (`background: false`).
 #[cfg(loom)]
-pub(crate) fn spawn(_shared: &crate::sync::Arc<Shared>) {
+pub(crate) fn spawn(_shared: &crate::sync::Arc<Shared>) -> Result<(), super::PoolError> {
     panic!("PoolConfig::background must be false under loom");
 }
 
@@ -170,7 +275,7 @@ impl Shared {
         }
 
         let mut wakes = WakeList::new();
-        let (retired, grow_chunks, chunk, forced) = {
+        let (retired, grow_chunks, chunk, forced, attempt) = {
             let mut g = self.global.lock().unwrap();
             let slots: Vec<u32> = std::mem::take(&mut g.retired);
             let retired: Vec<_> = slots
@@ -191,12 +296,11 @@ impl Shared {
             let chunk = self.growth_chunk_bytes(room);
             let in_backoff = g.backoff_until.is_some_and(|t| t > now);
             let oldest = g.queue.oldest();
-            // A waiter past its bounded wait forces an attempt, unless one already failed
-            // after it started waiting and the backoff still runs (failure must not spin).
-            let forced = oldest.is_some_and(|(_, _, t)| {
-                now.duration_since(t) >= cfg.grow_after
-                    && (!in_backoff || g.last_failure.is_none_or(|f| f < t))
-            });
+            // A waiter past grow_after makes this a synchronous growth, but never cuts a
+            // backoff short: while it runs, waiters past their bound end with the last
+            // failure's cause instead (the growth-failure rule), so failure cannot spin.
+            let forced = !in_backoff
+                && oldest.is_some_and(|(_, _, t)| now.duration_since(t) >= cfg.grow_after);
             let want = if g.queue.has_waiters() {
                 let short =
                     (g.queue.waiting_bytes() + cfg.reserve_bytes as u64).saturating_sub(free);
@@ -212,8 +316,9 @@ impl Shared {
             };
             let n = want.div_ceil(chunk).min(room / chunk);
             g.growing_bytes += n * chunk;
+            let attempt = if n > 0 { g.growth.begin() } else { 0 };
             self.publish_capacity(&g);
-            (retired, n, chunk, forced && n > 0)
+            (retired, n, chunk, forced && n > 0, attempt)
         };
         wakes.wake_all();
         report.retired = retired.len();
@@ -233,6 +338,7 @@ impl Shared {
                     g.last_grow = Some(Instant::now());
                     g.backoff = MIN_BACKOFF;
                     g.backoff_until = None;
+                    g.growth.succeeded(attempt);
                     report.grew += 1;
                     Counters::bump(&self.counters.grows);
                     if forced {
@@ -244,14 +350,22 @@ impl Shared {
                 }
                 Err(e) => {
                     g.growing_bytes -= (grow_chunks - i) * chunk;
-                    g.last_failure = Some(Instant::now());
                     g.backoff_until = Some(Instant::now() + g.backoff);
                     g.backoff = (g.backoff * 2).min(MAX_BACKOFF);
+                    let text = e.to_string();
+                    g.growth.failed(attempt, e);
+                    // Every waiter checks whether this failure ends it (the growth-failure
+                    // rule); the space the failed attempt counted on is not coming.
+                    for w in g.watchers.values() {
+                        wakes.push(w.clone());
+                    }
                     self.publish_capacity(&g);
                     drop(g);
+                    // Counted before anyone is told, so the stats a woken waiter reads agree.
                     report.failed += 1;
                     Counters::bump(&self.counters.growth_failures);
-                    *self.counters.last_growth_error.lock().unwrap() = Some(e.to_string());
+                    *self.counters.last_growth_error.lock().unwrap() = Some(text);
+                    wakes.wake_all();
                     break;
                 }
             }
@@ -266,7 +380,9 @@ impl Shared {
         if let Some((_, _, t)) = g.queue.oldest() {
             consider((t + cfg.grow_after).max(now + Duration::from_micros(100)));
         }
-        if let Some(t) = g.backoff_until {
+        // Only a backoff still to run: one that has run out stays recorded until growth
+        // works, and looking again at once for it would busy-loop the grower.
+        if let Some(t) = g.backoff_until.filter(|&t| t > now) {
             consider(t);
         }
         if g.arena.capacity_bytes > cfg.prefill_bytes as u64 || !g.retired.is_empty() {
@@ -295,7 +411,9 @@ impl Shared {
         // Both are powers of two: the larger is a multiple of the smaller.
         let unit = (self.cfg.memory.page_size.bytes().max(self.cfg.max_buffer)) as u64;
         let spread = room.div_ceil(free_slots).div_ceil(unit) * unit;
-        base.max(spread)
+        // Never more than fits (rounding up must not make a last chunk that cannot be made:
+        // growth would stop short of the cap with room left).
+        base.max(spread.min(room / unit * unit))
     }
 
     /// Folds the allocation high-water mark since the last look into the decaying recent

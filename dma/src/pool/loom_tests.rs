@@ -321,3 +321,72 @@ fn loom_last_handle_and_last_buffer_race() {
         assert_eq!(view.usage().mappings, 0, "the pool was freed");
     });
 }
+
+/// (e) The growth-failure hand-off: two waiters queue for the one block (held), and the
+/// grower's attempt to grow fails (the view's single mapping slot is the prefill's). The
+/// failed attempt was made on behalf of both, so each ends with `GrowthFailed` carrying the
+/// view's `MappingLimit`: the one on its own thread whichever way the failure's wake races
+/// its first poll (loom reports a deadlock if a wake-up were lost), the one polled by hand
+/// woken exactly once. Nothing stays queued, watched or armed.
+///
+/// `AtCap::Wait` with a zero `growth_failure_wait`: the rule then turns on "on its behalf"
+/// alone and no deadline is armed, so real time (which loom does not control) cannot change
+/// the model's path. (`AtCap::Fail` arms a 1 ms recheck that the grower would expire or not
+/// depending on the clock.) The second waiter is polled by hand on the model's thread to
+/// keep the state space small.
+#[test]
+fn loom_growth_failure_ends_both_waiters() {
+    fn is_mapping_limit(e: &PoolError) -> bool {
+        matches!(e, PoolError::GrowthFailed { .. })
+            && matches!(
+                e.growth_cause(),
+                Some(PoolError::Share(
+                    crate::share::ShareError::MappingLimit { .. }
+                ))
+            )
+    }
+    model(|| {
+        let view: std::sync::Arc<dyn crate::share::DeviceView> =
+            std::sync::Arc::new(Identity::with_limit(1));
+        let cfg = PoolConfig {
+            growth_failure_wait: Duration::ZERO,
+            ..config(2, false)
+        };
+        let p = Pool::new(Arc::from_std(view), cfg).expect("pool");
+        let held = p.try_alloc(BLOCK).unwrap();
+        let counter = std::sync::Arc::new(CountingWaker::default());
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut mine = Box::pin(p.alloc(BLOCK));
+        assert!(mine.as_mut().poll(&mut cx).is_pending());
+        let pt = p.clone();
+        let theirs = thread::spawn(move || match block_on(pt.alloc(BLOCK)) {
+            Err(e) => assert!(is_mapping_limit(&e), "{e}"),
+            Ok(_) => panic!("expected GrowthFailed, got a buffer"),
+        });
+        // The grower runs once both wait (the attempt is then made on behalf of both).
+        while p.shared.global.lock().unwrap().queue.waiting() < 2 {
+            thread::yield_now();
+        }
+        let r = p.maintain();
+        assert_eq!((r.grew, r.failed), (0, 1), "{r:?}");
+        assert_eq!(counter.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        match mine.as_mut().poll(&mut cx) {
+            Poll::Ready(Err(e)) => assert!(is_mapping_limit(&e), "{e}"),
+            other => panic!("expected GrowthFailed, got {other:?}"),
+        }
+        drop(mine);
+        theirs.join().unwrap();
+        {
+            let g = p.shared.global.lock().unwrap();
+            assert!(g.watchers.is_empty(), "{} watchers left", g.watchers.len());
+            assert!(
+                g.deadlines.is_empty(),
+                "{} deadlines left",
+                g.deadlines.len()
+            );
+        }
+        drop(held);
+        assert_quiescent(&p);
+    });
+}

@@ -28,14 +28,35 @@
 //!   reapers, which must never wait. Cache, then the arena including the **reserve**
 //!   (`reserve_bytes` kept back from awaitable requests), then, if enabled, a **transient** chunk
 //!   made just for this burst and given back as soon as it is idle, then
-//!   [`PoolError::Exhausted`] with the pool's state. It never waits for a lock held across a
+//!   [`PoolError::Exhausted`] with the pool's state (and, when the pool could not grow, the
+//!   typed cause: [`PoolError::growth_cause`]). It never waits for a lock held across a
 //!   system call.
 //! - **Grower** (`grower`): a dedicated thread (mmap, hugepage faults and VFIO ioctls block:
 //!   never on an async worker) that grows by whole chunks when free space falls below the low
-//!   watermark or anyone waits, up to `max_bytes`; backs off after a failure, except that a
-//!   waiter older than `grow_after` forces growth at once (the bounded wait: a waiter cannot be
-//!   left behind a backoff forever); and gives back chunks idle for `shrink_delay` when enough
-//!   would stay free (hysteresis), never below the prefill.
+//!   watermark or anyone waits, up to `max_bytes`; after a failure retries with a bounded
+//!   exponential backoff (1 ms, doubling, at most 1 s; reset by a success); and gives back
+//!   chunks idle for `shrink_delay` when enough would stay free (hysteresis), never below the
+//!   prefill.
+//!
+//! # When growth fails (the growth-failure rule)
+//! Growth can fail for as long as its cause lasts (no free hugepages, the VFIO or vhost-user
+//! mapping limit, `RLIMIT_MEMLOCK`). A waiter must not wait for it forever, nor fail on a
+//! stale failure while growth may work, so every growth attempt has an id, each waiter notes
+//! how many attempts had begun when it queued, and an attempt that begins later is *on its
+//! behalf* (it is sized by every byte waiting when it begins). A failed attempt wakes every
+//! waiter; below the cap, a waiter ends with [`PoolError::GrowthFailed`], carrying the
+//! failure's typed cause, when the latest attempt to finish failed and:
+//! - [`AtCap::Fail`]: that attempt was on its behalf, or it has waited `grow_after` while the
+//!   grower is still backing off from earlier failures;
+//! - [`AtCap::Wait`]: it has waited `growth_failure_wait` (for released space meanwhile), and
+//!   that attempt was on its behalf or the grower is backing off.
+//!
+//! So a waiter ends within its bound: `grow_after` (Fail) or `growth_failure_wait` (Wait),
+//! plus at most one backoff (≤ 1 s) and one attempt, when growth keeps failing. A backoff is
+//! never cut short (waiters past their bound end instead of forcing attempts), so callers
+//! that retry at once cannot make the grower hammer a failing system call. Any success
+//! clears the failure, and later waits are served by growth again. At the cap, growth is not
+//! what a waiter waits for and `at_cap` decides.
 //!
 //! # The reaper rule
 //! A task that reaps completions for a device must use only the immediate path. If it awaited
@@ -146,21 +167,27 @@ pub(crate) struct Shared {
 pub(crate) struct Global {
     pub arena: Arena,
     pub queue: WaitQueue<Block>,
-    /// Waiters with a deadline (timeouts, or `AtCap::Fail`): key → (ticket, waker). The grower
-    /// wakes them when the deadline passes so that they can give up.
+    /// Waiters with a deadline (timeouts, `AtCap::Fail`, the growth-failure bound):
+    /// (deadline, waiter id) → waker. The grower wakes them when the deadline passes so that
+    /// they can give up.
     pub deadlines: std::collections::BTreeMap<(Instant, u64), std::task::Waker>,
-    pub next_deadline_id: u64,
+    /// Every queued waiter: waiter id → waker. A failed growth attempt wakes them all, so that
+    /// those it was made for can end with its cause (the growth-failure rule).
+    pub watchers: std::collections::BTreeMap<u64, std::task::Waker>,
+    /// The next waiter id.
+    pub next_waiter_id: u64,
+    /// Growth attempts and whether the latest failed.
+    pub growth: grower::GrowthRecord,
     /// Bytes the grower is making right now (not yet in the arena), counted against the cap.
     pub growing_bytes: u64,
     /// Transient chunks that went idle, for the grower to unshare and free.
     pub retired: Vec<u32>,
     /// When the pool last grew (shrinking waits `shrink_delay` after it).
     pub last_grow: Option<Instant>,
-    /// Growth failed: don't retry on the watermark before this.
+    /// Growth failed: don't try again before this (see [`grower`]).
     pub backoff_until: Option<Instant>,
+    /// The backoff after the next failure.
     pub backoff: Duration,
-    /// When growth last failed.
-    pub last_failure: Option<Instant>,
     /// [`Throttle`] in force: awaitable requests wait.
     pub throttled: bool,
     /// The decaying recent peak of allocated bytes (see `PoolConfig::peak_half_life`), and
@@ -181,7 +208,24 @@ enum Caller {
 impl Pool {
     /// Makes a pool over `view`, prefilling `cfg.prefill_bytes` (made and shared now, blocking)
     /// and starting the grower thread unless `cfg.background` is off.
+    ///
+    /// Fails with the configuration's, the memory's or the view's error, or with
+    /// [`PoolError::GrowerSpawn`] if the grower thread cannot be started; everything made
+    /// so far is unshared and freed first.
     pub fn new(view: Arc<dyn DeviceView>, cfg: PoolConfig) -> Result<Pool, PoolError> {
+        #[cfg(not(loom))]
+        let start = |shared: &Arc<Shared>| grower::spawn(shared, &mut grower::spawn_thread);
+        #[cfg(loom)]
+        let start = grower::spawn;
+        Pool::build(view, cfg, start)
+    }
+
+    /// [`Pool::new`] with the grower started by `start` (tests inject a failing spawn).
+    fn build(
+        view: Arc<dyn DeviceView>,
+        cfg: PoolConfig,
+        start: impl FnOnce(&Arc<Shared>) -> Result<(), PoolError>,
+    ) -> Result<Pool, PoolError> {
         cfg.validate()?;
         let shared = Arc::new(Shared {
             caches: Caches::new(
@@ -197,13 +241,14 @@ impl Pool {
                 arena: Arena::default(),
                 queue: WaitQueue::new(cfg.fairness),
                 deadlines: Default::default(),
-                next_deadline_id: 0,
+                watchers: Default::default(),
+                next_waiter_id: 0,
+                growth: Default::default(),
                 growing_bytes: 0,
                 retired: Vec::new(),
                 last_grow: None,
                 backoff_until: None,
                 backoff: grower::MIN_BACKOFF,
-                last_failure: None,
                 throttled: false,
                 recent_peak: 0.0,
                 peak_updated: Instant::now(),
@@ -221,7 +266,8 @@ impl Pool {
             shared.publish_capacity(&g);
         }
         if shared.cfg.background {
-            grower::spawn(&shared);
+            // On failure `shared` is dropped here, unsharing and freeing the prefill.
+            start(&shared)?;
         }
         Ok(Pool {
             _handle: Arc::new(Handle {
@@ -347,6 +393,89 @@ impl Shared {
         let buddy = Buddy::new(len as u64, PoolConfig::min_order(), max_order)
             .expect("chunk length is a multiple of max_buffer (validated)");
         Ok((chunk, dev, buddy))
+    }
+
+    /// Whether another chunk fits under the cap (chunks being made count as made: their
+    /// outcome decides). Call with `global` held.
+    fn can_grow(&self, g: &Global) -> bool {
+        g.arena.capacity_bytes + self.cfg.chunk_bytes as u64 <= self.cfg.max_bytes as u64
+    }
+
+    /// The growth-failure rule (module doc): if the waiter that queued at `since`, after
+    /// `attempts_before` growth attempts had begun, must now end because the pool cannot grow,
+    /// the cause and how many attempts failed in a row. Call with `global` held.
+    fn growth_failed_for(
+        &self,
+        g: &Global,
+        since: Instant,
+        attempts_before: u64,
+        now: Instant,
+    ) -> Option<(std::sync::Arc<PoolError>, u64)> {
+        let failure = g.growth.failing.as_ref()?;
+        if !self.can_grow(g) {
+            // At the cap growth is not what the waiter waits for: `at_cap` decides.
+            return None;
+        }
+        let on_its_behalf = failure.attempt > attempts_before;
+        let backing_off = g.backoff_until.is_some_and(|t| t > now);
+        let waited = now.saturating_duration_since(since);
+        let ends = match self.cfg.at_cap {
+            AtCap::Fail => on_its_behalf || (backing_off && waited >= self.cfg.grow_after),
+            AtCap::Wait => waited >= self.cfg.growth_failure_wait && (on_its_behalf || backing_off),
+        };
+        ends.then(|| (failure.cause.clone(), failure.failures))
+    }
+
+    /// When a waiter that queued at `since` must next be woken to check whether it ends (its
+    /// timeout, the `AtCap::Fail` recheck, the growth-failure bound), given its current
+    /// deadline `armed`. Always in the future, so a woken waiter cannot make the grower spin.
+    /// Call with `global` held.
+    fn next_deadline(
+        &self,
+        g: &Global,
+        timeout: Option<Duration>,
+        since: Instant,
+        now: Instant,
+        armed: Option<Instant>,
+    ) -> Option<Instant> {
+        let cfg = &self.cfg;
+        let mut at: Option<Instant> = None;
+        let mut consider = |t: Instant| {
+            if t > now {
+                at = Some(at.map_or(t, |a| a.min(t)));
+            }
+        };
+        if let Some(t) = timeout {
+            consider(since + t);
+        }
+        if cfg.at_cap == AtCap::Fail {
+            // At since + grow_after, then every grow_after (at least 1 ms) while growth goes
+            // on: is the pool at its cap yet?
+            let first = since + cfg.grow_after;
+            consider(if first > now {
+                first
+            } else {
+                armed
+                    .filter(|&a| a > now)
+                    .unwrap_or(now + cfg.grow_after.max(Duration::from_millis(1)))
+            });
+        }
+        if g.growth.failing.is_some() {
+            let bound = match cfg.at_cap {
+                AtCap::Fail => cfg.grow_after,
+                AtCap::Wait => cfg.growth_failure_wait,
+            };
+            consider(since + bound);
+        }
+        at
+    }
+
+    /// The grower's latest failure, if growth is failing below the cap: why the immediate
+    /// path has nothing. Takes the pool lock.
+    fn growth_failure(&self) -> Option<std::sync::Arc<PoolError>> {
+        let g = self.global.lock().unwrap();
+        let f = g.growth.failing.as_ref()?;
+        self.can_grow(&g).then(|| f.cause.clone())
     }
 
     /// Copies the arena's capacity figures to the stats. Call with `global` held.
@@ -508,26 +637,41 @@ impl Shared {
             return Ok(Shared::claim(this, b));
         }
         this.grower.wake();
-        let why = match this.alloc_transient(order) {
+        let (mut why, mut cause) = match this.alloc_transient(order) {
             Ok(b) => {
                 this.count_in_use(b.size() as i64);
                 return Ok(Shared::claim(this, b));
             }
-            Err(why) => why,
+            Err(e) => e,
         };
+        if cause.is_none() {
+            // The grower could not make room either: that is the reason to report.
+            cause = this.growth_failure();
+            if let Some(c) = &cause {
+                why = format!("{why}; growing the pool failed: {c}");
+            }
+        }
         Counters::bump(&this.counters.immediate_failures);
         Err(PoolError::Exhausted {
             len,
             why,
             stats: Box::new(this.stats()),
+            cause,
         })
     }
 
     /// Makes a transient chunk big enough for one block of `order` (a whole number of pages),
-    /// outside any lock, inserts it and allocates from it.
-    fn alloc_transient(&self, order: u32) -> Result<Block, String> {
+    /// outside any lock, inserts it and allocates from it. On failure, why, and the error
+    /// that made the chunk fail, if that was it.
+    fn alloc_transient(
+        &self,
+        order: u32,
+    ) -> Result<Block, (String, Option<std::sync::Arc<PoolError>>)> {
         if !self.cfg.transient {
-            return Err("pool and reserve empty, transient chunks disabled".into());
+            return Err((
+                "pool and reserve empty, transient chunks disabled".into(),
+                None,
+            ));
         }
         let page = self.cfg.memory.page_size.bytes();
         let len = (1usize << order).div_ceil(page) * page;
@@ -535,8 +679,11 @@ impl Shared {
         {
             let mut g = self.global.lock().unwrap();
             if g.arena.capacity_bytes + g.growing_bytes + len as u64 > self.cfg.max_bytes as u64 {
-                return Err(format!(
-                    "pool and reserve empty, and a {len} B transient chunk would pass the cap"
+                return Err((
+                    format!(
+                        "pool and reserve empty, and a {len} B transient chunk would pass the cap"
+                    ),
+                    None,
                 ));
             }
             g.growing_bytes += len as u64;
@@ -544,7 +691,8 @@ impl Shared {
         let made = self.make_chunk(len);
         let mut g = self.global.lock().unwrap();
         g.growing_bytes -= len as u64;
-        let (chunk, dev, buddy) = made.map_err(|e| format!("transient chunk failed: {e}"))?;
+        let (chunk, dev, buddy) =
+            made.map_err(|e| (format!("transient chunk failed: {e}"), Some(e.into())))?;
         let slot = g.arena.insert(chunk, dev, buddy, true);
         Counters::bump(&self.counters.transient_allocs);
         // Other immediate callers may have raced into the new chunk; it still has room for us
@@ -552,7 +700,7 @@ impl Shared {
         let b = g
             .arena
             .alloc(order, true)
-            .ok_or_else(|| "transient chunk taken by others".to_string());
+            .ok_or_else(|| ("transient chunk taken by others".to_string(), None));
         if b.is_err() {
             g.retired.push(slot);
         }
@@ -805,7 +953,12 @@ enum AllocState {
     Queued {
         ticket: Ticket,
         since: Instant,
-        deadline: Option<(Instant, u64)>,
+        /// Keys this waiter in `Global::watchers` and `Global::deadlines`.
+        id: u64,
+        /// Growth attempts begun before it queued: later ones were made on its behalf.
+        attempts_before: u64,
+        /// Its entry in `Global::deadlines`, if any.
+        deadline: Option<Instant>,
     },
     Done,
 }
@@ -854,24 +1007,21 @@ impl<'p> Alloc<'p> {
                 }
                 let ticket = g.queue.enqueue(1u64 << order, now, cx.waker());
                 shared.waiting.store(g.queue.waiting(), Ordering::Relaxed);
-                let fail_at_cap = shared.cfg.at_cap == AtCap::Fail;
-                let deadline = self
-                    .timeout
-                    .map(|t| now + t)
-                    .into_iter()
-                    .chain(fail_at_cap.then(|| now + shared.cfg.grow_after))
-                    .min()
-                    .map(|at| {
-                        let id = g.next_deadline_id;
-                        g.next_deadline_id += 1;
-                        g.deadlines.insert((at, id), cx.waker().clone());
-                        (at, id)
-                    });
+                let id = g.next_waiter_id;
+                g.next_waiter_id += 1;
+                g.watchers.insert(id, cx.waker().clone());
+                let attempts_before = g.growth.attempts;
+                let deadline = shared.next_deadline(&g, self.timeout, now, now, None);
+                if let Some(at) = deadline {
+                    g.deadlines.insert((at, id), cx.waker().clone());
+                }
                 drop(g);
                 shared.grower.wake();
                 self.state = AllocState::Queued {
                     ticket,
                     since: now,
+                    id,
+                    attempts_before,
                     deadline,
                 };
                 Poll::Pending
@@ -879,11 +1029,14 @@ impl<'p> Alloc<'p> {
             AllocState::Queued {
                 ticket,
                 since,
+                id,
+                attempts_before,
                 deadline,
             } => {
                 let mut g = shared.global.lock().unwrap();
                 let polled = g.queue.poll(ticket, cx.waker());
                 let now = Instant::now();
+                let waited = now.saturating_duration_since(since);
                 let outcome = match polled {
                     Poll::Ready(Ok(b)) => Some(Ok(b)),
                     Poll::Ready(Err(e)) => {
@@ -891,52 +1044,65 @@ impl<'p> Alloc<'p> {
                         // rather than panic in a driver's I/O path.
                         Some(Err(PoolError::Internal(e.to_string())))
                     }
-                    Poll::Pending => match deadline {
-                        Some((at, id)) if now >= at => {
-                            if self.timeout.is_some_and(|t| now >= since + t) {
-                                Some(Err(PoolError::Timeout {
-                                    len: self.len,
-                                    waited: now - since,
-                                }))
-                            } else if g.arena.capacity_bytes + g.growing_bytes
-                                >= shared.cfg.max_bytes as u64
-                            {
-                                Some(Err(PoolError::AtCap {
-                                    len: self.len,
-                                    cap: shared.cfg.max_bytes,
-                                }))
-                            } else {
-                                // AtCap::Fail deadline but growth is still possible: re-arm.
-                                g.deadlines.remove(&(at, id));
-                                let at = now + shared.cfg.grow_after;
-                                g.deadlines.insert((at, id), cx.waker().clone());
-                                self.state = AllocState::Queued {
-                                    ticket,
-                                    since,
-                                    deadline: Some((at, id)),
-                                };
-                                None
-                            }
-                        }
-                        Some((at, id)) => {
-                            if let Some(w) = g.deadlines.get_mut(&(at, id)) {
-                                if !w.will_wake(cx.waker()) {
-                                    *w = cx.waker().clone();
-                                }
-                            }
-                            None
-                        }
-                        None => None,
-                    },
+                    Poll::Pending if self.timeout.is_some_and(|t| waited >= t) => {
+                        Some(Err(PoolError::Timeout {
+                            len: self.len,
+                            waited,
+                        }))
+                    }
+                    Poll::Pending
+                        if shared.cfg.at_cap == AtCap::Fail
+                            && waited >= shared.cfg.grow_after
+                            && !shared.can_grow(&g) =>
+                    {
+                        Some(Err(PoolError::AtCap {
+                            len: self.len,
+                            cap: shared.cfg.max_bytes,
+                        }))
+                    }
+                    Poll::Pending => shared
+                        .growth_failed_for(&g, since, attempts_before, now)
+                        .map(|(cause, failures)| {
+                            Err(PoolError::GrowthFailed {
+                                len: self.len,
+                                waited,
+                                failures,
+                                cause,
+                            })
+                        }),
                 };
                 let Some(outcome) = outcome else {
+                    // Keep waiting: keep the wakers current and the deadline due.
+                    if let Some(w) = g.watchers.get_mut(&id) {
+                        if !w.will_wake(cx.waker()) {
+                            *w = cx.waker().clone();
+                        }
+                    }
+                    let at = shared.next_deadline(&g, self.timeout, since, now, deadline);
+                    if at != deadline {
+                        if let Some(old) = deadline {
+                            g.deadlines.remove(&(old, id));
+                        }
+                        if let Some(at) = at {
+                            g.deadlines.insert((at, id), cx.waker().clone());
+                        }
+                        self.state = AllocState::Queued {
+                            ticket,
+                            since,
+                            id,
+                            attempts_before,
+                            deadline: at,
+                        };
+                    } else if let Some(w) = at.and_then(|at| g.deadlines.get_mut(&(at, id))) {
+                        if !w.will_wake(cx.waker()) {
+                            *w = cx.waker().clone();
+                        }
+                    }
                     return Poll::Pending;
                 };
-                if let AllocState::Queued {
-                    deadline: Some(k), ..
-                } = self.state
-                {
-                    g.deadlines.remove(&k);
+                g.watchers.remove(&id);
+                if let Some(at) = deadline {
+                    g.deadlines.remove(&(at, id));
                 }
                 let outcome = match outcome {
                     Ok(b) => Ok(b),
@@ -1012,15 +1178,19 @@ impl Drop for Alloc<'_> {
     /// Cancellation: leave the queue, giving back a grant that was never taken.
     fn drop(&mut self) {
         if let AllocState::Queued {
-            ticket, deadline, ..
+            ticket,
+            id,
+            deadline,
+            ..
         } = self.state
         {
             let shared = &self.pool.shared;
             let mut wakes = WakeList::new();
             {
                 let mut g = shared.global.lock().unwrap();
-                if let Some(k) = deadline {
-                    g.deadlines.remove(&k);
+                g.watchers.remove(&id);
+                if let Some(at) = deadline {
+                    g.deadlines.remove(&(at, id));
                 }
                 let now = Instant::now();
                 let retired = g

@@ -649,3 +649,492 @@ fn alloc_from_copies_in_and_zeroes_the_rest() {
     drop((b, b2));
     assert_eq!(p.stats().in_use_bytes, 0);
 }
+
+/// How [`FlakyView::share`] fails, when told to.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Refuse {
+    /// Shares as the identity view does.
+    Nothing,
+    /// The IOMMU is out of memory: `ShareError::Os` with ENOMEM.
+    Enomem,
+    /// The backend's mapping limit: `ShareError::MappingLimit`.
+    MappingLimit,
+    /// Pinning the pages would pass RLIMIT_MEMLOCK (VFIO type1 accounts pinned pages
+    /// against it): `ShareError::Os` with EAGAIN.
+    Memlock,
+}
+
+/// An identity view whose `share` fails on demand, counting the refusals.
+#[derive(Debug)]
+struct FlakyView {
+    inner: Identity,
+    refuse: std::sync::Mutex<Refuse>,
+    refused: std::sync::atomic::AtomicUsize,
+}
+
+impl FlakyView {
+    fn new() -> Arc<FlakyView> {
+        Arc::new(FlakyView {
+            inner: Identity::new(),
+            refuse: std::sync::Mutex::new(Refuse::Nothing),
+            refused: Default::default(),
+        })
+    }
+
+    fn refuse(&self, how: Refuse) {
+        *self.refuse.lock().unwrap() = how;
+    }
+
+    fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl crate::share::DeviceView for FlakyView {
+    fn share(
+        &self,
+        region: &crate::memory::HostRegion<'_>,
+    ) -> Result<crate::DeviceAddr, crate::share::ShareError> {
+        use crate::share::ShareError;
+        let how = *self.refuse.lock().unwrap();
+        let err = match how {
+            Refuse::Nothing => return self.inner.share(region),
+            Refuse::Enomem => ShareError::Os {
+                what: "VFIO_IOMMU_MAP_DMA",
+                source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            },
+            Refuse::MappingLimit => ShareError::MappingLimit {
+                used: self.inner.usage().mappings,
+                limit: self.inner.usage().mappings,
+            },
+            Refuse::Memlock => ShareError::Os {
+                what: "pinning pages (RLIMIT_MEMLOCK)",
+                source: std::io::Error::from_raw_os_error(libc::EAGAIN),
+            },
+        };
+        self.refused
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(err)
+    }
+
+    fn unshare(
+        &self,
+        region: &crate::memory::HostRegion<'_>,
+        addr: crate::DeviceAddr,
+    ) -> Result<(), crate::share::ShareError> {
+        self.inner.unshare(region, addr)
+    }
+
+    fn usage(&self) -> crate::share::ShareUsage {
+        self.inner.usage()
+    }
+
+    fn kind(&self) -> &'static str {
+        "flaky-identity"
+    }
+}
+
+/// The typed cause behind an error the pool reports for failed growth.
+fn growth_cause(e: &PoolError) -> &crate::share::ShareError {
+    match e.growth_cause() {
+        Some(PoolError::Share(s)) => s,
+        other => panic!("expected a share failure as the growth cause of {e}, got {other:?}"),
+    }
+}
+
+/// A multi-threaded runtime for the tests that use the background grower.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// (a) `AtCap::Fail`, below the cap, every growth refused with the mapping limit: the waiter
+/// ends on its own, promptly, with `GrowthFailed` carrying the typed `MappingLimit`.
+#[test]
+fn at_cap_fail_waiter_ends_with_the_growth_failure() {
+    let view = FlakyView::new();
+    let p = Pool::new(
+        view.clone(),
+        PoolConfig {
+            background: true,
+            at_cap: AtCap::Fail,
+            ..small_config()
+        },
+    )
+    .unwrap();
+    let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    view.refuse(Refuse::MappingLimit);
+    runtime().block_on(async {
+        let start = std::time::Instant::now();
+        let data = vec![1u8; 4096];
+        let r = tokio::time::timeout(Duration::from_secs(10), p.map(&data, Direction::ToDevice))
+            .await
+            .expect("the pool ended the wait itself (no hang)");
+        let e = r.expect_err("nothing could be granted");
+        assert!(
+            matches!(e, PoolError::GrowthFailed { len: 4096, .. }),
+            "{e}"
+        );
+        assert!(
+            matches!(
+                growth_cause(&e),
+                crate::share::ShareError::MappingLimit { .. }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("mapping limit"), "{e}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "ended when growth on its behalf failed, not much later: {:?}",
+            start.elapsed()
+        );
+    });
+    let s = p.stats();
+    assert!(s.growth_failures >= 1 && view.refused() >= 1, "{s:?}");
+    assert_eq!((s.waiters, s.capacity_bytes), (0, 256 << 10));
+    drop(held);
+    assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+/// (b) `AtCap::Wait`: the same refusal (ENOMEM from the IOMMU) ends the waiter too, after its
+/// `growth_failure_wait`, instead of waiting forever; the guard timeout is far longer.
+#[test]
+fn at_cap_wait_waiter_ends_after_its_growth_failure_wait() {
+    let view = FlakyView::new();
+    let p = Pool::new(
+        view.clone(),
+        PoolConfig {
+            background: true,
+            growth_failure_wait: Duration::from_millis(100),
+            ..small_config()
+        },
+    )
+    .unwrap();
+    let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    view.refuse(Refuse::Enomem);
+    runtime().block_on(async {
+        let start = std::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), p.alloc(64 << 10))
+            .await
+            .expect("the pool's own growth-failure rule ended the wait first");
+        let e = r.expect_err("nothing could be granted");
+        let waited = start.elapsed();
+        let PoolError::GrowthFailed {
+            waited: reported,
+            failures,
+            ..
+        } = &e
+        else {
+            panic!("expected GrowthFailed, got {e}")
+        };
+        assert!(*failures >= 1, "{e}");
+        assert!(
+            *reported >= Duration::from_millis(100),
+            "kept waiting for released space for growth_failure_wait: {e}"
+        );
+        assert!(waited < Duration::from_secs(3), "bounded: {waited:?}");
+        match growth_cause(&e) {
+            crate::share::ShareError::Os { source, .. } => {
+                assert_eq!(source.raw_os_error(), Some(libc::ENOMEM), "{e}")
+            }
+            other => panic!("unexpected cause {other}"),
+        }
+    });
+    assert!(
+        view.refused() >= 2,
+        "growth was retried: {}",
+        view.refused()
+    );
+    drop(held);
+    assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+/// (c) The immediate path says why it has nothing: its own transient chunk was refused
+/// (memlock-like EAGAIN), or, with transient chunks off, the grower's last attempt was.
+#[test]
+fn immediate_path_reports_why_growth_failed() {
+    let view = FlakyView::new();
+    let p = Pool::new(
+        view.clone(),
+        PoolConfig {
+            transient: true,
+            ..small_config()
+        },
+    )
+    .unwrap();
+    let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    view.refuse(Refuse::Memlock);
+    let e = p.try_alloc(4096).unwrap_err();
+    assert!(matches!(e, PoolError::Exhausted { .. }), "{e}");
+    match growth_cause(&e) {
+        crate::share::ShareError::Os { source, .. } => {
+            assert_eq!(source.raw_os_error(), Some(libc::EAGAIN), "{e}")
+        }
+        other => panic!("unexpected cause {other}"),
+    }
+    assert!(e.to_string().contains("MEMLOCK"), "{e}");
+    drop(held);
+
+    // Transient chunks off: the grower's failure is the reason.
+    let view = FlakyView::new();
+    let p = Pool::new(view.clone(), small_config()).unwrap();
+    let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    let w = Arc::new(CountingWaker::default());
+    let mut f = Box::pin(p.alloc(64 << 10));
+    assert!(poll_once(f.as_mut(), &w).is_pending());
+    view.refuse(Refuse::MappingLimit);
+    std::thread::sleep(Duration::from_millis(2));
+    assert_eq!(p.maintain().failed, 1);
+    let data = [0u8; 512];
+    let e = p.try_map(&data[..], Direction::ToDevice).unwrap_err();
+    assert!(matches!(e, PoolError::Exhausted { .. }), "{e}");
+    assert!(
+        matches!(
+            growth_cause(&e),
+            crate::share::ShareError::MappingLimit { .. }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("mapping limit"), "{e}");
+    drop((f, held));
+    assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+/// The rule, step by step (no background thread): a failed attempt ends every waiter it was
+/// made for (two here, both woken); a waiter that arrives during the backoff is not failed
+/// by the old failure until its bounded wait passes; an `AtCap::Wait` waiter survives a
+/// failure within its `growth_failure_wait` and is served once growth works again.
+#[test]
+fn a_waiter_fails_only_after_growth_on_its_behalf_failed() {
+    let view = FlakyView::new();
+    let p = Pool::new(
+        view.clone(),
+        PoolConfig {
+            at_cap: AtCap::Fail,
+            grow_after: Duration::from_millis(20),
+            ..small_config()
+        },
+    )
+    .unwrap();
+    let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    view.refuse(Refuse::MappingLimit);
+    let (w1, w2) = (
+        Arc::new(CountingWaker::default()),
+        Arc::new(CountingWaker::default()),
+    );
+    let mut f1 = Box::pin(p.alloc(64 << 10));
+    let mut f2 = Box::pin(p.alloc(4096));
+    assert!(poll_once(f1.as_mut(), &w1).is_pending());
+    assert!(poll_once(f2.as_mut(), &w2).is_pending());
+    // Woken at enqueue: the grower tries at once, for both (not forced: no backoff yet).
+    let r = p.maintain();
+    assert_eq!((r.grew, r.failed), (0, 1), "{r:?}");
+    assert_eq!((w1.count(), w2.count()), (1, 1), "both told of the failure");
+    for f in [f1.as_mut(), f2.as_mut()] {
+        match poll_once(f, &w1) {
+            Poll::Ready(Err(e @ PoolError::GrowthFailed { failures: 1, .. })) => {
+                assert!(matches!(
+                    growth_cause(&e),
+                    crate::share::ShareError::MappingLimit { .. }
+                ))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // A newcomer after that failure: not failed by it at once...
+    let w3 = Arc::new(CountingWaker::default());
+    let mut f3 = Box::pin(p.alloc(4096));
+    assert!(poll_once(f3.as_mut(), &w3).is_pending());
+    assert!(
+        poll_once(f3.as_mut(), &w3).is_pending(),
+        "not failed on sight"
+    );
+    // ...but by the next attempt, made for it, once the backoff is over.
+    std::thread::sleep(Duration::from_millis(5));
+    let r = p.maintain();
+    assert_eq!(r.failed, 1, "{r:?}");
+    assert!(matches!(
+        poll_once(f3.as_mut(), &w3),
+        Poll::Ready(Err(PoolError::GrowthFailed { failures: 2, .. }))
+    ));
+    assert_eq!(p.stats().waiters, 0);
+    drop((f1, f2, f3));
+
+    // AtCap::Wait with a long growth_failure_wait: a failure does not end the waiter, and
+    // once the view works again growth serves it.
+    let p = Pool::new(
+        view.clone(),
+        PoolConfig {
+            growth_failure_wait: Duration::from_secs(60),
+            ..small_config()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(p, PoolError::Share(_)), "prefill refused: {p}");
+    view.refuse(Refuse::Nothing);
+    let p = Pool::new(
+        view.clone(),
+        PoolConfig {
+            growth_failure_wait: Duration::from_secs(60),
+            ..small_config()
+        },
+    )
+    .unwrap();
+    let held2: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    view.refuse(Refuse::Enomem);
+    let w4 = Arc::new(CountingWaker::default());
+    let mut f4 = Box::pin(p.alloc(64 << 10));
+    assert!(poll_once(f4.as_mut(), &w4).is_pending());
+    assert_eq!(p.maintain().failed, 1);
+    assert!(poll_once(f4.as_mut(), &w4).is_pending(), "within its wait");
+    view.refuse(Refuse::Nothing);
+    std::thread::sleep(Duration::from_millis(5));
+    let r = p.maintain();
+    assert_eq!((r.grew, r.failed), (1, 0), "{r:?}");
+    let Poll::Ready(Ok(b)) = poll_once(f4.as_mut(), &w4) else {
+        panic!("served by the recovered growth")
+    };
+    drop((held, held2, b));
+    assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+/// (d, e) After growth failed, the pool recovers by itself once the cause is gone: a new map
+/// succeeds through growth, and when every handle is dropped nothing is in use.
+#[test]
+fn pool_recovers_when_growth_works_again() {
+    let view = FlakyView::new();
+    let p = Pool::new(
+        view.clone(),
+        PoolConfig {
+            background: true,
+            at_cap: AtCap::Fail,
+            ..small_config()
+        },
+    )
+    .unwrap();
+    let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    view.refuse(Refuse::MappingLimit);
+    runtime().block_on(async {
+        // A few failed rounds, cancelled and failed waiters among them.
+        for _ in 0..3 {
+            let r = tokio::time::timeout(Duration::from_secs(10), p.alloc(64 << 10))
+                .await
+                .expect("no hang");
+            assert!(matches!(r, Err(PoolError::GrowthFailed { .. })), "{r:?}");
+            let cancelled = tokio::time::timeout(Duration::from_micros(50), p.alloc(4096)).await;
+            drop(cancelled);
+        }
+        assert_eq!(p.stats().grows, 0);
+        view.refuse(Refuse::Nothing);
+        // Within the longest backoff (1 s) growth is tried again and works.
+        let data = vec![9u8; 60 << 10];
+        let mut served = None;
+        for _ in 0..40 {
+            let r =
+                tokio::time::timeout(Duration::from_secs(10), p.map(&data, Direction::ToDevice))
+                    .await
+                    .expect("no hang");
+            match r {
+                Ok(m) => {
+                    served = Some(m);
+                    break;
+                }
+                Err(PoolError::GrowthFailed { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let m = served.expect("a map succeeded once growth worked again");
+        let s = p.stats();
+        assert!(s.grows >= 1 && s.capacity_bytes > 256 << 10, "{s:?}");
+        // Later waits succeed too.
+        let more = tokio::time::timeout(Duration::from_secs(10), p.alloc(64 << 10))
+            .await
+            .expect("no hang")
+            .expect("growth works");
+        drop((m, more));
+    });
+    drop(held);
+    let s = p.stats();
+    assert_eq!((s.in_use_bytes, s.waiters), (0, 0), "{s:?}");
+}
+
+/// After growth failed and nobody needs growth any more, the expired backoff must not make
+/// the grower step again at once, over and over (a busy loop on the grower thread).
+#[test]
+fn an_expired_backoff_does_not_keep_the_grower_busy() {
+    let view = FlakyView::new();
+    let p = Pool::new(view.clone(), small_config()).unwrap();
+    let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    view.refuse(Refuse::Enomem);
+    let w = Arc::new(CountingWaker::default());
+    let mut f = Box::pin(p.alloc(64 << 10));
+    assert!(poll_once(f.as_mut(), &w).is_pending());
+    assert_eq!(p.maintain().failed, 1);
+    drop((f, held));
+    std::thread::sleep(Duration::from_millis(5));
+    let r = p.maintain();
+    assert_eq!((r.grew, r.failed), (0, 0), "nobody needs growth: {r:?}");
+    assert!(
+        r.next_wake.is_none_or(|d| d >= Duration::from_millis(5)),
+        "the grower sleeps: {r:?}"
+    );
+}
+
+/// `Pool::new` whose grower thread cannot be started (EAGAIN: the thread limit) returns
+/// `GrowerSpawn` instead of panicking, and gives back everything it made: the prefilled
+/// chunks are unshared and the pool's state (arena, chunks) is freed.
+#[test]
+fn a_grower_that_cannot_start_fails_pool_new_and_leaks_nothing() {
+    let view = Arc::new(Identity::new());
+    let cfg = PoolConfig {
+        background: true,
+        prefill_bytes: 512 << 10,
+        ..small_config()
+    };
+    let mut body = None;
+    let r = Pool::build(view.clone(), cfg, |shared| {
+        assert_eq!(
+            view.usage().mappings,
+            2,
+            "prefilled before the grower starts"
+        );
+        grower::spawn(shared, &mut |_builder, grower| {
+            body = Some(grower.pool());
+            Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+        })
+    });
+    let e = r.unwrap_err();
+    assert!(
+        matches!(&e, PoolError::GrowerSpawn(io) if io.raw_os_error() == Some(libc::EAGAIN)),
+        "{e}"
+    );
+    assert!(e.to_string().contains("grower thread"), "{e}");
+    let pool = body.expect("the real spawn path ran");
+    assert!(pool.upgrade().is_none(), "the pool's state was freed");
+    assert_eq!(
+        view.usage(),
+        crate::share::ShareUsage {
+            mappings: 0,
+            mapping_limit: None,
+            bytes: 0
+        },
+        "every prefilled chunk unshared"
+    );
+    // The real spawner still works.
+    let p = Pool::new(
+        view.clone(),
+        PoolConfig {
+            background: true,
+            ..small_config()
+        },
+    )
+    .unwrap();
+    assert_eq!(view.usage().mappings, 1);
+    drop(p);
+    assert_eq!(view.usage().mappings, 0);
+}
