@@ -253,6 +253,11 @@ fn parse_lines(
             });
             continue;
         }
+        // fio drops a comment after the value (`numjobs=4\t; four threads`).
+        let line = match line.find([';', '#']) {
+            Some(at) if line[..at].ends_with(char::is_whitespace) => line[..at].trim_end(),
+            _ => line,
+        };
         let (key, value) = match line.split_once('=') {
             Some((key, value)) => (key.trim(), Some(value.trim().to_string())),
             None => (line, None),

@@ -44,8 +44,9 @@ pub enum OptionError {
     args_override_self = true,
     after_help = "Job files use fio's ini format: [global] plus one [section] per job, key=value \
                   lines with the same names as the options above (bare keys such as time_based are flags). \
-                  Jobs of a file run one after another (fio's stonewall); numjobs clones of one job run \
-                  together, one thread each. Options given on the command line override the file.\n\n\
+                  Jobs of a file run together unless stonewall or wait_for orders them; numjobs clones of \
+                  one job run together, one thread each. Options given on the command line override the \
+                  file. fio options tpio does not implement are refused with `not supported: NAME`.\n\n\
                   `tpio plot A.json B.json -o out.png` plots IOPS and latency percentiles of JSON results."
 )]
 pub struct CliArgs {
@@ -183,6 +184,13 @@ pub struct JobArgs {
     /// Percentage of reads in rw/randrw.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub rwmixread: u8,
+    /// Percentage of writes in rw/randrw (fio's rwmixwrite: sets rwmixread to 100 minus it).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub rwmixwrite: Option<u8>,
+    /// Use the page cache: `buffered=0` is `direct=1` (fio's inverse of direct).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1", value_parser = parse_bool,
+          action = ArgAction::Set)]
+    pub buffered: Option<bool>,
     /// Block size (multiple of 512; k/m suffixes).
     #[arg(long, value_parser = parse_size, value_name = "SIZE", alias = "blocksize")]
     pub bs: Option<u64>,
@@ -472,6 +480,18 @@ fn check_multiple(what: &str, value: u64, align: u64) -> Result<(), OptionError>
 impl JobArgs {
     /// Applies defaults and device-independent checks; `fallback_name` names unnamed jobs.
     pub fn resolve(&self, fallback_name: &str) -> Result<JobSpec, OptionError> {
+        let mut args = self.clone();
+        if let Some(write) = self.rwmixwrite {
+            args.rwmixread = 100 - write;
+        }
+        if let Some(buffered) = self.buffered {
+            args.direct = !buffered;
+        }
+        args.resolve_inner(fallback_name)
+    }
+
+    /// [`JobArgs::resolve`] once fio's inverse options are folded in.
+    fn resolve_inner(&self, fallback_name: &str) -> Result<JobSpec, OptionError> {
         let block_sizes = match (self.bs, self.bsrange, &self.bssplit) {
             (_, _, Some(split)) => {
                 for (size, _) in &split.0 {
@@ -579,8 +599,10 @@ impl JobArgs {
             None => None,
         };
         if self.ioengine != EngineKind::Null && self.filename.is_none() {
-            return Err(OptionError::Invalid(
-                "no --filename: name the file or block device to test".into(),
+            return Err(OptionError::NotSupported(
+                "a job without filename (fio would create a file named after the job; tpio never \
+                 creates targets): name the file or block device to test with --filename"
+                    .into(),
             ));
         }
         if self.ioengine == EngineKind::Null && size.is_none() {

@@ -3,9 +3,12 @@
 //! Both are rendered from the same [`DirectionReport`] values, computed once per clone and
 //! direction, so they always carry the same numbers: the human text only rounds them for display.
 //! JSON field names are fio's (`fio version`, `jobs[].jobname`, `jobs[].read.iops`,
-//! `jobs[].read.clat_ns.percentile["99.000000"]`, ...), so fio tooling parses the output. Fields
-//! fio derives from periodic samples (`bw_min`, `iops_mean`, ...) are not produced. tpio adds
-//! `jobs[].verify` and, when the engine reports it, `jobs[].tidepool`.
+//! `jobs[].read.clat_ns.percentile["99.000000"]`, ...), so fio tooling parses the output; every key
+//! of a fio 3.33 report is present with the same JSON type (tests/fidelity.rs). tpio takes no
+//! periodic samples, so fio's sample fields (`bw_min`, `iops_mean`, ...) describe one sample that
+//! spans the whole runtime. With `group_reporting` a reporting group is one summed job. tpio adds
+//! `jobs[].job_start` (as newer fio does), `jobs[].verify` and, when the engine reports it,
+//! `jobs[].tidepool`; `disk_util` is always empty.
 
 use std::fmt::Write as _;
 use std::time::Duration;
