@@ -63,15 +63,115 @@ pub struct OutputSettings {
     pub formats: Vec<OutputFormat>,
     /// Report file, stdout when `None`.
     pub path: Option<PathBuf>,
+    /// `--parse-only`: stop after parsing.
+    pub parse_only: bool,
 }
 
-/// Turns a clap error into a [`CliError`] (help/version are not errors).
+/// Turns a clap error into a [`CliError`] (help/version are not errors) of one line: an unknown
+/// option or an unimplemented choice of a fixed set (`ioengine=libaio`) is `not supported: ...`,
+/// anything else clap's first line, never a usage dump.
 fn clap_error(error: clap::Error) -> CliError {
-    use clap::error::ErrorKind;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let context = |kind| match error.get(kind) {
+        Some(ContextValue::String(text)) => Some(text.clone()),
+        Some(ContextValue::Strings(texts)) => Some(texts.join(", ")),
+        _ => None,
+    };
     match error.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => CliError::Info(error.to_string()),
-        _ => CliError::Usage(error.to_string().trim_end().to_string()),
+        ErrorKind::UnknownArgument => {
+            let arg = context(ContextKind::InvalidArg).unwrap_or_default();
+            CliError::Option(OptionError::NotSupported(arg))
+        }
+        ErrorKind::InvalidValue if context(ContextKind::ValidValue).is_some() => {
+            let arg = context(ContextKind::InvalidArg).unwrap_or_default();
+            let name = arg
+                .trim_start_matches('-')
+                .split([' ', '='])
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let value = context(ContextKind::InvalidValue).unwrap_or_default();
+            let valid = context(ContextKind::ValidValue).unwrap_or_default();
+            CliError::Option(OptionError::NotSupported(format!(
+                "{name}={value} (tpio has: {valid})"
+            )))
+        }
+        _ => {
+            let text = error.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("error: ")
+                .to_string();
+            CliError::Usage(first)
+        }
     }
+}
+
+/// The long names (and aliases) of every job option: the keys a job file may use.
+pub fn job_option_names() -> Vec<String> {
+    let command = CliArgs::command();
+    let outputs = ["output-format", "output", "section", "parse-only"];
+    command
+        .get_arguments()
+        .filter(|arg| arg.get_long().is_some_and(|long| !outputs.contains(&long)))
+        .flat_map(|arg| {
+            let mut names: Vec<String> = arg.get_long().map(str::to_string).into_iter().collect();
+            names.extend(
+                arg.get_all_aliases()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(str::to_string),
+            );
+            names
+        })
+        .filter(|name| !["help", "version"].contains(&name.as_str()))
+        .collect()
+}
+
+/// The job options given on the command line, as fio echoes them: (long name, last raw value).
+fn given_on_command_line(matches: &clap::ArgMatches, argv: &[OsString]) -> Vec<(String, String)> {
+    use clap::parser::ValueSource;
+    let command = CliArgs::command();
+    let outputs = [
+        "output-format",
+        "output",
+        "section",
+        "parse-only",
+        "job_files",
+    ];
+    command
+        .get_arguments()
+        .filter(|arg| !outputs.contains(&arg.get_id().as_str()))
+        .filter(|arg| matches.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine))
+        .filter_map(|arg| {
+            let name = arg.get_long()?.to_string();
+            let value = matches
+                .get_raw(arg.get_id().as_str())
+                .and_then(|mut values| values.next_back())
+                .map(|value| value.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let flag_given_bare = argv.iter().any(|word| {
+                word.to_str()
+                    .and_then(|word| word.strip_prefix("--"))
+                    .is_some_and(|word| {
+                        word == name || arg.get_all_aliases().unwrap_or_default().contains(&word)
+                    })
+            }) && arg
+                .get_num_args()
+                .is_some_and(|range| range.min_values() == 0);
+            Some((
+                name,
+                if flag_given_bare {
+                    String::new()
+                } else {
+                    value
+                },
+            ))
+        })
+        .collect()
 }
 
 /// Parses `argv` (program name first) into jobs and output settings.
@@ -83,9 +183,13 @@ pub fn parse(argv: &[OsString]) -> Result<(Vec<JobSpec>, OutputSettings), CliErr
     let output = OutputSettings {
         formats: cli.output_format.clone(),
         path: cli.output.clone(),
+        parse_only: cli.parse_only,
     };
+    let on_command_line = given_on_command_line(&matches, argv);
     if cli.job_files.is_empty() {
-        return Ok((vec![cli.job.resolve("job")?], output));
+        let mut spec = cli.job.resolve("job")?;
+        spec.given_options = on_command_line;
+        return Ok((vec![spec], output));
     }
     let positional: Vec<usize> = matches
         .indices_of("job_files")
@@ -98,9 +202,11 @@ pub fn parse(argv: &[OsString]) -> Result<(Vec<JobSpec>, OutputSettings), CliErr
         .filter(|(index, _)| !positional.contains(index))
         .map(|(_, arg)| arg.clone())
         .collect();
+    let names = job_option_names();
+    let known = |key: &str| names.iter().any(|name| name == key);
     let mut jobs = Vec::new();
     for path in &cli.job_files {
-        for file_job in jobfile::load(path)? {
+        for file_job in jobfile::load(path, &known, &cli.section)? {
             let mut args: Vec<OsString> = vec!["tpio".into()];
             args.extend(file_job.args.iter().map(OsString::from));
             args.extend(overrides.iter().cloned());
@@ -108,12 +214,21 @@ pub fn parse(argv: &[OsString]) -> Result<(Vec<JobSpec>, OutputSettings), CliErr
                 job: file_job.name.clone(),
                 message,
             };
-            let parsed = CliArgs::try_parse_from_args(&args)
-                .map_err(|error| job_error(error.to_string().trim_end().to_string()))?;
-            let spec = parsed
+            let parsed =
+                CliArgs::try_parse_from_args(&args).map_err(|error| match clap_error(error) {
+                    refused @ CliError::Option(OptionError::NotSupported(_)) => refused,
+                    other => job_error(other.to_string()),
+                })?;
+            let mut spec = parsed
                 .job
                 .resolve(&file_job.name)
-                .map_err(|error| job_error(error.to_string()))?;
+                .map_err(|error| match error {
+                    refused @ OptionError::NotSupported(_) => CliError::Option(refused),
+                    other => job_error(other.to_string()),
+                })?;
+            spec.given_options = file_job.options.clone();
+            spec.given_options.extend(on_command_line.iter().cloned());
+            spec.global_options = file_job.globals.clone();
             jobs.push(spec);
         }
     }
@@ -131,6 +246,9 @@ impl CliArgs {
 /// (0, or 1 when any job reported an error) or the error that stopped it before any output.
 pub fn run(argv: &[OsString]) -> Result<i32, CliError> {
     let (specs, output) = parse(argv)?;
+    if output.parse_only {
+        return Ok(0);
+    }
     let prepared = runner::prepare_jobs(&specs)?;
     let show_progress = output.path.is_none() && runner::progress_wanted();
     let results = runner::run_jobs(prepared, show_progress);
@@ -138,8 +256,9 @@ pub fn run(argv: &[OsString]) -> Result<i32, CliError> {
     for format in &output.formats {
         match format {
             OutputFormat::Normal => text.push_str(&crate::report::render_normal(&results)),
-            OutputFormat::Json => {
-                let document = crate::report::render_json(&results);
+            OutputFormat::Json | OutputFormat::JsonPlus => {
+                let document =
+                    crate::report::render_json(&results, *format == OutputFormat::JsonPlus);
                 let rendered = serde_json::to_string_pretty(&document)
                     .unwrap_or_else(|error| format!("{{\"error\": \"{error}\"}}"));
                 text.push_str(&rendered);

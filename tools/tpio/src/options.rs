@@ -16,7 +16,10 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, ValueEnum};
 
-use crate::units::{parse_bool, parse_duration, parse_size, parse_size_range, SizeRange};
+use crate::units::{
+    parse_bool, parse_bssplit, parse_duration, parse_rate, parse_size, parse_size_or_percent,
+    parse_size_range, SizeOrPercent, SizeRange, SizeSplit,
+};
 
 /// The smallest alignment any block size, offset or size must have (one 512-byte sector).
 pub const SECTOR: u64 = 512;
@@ -27,6 +30,9 @@ pub enum OptionError {
     /// A value is outside what tpio accepts; the message says which and why.
     #[error("{0}")]
     Invalid(String),
+    /// A fio option or value tpio does not implement; the text names it.
+    #[error("not supported: {0}")]
+    NotSupported(String),
 }
 
 /// `tpio [OPTIONS] [JOBFILE...]`: the whole command line.
@@ -38,8 +44,9 @@ pub enum OptionError {
     args_override_self = true,
     after_help = "Job files use fio's ini format: [global] plus one [section] per job, key=value \
                   lines with the same names as the options above (bare keys such as time_based are flags). \
-                  Jobs of a file run one after another (fio's stonewall); numjobs clones of one job run \
-                  together, one thread each. Options given on the command line override the file.\n\n\
+                  Jobs of a file run together unless stonewall or wait_for orders them; numjobs clones of \
+                  one job run together, one thread each. Options given on the command line override the \
+                  file. fio options tpio does not implement are refused with `not supported: NAME`.\n\n\
                   `tpio plot A.json B.json -o out.png` plots IOPS and latency percentiles of JSON results."
 )]
 pub struct CliArgs {
@@ -59,6 +66,14 @@ pub struct CliArgs {
     /// Write the report to this file instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+
+    /// Run only the job-file sections of this name (repeatable; `[global]` always applies).
+    #[arg(long, value_name = "NAME", action = ArgAction::Append)]
+    pub section: Vec<String>,
+
+    /// Parse the options and job files, print nothing and run nothing (fio's --parse-only).
+    #[arg(long = "parse-only", alias = "parse_only")]
+    pub parse_only: bool,
 }
 
 /// How the report is written.
@@ -68,6 +83,9 @@ pub enum OutputFormat {
     Normal,
     /// fio's JSON layout (`--output-format=json`).
     Json,
+    /// fio's JSON layout plus completion-latency histogram bins (`clat_ns.bins`).
+    #[value(name = "json+")]
+    JsonPlus,
 }
 
 /// fio's `rw=`: the direction and order of the I/O.
@@ -167,6 +185,13 @@ pub struct JobArgs {
     /// Percentage of reads in rw/randrw.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub rwmixread: u8,
+    /// Percentage of writes in rw/randrw (fio's rwmixwrite: sets rwmixread to 100 minus it).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub rwmixwrite: Option<u8>,
+    /// Use the page cache: `buffered=0` is `direct=1` (fio's inverse of direct).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1", value_parser = parse_bool,
+          action = ArgAction::Set)]
+    pub buffered: Option<bool>,
     /// Block size (multiple of 512; k/m suffixes).
     #[arg(long, value_parser = parse_size, value_name = "SIZE", alias = "blocksize")]
     pub bs: Option<u64>,
@@ -179,16 +204,79 @@ pub struct JobArgs {
     /// Clones of this job, run together, one thread each.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub numjobs: u32,
+    /// Block sizes with weights, fio's `bssplit=4k/10:64k/50:32k/` (an empty weight shares what
+    /// is left); one list for reads and writes.
+    #[arg(long, value_parser = parse_bssplit, value_name = "BS/PCT:...")]
+    pub bssplit: Option<SizeSplit>,
     /// Stop after this long (seconds; s/m/h suffixes).
-    #[arg(long, value_parser = parse_duration, value_name = "TIME")]
+    #[arg(long, value_parser = parse_duration, value_name = "TIME", alias = "timeout")]
     pub runtime: Option<Duration>,
+    /// Report the jobs of a group (numjobs clones included) as one summed job.
+    #[arg(long = "group_reporting", alias = "group-reporting", num_args = 0..=1,
+          default_missing_value = "1", default_value = "0", value_parser = parse_bool,
+          action = ArgAction::Set)]
+    pub group_reporting: bool,
+    /// Wait for every job above this one to finish before starting (starts a new group).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "0",
+          value_parser = parse_bool, action = ArgAction::Set, alias = "wait_for_previous")]
+    pub stonewall: bool,
+    /// Start a new reporting group with this job (without waiting for the jobs above).
+    #[arg(long = "new_group", alias = "new-group", num_args = 0..=1, default_missing_value = "1",
+          default_value = "0", value_parser = parse_bool, action = ArgAction::Set)]
+    pub new_group: bool,
+    /// Start this job only once the job named here has finished.
+    #[arg(long = "wait_for", alias = "wait-for", value_name = "JOB")]
+    pub wait_for: Option<String>,
+    /// Run clones as threads (tpio always does; accepted for fio job files).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "0",
+          value_parser = parse_bool, action = ArgAction::Set)]
+    pub thread: bool,
+    /// Random offsets drawn with replacement instead of a permutation (blocks may repeat or be
+    /// skipped within a pass).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "0",
+          value_parser = parse_bool, action = ArgAction::Set)]
+    pub norandommap: bool,
+    /// Seed the generators the same way every run (0: from the clock, unless --randseed is given).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "1",
+          value_parser = parse_bool, action = ArgAction::Set)]
+    pub randrepeat: bool,
+    /// Bandwidth cap per clone in bytes/s: `R` for both directions or `R,W`.
+    #[arg(long, value_parser = parse_rate, value_name = "BW[,BW]")]
+    pub rate: Option<[Option<u64>; 2]>,
+    /// I/O rate cap per clone in IOPS: `N` for both directions or `R,W`.
+    #[arg(long = "rate_iops", alias = "rate-iops", value_parser = parse_rate, value_name = "N[,N]")]
+    pub rate_iops: Option<[Option<u64>; 2]>,
+    /// Run the workload this many times (passes over the region).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub loops: u32,
+    /// Wait this long after the run starts before starting this job.
+    #[arg(long, value_parser = parse_duration, value_name = "TIME")]
+    pub startdelay: Option<Duration>,
+    /// Clone N works at offset + N * this.
+    #[arg(long = "offset_increment", alias = "offset-increment", value_parser = parse_size,
+          default_value = "0", value_name = "SIZE")]
+    pub offset_increment: u64,
+    /// With verify on writes: check the last N written blocks every N writes instead of at the end.
+    #[arg(long = "verify_backlog", alias = "verify-backlog", value_parser = clap::value_parser!(u64).range(1..),
+          value_name = "N")]
+    pub verify_backlog: Option<u64>,
+    /// Replay the I/Os of this fio iolog (version 2 or 3) instead of generating a workload.
+    #[arg(long = "read_iolog", alias = "read-iolog", value_name = "FILE")]
+    pub read_iolog: Option<PathBuf>,
+    /// Write every I/O issued to this file in fio's iolog version 2 format (clone N > 0 appends `.N`).
+    #[arg(long = "write_iolog", alias = "write-iolog", value_name = "FILE")]
+    pub write_iolog: Option<PathBuf>,
+    /// Free text describing the job (echoed in the JSON).
+    #[arg(long)]
+    pub description: Option<String>,
     /// Keep going over the region until --runtime has passed.
     #[arg(long = "time_based", alias = "time-based", num_args = 0..=1, default_missing_value = "1",
           default_value = "0", value_parser = parse_bool, action = ArgAction::Set)]
     pub time_based: bool,
-    /// Bytes of the region to work on, from --offset (default: the rest of the file or device).
-    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
-    pub size: Option<u64>,
+    /// Bytes of the region to work on, from --offset (default: the rest of the file or device);
+    /// `N%` is that share of the target's capacity.
+    #[arg(long, value_parser = parse_size_or_percent, value_name = "SIZE|N%")]
+    pub size: Option<SizeOrPercent>,
     /// Start of the region in bytes.
     #[arg(long, value_parser = parse_size, default_value = "0", value_name = "SIZE")]
     pub offset: u64,
@@ -203,14 +291,15 @@ pub struct JobArgs {
           default_value = "1", value_parser = parse_bool, action = ArgAction::Set)]
     pub do_verify: bool,
     /// Seed of the offset and data generators.
-    #[arg(long, default_value_t = 0x7469_6465)]
-    pub randseed: u64,
+    #[arg(long)]
+    pub randseed: Option<u64>,
     /// I/O engine.
     #[arg(long, value_enum, default_value = "io_uring")]
     pub ioengine: EngineKind,
     /// File or block device to work on (tidepool: a PCI address; vhost-user-blk: a unix socket).
+    /// fio's `a:b` lists of several files are refused.
     #[arg(long, value_name = "PATH")]
-    pub filename: Option<PathBuf>,
+    pub filename: Option<String>,
     /// Bypass the page cache (O_DIRECT).
     #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "0",
           value_parser = parse_bool, action = ArgAction::Set)]
@@ -240,8 +329,8 @@ pub struct JobArgs {
     pub completion: CompletionMode,
 }
 
-/// The block sizes a job uses: one size, or a range to draw from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The block sizes a job uses: one size, a range to draw from, or a weighted split.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BlockSizes {
     /// Every I/O is this many bytes.
     Fixed(u64),
@@ -252,22 +341,26 @@ pub enum BlockSizes {
         /// Largest block.
         max: u64,
     },
+    /// fio's `bssplit`: (size, percent) pairs whose percents add up to 100.
+    Split(Vec<(u64, u32)>),
 }
 
 impl BlockSizes {
     /// The largest I/O this job issues, which sizes each buffer slot.
-    pub fn max(self) -> u64 {
+    pub fn max(&self) -> u64 {
         match self {
-            BlockSizes::Fixed(size) => size,
-            BlockSizes::Range { max, .. } => max,
+            BlockSizes::Fixed(size) => *size,
+            BlockSizes::Range { max, .. } => *max,
+            BlockSizes::Split(split) => split.iter().map(|(size, _)| *size).max().unwrap_or(0),
         }
     }
 
     /// The smallest I/O this job issues.
-    pub fn min(self) -> u64 {
+    pub fn min(&self) -> u64 {
         match self {
-            BlockSizes::Fixed(size) => size,
-            BlockSizes::Range { min, .. } => min,
+            BlockSizes::Fixed(size) => *size,
+            BlockSizes::Range { min, .. } => *min,
+            BlockSizes::Split(split) => split.iter().map(|(size, _)| *size).min().unwrap_or(0),
         }
     }
 }
@@ -308,8 +401,10 @@ pub struct JobSpec {
     pub runtime: Option<Duration>,
     /// Loop until the run time has passed.
     pub time_based: bool,
-    /// Region size in bytes, `None` = to the end of the target.
+    /// Region size in bytes, `None` = to the end of the target (or `size_percent` of it).
     pub size: Option<u64>,
+    /// `size=N%`: the region is this share (0..=100) of the target's capacity past `offset`.
+    pub size_percent: Option<f64>,
     /// Region start in bytes.
     pub offset: u64,
     /// Warm-up time without statistics.
@@ -328,6 +423,37 @@ pub struct JobSpec {
     pub direct: bool,
     /// tidepool engine settings.
     pub pool: PoolSettings,
+    /// Report this job's group as one summed job.
+    pub group_reporting: bool,
+    /// Wait for every earlier job before starting.
+    pub stonewall: bool,
+    /// Start a new reporting group.
+    pub new_group: bool,
+    /// Start after the named job has finished.
+    pub wait_for: Option<String>,
+    /// Random offsets with replacement (fio's norandommap).
+    pub norandommap: bool,
+    /// Bytes/s cap per clone: (read, write).
+    pub rate: [Option<u64>; 2],
+    /// IOPS cap per clone: (read, write).
+    pub rate_iops: [Option<u64>; 2],
+    /// Passes over the workload.
+    pub loops: u32,
+    /// Delay before the job starts.
+    pub startdelay: Duration,
+    /// Per-clone offset step.
+    pub offset_increment: u64,
+    /// Verify every N writes.
+    pub verify_backlog: Option<u64>,
+    /// Replay this iolog.
+    pub read_iolog: Option<PathBuf>,
+    /// Record the I/Os to this iolog.
+    pub write_iolog: Option<PathBuf>,
+    /// The job's options as the user wrote them (key, value; `""` for a bare flag), in order:
+    /// fio's `job options`.
+    pub given_options: Vec<(String, String)>,
+    /// The `[global]` options that applied to this job, as written: fio's `global options`.
+    pub global_options: Vec<(String, String)>,
 }
 
 impl JobSpec {
@@ -355,8 +481,26 @@ fn check_multiple(what: &str, value: u64, align: u64) -> Result<(), OptionError>
 impl JobArgs {
     /// Applies defaults and device-independent checks; `fallback_name` names unnamed jobs.
     pub fn resolve(&self, fallback_name: &str) -> Result<JobSpec, OptionError> {
-        let block_sizes = match (self.bs, self.bsrange) {
-            (_, Some(range)) => {
+        let mut args = self.clone();
+        if let Some(write) = self.rwmixwrite {
+            args.rwmixread = 100 - write;
+        }
+        if let Some(buffered) = self.buffered {
+            args.direct = !buffered;
+        }
+        args.resolve_inner(fallback_name)
+    }
+
+    /// [`JobArgs::resolve`] once fio's inverse options are folded in.
+    fn resolve_inner(&self, fallback_name: &str) -> Result<JobSpec, OptionError> {
+        let block_sizes = match (self.bs, self.bsrange, &self.bssplit) {
+            (_, _, Some(split)) => {
+                for (size, _) in &split.0 {
+                    check_multiple("bssplit size", *size, SECTOR)?;
+                }
+                BlockSizes::Split(split.0.clone())
+            }
+            (_, Some(range), None) => {
                 check_multiple("bsrange minimum", range.min, SECTOR)?;
                 check_multiple("bsrange maximum", range.max, SECTOR)?;
                 if range.min == range.max {
@@ -368,11 +512,11 @@ impl JobArgs {
                     }
                 }
             }
-            (Some(bs), None) => {
+            (Some(bs), None, None) => {
                 check_multiple("bs", bs, SECTOR)?;
                 BlockSizes::Fixed(bs)
             }
-            (None, None) => BlockSizes::Fixed(4096),
+            (None, None, None) => BlockSizes::Fixed(4096),
         };
         if block_sizes.max() > u64::from(u32::MAX) {
             return Err(OptionError::Invalid(format!(
@@ -386,7 +530,12 @@ impl JobArgs {
                 self.offset
             )));
         }
-        if let Some(size) = self.size {
+        let (size, size_percent) = match self.size {
+            Some(SizeOrPercent::Bytes(bytes)) => (Some(bytes), None),
+            Some(SizeOrPercent::Percent(percent)) => (None, Some(percent)),
+            None => (None, None),
+        };
+        if let Some(size) = size {
             if size < block_sizes.max() {
                 return Err(OptionError::Invalid(format!(
                     "size={size} is smaller than one block ({} bytes): raise --size or lower --bs",
@@ -426,12 +575,38 @@ impl JobArgs {
                     .into(),
             ));
         }
-        if self.ioengine != EngineKind::Null && self.filename.is_none() {
+        if self.verify != VerifyKind::None
+            && self.loops > 1
+            && self.rw.read_percent(self.rwmixread) == 0
+        {
             return Err(OptionError::Invalid(
-                "no --filename: name the file or block device to test".into(),
+                "verify with loops>1: later loops overwrite what the first wrote; use loops=1"
+                    .into(),
             ));
         }
-        if self.ioengine == EngineKind::Null && self.size.is_none() {
+        if self.verify_backlog.is_some() && self.verify == VerifyKind::None {
+            return Err(OptionError::Invalid(
+                "verify_backlog needs --verify (crc32c or pattern)".into(),
+            ));
+        }
+        if self.read_iolog.is_some() && self.ioengine != EngineKind::Null && self.filename.is_none()
+        {
+            return Err(OptionError::Invalid(
+                "read_iolog replays onto --filename: name the target".into(),
+            ));
+        }
+        let filename = match &self.filename {
+            Some(name) => Some(single_filename(name, self.ioengine)?),
+            None => None,
+        };
+        if self.ioengine != EngineKind::Null && self.filename.is_none() {
+            return Err(OptionError::NotSupported(
+                "a job without filename (fio would create a file named after the job; tpio never \
+                 creates targets): name the file or block device to test with --filename"
+                    .into(),
+            ));
+        }
+        if self.ioengine == EngineKind::Null && size.is_none() {
             return Err(OptionError::Invalid(
                 "ioengine=null has no device: give --size".into(),
             ));
@@ -448,14 +623,21 @@ impl JobArgs {
             numjobs: self.numjobs,
             runtime: self.runtime,
             time_based: self.time_based,
-            size: self.size,
+            size,
+            size_percent,
             offset: self.offset,
             ramp_time: self.ramp_time.unwrap_or(Duration::ZERO),
             verify: self.verify,
             do_verify: self.do_verify,
-            randseed: self.randseed,
+            randseed: self.randseed.unwrap_or_else(|| {
+                if self.randrepeat {
+                    DEFAULT_SEED
+                } else {
+                    clock_seed()
+                }
+            }),
             ioengine: self.ioengine,
-            filename: self.filename.clone(),
+            filename,
             direct: self.direct,
             pool: PoolSettings {
                 dma: self.dma,
@@ -465,6 +647,66 @@ impl JobArgs {
                 chunk: self.pool_chunk,
                 completion: self.completion,
             },
+            group_reporting: self.group_reporting,
+            stonewall: self.stonewall,
+            new_group: self.new_group,
+            wait_for: self.wait_for.clone(),
+            norandommap: self.norandommap,
+            rate: self.rate.unwrap_or([None, None]),
+            rate_iops: self.rate_iops.unwrap_or([None, None]),
+            loops: self.loops,
+            startdelay: self.startdelay.unwrap_or(Duration::ZERO),
+            offset_increment: self.offset_increment,
+            verify_backlog: self.verify_backlog,
+            read_iolog: self.read_iolog.clone(),
+            write_iolog: self.write_iolog.clone(),
+            given_options: Vec::new(),
+            global_options: Vec::new(),
         })
+    }
+}
+
+/// The seed used when neither `randseed` nor `randrepeat=0` says otherwise.
+pub const DEFAULT_SEED: u64 = 0x7469_6465;
+
+/// A seed that differs from run to run (`randrepeat=0`).
+fn clock_seed() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    crate::workload::mix64(now.as_nanos() as u64 ^ u64::from(std::process::id()))
+}
+
+/// The one target of `filename`: fio's `a:b` lists (with `\:` escaping a colon) are refused for
+/// file engines; tidepool's PCI addresses and vhost-user sockets are taken as written.
+fn single_filename(name: &str, engine: EngineKind) -> Result<PathBuf, OptionError> {
+    if matches!(engine, EngineKind::Tidepool | EngineKind::VhostUserBlk) {
+        return Ok(PathBuf::from(name));
+    }
+    let mut files = vec![String::new()];
+    let mut chars = name.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&':') => {
+                chars.next();
+                if let Some(last) = files.last_mut() {
+                    last.push(':');
+                }
+            }
+            ':' => files.push(String::new()),
+            other => {
+                if let Some(last) = files.last_mut() {
+                    last.push(other);
+                }
+            }
+        }
+    }
+    files.retain(|file| !file.is_empty());
+    match files.as_slice() {
+        [one] => Ok(PathBuf::from(one)),
+        _ => Err(OptionError::NotSupported(format!(
+            "filename={name} (a list of {} files; give one file per job)",
+            files.len()
+        ))),
     }
 }

@@ -3,9 +3,12 @@
 //! Both are rendered from the same [`DirectionReport`] values, computed once per clone and
 //! direction, so they always carry the same numbers: the human text only rounds them for display.
 //! JSON field names are fio's (`fio version`, `jobs[].jobname`, `jobs[].read.iops`,
-//! `jobs[].read.clat_ns.percentile["99.000000"]`, ...), so fio tooling parses the output. Fields
-//! fio derives from periodic samples (`bw_min`, `iops_mean`, ...) are not produced. tpio adds
-//! `jobs[].verify` and, when the engine reports it, `jobs[].tidepool`.
+//! `jobs[].read.clat_ns.percentile["99.000000"]`, ...), so fio tooling parses the output; every key
+//! of a fio 3.33 report is present with the same JSON type (tests/fidelity.rs). tpio takes no
+//! periodic samples, so fio's sample fields (`bw_min`, `iops_mean`, ...) describe one sample that
+//! spans the whole runtime. With `group_reporting` a reporting group is one summed job. tpio adds
+//! `jobs[].job_start` (as newer fio does), `jobs[].verify` and, when the engine reports it,
+//! `jobs[].tidepool`; `disk_util` is always empty.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -69,7 +72,7 @@ impl DirectionReport {
 }
 
 /// Read and write reports of a clone.
-fn direction_reports(result: &CloneResult) -> (DirectionReport, DirectionReport) {
+pub fn direction_reports(result: &CloneResult) -> (DirectionReport, DirectionReport) {
     (
         DirectionReport::new(&result.read, result.read_runtime),
         DirectionReport::new(&result.write, result.write_runtime),
@@ -99,21 +102,138 @@ fn latency_json(summary: &LatencySummary) -> Value {
     Value::Object(object)
 }
 
-/// A direction object in fio's layout.
-fn direction_json(report: &DirectionReport) -> Value {
+/// A job as reported: one clone, or with `group_reporting` a whole group summed.
+#[derive(Debug, Clone)]
+pub struct ReportedJob {
+    /// The (merged) numbers.
+    pub result: CloneResult,
+    /// Clones summed into it.
+    pub jobs: u32,
+    /// Its direction reports (read, write).
+    pub read: DirectionReport,
+    /// Write report.
+    pub write: DirectionReport,
+}
+
+/// Adds `other` into `into` (group reporting): counts and samples summed, runtimes the longest.
+fn merge_result(into: &mut CloneResult, other: &CloneResult) {
+    into.read.merge(&other.read);
+    into.write.merge(&other.write);
+    into.read_runtime = into.read_runtime.max(other.read_runtime);
+    into.write_runtime = into.write_runtime.max(other.write_runtime);
+    into.elapsed = into.elapsed.max(other.elapsed);
+    into.started_at = into.started_at.min(other.started_at);
+    into.user_cpu += other.user_cpu;
+    into.system_cpu += other.system_cpu;
+    if into.error == 0 && other.error != 0 {
+        into.error = other.error;
+        into.error_message = other.error_message.clone();
+    }
+    into.verify.checked += other.verify.checked;
+    into.verify.mismatches += other.verify.mismatches;
+    into.verify
+        .bad_blocks
+        .extend(other.verify.bad_blocks.iter().cloned());
+    for (mine, theirs) in [
+        (&mut into.depth_buckets, &other.depth_buckets),
+        (&mut into.submit_buckets, &other.submit_buckets),
+        (&mut into.complete_buckets, &other.complete_buckets),
+    ] {
+        for (a, b) in mine.iter_mut().zip(theirs) {
+            *a += b;
+        }
+    }
+    into.ctx += other.ctx;
+    into.faults.0 += other.faults.0;
+    into.faults.1 += other.faults.1;
+}
+
+/// The jobs as fio reports them: each clone on its own, except that a reporting group with
+/// `group_reporting` set becomes one job (named after its first job) summing all its clones.
+pub fn reported_jobs(results: &[CloneResult]) -> Vec<ReportedJob> {
+    let mut jobs: Vec<ReportedJob> = Vec::new();
+    let mut merged_group: Option<u32> = None;
+    for result in results {
+        let grouped = results
+            .iter()
+            .any(|other| other.groupid == result.groupid && other.spec.group_reporting);
+        if grouped && merged_group == Some(result.groupid) {
+            if let Some(last) = jobs.last_mut() {
+                merge_result(&mut last.result, result);
+                last.jobs += 1;
+            }
+            continue;
+        }
+        merged_group = grouped.then_some(result.groupid);
+        jobs.push(ReportedJob {
+            result: result.clone(),
+            jobs: 1,
+            read: DirectionReport::new(&DirectionStats::default(), Duration::ZERO),
+            write: DirectionReport::new(&DirectionStats::default(), Duration::ZERO),
+        });
+    }
+    for job in &mut jobs {
+        let (read, write) = direction_reports(&job.result);
+        job.read = read;
+        job.write = write;
+    }
+    jobs
+}
+
+/// A direction object in fio's layout. tpio takes no periodic bandwidth/IOPS samples: the
+/// `bw_*`/`iops_*` sample fields describe one sample spanning the whole runtime (`*_samples` 1,
+/// deviation 0), or zeros when the direction did nothing. `group_bw` is the group's bandwidth in
+/// this direction, for `bw_agg`.
+fn direction_json(
+    report: &DirectionReport,
+    stats: &DirectionStats,
+    group_bw: u64,
+    bins: bool,
+) -> Value {
+    let active = report.total_ios > 0;
+    let kib = report.bw_bytes / 1024;
+    let mut clat = latency_json(&report.clat);
+    if !active {
+        if let Some(object) = clat.as_object_mut() {
+            object.remove("percentile");
+        }
+    } else if bins {
+        let map: Map<String, Value> = stats
+            .clat
+            .bins()
+            .into_iter()
+            .map(|(value, count)| (value.to_string(), json!(count)))
+            .collect();
+        clat["bins"] = Value::Object(map);
+    }
+    let mut lat = latency_json(&report.lat);
+    if let Some(object) = lat.as_object_mut() {
+        object.remove("percentile");
+    }
     json!({
         "io_bytes": report.io_bytes,
         "io_kbytes": report.io_bytes / 1024,
         "bw_bytes": report.bw_bytes,
-        "bw": report.bw_bytes / 1024,
+        "bw": kib,
         "iops": report.iops,
         "runtime": report.runtime_ms,
         "total_ios": report.total_ios,
         "short_ios": 0,
         "drop_ios": 0,
         "slat_ns": latency_json(&report.slat),
-        "clat_ns": latency_json(&report.clat),
-        "lat_ns": latency_json(&report.lat),
+        "clat_ns": clat,
+        "lat_ns": lat,
+        "bw_min": kib,
+        "bw_max": kib,
+        "bw_agg": if group_bw > 0 { 100.0 * report.bw_bytes as f64 / group_bw as f64 } else { 0.0 },
+        "bw_mean": kib as f64,
+        "bw_dev": 0.0,
+        "bw_samples": u64::from(active),
+        "iops_min": report.iops.round() as u64,
+        "iops_max": report.iops.round() as u64,
+        "iops_mean": report.iops,
+        "iops_stddev": 0.0,
+        "iops_samples": u64::from(active),
     })
 }
 
@@ -126,68 +246,185 @@ fn cpu_percent(cpu: Duration, elapsed: Duration) -> f64 {
     }
 }
 
-/// The options of a job as fio lists them under `job options`.
-fn job_options(result: &CloneResult) -> Value {
-    let spec = &result.spec;
-    let mut options = Map::new();
-    options.insert("name".into(), json!(spec.name));
-    options.insert("rw".into(), json!(format!("{:?}", spec.rw).to_lowercase()));
-    match spec.block_sizes {
-        crate::options::BlockSizes::Fixed(bs) => options.insert("bs".into(), json!(bs.to_string())),
-        crate::options::BlockSizes::Range { min, max } => {
-            options.insert("bsrange".into(), json!(format!("{min}-{max}")))
-        }
-    };
-    options.insert("iodepth".into(), json!(spec.iodepth.to_string()));
-    options.insert("ioengine".into(), json!(result.engine));
-    options.insert("direct".into(), json!(u8::from(spec.direct).to_string()));
-    if let Some(filename) = &spec.filename {
-        options.insert("filename".into(), json!(filename.display().to_string()));
+/// Options as fio echoes them: an object of strings, in the order given (a later repeat wins).
+fn options_json(options: &[(String, String)]) -> Value {
+    let mut map = Map::new();
+    for (key, value) in options {
+        map.insert(key.clone(), json!(value));
     }
-    Value::Object(options)
+    Value::Object(map)
 }
 
-/// The whole JSON document.
-pub fn render_json(results: &[CloneResult]) -> Value {
+/// `counts` as percentages of their sum under fio's `keys`.
+fn percent_map(keys: &[&str], counts: &[u64]) -> Value {
+    let total: u64 = counts.iter().sum();
+    let map: Map<String, Value> = keys
+        .iter()
+        .zip(counts)
+        .map(|(key, count)| {
+            let percent = if total == 0 {
+                0.0
+            } else {
+                100.0 * *count as f64 / total as f64
+            };
+            (key.to_string(), json!(percent))
+        })
+        .collect();
+    Value::Object(map)
+}
+
+/// fio's latency bucket edges: `latency_ns`/`latency_us` upper bounds, then `latency_ms`'s.
+const LAT_EDGES: [u64; 10] = [2, 4, 10, 20, 50, 100, 250, 500, 750, 1000];
+const LAT_MS_EDGES: [u64; 11] = [2, 4, 10, 20, 50, 100, 250, 500, 750, 1000, 2000];
+
+/// (fio key, percent) pairs of one latency map.
+type Buckets = Vec<(String, f64)>;
+
+/// The share of I/Os (reads and writes) whose total latency falls in each of fio's buckets:
+/// (ns map, us map, ms map) with fio's keys.
+fn latency_buckets(result: &CloneResult) -> (Buckets, Buckets, Buckets) {
+    let mut lat = result.read.lat.clone();
+    lat.merge(&result.write.lat);
+    let total = lat.count();
+    let share = |low: u64, high: u64| {
+        if total == 0 {
+            0.0
+        } else {
+            100.0 * lat.count_between(low, high) as f64 / total as f64
+        }
+    };
+    let series = |edges: &[u64], scale: u64, start: u64| {
+        let mut low = start;
+        edges
+            .iter()
+            .map(|edge| {
+                let high = edge * scale;
+                let value = share(low, high);
+                low = high + 1;
+                (edge.to_string(), value)
+            })
+            .collect::<Vec<_>>()
+    };
+    let ns = series(&LAT_EDGES, 1, 0);
+    let us = series(&LAT_EDGES, 1_000, 1_001);
+    let mut ms = series(&LAT_MS_EDGES, 1_000_000, 1_000_001);
+    ms.push((">=2000".into(), share(2_000_000_001, u64::MAX)));
+    (ns, us, ms)
+}
+
+/// A list of (key, value) as a JSON object.
+fn pairs_json(pairs: &[(String, f64)]) -> Value {
+    Value::Object(pairs.iter().map(|(k, v)| (k.clone(), json!(v))).collect())
+}
+
+/// fio's `time` field: the local time in C's `ctime` layout, without the newline.
+pub fn ctime(seconds: u64) -> String {
+    let time = seconds as libc::time_t;
+    let mut tm = std::mem::MaybeUninit::<libc::tm>::zeroed();
+    let mut buffer = [0u8; 64];
+    // SAFETY: localtime_r fills the tm we own; strftime writes at most buffer.len() bytes into
+    // our buffer and returns how many; the format is a NUL-terminated literal.
+    let written = unsafe {
+        if libc::localtime_r(&time, tm.as_mut_ptr()).is_null() {
+            return String::new();
+        }
+        libc::strftime(
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            c"%a %b %e %H:%M:%S %Y".as_ptr(),
+            tm.as_ptr(),
+        )
+    };
+    String::from_utf8_lossy(&buffer[..written]).into_owned()
+}
+
+/// The whole JSON document; `plus` adds fio's json+ `clat_ns.bins`.
+pub fn render_json(results: &[CloneResult], plus: bool) -> Value {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let jobs: Vec<Value> = results
+    let reported = reported_jobs(results);
+    let group_bw = |group: u32, read: bool| -> u64 {
+        reported
+            .iter()
+            .filter(|job| job.result.groupid == group)
+            .map(|job| {
+                if read {
+                    job.read.bw_bytes
+                } else {
+                    job.write.bw_bytes
+                }
+            })
+            .sum()
+    };
+    let jobs: Vec<Value> = reported
         .iter()
-        .map(|result| {
-            let (read, write) = direction_reports(result);
-            let empty = DirectionReport::new(&DirectionStats::default(), Duration::ZERO);
-            let mut job = json!({
+        .map(|job| {
+            let result = &job.result;
+            let empty_stats = DirectionStats::default();
+            let empty = DirectionReport::new(&empty_stats, Duration::ZERO);
+            let zero_lat = json!({"min": 0, "max": 0, "mean": 0.0, "stddev": 0.0, "N": 0});
+            let (ns, us, ms) = latency_buckets(result);
+            let started = result
+                .started_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let mut object = json!({
                 "jobname": result.spec.name,
-                "groupid": 0,
+                "groupid": result.groupid,
+                "job_start": started.as_millis() as u64,
                 "error": result.error,
                 "eta": 0,
-                "elapsed": result.elapsed.as_secs(),
-                "job options": job_options(result),
-                "read": direction_json(&read),
-                "write": direction_json(&write),
-                "trim": direction_json(&empty),
+                "elapsed": result.elapsed.as_secs_f64().round() as u64,
+                "job options": options_json(&result.spec.given_options),
+                "read": direction_json(&job.read, &result.read, group_bw(result.groupid, true), plus),
+                "write": direction_json(&job.write, &result.write, group_bw(result.groupid, false), plus),
+                "trim": direction_json(&empty, &empty_stats, 0, false),
+                "sync": {"total_ios": 0, "lat_ns": zero_lat},
                 "job_runtime": result.elapsed.as_millis() as u64,
                 "usr_cpu": cpu_percent(result.user_cpu, result.elapsed),
                 "sys_cpu": cpu_percent(result.system_cpu, result.elapsed),
+                "ctx": result.ctx,
+                "majf": result.faults.0,
+                "minf": result.faults.1,
+                "iodepth_level": percent_map(&["1", "2", "4", "8", "16", "32", ">=64"], &result.depth_buckets),
+                "iodepth_submit": percent_map(&["0", "4", "8", "16", "32", "64", ">=64"], &result.submit_buckets),
+                "iodepth_complete": percent_map(&["0", "4", "8", "16", "32", "64", ">=64"], &result.complete_buckets),
+                "latency_ns": pairs_json(&ns),
+                "latency_us": pairs_json(&us),
+                "latency_ms": pairs_json(&ms),
+                "latency_depth": result.spec.iodepth,
+                "latency_target": 0,
+                "latency_percentile": 100.0,
+                "latency_window": 0,
                 "verify": result.verify,
             });
             if let Some(message) = &result.error_message {
-                job["error_message"] = json!(message);
+                object["error_message"] = json!(message);
             }
             if let Some(stats) = &result.engine_stats {
-                job["tidepool"] = stats.clone();
+                object["tidepool"] = stats.clone();
             }
-            job
+            object
         })
         .collect();
-    json!({
-        "fio version": VERSION,
-        "timestamp": now.as_secs(),
-        "timestamp_ms": now.as_millis() as u64,
-        "jobs": jobs,
-        "disk_util": [],
-    })
+    let mut document = Map::new();
+    document.insert("fio version".into(), json!(VERSION));
+    document.insert("timestamp".into(), json!(now.as_secs()));
+    document.insert("timestamp_ms".into(), json!(now.as_millis() as u64));
+    document.insert("time".into(), json!(ctime(now.as_secs())));
+    if let Some(first) = results
+        .iter()
+        .find(|result| !result.spec.global_options.is_empty())
+    {
+        document.insert(
+            "global options".into(),
+            options_json(&first.spec.global_options),
+        );
+    }
+    document.insert("jobs".into(), Value::Array(jobs));
+    document.insert("disk_util".into(), json!([]));
+    Value::Object(document)
 }
 
 /// The unit of a `lat` line, by fio's rule (stat.c `display_lat`): scale nanoseconds down to
@@ -378,31 +615,135 @@ pub fn engine_stats_line(stats: &Value) -> String {
     }
 }
 
-/// fio's human-readable summary of all clones.
+/// fio's `per cent` cells: `key=value%` for the non-zero ones (all when every one is zero).
+fn percent_cells(pairs: &[(String, f64)], keep_zero: bool) -> String {
+    pairs
+        .iter()
+        .filter(|(_, value)| keep_zero || *value > 0.0)
+        .map(|(key, value)| format!("{key}={value:.1}%"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `counts` as (fio key, percent) pairs.
+fn percent_pairs(keys: &[&str], counts: &[u64]) -> Vec<(String, f64)> {
+    let total: u64 = counts.iter().sum();
+    keys.iter()
+        .zip(counts)
+        .map(|(key, count)| {
+            let percent = if total == 0 {
+                0.0
+            } else {
+                100.0 * *count as f64 / total as f64
+            };
+            (key.to_string(), percent)
+        })
+        .collect()
+}
+
+/// fio's human-readable summary, laid out as fio's (`name: (groupid=G, jobs=N): err= E: pid=P:
+/// DATE`, direction blocks, `lat (unit)`, `cpu`, `IO depths`, then `Run status group G`).
 pub fn render_normal(results: &[CloneResult]) -> String {
     let mut out = String::new();
     let pid = std::process::id();
-    for result in results {
-        let (read, write) = direction_reports(result);
+    let reported = reported_jobs(results);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let date = ctime(now.as_secs());
+    for job in &reported {
+        let result = &job.result;
         let _ = writeln!(
             out,
-            "{}: (groupid=0, jobs=1): err={:>2}: pid={pid}: clone={} ioengine={}",
-            result.spec.name, result.error, result.clone, result.engine
+            "{}: (groupid={}, jobs={}): err={:>2}: pid={pid}: {date}",
+            result.spec.name, result.groupid, job.jobs, result.error
         );
         if let Some(message) = &result.error_message {
             let _ = writeln!(out, "  error: {message}");
         }
-        if read.total_ios > 0 {
-            direction_text(&mut out, "read", &read);
+        for (name, report) in [("read", &job.read), ("write", &job.write)] {
+            if report.total_ios == 0 {
+                continue;
+            }
+            direction_text(&mut out, name, report);
+            let kib = report.bw_bytes as f64 / 1024.0;
+            let group: u64 = reported
+                .iter()
+                .filter(|other| other.result.groupid == result.groupid)
+                .map(|other| {
+                    if name == "read" {
+                        other.read.bw_bytes
+                    } else {
+                        other.write.bw_bytes
+                    }
+                })
+                .sum();
+            let per = if group > 0 {
+                100.0 * report.bw_bytes as f64 / group as f64
+            } else {
+                0.0
+            };
+            let _ = writeln!(
+                out,
+                "   bw (  KiB/s): min={:>5}, max={:>5}, per={per:.2}%, avg={kib:.2}, stdev=0.00, samples=1",
+                kib.round() as u64,
+                kib.round() as u64
+            );
+            let _ = writeln!(
+                out,
+                "   iops        : min={:>5}, max={:>5}, avg={:.2}, stdev=0.00, samples=1",
+                report.iops.round() as u64,
+                report.iops.round() as u64,
+                report.iops
+            );
         }
-        if write.total_ios > 0 {
-            direction_text(&mut out, "write", &write);
+        let (ns, us, ms) = latency_buckets(result);
+        for (unit, pairs) in [("nsec", &ns), ("usec", &us), ("msec", &ms)] {
+            let cells = percent_cells(pairs, false);
+            if !cells.is_empty() {
+                let _ = writeln!(out, "  lat ({unit})   : {cells}");
+            }
         }
         let _ = writeln!(
             out,
-            "  cpu          : usr={:.2}%, sys={:.2}%",
+            "  cpu          : usr={:.2}%, sys={:.2}%, ctx={}, majf={}, minf={}",
             cpu_percent(result.user_cpu, result.elapsed),
-            cpu_percent(result.system_cpu, result.elapsed)
+            cpu_percent(result.system_cpu, result.elapsed),
+            result.ctx,
+            result.faults.0,
+            result.faults.1
+        );
+        let _ = writeln!(
+            out,
+            "  IO depths    : {}",
+            percent_cells(
+                &percent_pairs(
+                    &["1", "2", "4", "8", "16", "32", ">=64"],
+                    &result.depth_buckets
+                ),
+                true
+            )
+        );
+        let batch_keys = ["0", "4", "8", "16", "32", "64", ">=64"];
+        let _ = writeln!(
+            out,
+            "     submit    : {}",
+            percent_cells(&percent_pairs(&batch_keys, &result.submit_buckets), true)
+        );
+        let _ = writeln!(
+            out,
+            "     complete  : {}",
+            percent_cells(&percent_pairs(&batch_keys, &result.complete_buckets), true)
+        );
+        let _ = writeln!(
+            out,
+            "     issued rwts: total={},{},0,0 short=0,0,0,0 dropped=0,0,0,0",
+            job.read.total_ios, job.write.total_ios
+        );
+        let _ = writeln!(
+            out,
+            "     latency   : target=0, window=0, percentile=100.00%, depth={}",
+            result.spec.iodepth
         );
         if result.verify.checked > 0 || result.verify.mismatches > 0 {
             let _ = writeln!(
@@ -419,46 +760,69 @@ pub fn render_normal(results: &[CloneResult]) -> String {
         }
         out.push('\n');
     }
-    out.push_str("Run status group 0 (all jobs):\n");
-    for (label, pick) in [("READ", true), ("WRITE", false)] {
-        let reports: Vec<DirectionReport> = results
-            .iter()
-            .map(|result| {
-                let (read, write) = direction_reports(result);
-                if pick {
-                    read
-                } else {
-                    write
-                }
-            })
-            .filter(|report| report.total_ios > 0)
-            .collect();
-        if reports.is_empty() {
-            continue;
+    let mut groups: Vec<u32> = reported.iter().map(|job| job.result.groupid).collect();
+    groups.dedup();
+    for group in groups {
+        let _ = writeln!(out, "Run status group {group} (all jobs):");
+        for (label, pick) in [("READ", true), ("WRITE", false)] {
+            let reports: Vec<&DirectionReport> = reported
+                .iter()
+                .filter(|job| job.result.groupid == group)
+                .map(|job| if pick { &job.read } else { &job.write })
+                .filter(|report| report.total_ios > 0)
+                .collect();
+            if reports.is_empty() {
+                continue;
+            }
+            let bytes: u64 = reports.iter().map(|report| report.io_bytes).sum();
+            let bw: u64 = reports.iter().map(|report| report.bw_bytes).sum();
+            let bw_min = reports
+                .iter()
+                .map(|report| report.bw_bytes)
+                .min()
+                .unwrap_or(0);
+            let bw_max = reports
+                .iter()
+                .map(|report| report.bw_bytes)
+                .max()
+                .unwrap_or(0);
+            let run_min = reports
+                .iter()
+                .map(|report| report.runtime_ms)
+                .min()
+                .unwrap_or(0);
+            let run_max = reports
+                .iter()
+                .map(|report| report.runtime_ms)
+                .max()
+                .unwrap_or(0);
+            let binary = |value: u64| {
+                scaled(
+                    value as f64,
+                    1024.0,
+                    &["B/s", "KiB/s", "MiB/s", "GiB/s", "TiB/s"],
+                )
+            };
+            let decimal = |value: u64| {
+                scaled(
+                    value as f64,
+                    1000.0,
+                    &["B/s", "kB/s", "MB/s", "GB/s", "TB/s"],
+                )
+            };
+            let _ = writeln!(
+                out,
+                "{label:>7}: bw={} ({}), {}-{} ({}-{}), io={} ({}), run={run_min}-{run_max}msec",
+                binary(bw),
+                decimal(bw),
+                binary(bw_min),
+                binary(bw_max),
+                decimal(bw_min),
+                decimal(bw_max),
+                scaled(bytes as f64, 1024.0, &["B", "KiB", "MiB", "GiB", "TiB"]),
+                scaled(bytes as f64, 1000.0, &["B", "kB", "MB", "GB", "TB"]),
+            );
         }
-        let bytes: u64 = reports.iter().map(|report| report.io_bytes).sum();
-        let bw: u64 = reports.iter().map(|report| report.bw_bytes).sum();
-        let run_min = reports
-            .iter()
-            .map(|report| report.runtime_ms)
-            .min()
-            .unwrap_or(0);
-        let run_max = reports
-            .iter()
-            .map(|report| report.runtime_ms)
-            .max()
-            .unwrap_or(0);
-        let _ = writeln!(
-            out,
-            "{label:>7}: bw={} ({}), io={}, run={run_min}-{run_max}msec",
-            scaled(
-                bw as f64,
-                1024.0,
-                &["B/s", "KiB/s", "MiB/s", "GiB/s", "TiB/s"]
-            ),
-            scaled(bw as f64, 1000.0, &["B/s", "kB/s", "MB/s", "GB/s", "TB/s"]),
-            scaled(bytes as f64, 1024.0, &["B", "KiB", "MiB", "GiB", "TiB"]),
-        );
     }
     out
 }

@@ -10,19 +10,28 @@
 //! reaps at least one completion. Timestamps: `queued` when a request is queued, `issued` once per
 //! batch after `commit` returns, `done` once per reap batch. fio's names follow: slat = issued -
 //! queued, clat = done - issued, lat = done - queued. I/Os queued during `ramp_time` are not
-//! counted, and a direction's runtime starts when the ramp ends. Jobs of a file run one after the
-//! other (stonewall); the clones of one job run together.
+//! counted, and a direction's runtime starts when the ramp ends.
+//!
+//! Jobs run together, as in fio, unless ordered: `stonewall` makes a job wait for every job above
+//! it, `wait_for=NAME` for the named one; `startdelay` then delays its start. Reporting groups
+//! (`groupid`) start at 0 and advance at each job with `stonewall` or `new_group`.
+//!
+//! Rate limits (`rate`, `rate_iops`) hold each clone's direction to its cap on average since the
+//! clone started: an I/O is queued only once the bytes and I/Os already issued in its direction
+//! fit the cap at the present moment. `write_iolog` records every issued I/O in fio's iolog v2
+//! text format; `read_iolog` replays one (v2 or v3; v3 timestamps are ignored).
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::engine::{open_engine, target_label, Engine, EngineError, IoDirection, IoRequest};
 use crate::options::{BlockSizes, JobSpec, VerifyKind};
 use crate::stats::DirectionStats;
 use crate::verify::{check_block, fill_block, generation, Mismatch};
-use crate::workload::{Layout, SplitMix64, Workload, WorkloadError};
+use crate::workload::{Layout, PlannedIo, SplitMix64, Workload, WorkloadError};
 
 /// The most mismatches kept with their details (all are counted).
 pub const MAX_REPORTED_MISMATCHES: usize = 100;
@@ -48,6 +57,24 @@ pub enum PrepareError {
         job: String,
         /// What is wrong and what to change.
         message: String,
+    },
+    /// An iolog to replay could not be read or understood.
+    #[error("job {job}: read_iolog {path}: {message}")]
+    Iolog {
+        /// Job name.
+        job: String,
+        /// The log.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// `wait_for` names no earlier job.
+    #[error("job {job}: wait_for={target} names no job above it")]
+    WaitFor {
+        /// Job name.
+        job: String,
+        /// The missing name.
+        target: String,
     },
     /// The workload could not be laid out.
     #[error("job {job}: {source}")]
@@ -115,6 +142,23 @@ pub struct CloneResult {
     pub verify: VerifyOutcome,
     /// The engine's own statistics, for the `tidepool` JSON object.
     pub engine_stats: Option<serde_json::Value>,
+    /// Index of the job (section) in the run.
+    pub job_index: usize,
+    /// fio's reporting group.
+    pub groupid: u32,
+    /// Wall-clock time the clone started its I/O (after waits and startdelay).
+    pub started_at: SystemTime,
+    /// I/Os issued per queue depth at issue time: index `i` counts batches found with depth in
+    /// fio's bucket `i` (1, 2, 4, 8, 16, 32, >=64).
+    pub depth_buckets: [u64; 7],
+    /// I/Os submitted per batch, by fio's buckets (0, 1-4, 5-8, 9-16, 17-32, 33-64, >64).
+    pub submit_buckets: [u64; 7],
+    /// I/Os completed per reap, same buckets as `submit_buckets`.
+    pub complete_buckets: [u64; 7],
+    /// Voluntary plus involuntary context switches of the clone's thread.
+    pub ctx: u64,
+    /// Major and minor page faults of the clone's thread.
+    pub faults: (u64, u64),
 }
 
 /// Live counters a progress line reads.
@@ -126,19 +170,112 @@ pub struct Progress {
     pub write_ios: AtomicU64,
     /// Completed bytes.
     pub bytes: AtomicU64,
+    /// Completed read bytes.
+    pub read_bytes: AtomicU64,
+    /// Completed write bytes.
+    pub write_bytes: AtomicU64,
+    /// Clones running now.
+    pub running: AtomicU64,
 }
 
 /// Opens an engine per clone of every job, checks geometry and lays out workloads.
 pub fn prepare_jobs(specs: &[JobSpec]) -> Result<Vec<Vec<PreparedClone>>, PrepareError> {
+    for (index, spec) in specs.iter().enumerate() {
+        if let Some(target) = &spec.wait_for {
+            if !specs[..index].iter().any(|earlier| &earlier.name == target) {
+                return Err(PrepareError::WaitFor {
+                    job: spec.name.clone(),
+                    target: target.clone(),
+                });
+            }
+        }
+    }
     specs.iter().map(prepare_job).collect()
+}
+
+/// Parses a fio iolog (version 2 or 3) into I/Os. File actions (`add`, `open`, `close`) and
+/// `sync`/`datasync` are skipped; `trim` and `wait` are refused.
+pub fn parse_iolog(text: &str) -> Result<Vec<PlannedIo>, String> {
+    let mut lines = text.lines().enumerate();
+    let version = match lines.next().map(|(_, line)| line.trim()) {
+        Some("fio version 2 iolog") => 2,
+        Some("fio version 3 iolog") => 3,
+        other => {
+            return Err(format!(
+                "first line {:?} is not `fio version 2 iolog` or `fio version 3 iolog`",
+                other.unwrap_or("")
+            ))
+        }
+    };
+    let mut ios = Vec::new();
+    for (index, line) in lines {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let words = if version == 3 && !words.is_empty() {
+            &words[1..]
+        } else {
+            &words[..]
+        };
+        let bad = || format!("line {}: cannot parse `{}`", index + 1, line.trim());
+        match words {
+            [] => continue,
+            [_, "add" | "open" | "close"] | [_, "sync" | "datasync", ..] => continue,
+            [_, action @ ("read" | "write"), offset, len] => {
+                let offset: u64 = offset.parse().map_err(|_| bad())?;
+                let len: u32 = len.parse().map_err(|_| bad())?;
+                ios.push(PlannedIo {
+                    direction: if *action == "read" {
+                        IoDirection::Read
+                    } else {
+                        IoDirection::Write
+                    },
+                    offset,
+                    len,
+                    pass: 0,
+                });
+            }
+            [_, action, ..] => {
+                return Err(format!(
+                    "line {}: action `{action}` is not supported (read, write, sync are)",
+                    index + 1
+                ))
+            }
+            _ => return Err(bad()),
+        }
+    }
+    if ios.is_empty() {
+        return Err("no read or write in the log".into());
+    }
+    Ok(ios)
 }
 
 /// Prepares every clone of one job.
 fn prepare_job(spec: &JobSpec) -> Result<Vec<PreparedClone>, PrepareError> {
+    let log = match &spec.read_iolog {
+        Some(path) => {
+            let iolog_error = |message: String| PrepareError::Iolog {
+                job: spec.name.clone(),
+                path: path.display().to_string(),
+                message,
+            };
+            let text = std::fs::read_to_string(path).map_err(|e| iolog_error(e.to_string()))?;
+            Some(parse_iolog(&text).map_err(iolog_error)?)
+        }
+        None => None,
+    };
     (0..spec.numjobs)
         .map(|clone| {
+            let mut spec = spec.clone();
+            spec.offset += u64::from(clone) * spec.offset_increment;
+            if log
+                .as_ref()
+                .is_some_and(|ios| ios.iter().any(|io| io.direction == IoDirection::Write))
+                && !spec.writes()
+            {
+                // The log writes: open the target for writing (the log, not rw, decides).
+                spec.rw = crate::options::RwMode::Rw;
+            }
             let job = spec.name.clone();
-            let engine = open_engine(spec).map_err(|source| PrepareError::Engine {
+            let engine = open_engine(&spec).map_err(|source| PrepareError::Engine {
                 job: job.clone(),
                 source,
             })?;
@@ -149,58 +286,103 @@ fn prepare_job(spec: &JobSpec) -> Result<Vec<PreparedClone>, PrepareError> {
                 message,
             };
             for (what, value) in [
-                ("bs (or bsrange minimum)", spec.block_sizes.min()),
-                ("bs (or bsrange maximum)", spec.block_sizes.max()),
+                ("bs (or bsrange/bssplit minimum)", spec.block_sizes.min()),
+                ("bs (or bsrange/bssplit maximum)", spec.block_sizes.max()),
                 ("offset", spec.offset),
             ] {
                 if value % lba != 0 {
                     return Err(geometry_error(format!(
                         "{what}={value} is not a multiple of the logical block size {lba} of {}",
-                        target_label(spec)
+                        target_label(&spec)
                     )));
                 }
             }
-            let region_size = match spec.size {
-                Some(size) => size,
-                None => geometry
-                    .capacity
-                    .checked_sub(spec.offset)
-                    .filter(|size| *size > 0)
-                    .ok_or_else(|| {
-                        geometry_error(format!(
-                            "offset={} is at or past the end of {} ({} bytes)",
-                            spec.offset,
-                            target_label(spec),
-                            geometry.capacity
-                        ))
-                    })?,
+            let rest = geometry
+                .capacity
+                .checked_sub(spec.offset)
+                .filter(|size| *size > 0)
+                .ok_or_else(|| {
+                    geometry_error(format!(
+                        "offset={} is at or past the end of {} ({} bytes)",
+                        spec.offset,
+                        target_label(&spec),
+                        geometry.capacity
+                    ))
+                });
+            let region_size = match (spec.size, spec.size_percent) {
+                (Some(size), _) => size,
+                (None, Some(percent)) => {
+                    let share = (rest? as f64 * percent / 100.0) as u64;
+                    let size = share / lba * lba;
+                    spec.size = Some(size);
+                    size
+                }
+                (None, None) => rest?,
             };
             let seed = spec.randseed.wrapping_add(u64::from(clone));
-            let layout = match spec.block_sizes {
-                BlockSizes::Fixed(bs) => Layout::fixed(spec.offset, region_size, bs as u32),
-                BlockSizes::Range { min, max } => Layout::ranged(
-                    spec.offset,
-                    region_size,
-                    min as u32,
-                    max as u32,
-                    lba as u32,
-                    seed,
-                ),
-            }
-            .map_err(|source| PrepareError::Workload {
-                job: job.clone(),
-                source,
-            })?;
-            let read_percent = spec.rw.read_percent(spec.rwmixread);
-            let workload = Workload::new(
-                layout,
-                spec.rw.is_random(),
-                read_percent,
-                spec.time_based,
-                seed,
-            );
+            let workload = match &log {
+                Some(ios) => {
+                    for io in ios {
+                        let end = io.offset.saturating_add(u64::from(io.len));
+                        if io.offset % lba != 0
+                            || u64::from(io.len) % lba != 0
+                            || io.len == 0
+                            || end > geometry.capacity
+                        {
+                            return Err(geometry_error(format!(
+                                "read_iolog: {:?} of {} bytes at {} is not aligned to {lba} bytes \
+                                 or lies past the end of {} ({} bytes)",
+                                io.direction,
+                                io.len,
+                                io.offset,
+                                target_label(&spec),
+                                geometry.capacity
+                            )));
+                        }
+                    }
+                    let biggest = ios.iter().map(|io| u64::from(io.len)).max().unwrap_or(0);
+                    spec.block_sizes = BlockSizes::Fixed(biggest.max(spec.block_sizes.max()));
+                    Workload::from_log(ios.clone(), spec.loops)
+                }
+                None => {
+                    let layout = match &spec.block_sizes {
+                        BlockSizes::Fixed(bs) => {
+                            Layout::fixed(spec.offset, region_size, *bs as u32)
+                        }
+                        BlockSizes::Range { min, max } => Layout::ranged(
+                            spec.offset,
+                            region_size,
+                            *min as u32,
+                            *max as u32,
+                            lba as u32,
+                            seed,
+                        ),
+                        BlockSizes::Split(split) => {
+                            Layout::split(spec.offset, region_size, split, lba as u32, seed)
+                        }
+                    }
+                    .map_err(|source| PrepareError::Workload {
+                        job: job.clone(),
+                        source,
+                    })?;
+                    let read_percent = spec.rw.read_percent(spec.rwmixread);
+                    let workload = Workload::new(
+                        layout,
+                        spec.rw.is_random(),
+                        read_percent,
+                        spec.time_based,
+                        seed,
+                    )
+                    .with_loops(spec.loops);
+                    if spec.norandommap {
+                        workload.without_random_map()
+                    } else {
+                        workload
+                    }
+                }
+            };
             Ok(PreparedClone {
-                spec: spec.clone(),
+                spec,
                 clone,
                 engine,
                 workload,
@@ -210,42 +392,150 @@ fn prepare_job(spec: &JobSpec) -> Result<Vec<PreparedClone>, PrepareError> {
         .collect()
 }
 
-/// Runs the jobs one after another, the clones of each together; returns results in job order.
-pub fn run_jobs(jobs: Vec<Vec<PreparedClone>>, show_progress: bool) -> Vec<CloneResult> {
-    let mut results = Vec::new();
-    for clones in jobs {
-        let progress = Arc::new(Progress::default());
-        let finished = Arc::new(AtomicBool::new(false));
-        let name = clones
-            .first()
-            .map(|clone| clone.spec.name.clone())
-            .unwrap_or_default();
-        let job_results = std::thread::scope(|scope| {
-            let handles: Vec<_> = clones
-                .into_iter()
-                .map(|clone| {
-                    let progress = Arc::clone(&progress);
-                    scope.spawn(move || run_clone(clone, &progress))
-                })
-                .collect();
-            let reporter = show_progress.then(|| {
-                let progress = Arc::clone(&progress);
-                let finished = Arc::clone(&finished);
-                let name = name.clone();
-                scope.spawn(move || show_progress_line(&name, &progress, &finished))
-            });
-            let results: Vec<CloneResult> = handles
-                .into_iter()
-                .filter_map(|handle| handle.join().ok())
-                .collect();
-            finished.store(true, Ordering::Relaxed);
-            if let Some(reporter) = reporter {
-                let _ = reporter.join();
+/// fio's reporting group of each job: 0 for the first, one more at each later job with
+/// `stonewall` or `new_group`.
+pub fn group_ids(specs: &[&JobSpec]) -> Vec<u32> {
+    let mut group = 0;
+    specs
+        .iter()
+        .enumerate()
+        .map(|(index, spec)| {
+            if index > 0 && (spec.stonewall || spec.new_group) {
+                group += 1;
             }
-            results
-        });
-        results.extend(job_results);
+            group
+        })
+        .collect()
+}
+
+/// The jobs each job waits for: every earlier one for `stonewall`, the named ones for `wait_for`.
+fn dependencies(specs: &[&JobSpec]) -> Vec<Vec<usize>> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(index, spec)| {
+            let mut waits: Vec<usize> = if spec.stonewall {
+                (0..index).collect()
+            } else {
+                Vec::new()
+            };
+            if let Some(target) = &spec.wait_for {
+                waits.extend(
+                    specs[..index]
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, earlier)| &earlier.name == target)
+                        .map(|(earlier, _)| earlier),
+                );
+            }
+            waits
+        })
+        .collect()
+}
+
+/// Which jobs have finished, with a condition variable to wait on.
+struct Finished {
+    done: Mutex<Vec<bool>>,
+    changed: Condvar,
+}
+
+impl Finished {
+    /// Blocks until every job in `waits` has finished.
+    fn wait_for(&self, waits: &[usize]) {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        while !waits.iter().all(|job| done[*job]) {
+            done = self.changed.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
     }
+
+    /// Marks `job` finished.
+    fn finish(&self, job: usize) {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        done[job] = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Runs the jobs, together unless `stonewall`/`wait_for` order them, the clones of each job
+/// together; returns results in job order.
+pub fn run_jobs(jobs: Vec<Vec<PreparedClone>>, show_progress: bool) -> Vec<CloneResult> {
+    let specs: Vec<&JobSpec> = jobs
+        .iter()
+        .filter_map(|clones| clones.first().map(|clone| &clone.spec))
+        .collect();
+    let groups = group_ids(&specs);
+    let waits = dependencies(&specs);
+    let names: Vec<String> = specs.iter().map(|spec| spec.name.clone()).collect();
+    let finished = Finished {
+        done: Mutex::new(vec![false; jobs.len()]),
+        changed: Condvar::new(),
+    };
+    let progress = Arc::new(Progress::default());
+    let all_done = AtomicBool::new(false);
+    let run_start = Instant::now();
+    let mut results: Vec<CloneResult> = std::thread::scope(|scope| {
+        let reporter = show_progress.then(|| {
+            let progress = Arc::clone(&progress);
+            let all_done = &all_done;
+            let names = names.clone();
+            scope.spawn(move || show_progress_line(&names, &progress, all_done))
+        });
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .enumerate()
+            .filter(|(_, clones)| !clones.is_empty())
+            .map(|(index, clones)| {
+                let finished = &finished;
+                let waits = &waits[index];
+                let group = groups[index];
+                let progress = Arc::clone(&progress);
+                scope.spawn(move || {
+                    finished.wait_for(waits);
+                    let delay = clones[0].spec.startdelay;
+                    std::thread::sleep(delay.saturating_sub(run_start.elapsed()));
+                    progress
+                        .running
+                        .fetch_add(clones.len() as u64, Ordering::Relaxed);
+                    let job_results: Vec<CloneResult> = std::thread::scope(|inner| {
+                        let handles: Vec<_> = clones
+                            .into_iter()
+                            .map(|clone| {
+                                let progress = Arc::clone(&progress);
+                                inner.spawn(move || run_clone(clone, &progress))
+                            })
+                            .collect();
+                        handles
+                            .into_iter()
+                            .filter_map(|handle| handle.join().ok())
+                            .collect()
+                    });
+                    progress
+                        .running
+                        .fetch_sub(job_results.len() as u64, Ordering::Relaxed);
+                    finished.finish(index);
+                    job_results
+                        .into_iter()
+                        .map(|result| CloneResult {
+                            job_index: index,
+                            groupid: group,
+                            ..result
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let results: Vec<CloneResult> = handles
+            .into_iter()
+            .filter_map(|handle| handle.join().ok())
+            .flatten()
+            .collect();
+        all_done.store(true, Ordering::Relaxed);
+        if let Some(reporter) = reporter {
+            let _ = reporter.join();
+        }
+        results
+    });
+    results.sort_by_key(|result| (result.job_index, result.clone));
     results
 }
 
@@ -255,7 +545,8 @@ pub fn progress_wanted() -> bool {
 }
 
 /// Draws `name: r=IOPS w=IOPS BW` on stderr every 250 ms until `finished`.
-fn show_progress_line(name: &str, progress: &Progress, finished: &AtomicBool) {
+fn show_progress_line(names: &[String], progress: &Progress, finished: &AtomicBool) {
+    let name = names.join(",");
     let bar = indicatif::ProgressBar::new_spinner();
     let started = Instant::now();
     let mut last = (0u64, 0u64, 0u64, Instant::now());
@@ -309,6 +600,133 @@ struct CloneState {
     verify: VerifyOutcome,
     error: i32,
     error_message: Option<String>,
+    limiter: RateLimiter,
+    iolog: Option<IologWriter>,
+    depth_buckets: [u64; 7],
+    submit_buckets: [u64; 7],
+    complete_buckets: [u64; 7],
+}
+
+/// Holds each direction to `rate` bytes/s and `rate_iops` I/Os/s on average since `start`.
+struct RateLimiter {
+    start: Instant,
+    bytes: [Option<u64>; 2],
+    ios: [Option<u64>; 2],
+    issued_bytes: [u64; 2],
+    issued_ios: [u64; 2],
+}
+
+impl RateLimiter {
+    /// When an I/O of `len` bytes in `direction` may be issued (now or later).
+    fn ready_at(&self, direction: IoDirection, len: u32) -> Instant {
+        let d = direction_index(direction);
+        let mut wait = Duration::ZERO;
+        if let Some(rate) = self.bytes[d] {
+            let due = (self.issued_bytes[d] + u64::from(len)) as f64 / rate as f64;
+            wait = wait.max(Duration::from_secs_f64(due));
+        }
+        if let Some(rate) = self.ios[d] {
+            let due = self.issued_ios[d] as f64 / rate as f64;
+            wait = wait.max(Duration::from_secs_f64(due));
+        }
+        self.start + wait
+    }
+
+    /// Counts an issued I/O.
+    fn issued(&mut self, direction: IoDirection, len: u32) {
+        let d = direction_index(direction);
+        self.issued_bytes[d] += u64::from(len);
+        self.issued_ios[d] += 1;
+    }
+
+    /// Whether any cap is set.
+    fn limits(&self) -> bool {
+        self.bytes
+            .iter()
+            .chain(self.ios.iter())
+            .any(Option::is_some)
+    }
+}
+
+/// 0 for reads, 1 for writes.
+fn direction_index(direction: IoDirection) -> usize {
+    match direction {
+        IoDirection::Read => 0,
+        IoDirection::Write => 1,
+    }
+}
+
+/// fio's bucket of a count for the `iodepth_submit`/`iodepth_complete` maps:
+/// 0, 1-4, 5-8, 9-16, 17-32, 33-64, more.
+pub fn batch_bucket(count: usize) -> usize {
+    match count {
+        0 => 0,
+        1..=4 => 1,
+        5..=8 => 2,
+        9..=16 => 3,
+        17..=32 => 4,
+        33..=64 => 5,
+        _ => 6,
+    }
+}
+
+/// fio's bucket of a queue depth for the `iodepth_level` map: 1, 2, 4, 8, 16, 32, >=64.
+pub fn depth_bucket(depth: usize) -> usize {
+    match depth {
+        0 | 1 => 0,
+        2..=3 => 1,
+        4..=7 => 2,
+        8..=15 => 3,
+        16..=31 => 4,
+        32..=63 => 5,
+        _ => 6,
+    }
+}
+
+/// A fio iolog (version 2) being written.
+struct IologWriter {
+    file: std::io::BufWriter<std::fs::File>,
+    target: String,
+    path: PathBuf,
+}
+
+impl IologWriter {
+    /// Creates `path` and writes the header naming `target`.
+    fn create(path: &Path, target: &str) -> std::io::Result<Self> {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+        writeln!(file, "fio version 2 iolog\n{target} add\n{target} open")?;
+        Ok(IologWriter {
+            file,
+            target: target.to_string(),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Records one issued I/O.
+    fn record(&mut self, direction: IoDirection, offset: u64, len: u32) -> std::io::Result<()> {
+        let action = match direction {
+            IoDirection::Read => "read",
+            IoDirection::Write => "write",
+        };
+        writeln!(self.file, "{} {action} {offset} {len}", self.target)
+    }
+
+    /// Writes the close line and flushes.
+    fn finish(mut self) -> std::io::Result<()> {
+        writeln!(self.file, "{} close", self.target)?;
+        self.file.flush()
+    }
+}
+
+/// The iolog path of clone `clone`: the job's path, with `.N` appended for clones after the first.
+pub fn iolog_path(path: &Path, clone: u32) -> PathBuf {
+    if clone == 0 {
+        path.to_path_buf()
+    } else {
+        let mut name = path.as_os_str().to_os_string();
+        name.push(format!(".{clone}"));
+        PathBuf::from(name)
+    }
 }
 
 impl CloneState {
@@ -325,14 +743,37 @@ impl CloneState {
 fn run_clone(mut prepared: PreparedClone, progress: &Progress) -> CloneResult {
     let spec = prepared.spec.clone();
     let cpu_before = thread_cpu_time();
+    let usage_before = thread_usage();
     let started = Instant::now();
+    let started_at = SystemTime::now();
     let mut state = CloneState {
         read: DirectionStats::default(),
         write: DirectionStats::default(),
         verify: VerifyOutcome::default(),
         error: 0,
         error_message: None,
+        limiter: RateLimiter {
+            start: started,
+            bytes: spec.rate,
+            ios: spec.rate_iops,
+            issued_bytes: [0; 2],
+            issued_ios: [0; 2],
+        },
+        iolog: None,
+        depth_buckets: [0; 7],
+        submit_buckets: [0; 7],
+        complete_buckets: [0; 7],
     };
+    if let Some(path) = &spec.write_iolog {
+        let path = iolog_path(path, prepared.clone);
+        match IologWriter::create(&path, &target_label(&spec)) {
+            Ok(writer) => state.iolog = Some(writer),
+            Err(error) => state.fail(
+                error.raw_os_error().unwrap_or(libc::EIO),
+                format!("write_iolog {}: {error}", path.display()),
+            ),
+        }
+    }
     let engine = prepared.engine.as_mut();
     let seed = spec.randseed.wrapping_add(u64::from(prepared.clone));
     let slot_bytes = spec.block_sizes.max() as u32;
@@ -351,34 +792,65 @@ fn run_clone(mut prepared: PreparedClone, progress: &Progress) -> CloneResult {
             deadline: spec.runtime.map(|runtime| ramp_end + runtime),
             limit: None,
         };
-        let replay = prepared.workload.replay_as_reads();
-        let issued = run_phase(
-            engine,
-            &mut prepared.workload,
-            &main,
-            &mut state,
-            progress,
-            spec.iodepth,
-            slot_bytes,
-        );
+        let mut replay = prepared.workload.replay_as_reads();
+        let backlog = spec.verify_backlog.filter(|_| spec.has_verify_phase());
+        let main = PhaseSettings {
+            limit: backlog,
+            ..main
+        };
+        let mut verify_time = Duration::ZERO;
+        let mut issued_total = 0;
+        loop {
+            let issued = run_phase(
+                engine,
+                &mut prepared.workload,
+                &main,
+                &mut state,
+                progress,
+                spec.iodepth,
+                slot_bytes,
+            );
+            issued_total += issued;
+            if backlog.is_none() || issued == 0 || state.error != 0 {
+                break;
+            }
+            // verify_backlog: read back and check what this chunk wrote, then go on writing.
+            let verify_start = Instant::now();
+            let chunk = PhaseSettings {
+                verify: spec.verify,
+                expect_own_generation: true,
+                seed,
+                counted_from: ramp_end,
+                deadline: None,
+                limit: Some(issued),
+            };
+            run_phase(
+                engine,
+                &mut replay,
+                &chunk,
+                &mut state,
+                progress,
+                spec.iodepth,
+                slot_bytes,
+            );
+            verify_time += verify_start.elapsed();
+        }
         let main_end = Instant::now();
         let main_runtime = main_end.saturating_duration_since(ramp_end);
-        let percent = spec.rw.read_percent(spec.rwmixread);
-        if percent > 0 {
+        if state.read.total_ios > 0 {
             read_runtime = main_runtime;
         }
-        if percent < 100 {
-            write_runtime = main_runtime;
+        if state.write.total_ios > 0 {
+            write_runtime = main_runtime.saturating_sub(verify_time);
         }
-        if spec.has_verify_phase() && state.error == 0 {
-            let mut replay = replay;
+        if spec.has_verify_phase() && backlog.is_none() && state.error == 0 {
             let verify_phase = PhaseSettings {
                 verify: spec.verify,
                 expect_own_generation: true,
                 seed,
                 counted_from: main_end,
                 deadline: None,
-                limit: Some(issued),
+                limit: Some(issued_total),
             };
             run_phase(
                 engine,
@@ -404,7 +876,17 @@ fn run_clone(mut prepared: PreparedClone, progress: &Progress) -> CloneResult {
             ),
         );
     }
+    if let Some(writer) = state.iolog.take() {
+        let path = writer.path.clone();
+        if let Err(error) = writer.finish() {
+            state.fail(
+                libc::EIO,
+                format!("write_iolog {}: {error}", path.display()),
+            );
+        }
+    }
     let cpu_after = thread_cpu_time();
+    let usage_after = thread_usage();
     CloneResult {
         engine: engine.name(),
         engine_stats: engine.stats(),
@@ -420,6 +902,17 @@ fn run_clone(mut prepared: PreparedClone, progress: &Progress) -> CloneResult {
         user_cpu: cpu_after.0.saturating_sub(cpu_before.0),
         system_cpu: cpu_after.1.saturating_sub(cpu_before.1),
         verify: state.verify,
+        job_index: 0,
+        groupid: 0,
+        started_at,
+        depth_buckets: state.depth_buckets,
+        submit_buckets: state.submit_buckets,
+        complete_buckets: state.complete_buckets,
+        ctx: usage_after.0.saturating_sub(usage_before.0),
+        faults: (
+            usage_after.1.saturating_sub(usage_before.1),
+            usage_after.2.saturating_sub(usage_before.2),
+        ),
     }
 }
 
@@ -467,6 +960,7 @@ fn run_phase(
     let mut scratch = vec![0u8; slot_bytes as usize];
     let mut issuing = true;
     let mut issued = 0u64;
+    let mut pending: Option<PlannedIo> = None;
     loop {
         if issuing
             && settings
@@ -484,10 +978,40 @@ fn run_phase(
                 issuing = false;
                 break;
             }
-            let Some(io) = workload.next() else {
+            let Some(io) = pending.take().or_else(|| workload.next()) else {
                 issuing = false;
                 break;
             };
+            if state.limiter.limits() {
+                let ready = state.limiter.ready_at(io.direction, io.len);
+                let now = Instant::now();
+                if ready > now {
+                    pending = Some(io);
+                    if free.len() < slots as usize {
+                        // Others are in flight: reap them meanwhile.
+                        break;
+                    }
+                    let until = settings
+                        .deadline
+                        .map_or(ready, |deadline| ready.min(deadline));
+                    std::thread::sleep(until.saturating_duration_since(now));
+                    if settings
+                        .deadline
+                        .is_some_and(|deadline| Instant::now() >= deadline)
+                    {
+                        issuing = false;
+                        break;
+                    }
+                    continue;
+                }
+                state.limiter.issued(io.direction, io.len);
+            }
+            if let Some(writer) = &mut state.iolog {
+                if let Err(error) = writer.record(io.direction, io.offset, io.len) {
+                    state.fail(libc::EIO, format!("write_iolog: {error}"));
+                    state.iolog = None;
+                }
+            }
             if let Err(error) = queue_one(engine, slot, io, settings, &mut scratch) {
                 state.fail(libc::EIO, error.to_string());
                 issuing = false;
@@ -511,6 +1035,8 @@ fn run_phase(
                 return issued;
             }
             let issued_at = Instant::now();
+            state.submit_buckets[batch_bucket(batch.len())] += batch.len() as u64;
+            state.depth_buckets[depth_bucket(slots as usize - free.len())] += batch.len() as u64;
             for slot in &batch {
                 slot_states[*slot as usize].issued = issued_at;
             }
@@ -524,7 +1050,9 @@ fn run_phase(
             return issued;
         }
         let done = Instant::now();
+        state.complete_buckets[batch_bucket(completions.len())] += completions.len() as u64;
         let (mut reads, mut writes, mut bytes) = (0, 0, 0);
+        let (mut read_bytes, mut write_bytes) = (0, 0);
         for completion in &completions {
             let Some(slot_state) = slot_states.get(completion.slot as usize).copied() else {
                 state.fail(
@@ -586,14 +1114,24 @@ fn run_phase(
                 stats.record(u64::from(slot_state.len), slat, clat);
             }
             match slot_state.direction {
-                IoDirection::Read => reads += 1,
-                IoDirection::Write => writes += 1,
+                IoDirection::Read => {
+                    reads += 1;
+                    read_bytes += u64::from(slot_state.len);
+                }
+                IoDirection::Write => {
+                    writes += 1;
+                    write_bytes += u64::from(slot_state.len);
+                }
             }
             bytes += u64::from(slot_state.len);
         }
         progress.read_ios.fetch_add(reads, Ordering::Relaxed);
         progress.write_ios.fetch_add(writes, Ordering::Relaxed);
         progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+        progress.read_bytes.fetch_add(read_bytes, Ordering::Relaxed);
+        progress
+            .write_bytes
+            .fetch_add(write_bytes, Ordering::Relaxed);
     }
 }
 
@@ -601,7 +1139,7 @@ fn run_phase(
 fn queue_one(
     engine: &mut dyn Engine,
     slot: u32,
-    io: crate::workload::PlannedIo,
+    io: PlannedIo,
     settings: &PhaseSettings,
     scratch: &mut [u8],
 ) -> Result<(), EngineError> {
@@ -650,6 +1188,21 @@ fn check_one(
             state.verify.bad_blocks.push(mismatch);
         }
     }
+}
+
+/// Context switches (voluntary + involuntary), major and minor faults of the calling thread.
+fn thread_usage() -> (u64, u64, u64) {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one rusage into the buffer we own; zeroed is a valid rusage.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    (
+        (usage.ru_nvcsw.max(0) + usage.ru_nivcsw.max(0)) as u64,
+        usage.ru_majflt.max(0) as u64,
+        usage.ru_minflt.max(0) as u64,
+    )
 }
 
 /// User and system CPU time of the calling thread.

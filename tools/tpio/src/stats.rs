@@ -56,6 +56,60 @@ impl LatencyStats {
         }
     }
 
+    /// Adds every sample of `other` (exact moments by Chan's parallel update, histograms summed).
+    pub fn merge(&mut self, other: &LatencyStats) {
+        if other.count == 0 {
+            return;
+        }
+        let count = self.count + other.count;
+        let delta = other.mean - self.mean;
+        self.mean += delta * other.count as f64 / count as f64;
+        self.m2 += other.m2 + delta * delta * self.count as f64 * other.count as f64 / count as f64;
+        self.count = count;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        if let (Some(mine), Some(theirs)) = (&mut self.histogram, &other.histogram) {
+            let _ = mine.add(theirs);
+        }
+    }
+
+    /// Completion-latency bins as fio's json+ writes them: (bin value in ns, count) for every
+    /// non-empty bucket of the histogram.
+    pub fn bins(&self) -> Vec<(u64, u64)> {
+        self.histogram
+            .as_ref()
+            .map(|histogram| {
+                histogram
+                    .iter_recorded()
+                    .map(|value| (value.value_iterated_to(), value.count_at_value()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Samples in `[low, high]` ns (histogram resolution; 0 without a histogram).
+    pub fn count_between(&self, low: u64, high: u64) -> u64 {
+        self.histogram.as_ref().map_or(0, |histogram| {
+            let high = high.min(HISTOGRAM_MAX_NS);
+            if low > high {
+                return 0;
+            }
+            histogram
+                .iter_recorded()
+                .filter(|value| {
+                    let at = value.value_iterated_to();
+                    at >= low && at <= high
+                })
+                .map(|value| value.count_at_value())
+                .sum()
+        })
+    }
+
+    /// Samples recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
     /// The summary both reports print.
     pub fn summary(&self) -> LatencySummary {
         if self.count == 0 {
@@ -145,6 +199,15 @@ impl Default for DirectionStats {
 }
 
 impl DirectionStats {
+    /// Adds `other`'s I/Os and samples to these.
+    pub fn merge(&mut self, other: &DirectionStats) {
+        self.io_bytes += other.io_bytes;
+        self.total_ios += other.total_ios;
+        self.slat.merge(&other.slat);
+        self.clat.merge(&other.clat);
+        self.lat.merge(&other.lat);
+    }
+
     /// Records one completed I/O of `bytes` with its three latencies in ns.
     pub fn record(&mut self, bytes: u64, slat: u64, clat: u64) {
         self.io_bytes += bytes;
@@ -177,9 +240,23 @@ mod tests {
             (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
         };
         assert!((summary.stddev - exact).abs() < 1e-3 * exact);
-        let percentiles = summary.percentiles.expect("tracked");
+        let percentiles = summary.percentiles.clone().expect("tracked");
         let p50 = percentiles.iter().find(|(p, _)| *p == 50.0).expect("p50").1;
         assert!((499_000..=501_000).contains(&p50), "p50 {p50}");
+        // Merging two halves gives the same moments as recording everything in one.
+        let (mut low, mut high) = (LatencyStats::new(true), LatencyStats::new(true));
+        for value in 1..=1000u64 {
+            if value <= 300 { &mut low } else { &mut high }.record(value * 1000);
+        }
+        low.merge(&high);
+        let merged = low.summary();
+        assert_eq!(
+            (merged.min, merged.max, merged.count),
+            (1000, 1_000_000, 1000)
+        );
+        assert!((merged.mean - summary.mean).abs() < 1e-6);
+        assert!((merged.stddev - summary.stddev).abs() < 1e-6 * summary.stddev);
+        assert_eq!(merged.percentiles, summary.percentiles);
         let p99 = percentiles.iter().find(|(p, _)| *p == 99.0).expect("p99").1;
         assert!((989_000..=991_000).contains(&p99), "p99 {p99}");
     }

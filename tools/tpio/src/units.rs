@@ -20,6 +20,12 @@ pub enum UnitError {
     /// Not a number with an optional time unit.
     #[error("`{0}` is not a duration: write a number of seconds or add a unit (us, ms, s, m, h), e.g. 10s")]
     BadDuration(String),
+    /// Not a `SIZE/PCT:...` block-size split adding up to 100%.
+    #[error("`{0}` is not a bssplit: write SIZE/PERCENT entries joined by `:` adding up to 100, e.g. 4k/80:64k/20")]
+    BadSplit(String),
+    /// Not `N` or `R,W`.
+    #[error("`{0}` is not a rate: write a number (k/m suffixes allowed) or READ,WRITE")]
+    BadRate(String),
     /// Not one of fio's boolean spellings.
     #[error("`{0}` is not a boolean: write 1 or 0 (true/false, yes/no, on/off also work)")]
     BadBool(String),
@@ -79,6 +85,112 @@ pub fn parse_size_range(text: &str) -> Result<SizeRange, UnitError> {
         return Err(bad());
     }
     Ok(SizeRange { min, max })
+}
+
+/// A size, or a share of the target's capacity (`size=50%`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SizeOrPercent {
+    /// Bytes.
+    Bytes(u64),
+    /// Percent of the capacity, in (0, 100].
+    Percent(f64),
+}
+
+/// Parses `size`: a size as in [`parse_size`] or `N%` with 0 < N <= 100.
+pub fn parse_size_or_percent(text: &str) -> Result<SizeOrPercent, UnitError> {
+    match text.trim().strip_suffix('%') {
+        Some(number) => {
+            let percent: f64 = number
+                .trim()
+                .parse()
+                .map_err(|_| UnitError::BadSize(text.to_string()))?;
+            if !(percent > 0.0 && percent <= 100.0) {
+                return Err(UnitError::BadSize(text.to_string()));
+            }
+            Ok(SizeOrPercent::Percent(percent))
+        }
+        None => parse_size(text).map(SizeOrPercent::Bytes),
+    }
+}
+
+/// Parses fio's `bssplit`: `SIZE/PCT:SIZE/PCT:...`; entries with an empty percentage share what
+/// the others leave of 100 equally. The percentages must add up to 100 (one comma-separated list
+/// per direction is not supported: one list applies to reads and writes).
+pub fn parse_bssplit(text: &str) -> Result<SizeSplit, UnitError> {
+    let bad = || UnitError::BadSplit(text.to_string());
+    if text.contains(',') {
+        return Err(bad());
+    }
+    let mut entries: Vec<(u64, Option<u32>)> = Vec::new();
+    for part in text.split(':').filter(|part| !part.trim().is_empty()) {
+        let (size, percent) = match part.split_once('/') {
+            Some((size, percent)) if !percent.trim().is_empty() => (
+                size,
+                Some(percent.trim().parse::<u32>().map_err(|_| bad())?),
+            ),
+            Some((size, _)) => (size, None),
+            None => (part, None),
+        };
+        entries.push((parse_size(size).map_err(|_| bad())?, percent));
+    }
+    let given: u32 = entries.iter().filter_map(|(_, percent)| *percent).sum();
+    let open = entries
+        .iter()
+        .filter(|(_, percent)| percent.is_none())
+        .count() as u32;
+    if entries.is_empty() || given > 100 || (open == 0 && given != 100) {
+        return Err(bad());
+    }
+    let left = 100 - given;
+    let mut shared = 0;
+    let mut split: Vec<(u64, u32)> = Vec::new();
+    let mut open_seen = 0;
+    for (size, percent) in entries {
+        let percent = percent.unwrap_or_else(|| {
+            open_seen += 1;
+            let share = if open_seen == open {
+                left - shared
+            } else {
+                left / open
+            };
+            shared += share;
+            share
+        });
+        if percent > 0 {
+            split.push((size, percent));
+        }
+    }
+    if split.is_empty() {
+        return Err(bad());
+    }
+    Ok(SizeSplit(split))
+}
+
+/// A parsed `bssplit`: (block size, percent) pairs adding up to 100.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SizeSplit(pub Vec<(u64, u32)>);
+
+/// Parses fio's `rate`/`rate_iops`: `N` (both directions) or `R,W` (either may be empty); each
+/// a number with an optional size suffix. Returns `[read, write]`.
+pub fn parse_rate(text: &str) -> Result<[Option<u64>; 2], UnitError> {
+    let one = |part: &str| -> Result<Option<u64>, UnitError> {
+        if part.trim().is_empty() {
+            return Ok(None);
+        }
+        match parse_size(part) {
+            Ok(0) => Ok(None),
+            Ok(value) => Ok(Some(value)),
+            Err(_) => Err(UnitError::BadRate(text.to_string())),
+        }
+    };
+    match text.split_once(',') {
+        Some((read, write)) if !write.contains(',') => Ok([one(read)?, one(write)?]),
+        Some(_) => Err(UnitError::BadRate(text.to_string())),
+        None => {
+            let both = one(text)?;
+            Ok([both, both])
+        }
+    }
 }
 
 /// Parses a duration: a bare number is seconds; units `us`, `ms`, `s`, `m`, `h`, `d` are accepted.
@@ -156,6 +268,33 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("10 parsecs").is_err());
+    }
+
+    #[test]
+    fn bssplit_rate_and_percent_sizes() {
+        assert_eq!(
+            parse_bssplit("4k/10:64k/50:32k/40").map(|s| s.0),
+            Ok(vec![(4096, 10), (65536, 50), (32768, 40)])
+        );
+        assert_eq!(
+            parse_bssplit("4k/50:8k/:16k/").map(|s| s.0),
+            Ok(vec![(4096, 50), (8192, 25), (16384, 25)])
+        );
+        assert!(parse_bssplit("4k/50:8k/40").is_err(), "adds up to 90");
+        assert!(
+            parse_bssplit("4k/50,8k/100").is_err(),
+            "per-direction lists"
+        );
+        assert_eq!(parse_rate("200"), Ok([Some(200), Some(200)]));
+        assert_eq!(parse_rate("1m,"), Ok([Some(1 << 20), None]));
+        assert_eq!(parse_rate(",5k"), Ok([None, Some(5120)]));
+        assert!(parse_rate("fast").is_err());
+        assert_eq!(
+            parse_size_or_percent("50%"),
+            Ok(SizeOrPercent::Percent(50.0))
+        );
+        assert_eq!(parse_size_or_percent("4k"), Ok(SizeOrPercent::Bytes(4096)));
+        assert!(parse_size_or_percent("150%").is_err());
     }
 
     #[test]

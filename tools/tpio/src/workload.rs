@@ -154,6 +154,49 @@ impl Layout {
         Ok(Layout::Fixed { base, bs, count })
     }
 
+    /// Blocks whose sizes are drawn from fio's `bssplit` weights (`(size, percent)` summing to
+    /// 100), partitioning `[base, base + size)` front to back; a tail shorter than the chosen size
+    /// is cut to the largest multiple of `align` that fits (at least the smallest size).
+    pub fn split(
+        base: u64,
+        size: u64,
+        split: &[(u64, u32)],
+        align: u32,
+        seed: u64,
+    ) -> Result<Self, WorkloadError> {
+        let mut generator = SplitMix64::new(seed ^ 0x6273_7370_6c69_7421);
+        let total: u64 = split.iter().map(|(_, percent)| u64::from(*percent)).sum();
+        let smallest = split.iter().map(|(bs, _)| *bs).min().unwrap_or(0);
+        let align = u64::from(align);
+        let mut blocks = Vec::new();
+        let mut position = 0;
+        while smallest > 0 && size - position >= smallest {
+            if blocks.len() == MAX_EXPLICIT_BLOCKS {
+                return Err(WorkloadError::TooManyBlocks { size });
+            }
+            let mut draw = generator.below(total.max(1));
+            let mut wanted = smallest;
+            for (bs, percent) in split {
+                if draw < u64::from(*percent) {
+                    wanted = *bs;
+                    break;
+                }
+                draw -= u64::from(*percent);
+            }
+            let remaining = (size - position) / align * align;
+            let len = wanted.min(remaining);
+            blocks.push(Block {
+                offset: base + position,
+                len: len as u32,
+            });
+            position += len;
+        }
+        if blocks.is_empty() {
+            return Err(WorkloadError::Empty { size });
+        }
+        Ok(Layout::Explicit(blocks))
+    }
+
     /// Random-size blocks, multiples of `align` in `[min, max]`, partitioning `[base, base + size)`.
     pub fn ranged(
         base: u64,
@@ -237,6 +280,12 @@ pub struct Workload {
     position: u64,
     pass: u64,
     direction_rng: SplitMix64,
+    /// Passes to run without `repeat` (fio's `loops`).
+    loops: u64,
+    /// `norandommap`: random indices drawn with replacement.
+    offset_rng: Option<SplitMix64>,
+    /// An iolog being replayed instead of the layout.
+    log: Option<std::sync::Arc<Vec<PlannedIo>>>,
 }
 
 impl Workload {
@@ -254,12 +303,53 @@ impl Workload {
             position: 0,
             pass: 0,
             direction_rng: SplitMix64::new(seed ^ 0x5257_4d49_5852_4541),
+            loops: 1,
+            offset_rng: None,
+            log: None,
         }
+    }
+
+    /// Runs `loops` passes instead of one (ignored when repeating until the run time is up).
+    pub fn with_loops(mut self, loops: u32) -> Self {
+        self.loops = u64::from(loops.max(1));
+        self
+    }
+
+    /// fio's `norandommap`: random offsets drawn independently (a block may come twice in a pass
+    /// and another not at all). No effect on sequential workloads.
+    pub fn without_random_map(mut self) -> Self {
+        if self.random {
+            self.permutation = None;
+            self.offset_rng = Some(SplitMix64::new(self.seed ^ 0x6e6f_6d61_7021));
+        }
+        self
+    }
+
+    /// A workload that replays `ios` (a parsed iolog) `loops` times, in order.
+    pub fn from_log(ios: Vec<PlannedIo>, loops: u32) -> Self {
+        let mut workload = Workload::new(Layout::Explicit(Vec::new()), false, 100, false, 0);
+        workload.log = Some(std::sync::Arc::new(ios));
+        workload.with_loops(loops)
     }
 
     /// A copy of this workload from the start with every I/O turned into a read: the verify replay.
     pub fn replay_as_reads(&self) -> Self {
-        Workload::new(self.layout.clone(), self.random, 100, false, self.seed)
+        let mut replay = Workload::new(self.layout.clone(), self.random, 100, false, self.seed)
+            .with_loops(self.loops as u32);
+        if self.offset_rng.is_some() {
+            replay = replay.without_random_map();
+        }
+        if let Some(log) = &self.log {
+            replay.log = Some(std::sync::Arc::new(
+                log.iter()
+                    .map(|io| PlannedIo {
+                        direction: IoDirection::Read,
+                        ..*io
+                    })
+                    .collect(),
+            ));
+        }
+        replay
     }
 
     /// The number of blocks in one pass.
@@ -273,22 +363,38 @@ impl Iterator for Workload {
 
     /// The next I/O, or `None` after one pass unless repeating.
     fn next(&mut self) -> Option<PlannedIo> {
+        if let Some(log) = &self.log {
+            if self.position == log.len() as u64 {
+                if !self.repeat && self.pass + 1 >= self.loops {
+                    return None;
+                }
+                self.position = 0;
+                self.pass += 1;
+            }
+            let io = log.get(self.position as usize).copied()?;
+            self.position += 1;
+            return Some(PlannedIo {
+                pass: self.pass,
+                ..io
+            });
+        }
         if self.position == self.layout.len() {
-            if !self.repeat {
+            if !self.repeat && self.pass + 1 >= self.loops {
                 return None;
             }
             self.position = 0;
             self.pass += 1;
-            if self.random {
+            if self.random && self.offset_rng.is_none() {
                 self.permutation = Some(Permutation::new(
                     self.layout.len(),
                     self.seed.wrapping_add(self.pass),
                 ));
             }
         }
-        let index = match &self.permutation {
-            Some(permutation) => permutation.at(self.position),
-            None => self.position,
+        let index = match (&self.permutation, &mut self.offset_rng) {
+            (_, Some(generator)) => generator.below(self.layout.len()),
+            (Some(permutation), None) => permutation.at(self.position),
+            (None, None) => self.position,
         };
         self.position += 1;
         let block = self.layout.block(index);

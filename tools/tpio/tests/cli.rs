@@ -316,7 +316,7 @@ fn json_and_human_reports_carry_the_same_numbers() {
 }
 
 #[test]
-fn job_file_jobs_run_in_order_with_inherited_globals() {
+fn job_file_jobs_inherit_globals_and_echo_options_as_written() {
     let dir = tempfile::tempdir().expect("tempdir");
     let job_file = dir.path().join("two.fio");
     std::fs::write(
@@ -336,13 +336,19 @@ fn job_file_jobs_run_in_order_with_inherited_globals() {
     assert_eq!(jobs.len(), 2);
     assert_eq!(jobs[0]["jobname"], "seq");
     assert_eq!(jobs[0]["read"]["total_ios"], 64);
-    assert_eq!(jobs[0]["job options"]["bs"], "131072");
+    assert_eq!(
+        jobs[0]["job options"]["bs"], "128k",
+        "echoed as written, like fio"
+    );
     assert_eq!(jobs[1]["jobname"], "rand");
     assert_eq!(jobs[1]["write"]["total_ios"], 2048, "default bs 4k");
     assert_eq!(
-        jobs[1]["job options"]["iodepth"], "4",
-        "inherited from [global]"
+        jobs[1]["latency_depth"], 4,
+        "iodepth inherited from [global]"
     );
+    assert_eq!(report["global options"]["iodepth"], "4");
+    assert_eq!(report["global options"]["size"], "8m");
+    assert!(jobs[1]["job options"].get("iodepth").is_none());
 
     // The command line overrides the file.
     let output = tpio(&[
