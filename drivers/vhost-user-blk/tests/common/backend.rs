@@ -79,8 +79,8 @@ pub struct Script {
 }
 
 impl Script {
-    /// What `qemu-storage-daemon` offers (see the project notes) for a disk of `bytes`, one
-    /// queue, completing honestly.
+    /// What `qemu-storage-daemon` 10.0 offers for a disk of `bytes` (its virtio-blk features,
+    /// and VIRTIO_BLK_F_SIZE_MAX with a `size_max` of 0), one queue, completing honestly.
     pub fn honest(bytes: u64) -> Script {
         Script {
             features: features::VERSION_1
@@ -94,7 +94,7 @@ impl Script {
                 | features::BLK_WRITE_ZEROES,
             config: BlkConfig {
                 capacity_sectors: bytes / blk::SECTOR,
-                size_max: 64 << 10,
+                size_max: 0,
                 seg_max: 126,
                 blk_size: 512,
                 num_queues: 1,
@@ -757,7 +757,8 @@ impl Dev {
         let sector = r.u64().unwrap();
         let data = &chain[1..chain.len() - 1];
         let cfg = self.script.config;
-        if self.acked & features::BLK_SIZE_MAX != 0 {
+        // A size_max of 0 sets no limit (qemu-storage-daemon serves 0 with the bit).
+        if self.acked & features::BLK_SIZE_MAX != 0 && cfg.size_max > 0 {
             if let Some(d) = data.iter().find(|d| d.2 > cfg.size_max) {
                 self.problem(format!(
                     "a {} B segment exceeds the negotiated size_max {}",
