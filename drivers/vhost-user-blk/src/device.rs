@@ -39,6 +39,9 @@
 //!   (checked every `liveness_interval` without blocking, and on every control exchange) fails
 //!   the device: every outstanding and later request gets [`Error::Disconnected`] or
 //!   [`Error::Backend`], descriptor waiters are woken, and the buffers return to the pool.
+//!   On a disconnect, completions the backend published before it went (used entries not
+//!   yet reaped, e.g. because it died before signalling) are delivered first: their I/O
+//!   happened, and failing them would report a done write as failed.
 //! - A request that does not complete within `io_timeout` returns [`Error::IoTimeout`]. The
 //!   deadline covers each of its waits (pool capacity, free descriptors, the completion): a
 //!   backend that stops completing fills the queue and the pool, and later requests must not
@@ -270,10 +273,24 @@ impl Queue {
     /// violation fails the whole device. Returns completions delivered. Takes `state`, then
     /// (released) sends replies.
     fn reap(&self, dev: &Shared) -> usize {
+        let (n, violation) = self.take_completions();
+        if let Some(e) = violation {
+            dev.fail(Failure::Misbehaved(e));
+        }
+        n
+    }
+
+    /// Takes every valid completion off the used ring and delivers it. Returns how many, and
+    /// the protocol violation that stopped it, if any. Does nothing once the queue has failed
+    /// (its ring was abandoned). Takes `state`, then (released) sends replies.
+    fn take_completions(&self) -> (usize, Option<RingError>) {
         let mut done = Vec::new();
         let mut violation = None;
         {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.failed.is_some() {
+                return (0, None);
+            }
             loop {
                 match st.ring.pop_used() {
                     Ok(Some(u)) => {
@@ -310,10 +327,7 @@ impl Queue {
             }));
         }
         self.descriptors.add_permits(permits);
-        if let Some(e) = violation {
-            dev.fail(Failure::Misbehaved(e));
-        }
-        n
+        (n, violation)
     }
 
     /// Fails every outstanding request of this queue with `why` and closes its descriptor
@@ -357,6 +371,12 @@ impl Shared {
                 .close("the backend broke the virtqueue protocol");
         }
         for q in &self.queues {
+            if matches!(why, Failure::Disconnected(_)) {
+                // Completions the backend published before it went are real: deliver them
+                // (validated as ever); only what it never completed fails. A violation found
+                // now changes nothing: the device is failing anyway.
+                let _ = q.take_completions();
+            }
             q.fail(&why);
         }
     }

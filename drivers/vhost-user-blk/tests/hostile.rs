@@ -18,6 +18,9 @@ use tidepool::pool::{Pool, PoolConfig};
 use tidepool_vhost_user_blk::protocol::{blk, features};
 use tidepool_vhost_user_blk::*;
 
+/// The completion mode (the type's name before the rename).
+type CompletionMode = Completion;
+
 const MIB: u64 = 1 << 20;
 
 /// A test that takes longer than this hung.
@@ -462,6 +465,271 @@ async fn zero_range_maxima_mean_no_limit() {
                 (blk::T_WRITE_ZEROES, 1536, 512),
             ]
         );
+    })
+    .await
+}
+
+/// Two good reads, then one whose used entry is `bad`: that read and every later call fail
+/// with `Error::Backend(expected)`, the frontend closes the connection, and nothing leaks.
+async fn bad_used_entry(name: &str, bad: Behaviour, expected: fn(&RingError) -> bool) -> String {
+    let b = Backend::start(name, Script::honest(4 * MIB).behaving(bad));
+    let (dev, pool) = try_open(&b.socket, pool_cfg(), DeviceOptions::default()).await;
+    let dev = dev.expect("start");
+    let data = vec![0xA5u8; 4096];
+    dev.write_at(0, &data).await.unwrap();
+    let mut back = vec![0u8; 4096];
+    dev.read_at(0, &mut back).await.unwrap();
+    assert_eq!(back, data);
+    let e = dev.read_at(0, &mut back).await.unwrap_err();
+    let text = e.to_string();
+    match &e {
+        Error::Backend(r) if expected(r) => {}
+        e => panic!("{name}: unexpected error {e:?}"),
+    }
+    assert!(text.starts_with("the backend misbehaved: "), "{text}");
+    assert!(
+        dev.connection().is_closed(),
+        "{name}: a lying backend is disconnected"
+    );
+    assert!(
+        matches!(dev.write_at(0, &data).await, Err(Error::Backend(_))),
+        "{name}: the device stays failed"
+    );
+    assert_eq!(dev.outstanding(), 0);
+    let log = finish(Some(dev), End::Shutdown, pool, b).await;
+    assert!(log.problems.is_empty(), "{:?}", log.problems);
+    assert_eq!(log.requests.len(), 3, "the failed device sent nothing more");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn used_id_out_of_range_fails_the_device() {
+    let text = guarded(bad_used_entry(
+        "id-range",
+        Behaviour::IdOutOfRange { after: 2 },
+        |e| matches!(e, RingError::IdOutOfRange { id: 263, size: 256 }),
+    ))
+    .await;
+    assert!(
+        text.contains("descriptor 263, beyond the queue size 256"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn used_id_not_outstanding_fails_the_device() {
+    let text = guarded(bad_used_entry(
+        "id-stale",
+        Behaviour::IdNotOutstanding { after: 2 },
+        |e| matches!(e, RingError::NotOutstanding { .. }),
+    ))
+    .await;
+    assert!(text.contains("heads no outstanding request"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn used_len_too_large_fails_the_device() {
+    let text = guarded(bad_used_entry(
+        "len",
+        Behaviour::LenTooLarge { after: 2 },
+        // A 4 KiB read lets the device write 4096 data bytes and the status byte.
+        |e| {
+            matches!(
+                e,
+                RingError::LenTooLarge {
+                    len: 8193,
+                    writable: 4097,
+                    ..
+                }
+            )
+        },
+    ))
+    .await;
+    assert!(
+        text.contains("claims 8193 bytes written; the request offered 4097"),
+        "{text}"
+    );
+}
+
+/// A completion whose status byte the backend never wrote is that request's failure (the
+/// byte still holds the 0xFF preset), not a false success; the device stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_status_byte_is_a_device_error() {
+    guarded(async {
+        let script = Script::honest(4 * MIB).behaving(Behaviour::NoStatus { after: 1 });
+        let b = Backend::start("nostatus", script);
+        let (dev, pool) = try_open(&b.socket, pool_cfg(), DeviceOptions::default()).await;
+        let dev = dev.expect("start");
+        let data = vec![7u8; 512];
+        dev.write_at(0, &data).await.unwrap();
+        let e = dev.write_at(512, &data).await.unwrap_err();
+        assert!(matches!(e, Error::Device { status: 0xFF }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "the device failed the request (virtio-blk status 255)"
+        );
+        let mut back = vec![0u8; 512];
+        dev.read_at(0, &mut back).await.unwrap();
+        assert_eq!(back, data, "later requests still work");
+        let log = finish(Some(dev), End::Shutdown, pool, b).await;
+        assert!(log.problems.is_empty(), "{:?}", log.problems);
+    })
+    .await
+}
+
+/// Eight writes, then eight reads, each batch completed last first: every call gets its own
+/// completion and its own bytes back.
+async fn out_of_order(mode: CompletionMode, name: &str) {
+    let script = Script::honest(4 * MIB).behaving(Behaviour::Reverse { batch: 8 });
+    let b = Backend::start(name, script);
+    let opts = DeviceOptions {
+        completion: mode,
+        ..DeviceOptions::default()
+    };
+    let (dev, pool) = try_open(&b.socket, pool_cfg(), opts).await;
+    let dev = Arc::new(dev.expect("start"));
+    let pattern = |t: u64| -> Vec<u8> { (0..8192u64).map(|i| (i * 31 + t * 101) as u8).collect() };
+    let mut hs = Vec::new();
+    for t in 0..8u64 {
+        let dev = dev.clone();
+        hs.push(tokio::spawn(async move {
+            dev.write_at(t * 65536, &pattern(t)).await
+        }));
+    }
+    for h in hs {
+        h.await.unwrap().unwrap();
+    }
+    let mut hs = Vec::new();
+    for t in 0..8u64 {
+        let dev = dev.clone();
+        hs.push(tokio::spawn(async move {
+            let mut back = vec![0u8; 8192];
+            dev.read_at(t * 65536, &mut back).await.map(|()| back)
+        }));
+    }
+    for (t, h) in hs.into_iter().enumerate() {
+        assert_eq!(
+            h.await.unwrap().unwrap(),
+            pattern(t as u64),
+            "{name}: task {t}"
+        );
+    }
+    let dev = Arc::try_unwrap(dev).unwrap();
+    let log = finish(Some(dev), End::Shutdown, pool, b).await;
+    assert!(log.problems.is_empty(), "{:?}", log.problems);
+    assert_eq!(log.requests.len(), 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_completions_interrupt_mode() {
+    guarded(out_of_order(CompletionMode::Interrupt, "reverse-irq")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_completions_poll_mode() {
+    guarded(out_of_order(CompletionMode::Poll, "reverse-poll")).await
+}
+
+/// The backend completes three requests, then closes the connection with four in flight
+/// (eight tasks keep reading and writing): every call ends with `Error::Disconnected`, soon
+/// (the liveness watchdog, not the 5 s I/O timeout), and nothing leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_dying_mid_io_fails_every_request() {
+    guarded(async {
+        let script = Script::honest(4 * MIB).behaving(Behaviour::DieWithInFlight {
+            completed: 3,
+            in_flight: 4,
+            signal: true,
+        });
+        let b = Backend::start("die", script);
+        let (dev, pool) = try_open(&b.socket, pool_cfg(), DeviceOptions::default()).await;
+        let dev = Arc::new(dev.expect("start"));
+        let t = Instant::now();
+        let mut hs = Vec::new();
+        for task in 0..8u64 {
+            let dev = dev.clone();
+            hs.push(tokio::spawn(async move {
+                let mut buf = vec![task as u8; 4096];
+                let mut ok = 0u32;
+                loop {
+                    let r = if ok % 2 == 0 {
+                        dev.write_at(task * 4096, &buf).await
+                    } else {
+                        dev.read_at(task * 4096, &mut buf).await
+                    };
+                    match r {
+                        Ok(()) => ok += 1,
+                        Err(e) => return (ok, e),
+                    }
+                }
+            }));
+        }
+        let mut succeeded = 0;
+        for h in hs {
+            let (ok, e) = h.await.unwrap();
+            succeeded += ok;
+            assert!(matches!(e, Error::Disconnected(_)), "{e:?}");
+            assert!(
+                e.to_string()
+                    .starts_with("the vhost-user backend is disconnected"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            succeeded, 3,
+            "exactly the three completed requests succeeded"
+        );
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        assert_eq!(dev.outstanding(), 0);
+        let dev = Arc::try_unwrap(dev).unwrap();
+        let log = finish(Some(dev), End::Shutdown, pool, b).await;
+        // Several requests may arrive with one kick: at least four were in flight.
+        let end = log.end.unwrap();
+        let held: usize = end
+            .strip_prefix("died with ")
+            .and_then(|r| r.strip_suffix(" requests in flight"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("the backend ended otherwise: {end}"));
+        assert!((4..=8).contains(&held), "{end}");
+        assert!(log.problems.is_empty(), "{:?}", log.problems);
+    })
+    .await
+}
+
+/// The backend completes three of four concurrent writes without signalling the call
+/// eventfd, then dies: the three completions it published are delivered as successes (the
+/// watchdog reaps them before failing the rest), the fourth fails with `Disconnected`. (They
+/// were all reported failed before.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_published_before_a_disconnect_are_delivered() {
+    guarded(async {
+        let script = Script::honest(4 * MIB).behaving(Behaviour::DieWithInFlight {
+            completed: 3,
+            in_flight: 1,
+            signal: false,
+        });
+        let b = Backend::start("die-quiet", script);
+        let (dev, pool) = try_open(&b.socket, pool_cfg(), DeviceOptions::default()).await;
+        let dev = Arc::new(dev.expect("start"));
+        let mut hs = Vec::new();
+        for task in 0..4u64 {
+            let dev = dev.clone();
+            hs.push(tokio::spawn(async move {
+                dev.write_at(task * 4096, &[task as u8; 4096]).await
+            }));
+        }
+        let mut ok = 0;
+        for h in hs {
+            match h.await.unwrap() {
+                Ok(()) => ok += 1,
+                Err(e) => assert!(matches!(e, Error::Disconnected(_)), "{e:?}"),
+            }
+        }
+        assert_eq!(ok, 3, "the three published completions count");
+        let dev = Arc::try_unwrap(dev).unwrap();
+        let log = finish(Some(dev), End::Shutdown, pool, b).await;
+        assert_eq!(log.requests.len(), 4);
+        assert_eq!(log.end.as_deref(), Some("died with 1 requests in flight"));
     })
     .await
 }

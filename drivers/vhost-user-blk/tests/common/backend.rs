@@ -55,10 +55,15 @@ pub enum Behaviour {
     NoStatus { after: usize },
     /// Requests are held until `batch` are outstanding, then all completed, last first.
     Reverse { batch: usize },
-    /// The first `completed` requests honestly; later ones are executed but held, and once
-    /// `in_flight` are held the backend closes the connection (and everything else) and
-    /// exits, as a crashing daemon would.
-    DieWithInFlight { completed: usize, in_flight: usize },
+    /// The first `completed` requests honestly (but without signalling the call eventfd
+    /// unless `signal`); later ones are executed but held, and once `in_flight` are held the
+    /// backend closes the connection (and everything else) and exits, as a crashing daemon
+    /// would.
+    DieWithInFlight {
+        completed: usize,
+        in_flight: usize,
+        signal: bool,
+    },
     /// Requests are read from the ring but never executed nor completed.
     Mute,
 }
@@ -294,6 +299,8 @@ enum Entry {
     IdNotOutstanding,
     LenTooLarge,
     NoStatus,
+    /// Honest, but the call eventfd is not signalled.
+    Quiet,
 }
 
 struct Dev {
@@ -650,12 +657,14 @@ impl Dev {
             Behaviour::DieWithInFlight {
                 completed,
                 in_flight,
+                signal,
             } => {
+                let how = if signal { Entry::Honest } else { Entry::Quiet };
                 while self.completed < completed {
                     let Some(p) = self.vrings[q].held.pop_front() else {
                         break;
                     };
-                    self.used(q, p, Entry::Honest)?;
+                    self.used(q, p, how)?;
                 }
                 let held: usize = self.vrings.iter().map(|v| v.held.len()).sum();
                 if held >= in_flight {
@@ -695,7 +704,7 @@ impl Dev {
             Entry::IdOutOfRange => (u32::from(v.num) + 7, p.written),
             Entry::IdNotOutstanding => (u32::from(p.not_head), p.written),
             Entry::LenTooLarge => (p.head.into(), p.writable + 4096),
-            Entry::Honest | Entry::NoStatus => (p.head.into(), p.written),
+            Entry::Honest | Entry::NoStatus | Entry::Quiet => (p.head.into(), p.written),
         };
         let slot = u64::from(v.used_idx % v.num);
         let entry = Writer::default().u32(id).u32(len).0;
@@ -708,7 +717,7 @@ impl Dev {
         let v = &mut self.vrings[q];
         v.used_idx = idx;
         self.completed += 1;
-        if flags & AVAIL_F_NO_INTERRUPT == 0 {
+        if flags & AVAIL_F_NO_INTERRUPT == 0 && how != Entry::Quiet {
             if let Some(call) = &v.call {
                 let _ = (&*call).write(&1u64.to_ne_bytes());
             }
