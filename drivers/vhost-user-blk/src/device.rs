@@ -30,7 +30,7 @@
 //!    while the backend may still write it. They go back to the pool only when the completion
 //!    is reaped, or when the backend is known to be gone.
 //! 4. A reaper task per queue (woken by the call eventfd, or busy-polling in
-//!    [`Completion::Poll`] mode) takes used entries, validated as untrusted input by
+//!    [`CompletionMode::Poll`] mode) takes used entries, validated as untrusted input by
 //!    [`crate::ring`], reads the status byte once by copy, and hands the buffers back to the
 //!    waiting call, which copies read data out exactly once into the caller's memory.
 //!
@@ -73,9 +73,10 @@ use crate::ring::{Desc, Layout, RingError, SplitRing};
 use crate::view::UADDR_OFFSET;
 use crate::Error;
 
-/// How completions are noticed.
+/// How the device waits for completions: a mode chosen once in [`DeviceOptions`], not a
+/// completion itself.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
-pub enum Completion {
+pub enum CompletionMode {
     /// The backend signals the call eventfd; the reaper sleeps on it (the default).
     #[default]
     Interrupt,
@@ -93,7 +94,7 @@ pub struct DeviceOptions {
     /// Default 256.
     pub queue_size: u16,
     /// Interrupt or polling completion.
-    pub completion: Completion,
+    pub completion: CompletionMode,
     /// A request not completed after this fails with [`Error::IoTimeout`]; it bounds every
     /// wait of the request (pool space, free descriptors, completion) together, per request
     /// (a call split into several requests gets it for each). Default 5 s.
@@ -107,7 +108,7 @@ impl Default for DeviceOptions {
         DeviceOptions {
             queues: 1,
             queue_size: 256,
-            completion: Completion::Interrupt,
+            completion: CompletionMode::Interrupt,
             io_timeout: Duration::from_secs(5),
             liveness_interval: Duration::from_millis(20),
         }
@@ -528,7 +529,7 @@ impl BlockDevice {
             // naturally aligned (≥ 16), kept alive by the queue (`_ring_mem`) as long as the
             // ring, and touched in this process only through the ring.
             let mut ring = unsafe { SplitRing::new(mem.as_ptr(), qs) }?;
-            if opts.completion == Completion::Poll {
+            if opts.completion == CompletionMode::Poll {
                 ring.set_no_interrupt(true);
             }
             let (kick, call) = (eventfd()?, eventfd()?);
@@ -582,7 +583,7 @@ impl BlockDevice {
         for (q, call) in shared.queues.iter().zip(calls) {
             let (q, s) = (q.clone(), shared.clone());
             tasks.push(match opts.completion {
-                Completion::Interrupt => {
+                CompletionMode::Interrupt => {
                     // SAFETY: the AsyncFd takes ownership of the eventfd, so the fd stays open
                     // and the same for the AsyncFd's whole life.
                     let afd = unsafe { AsyncFd::register(call) }.map_err(|e| Error::Io {
@@ -591,7 +592,7 @@ impl BlockDevice {
                     })?;
                     tokio::spawn(reap_on_interrupt(q, s, afd))
                 }
-                Completion::Poll => tokio::spawn(reap_by_polling(q, s)),
+                CompletionMode::Poll => tokio::spawn(reap_by_polling(q, s)),
             });
         }
         tasks.push(tokio::spawn(watch_liveness(
@@ -902,7 +903,7 @@ impl BlockDevice {
                 }
             }
         }
-        if self.opts.completion == Completion::Poll {
+        if self.opts.completion == CompletionMode::Poll {
             q.work.notify_one();
         }
         let done = match rx.await {

@@ -55,7 +55,7 @@ pub mod view;
 use std::time::Duration;
 
 pub use connection::{ConnectOptions, Connection};
-pub use device::{BlockDevice, Completion, DeviceOptions};
+pub use device::{BlockDevice, CompletionMode, DeviceOptions};
 pub use ring::RingError;
 pub use view::{VhostUserView, ViewOptions};
 

@@ -18,9 +18,6 @@ use tidepool::pool::{Pool, PoolConfig};
 use tidepool_vhost_user_blk::protocol::{blk, features};
 use tidepool_vhost_user_blk::*;
 
-/// The completion mode (the type's name before the rename).
-type CompletionMode = Completion;
-
 const MIB: u64 = 1 << 20;
 
 /// A test that takes longer than this hung.
