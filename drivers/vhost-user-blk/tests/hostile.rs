@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::backend::{Backend, Behaviour, Log, Script};
+use common::backend::{Backend, Behaviour, Forge, Log, Script};
 use common::*;
 use tidepool::pool::{Pool, PoolConfig};
 use tidepool_vhost_user_blk::protocol::{blk, features};
@@ -727,6 +727,38 @@ async fn completions_published_before_a_disconnect_are_delivered() {
         let log = finish(Some(dev), End::Shutdown, pool, b).await;
         assert_eq!(log.requests.len(), 4);
         assert_eq!(log.end.as_deref(), Some("died with 1 requests in flight"));
+    })
+    .await
+}
+
+/// Status bytes other than OK become the request's typed error (I/O error, unsupported, or
+/// an unknown code), and only that request's: the device keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_status_bytes_are_typed_errors() {
+    guarded(async {
+        let status = |s| Forge {
+            status: Some(s),
+            ..Forge::honest()
+        };
+        let mut script = Script::honest(4 * MIB).behaving(Behaviour::Forged);
+        script.forged = vec![status(blk::S_IOERR), status(blk::S_UNSUPP), status(7)];
+        let b = Backend::start("status", script);
+        let (dev, pool) = try_open(&b.socket, pool_cfg(), DeviceOptions::default()).await;
+        let dev = dev.expect("start");
+        let mut s = [0u8; 512];
+        let e = dev.read_at(0, &mut s).await.unwrap_err();
+        assert!(matches!(e, Error::Device { status: 1 }), "{e:?}");
+        let e = dev.flush().await.unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "not supported by this device: the backend refused this request type"
+        );
+        let e = dev.write_at(0, &s).await.unwrap_err();
+        assert!(matches!(e, Error::Device { status: 7 }), "{e:?}");
+        dev.read_at(0, &mut s).await.unwrap();
+        let log = finish(Some(dev), End::Shutdown, pool, b).await;
+        assert!(log.problems.is_empty(), "{:?}", log.problems);
     })
     .await
 }

@@ -66,6 +66,44 @@ pub enum Behaviour {
     },
     /// Requests are read from the ring but never executed nor completed.
     Mute,
+    /// Each request is answered as the next [`Forge`] of [`Script::forged`] says (honestly
+    /// once they run out): for fuzzing.
+    Forged,
+}
+
+/// How the backend answers one request under [`Behaviour::Forged`]. The request is always
+/// executed against the disk first (reads fill the buffer, writes land).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Forge {
+    /// The used entry's id, instead of the request's head.
+    pub id: Option<u32>,
+    /// The used entry's len, instead of the bytes written.
+    pub len: Option<u32>,
+    /// The status byte, instead of the honest one.
+    pub status: Option<u8>,
+    /// Leave the status byte unwritten.
+    pub skip_status: bool,
+    /// How far `used.idx` advances (1 for an honest backend; 0 hides the entry, more exposes
+    /// stale slots).
+    pub advance: u16,
+    /// Signal the call eventfd afterwards.
+    pub signal: bool,
+    /// Hold the request: it is completed (honestly, after the later one) when the next
+    /// request that is not held is answered.
+    pub hold: bool,
+    /// Close the connection instead of answering.
+    pub die: bool,
+}
+
+impl Forge {
+    /// The honest answer.
+    pub fn honest() -> Forge {
+        Forge {
+            advance: 1,
+            signal: true,
+            ..Forge::default()
+        }
+    }
 }
 
 /// What the backend offers and how it behaves.
@@ -81,6 +119,8 @@ pub struct Script {
     pub mem_slots: u64,
     /// How requests are completed.
     pub behaviour: Behaviour,
+    /// The answers [`Behaviour::Forged`] gives, one per request in arrival order.
+    pub forged: Vec<Forge>,
 }
 
 impl Script {
@@ -109,6 +149,7 @@ impl Script {
             queues: 1,
             mem_slots: 32,
             behaviour: Behaviour::Honest,
+            forged: Vec::new(),
         }
     }
 
@@ -229,6 +270,7 @@ fn serve(listener: UnixListener, script: Script, log: &Arc<Mutex<Log>>) -> Strin
     stream.set_nonblocking(false).unwrap();
     let capacity = script.config.capacity_sectors * blk::SECTOR;
     let mut dev = Dev {
+        forged: script.forged.iter().copied().collect(),
         script,
         acked: 0,
         regions: Vec::new(),
@@ -289,11 +331,14 @@ struct Pending {
     written: u32,
     /// Bytes the chain lets the device write.
     writable: u32,
+    /// The forged answer ([`Behaviour::Forged`]).
+    forge: Option<Forge>,
 }
 
 /// How one used entry is written.
 #[derive(Copy, Clone, PartialEq, Eq)]
 enum Entry {
+    Forged(Forge),
     Honest,
     IdOutOfRange,
     IdNotOutstanding,
@@ -305,6 +350,8 @@ enum Entry {
 
 struct Dev {
     script: Script,
+    /// The forged answers not used yet.
+    forged: VecDeque<Forge>,
     acked: u64,
     regions: Vec<Region>,
     vrings: Vec<Vring>,
@@ -636,7 +683,10 @@ impl Dev {
             if self.script.behaviour == Behaviour::Mute {
                 continue;
             }
-            let p = self.execute(q, head)?;
+            let mut p = self.execute(q, head)?;
+            if self.script.behaviour == Behaviour::Forged {
+                p.forge = self.forged.pop_front();
+            }
             self.vrings[q].held.push_back(p);
         }
         self.complete(q)
@@ -646,6 +696,24 @@ impl Dev {
     fn complete(&mut self, q: usize) -> Result<(), String> {
         match self.script.behaviour {
             Behaviour::Mute => Ok(()),
+            Behaviour::Forged => {
+                let mut held = std::mem::take(&mut self.vrings[q].held);
+                let mut keep = VecDeque::new();
+                while let Some(p) = held.pop_front() {
+                    match p.forge {
+                        Some(f) if f.die => return Err("died as forged".into()),
+                        Some(f) if f.hold => keep.push_back(p),
+                        f => {
+                            self.used(q, p, f.map_or(Entry::Honest, Entry::Forged))?;
+                            while let Some(h) = keep.pop_back() {
+                                self.used(q, h, Entry::Honest)?;
+                            }
+                        }
+                    }
+                }
+                self.vrings[q].held = keep;
+                Ok(())
+            }
             Behaviour::Reverse { batch } => {
                 if self.vrings[q].held.len() >= batch {
                     while let Some(p) = self.vrings[q].held.pop_back() {
@@ -696,11 +764,17 @@ impl Dev {
     /// Writes the status byte and a used entry for `p`, then signals the call eventfd unless
     /// the frontend asked for no interrupts.
     fn used(&mut self, q: usize, p: Pending, how: Entry) -> Result<(), String> {
-        if how != Entry::NoStatus {
-            self.write(p.status_addr, Space::Guest, &[p.status])?;
+        let forge = match how {
+            Entry::Forged(f) => Some(f),
+            _ => None,
+        };
+        if how != Entry::NoStatus && !forge.is_some_and(|f| f.skip_status) {
+            let status = forge.and_then(|f| f.status).unwrap_or(p.status);
+            self.write(p.status_addr, Space::Guest, &[status])?;
         }
         let v = &self.vrings[q];
         let (id, len) = match how {
+            Entry::Forged(f) => (f.id.unwrap_or(p.head.into()), f.len.unwrap_or(p.written)),
             Entry::IdOutOfRange => (u32::from(v.num) + 7, p.written),
             Entry::IdNotOutstanding => (u32::from(p.not_head), p.written),
             Entry::LenTooLarge => (p.head.into(), p.writable + 4096),
@@ -710,14 +784,15 @@ impl Dev {
         let entry = Writer::default().u32(id).u32(len).0;
         self.write(v.used + 4 + 8 * slot, Space::User, &entry)?;
         fence(Ordering::Release);
-        let idx = v.used_idx.wrapping_add(1);
+        let idx = v.used_idx.wrapping_add(forge.map_or(1, |f| f.advance));
         self.write(v.used + 2, Space::User, &idx.to_le_bytes())?;
         fence(Ordering::SeqCst);
         let flags = self.read_u16(v.avail)?;
         let v = &mut self.vrings[q];
         v.used_idx = idx;
         self.completed += 1;
-        if flags & AVAIL_F_NO_INTERRUPT == 0 && how != Entry::Quiet {
+        let signal = how != Entry::Quiet && forge.is_none_or(|f| f.signal);
+        if flags & AVAIL_F_NO_INTERRUPT == 0 && signal {
             if let Some(call) = &v.call {
                 let _ = (&*call).write(&1u64.to_ne_bytes());
             }
@@ -857,6 +932,7 @@ impl Dev {
             status_addr: last.1,
             written,
             writable: chain.iter().filter(|d| d.3).map(|d| d.2).sum(),
+            forge: None,
         })
     }
 }
