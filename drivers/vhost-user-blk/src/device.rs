@@ -144,7 +144,7 @@ const UNUSABLE: &str = "the backend's configuration makes I/O impossible: ";
 /// `max_buffer` bytes, or [`Error::Config`] if no request could be built.
 ///
 /// Only config fields whose feature bit was negotiated count ([`Connection::size_max`] and
-/// friends). A `size_max` of 0 means no limit (`qemu-storage-daemon` offers
+/// friends). A `size_max` of 0 means no limit (`qemu-storage-daemon` 7.2 and 10.0 offer
 /// VIRTIO_BLK_F_SIZE_MAX with 0); a `seg_max` of 0 is taken as 1, as Linux does. A request
 /// gets at most `min(seg_max, queue_size - 2)` data descriptors (one each for the header and
 /// the status byte), each at most `size_max` bytes, so the largest request is that product,

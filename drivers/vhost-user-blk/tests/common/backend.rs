@@ -124,7 +124,7 @@ pub struct Script {
 }
 
 impl Script {
-    /// What `qemu-storage-daemon` 10.0 offers for a disk of `bytes` (its virtio-blk features,
+    /// What `qemu-storage-daemon` (7.2, 10.0) offers for a disk of `bytes` (its virtio-blk features,
     /// and VIRTIO_BLK_F_SIZE_MAX with a `size_max` of 0), one queue, completing honestly.
     pub fn honest(bytes: u64) -> Script {
         Script {
