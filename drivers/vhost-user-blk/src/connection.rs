@@ -139,7 +139,8 @@ impl Connection {
     }
 
     /// The largest data segment in bytes, if VIRTIO_BLK_F_SIZE_MAX was negotiated. May be 0:
-    /// `qemu-storage-daemon` (7.2 and 10.0) offers the bit with `size_max` 0, which means no limit.
+    /// `qemu-storage-daemon` (7.2 and 10.0) offers the bit with `size_max` 0, meaning no
+    /// limit.
     pub fn size_max(&self) -> Option<u32> {
         self.gated(features::BLK_SIZE_MAX, self.config.size_max)
     }

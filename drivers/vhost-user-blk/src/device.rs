@@ -188,8 +188,8 @@ fn io_limits(conn: &Connection, queue_size: u16, max_buffer: usize) -> Result<Li
             "the backend's limits allow no block at all".to_string()
         };
         return Err(Error::Config(format!(
-            "{UNUSABLE}a request could carry at most {most} B ({seg_text}; {segs} data segments per \
-             request: {segs_text}, queue_size {queue_size} leaves {data_descs}; pool buffers \
+            "{UNUSABLE}a request could carry at most {most} B ({seg_text}; {segs} data segments \
+             per request: {segs_text}, queue_size {queue_size} leaves {data_descs}; pool buffers \
              of at most {max_buffer} B), less than one {block} B block; {hint}"
         )));
     }

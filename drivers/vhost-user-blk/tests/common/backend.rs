@@ -124,8 +124,9 @@ pub struct Script {
 }
 
 impl Script {
-    /// What `qemu-storage-daemon` (7.2, 10.0) offers for a disk of `bytes` (its virtio-blk features,
-    /// and VIRTIO_BLK_F_SIZE_MAX with a `size_max` of 0), one queue, completing honestly.
+    /// What `qemu-storage-daemon` (7.2, 10.0) offers for a disk of `bytes` (its virtio-blk
+    /// features, and VIRTIO_BLK_F_SIZE_MAX with a `size_max` of 0), one queue, completing
+    /// honestly.
     pub fn honest(bytes: u64) -> Script {
         Script {
             features: features::VERSION_1
