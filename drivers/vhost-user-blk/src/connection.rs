@@ -46,7 +46,11 @@ pub struct Connection {
     pub max_queues: u16,
     /// Memory slots the backend offers, SET_MEM_TABLE's region included (GET_MAX_MEM_SLOTS).
     pub max_mem_slots: u64,
-    /// The device's config space.
+    /// The device's config space, every field as the backend served it. A field whose feature
+    /// bit was not negotiated means nothing and must be ignored (virtio 1.x §5.2.4): read
+    /// such fields through [`Connection::size_max`], [`Connection::seg_max`],
+    /// [`Connection::blk_size`], [`Connection::num_queues`],
+    /// [`Connection::max_discard_sectors`] and [`Connection::max_write_zeroes_sectors`].
     pub config: BlkConfig,
 }
 
@@ -127,6 +131,48 @@ impl Connection {
     /// Whether the negotiated features include `bit` (see [`crate::protocol::features`]).
     pub fn has_feature(&self, bit: u64) -> bool {
         self.features & bit != 0
+    }
+
+    /// `value` if feature `bit` was negotiated, else `None` (the field means nothing).
+    fn gated<T>(&self, bit: u64, value: T) -> Option<T> {
+        self.has_feature(bit).then_some(value)
+    }
+
+    /// The largest data segment in bytes, if VIRTIO_BLK_F_SIZE_MAX was negotiated. May be 0:
+    /// `qemu-storage-daemon` (7.2 and 10.0) offers the bit with `size_max` 0, meaning no
+    /// limit.
+    pub fn size_max(&self) -> Option<u32> {
+        self.gated(features::BLK_SIZE_MAX, self.config.size_max)
+    }
+
+    /// The most data segments per request, if VIRTIO_BLK_F_SEG_MAX was negotiated.
+    pub fn seg_max(&self) -> Option<u32> {
+        self.gated(features::BLK_SEG_MAX, self.config.seg_max)
+    }
+
+    /// The logical block size in bytes, if VIRTIO_BLK_F_BLK_SIZE was negotiated (not
+    /// validated here: [`crate::BlockDevice::start`] refuses a bad one).
+    pub fn blk_size(&self) -> Option<u32> {
+        self.gated(features::BLK_BLK_SIZE, self.config.blk_size)
+    }
+
+    /// The queues the device exposes, if VIRTIO_BLK_F_MQ was negotiated.
+    pub fn num_queues(&self) -> Option<u16> {
+        self.gated(features::BLK_MQ, self.config.num_queues)
+    }
+
+    /// The most sectors per DISCARD segment, if VIRTIO_BLK_F_DISCARD was negotiated.
+    pub fn max_discard_sectors(&self) -> Option<u32> {
+        self.gated(features::BLK_DISCARD, self.config.max_discard_sectors)
+    }
+
+    /// The most sectors per WRITE_ZEROES segment, if VIRTIO_BLK_F_WRITE_ZEROES was
+    /// negotiated.
+    pub fn max_write_zeroes_sectors(&self) -> Option<u32> {
+        self.gated(
+            features::BLK_WRITE_ZEROES,
+            self.config.max_write_zeroes_sectors,
+        )
     }
 
     /// Whether the connection is closed (by us, a failure, or the backend).

@@ -1,5 +1,16 @@
 //! [`BlockDevice`]: asynchronous block I/O over vhost-user, every byte bounced through the pool.
 //!
+//! # Limits from the backend's config
+//! Config fields count only when their feature bit was negotiated (`size_max`, `seg_max`,
+//! `blk_size`, `num_queues`, the discard / write-zeroes maxima; see [`Connection::size_max`]
+//! and friends). From them and the options, [`BlockDevice::start`] derives once how many bytes
+//! a data descriptor and a request may carry (`io_limits`): every request's chain then fits
+//! the queue and the negotiated limits, and longer calls are split. A configuration under
+//! which not even one block fits a request (tiny `size_max` × `seg_max`, a queue too small,
+//! a malformed `blk_size`) is refused by `start` with [`Error::Config`], before any
+//! ring exists, rather than failing or hanging on the first I/O: a caller who asked for a
+//! queue of 4 learns at once that it cannot work, instead of finding out in production.
+//!
 //! # Data path
 //! A request (`read_at`, `write_at`, `flush`, `discard`, `write_zeroes`) is at most
 //! [`BlockDevice::max_io_bytes`] long (longer calls are split and issued in order). For each:
@@ -19,7 +30,7 @@
 //!    while the backend may still write it. They go back to the pool only when the completion
 //!    is reaped, or when the backend is known to be gone.
 //! 4. A reaper task per queue (woken by the call eventfd, or busy-polling in
-//!    [`Completion::Poll`] mode) takes used entries, validated as untrusted input by
+//!    [`CompletionMode::Poll`] mode) takes used entries, validated as untrusted input by
 //!    [`crate::ring`], reads the status byte once by copy, and hands the buffers back to the
 //!    waiting call, which copies read data out exactly once into the caller's memory.
 //!
@@ -28,14 +39,21 @@
 //!   (checked every `liveness_interval` without blocking, and on every control exchange) fails
 //!   the device: every outstanding and later request gets [`Error::Disconnected`] or
 //!   [`Error::Backend`], descriptor waiters are woken, and the buffers return to the pool.
-//! - A request that does not complete within `io_timeout` returns [`Error::IoTimeout`]; its
-//!   buffers stay with the queue until the backend completes it or goes away.
+//!   On a disconnect, completions the backend published before it went (used entries not
+//!   yet reaped, e.g. because it died before signalling) are delivered first: their I/O
+//!   happened, and failing them would report a done write as failed.
+//! - A request that does not complete within `io_timeout` returns [`Error::IoTimeout`]. The
+//!   deadline covers each of its waits (pool capacity, free descriptors, the completion): a
+//!   backend that stops completing fills the queue and the pool, and later requests must not
+//!   wait forever for either. Once published, a timed-out request's buffers stay with the
+//!   queue until the backend completes it or goes away.
 //!
 //! # Locking
 //! Per queue, one mutex (`state`) guards the ring and its in-flight table; it is held only for
 //! ring bookkeeping and never across an await or a system call (the kick is written after it
 //! is released). Completions are delivered after it is released.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,9 +73,10 @@ use crate::ring::{Desc, Layout, RingError, SplitRing};
 use crate::view::UADDR_OFFSET;
 use crate::Error;
 
-/// How completions are noticed.
+/// How the device waits for completions: a mode chosen once in [`DeviceOptions`], not a
+/// completion itself.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
-pub enum Completion {
+pub enum CompletionMode {
     /// The backend signals the call eventfd; the reaper sleeps on it (the default).
     #[default]
     Interrupt,
@@ -75,8 +94,10 @@ pub struct DeviceOptions {
     /// Default 256.
     pub queue_size: u16,
     /// Interrupt or polling completion.
-    pub completion: Completion,
-    /// A request not completed after this fails with [`Error::IoTimeout`]. Default 5 s.
+    pub completion: CompletionMode,
+    /// A request not completed after this fails with [`Error::IoTimeout`]; it bounds every
+    /// wait of the request (pool space, free descriptors, completion) together, per request
+    /// (a call split into several requests gets it for each). Default 5 s.
     pub io_timeout: Duration,
     /// How often the connection is checked for a hang-up. Default 20 ms.
     pub liveness_interval: Duration,
@@ -87,7 +108,7 @@ impl Default for DeviceOptions {
         DeviceOptions {
             queues: 1,
             queue_size: 256,
-            completion: Completion::Interrupt,
+            completion: CompletionMode::Interrupt,
             io_timeout: Duration::from_secs(5),
             liveness_interval: Duration::from_millis(20),
         }
@@ -100,6 +121,85 @@ const HDR_SLOT: usize = 32;
 const STATUS_AT: usize = 16;
 /// Status preset before publishing: not a valid virtio-blk status.
 const STATUS_UNSET: u8 = 0xFF;
+
+/// Bytes of one DISCARD / WRITE_ZEROES segment (`struct virtio_blk_discard_write_zeroes`).
+const RANGE_SEG: usize = 16;
+
+/// What every request respects, derived once by [`io_limits`] from the negotiated config and
+/// the options.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+struct Limits {
+    /// Most bytes in one data descriptor.
+    seg_bytes: usize,
+    /// Most bytes in one read or write request, a multiple of `block_size`.
+    max_io: usize,
+    /// The logical block size.
+    block_size: u32,
+}
+
+/// How [`Error::Config`] starts when the backend's config leaves no usable request.
+const UNUSABLE: &str = "the backend's configuration makes I/O impossible: ";
+
+/// The request limits for a queue of `queue_size` descriptors over pool buffers of at most
+/// `max_buffer` bytes, or [`Error::Config`] if no request could be built.
+///
+/// Only config fields whose feature bit was negotiated count ([`Connection::size_max`] and
+/// friends). A `size_max` of 0 means no limit (`qemu-storage-daemon` 7.2 and 10.0 offer
+/// VIRTIO_BLK_F_SIZE_MAX with 0); a `seg_max` of 0 is taken as 1, as Linux does. A request
+/// gets at most `min(seg_max, queue_size - 2)` data descriptors (one each for the header and
+/// the status byte), each at most `size_max` bytes, so the largest request is that product,
+/// capped by the pool's largest buffer and rounded down to whole blocks. Longer calls are
+/// split into requests of that size. If it is less than one block, nothing can be done and
+/// the configuration is refused rather than panicking or hanging later. A DISCARD /
+/// WRITE_ZEROES segment (16 bytes) then fits too: `size_max × segments ≥ 512 ≥ 16`.
+fn io_limits(conn: &Connection, queue_size: u16, max_buffer: usize) -> Result<Limits, Error> {
+    let block_size = match conn.blk_size() {
+        None => blk::SECTOR as u32,
+        Some(b) if b.is_power_of_two() && u64::from(b) >= blk::SECTOR => b,
+        Some(b) => {
+            return Err(Error::Config(format!(
+                "{UNUSABLE}blk_size {b} (VIRTIO_BLK_F_BLK_SIZE) is not a power of two of at \
+                 least 512 B"
+            )))
+        }
+    };
+    let (seg_bytes, seg_text) = match conn.size_max() {
+        None => (u32::MAX as usize, "size_max not negotiated".to_string()),
+        Some(0) => (u32::MAX as usize, "size_max 0: no limit".to_string()),
+        Some(s) => (s as usize, format!("size_max {s}")),
+    };
+    let data_descs = queue_size as usize - 2;
+    let (device_segs, segs_text) = match conn.seg_max() {
+        None => (usize::MAX, "seg_max not negotiated".to_string()),
+        Some(n) => (n.max(1) as usize, format!("seg_max {n}")),
+    };
+    let segs = device_segs.min(data_descs);
+    let most = max_buffer.min(seg_bytes.saturating_mul(segs));
+    let max_io = most / block_size as usize * block_size as usize;
+    if max_io < block_size as usize {
+        let block = block_size as usize;
+        let needed = block.div_ceil(seg_bytes);
+        let hint = if max_buffer < block {
+            format!("the pool's max_buffer must be at least {block} B")
+        } else if needed <= device_segs {
+            let qs = (needed + 2).next_power_of_two().max(4);
+            format!("a queue_size of at least {qs} would allow one block")
+        } else {
+            "the backend's limits allow no block at all".to_string()
+        };
+        return Err(Error::Config(format!(
+            "{UNUSABLE}a request could carry at most {most} B ({seg_text}; {segs} data segments \
+             per request: {segs_text}, queue_size {queue_size} leaves {data_descs}; pool buffers \
+             of at most {max_buffer} B), less than one {block} B block; {hint}"
+        )));
+    }
+    debug_assert!(RANGE_SEG.div_ceil(seg_bytes) <= segs);
+    Ok(Limits {
+        seg_bytes,
+        max_io,
+        block_size,
+    })
+}
 
 /// What the reaper hands back to the caller: the data buffer and the status read once.
 #[derive(Debug)]
@@ -174,10 +274,24 @@ impl Queue {
     /// violation fails the whole device. Returns completions delivered. Takes `state`, then
     /// (released) sends replies.
     fn reap(&self, dev: &Shared) -> usize {
+        let (n, violation) = self.take_completions();
+        if let Some(e) = violation {
+            dev.fail(Failure::Misbehaved(e));
+        }
+        n
+    }
+
+    /// Takes every valid completion off the used ring and delivers it. Returns how many, and
+    /// the protocol violation that stopped it, if any. Does nothing once the queue has failed
+    /// (its ring was abandoned). Takes `state`, then (released) sends replies.
+    fn take_completions(&self) -> (usize, Option<RingError>) {
         let mut done = Vec::new();
         let mut violation = None;
         {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if st.failed.is_some() {
+                return (0, None);
+            }
             loop {
                 match st.ring.pop_used() {
                     Ok(Some(u)) => {
@@ -214,10 +328,7 @@ impl Queue {
             }));
         }
         self.descriptors.add_permits(permits);
-        if let Some(e) = violation {
-            dev.fail(Failure::Misbehaved(e));
-        }
-        n
+        (n, violation)
     }
 
     /// Fails every outstanding request of this queue with `why` and closes its descriptor
@@ -261,6 +372,12 @@ impl Shared {
                 .close("the backend broke the virtqueue protocol");
         }
         for q in &self.queues {
+            if matches!(why, Failure::Disconnected(_)) {
+                // Completions the backend published before it went are real: deliver them
+                // (validated as ever); only what it never completed fails. A violation found
+                // now changes nothing: the device is failing anyway.
+                let _ = q.take_completions();
+            }
             q.fail(&why);
         }
     }
@@ -323,7 +440,7 @@ pub struct BlockDevice {
     pool: Pool,
     opts: DeviceOptions,
     next_queue: AtomicUsize,
-    max_io: usize,
+    limits: Limits,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -396,11 +513,10 @@ impl BlockDevice {
                 pool.view().kind()
             )));
         }
-        let offered = if conn.has_feature(features::BLK_MQ) {
-            conn.max_queues.min(conn.config.num_queues.max(1))
-        } else {
-            1
-        };
+        let limits = io_limits(&conn, qs, pool.config().max_buffer)?;
+        let offered = conn
+            .num_queues()
+            .map_or(1, |n| conn.max_queues.min(n.max(1)));
         let nq = opts.queues.clamp(1, offered.max(1));
         let layout = Layout::new(qs);
         let hdr_at = layout.total.next_multiple_of(HDR_SLOT);
@@ -413,7 +529,7 @@ impl BlockDevice {
             // naturally aligned (≥ 16), kept alive by the queue (`_ring_mem`) as long as the
             // ring, and touched in this process only through the ring.
             let mut ring = unsafe { SplitRing::new(mem.as_ptr(), qs) }?;
-            if opts.completion == Completion::Poll {
+            if opts.completion == CompletionMode::Poll {
                 ring.set_no_interrupt(true);
             }
             let (kick, call) = (eventfd()?, eventfd()?);
@@ -467,7 +583,7 @@ impl BlockDevice {
         for (q, call) in shared.queues.iter().zip(calls) {
             let (q, s) = (q.clone(), shared.clone());
             tasks.push(match opts.completion {
-                Completion::Interrupt => {
+                CompletionMode::Interrupt => {
                     // SAFETY: the AsyncFd takes ownership of the eventfd, so the fd stays open
                     // and the same for the AsyncFd's whole life.
                     let afd = unsafe { AsyncFd::register(call) }.map_err(|e| Error::Io {
@@ -476,26 +592,19 @@ impl BlockDevice {
                     })?;
                     tokio::spawn(reap_on_interrupt(q, s, afd))
                 }
-                Completion::Poll => tokio::spawn(reap_by_polling(q, s)),
+                CompletionMode::Poll => tokio::spawn(reap_by_polling(q, s)),
             });
         }
         tasks.push(tokio::spawn(watch_liveness(
             shared.clone(),
             opts.liveness_interval,
         )));
-        let cfg = &conn.config;
-        let mut max_io = pool.config().max_buffer;
-        if cfg.size_max > 0 {
-            let segs = (cfg.seg_max.max(1) as usize).min(qs as usize - 2);
-            max_io = max_io.min(cfg.size_max as usize * segs);
-        }
-        let max_io = max_io / blk::SECTOR as usize * blk::SECTOR as usize;
         Ok(BlockDevice {
             shared,
             pool,
             opts,
             next_queue: AtomicUsize::new(0),
-            max_io,
+            limits,
             tasks,
         })
     }
@@ -505,9 +614,11 @@ impl BlockDevice {
         self.shared.conn.capacity_bytes()
     }
 
-    /// The device's logical block size (offsets and lengths must be multiples of 512 B).
+    /// The device's logical block size: `blk_size` if VIRTIO_BLK_F_BLK_SIZE was negotiated,
+    /// else 512. Offsets and lengths must be multiples of 512 B; the backend may refuse ones
+    /// that are not multiples of this.
     pub fn block_size(&self) -> u32 {
-        self.shared.conn.config.blk_size.max(blk::SECTOR as u32)
+        self.limits.block_size
     }
 
     /// Queues in use.
@@ -515,9 +626,10 @@ impl BlockDevice {
         self.shared.queues.len()
     }
 
-    /// The largest single request; longer calls are split.
+    /// The largest single read or write request (a multiple of [`BlockDevice::block_size`]);
+    /// longer calls are split. The module doc says how it follows from the backend's config.
     pub fn max_io_bytes(&self) -> usize {
-        self.max_io
+        self.limits.max_io
     }
 
     /// The pool every byte is bounced through.
@@ -552,10 +664,13 @@ impl BlockDevice {
     pub async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
         self.check_range(offset, buf.len() as u64)?;
         let mut at = 0;
-        for piece in buf.chunks_mut(self.max_io) {
-            let data = self.pool.alloc(piece.len()).await?;
+        for piece in buf.chunks_mut(self.limits.max_io) {
+            let (len, sector) = (piece.len(), (offset + at) / blk::SECTOR);
             let done = self
-                .submit(Op::Read, (offset + at) / blk::SECTOR, Some(data))
+                .bounded(async {
+                    let data = self.pool.alloc(len).await?;
+                    self.submit(Op::Read, sector, Some(data)).await
+                })
                 .await?;
             let data = done.data.as_ref().expect("read requests carry data");
             data.read_at(0, piece)?;
@@ -569,11 +684,14 @@ impl BlockDevice {
     pub async fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), Error> {
         self.check_range(offset, buf.len() as u64)?;
         let mut at = 0;
-        for piece in buf.chunks(self.max_io) {
-            let mut data = self.pool.alloc(piece.len()).await?;
-            data.write_at(0, piece)?;
-            self.submit(Op::Write, (offset + at) / blk::SECTOR, Some(data))
-                .await?;
+        for piece in buf.chunks(self.limits.max_io) {
+            let sector = (offset + at) / blk::SECTOR;
+            self.bounded(async {
+                let mut data = self.pool.alloc(piece.len()).await?;
+                data.write_at(0, piece)?;
+                self.submit(Op::Write, sector, Some(data)).await
+            })
+            .await?;
             at += piece.len() as u64;
         }
         Ok(())
@@ -582,24 +700,28 @@ impl BlockDevice {
     /// Flushes the backend's write cache (needs VIRTIO_BLK_F_FLUSH).
     pub async fn flush(&self) -> Result<(), Error> {
         self.require(features::BLK_FLUSH, "VIRTIO_BLK_F_FLUSH (flush)")?;
-        self.submit(Op::Flush, 0, None).await.map(|_| ())
+        self.bounded(self.submit(Op::Flush, 0, None))
+            .await
+            .map(|_| ())
     }
 
-    /// Discards `len` bytes at `offset` (needs VIRTIO_BLK_F_DISCARD).
+    /// Discards `len` bytes at `offset` (needs VIRTIO_BLK_F_DISCARD), in requests of at most
+    /// `max_discard_sectors` (0 means no limit, as in Linux).
     pub async fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {
         self.require(features::BLK_DISCARD, "VIRTIO_BLK_F_DISCARD (discard)")?;
-        let max = self.shared.conn.config.max_discard_sectors;
+        let max = self.shared.conn.max_discard_sectors();
         self.ranged(Op::Discard, offset, len, max).await
     }
 
     /// Writes zeroes over `len` bytes at `offset`, deallocating if `unmap` and the backend
-    /// allows it (needs VIRTIO_BLK_F_WRITE_ZEROES).
+    /// allows it (needs VIRTIO_BLK_F_WRITE_ZEROES), in requests of at most
+    /// `max_write_zeroes_sectors` (0 means no limit, as in Linux).
     pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), Error> {
         self.require(
             features::BLK_WRITE_ZEROES,
             "VIRTIO_BLK_F_WRITE_ZEROES (write zeroes)",
         )?;
-        let max = self.shared.conn.config.max_write_zeroes_sectors;
+        let max = self.shared.conn.max_write_zeroes_sectors();
         self.ranged(Op::WriteZeroes { unmap }, offset, len, max)
             .await
     }
@@ -653,10 +775,17 @@ impl BlockDevice {
         Ok(())
     }
 
-    /// DISCARD / WRITE_ZEROES over a range, split by the device's per-request maximum.
-    async fn ranged(&self, op: Op, offset: u64, len: u64, max_sectors: u32) -> Result<(), Error> {
+    /// DISCARD / WRITE_ZEROES over a range, split by the device's per-request maximum
+    /// (`None` or 0: no limit but the field's width).
+    async fn ranged(
+        &self,
+        op: Op,
+        offset: u64,
+        len: u64,
+        max_sectors: Option<u32>,
+    ) -> Result<(), Error> {
         self.check_range(offset, len)?;
-        let max = u64::from(max_sectors.max(1)).min(u32::MAX as u64);
+        let max = u64::from(max_sectors.filter(|&m| m > 0).unwrap_or(u32::MAX));
         let (mut sector, end) = (offset / blk::SECTOR, (offset + len) / blk::SECTOR);
         while sector < end {
             let n = (end - sector).min(max);
@@ -665,16 +794,31 @@ impl BlockDevice {
                 _ => 0,
             };
             let seg = Writer::default().u64(sector).u32(n as u32).u32(flags).0;
-            let mut data = self.pool.alloc(seg.len()).await?;
-            data.write_at(0, &seg)?;
-            self.submit(op, 0, Some(data)).await?;
+            debug_assert_eq!(seg.len(), RANGE_SEG);
+            self.bounded(async {
+                let mut data = self.pool.alloc(seg.len()).await?;
+                data.write_at(0, &seg)?;
+                self.submit(op, 0, Some(data)).await
+            })
+            .await?;
             sector += n;
         }
         Ok(())
     }
 
-    /// Issues one request and awaits its completion. `data` is the request's data buffer,
-    /// already filled for requests the device reads.
+    /// Runs one request's whole life (waiting for pool space, for free descriptors, for the
+    /// completion) within `io_timeout`. Cancelling `f` at any point is safe: before the
+    /// request is published nothing is held; after, its buffers belong to the queue.
+    async fn bounded<T>(&self, f: impl Future<Output = Result<T, Error>>) -> Result<T, Error> {
+        let timeout = self.opts.io_timeout;
+        tokio::time::timeout(timeout, f)
+            .await
+            .unwrap_or(Err(Error::IoTimeout { timeout }))
+    }
+
+    /// Issues one request and awaits its completion, without a deadline of its own: callers
+    /// run it within [`BlockDevice::bounded`]. `data` is the request's data buffer, already
+    /// filled for requests the device reads.
     async fn submit(&self, op: Op, sector: u64, data: Option<DmaBuf>) -> Result<Done, Error> {
         if let Some(e) = self.shared.failure() {
             return Err(e);
@@ -688,10 +832,7 @@ impl BlockDevice {
             device_writes: false,
         }];
         if let Some(d) = &data {
-            let seg = match self.shared.conn.config.size_max {
-                0 => d.len(),
-                s => s as usize,
-            };
+            let seg = self.limits.seg_bytes;
             let base = d.device_addr().0;
             let mut at = 0;
             while at < d.len() {
@@ -709,6 +850,15 @@ impl BlockDevice {
             len: 1,
             device_writes: true,
         });
+        if chain.len() > self.opts.queue_size as usize {
+            // `io_limits` makes this impossible; waiting for more permits than the queue has
+            // would never end.
+            return Err(Error::Config(format!(
+                "{UNUSABLE}a request of {} descriptors cannot fit a queue of {}",
+                chain.len(),
+                self.opts.queue_size
+            )));
+        }
         let permit = q
             .descriptors
             .acquire_many(chain.len() as u32)
@@ -753,17 +903,12 @@ impl BlockDevice {
                 }
             }
         }
-        if self.opts.completion == Completion::Poll {
+        if self.opts.completion == CompletionMode::Poll {
             q.work.notify_one();
         }
-        let done = match tokio::time::timeout(self.opts.io_timeout, rx).await {
-            Ok(Ok(r)) => r?,
-            Ok(Err(_)) => return Err(self.failure_or_closed()),
-            Err(_) => {
-                return Err(Error::IoTimeout {
-                    timeout: self.opts.io_timeout,
-                })
-            }
+        let done = match rx.await {
+            Ok(r) => r?,
+            Err(_) => return Err(self.failure_or_closed()),
         };
         match done.status {
             blk::S_OK => Ok(done),

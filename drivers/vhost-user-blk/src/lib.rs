@@ -55,7 +55,7 @@ pub mod view;
 use std::time::Duration;
 
 pub use connection::{ConnectOptions, Connection};
-pub use device::{BlockDevice, Completion, DeviceOptions};
+pub use device::{BlockDevice, CompletionMode, DeviceOptions};
 pub use ring::RingError;
 pub use view::{VhostUserView, ViewOptions};
 
@@ -111,8 +111,9 @@ pub enum Error {
     /// The backend broke the virtqueue protocol; the device was failed and disconnected.
     #[error("the backend misbehaved: {0}")]
     Backend(#[from] RingError),
-    /// A request did not complete in time. Its buffers stay reserved until the backend
-    /// completes it or disconnects.
+    /// A request did not complete in time (waiting for pool space, for free descriptors, or
+    /// for the backend). If it had been published, its buffers stay reserved until the
+    /// backend completes it or disconnects.
     #[error("I/O not completed within {timeout:?}: the backend is slow or stuck")]
     IoTimeout {
         /// The timeout.
@@ -145,7 +146,11 @@ pub enum Error {
         /// Capacity.
         capacity: u64,
     },
-    /// Bad options.
+    /// Bad options, or options under which the backend's config space leaves no request
+    /// that could be built (segments too small for one block, a chain that cannot fit the
+    /// queue, a malformed block size): [`BlockDevice::start`] refuses those before any ring
+    /// is set up, saying so ("the backend's configuration makes I/O impossible: ..."), and
+    /// the connection stays usable (e.g. to retry with a larger `queue_size`).
     #[error("bad configuration: {0}")]
     Config(String),
     /// The pool failed the allocation.

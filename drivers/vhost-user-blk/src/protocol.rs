@@ -86,6 +86,33 @@ impl Request {
             Request::RemMemReg => "REM_MEM_REG",
         }
     }
+
+    /// Every request code this module knows, for [`Request::from_code`].
+    pub const ALL: [Request; 17] = [
+        Request::GetFeatures,
+        Request::SetFeatures,
+        Request::SetOwner,
+        Request::SetMemTable,
+        Request::SetVringNum,
+        Request::SetVringAddr,
+        Request::SetVringBase,
+        Request::SetVringKick,
+        Request::SetVringCall,
+        Request::GetProtocolFeatures,
+        Request::SetProtocolFeatures,
+        Request::GetQueueNum,
+        Request::SetVringEnable,
+        Request::GetConfig,
+        Request::GetMaxMemSlots,
+        Request::AddMemReg,
+        Request::RemMemReg,
+    ];
+
+    /// The request a header's code names, if it is one of these (what a backend, or a test
+    /// playing one, decodes).
+    pub fn from_code(code: u32) -> Option<Request> {
+        Request::ALL.into_iter().find(|r| *r as u32 == code)
+    }
 }
 
 /// Virtio feature bits (device-independent and virtio-blk).
@@ -292,6 +319,16 @@ impl MemRegion {
             .u64(self.userspace_addr)
             .u64(self.mmap_offset)
     }
+
+    /// Reads a region's 32 bytes (the backend's side of [`MemRegion::encode`]).
+    pub fn decode(r: &mut Reader<'_>) -> Result<MemRegion, Error> {
+        Ok(MemRegion {
+            guest_phys_addr: r.u64()?,
+            memory_size: r.u64()?,
+            userspace_addr: r.u64()?,
+            mmap_offset: r.u64()?,
+        })
+    }
 }
 
 /// virtio-blk config space (the 60 bytes `qemu-storage-daemon` serves), decoded.
@@ -344,6 +381,20 @@ impl BlkConfig {
             max_write_zeroes_sectors,
         })
     }
+
+    /// The 60 config-space bytes holding these fields (zero elsewhere): what a backend serves
+    /// for GET_CONFIG. The inverse of [`BlkConfig::decode`].
+    pub fn encode(&self) -> [u8; blk::CONFIG_LEN] {
+        let mut b = [0u8; blk::CONFIG_LEN];
+        b[0..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
+        b[8..12].copy_from_slice(&self.size_max.to_le_bytes());
+        b[12..16].copy_from_slice(&self.seg_max.to_le_bytes());
+        b[20..24].copy_from_slice(&self.blk_size.to_le_bytes());
+        b[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
+        b[36..40].copy_from_slice(&self.max_discard_sectors.to_le_bytes());
+        b[48..52].copy_from_slice(&self.max_write_zeroes_sectors.to_le_bytes());
+        b
+    }
 }
 
 #[cfg(test)]
@@ -383,5 +434,33 @@ mod tests {
         assert_eq!(c.num_queues, 2);
         assert_eq!(c.max_discard_sectors, 32768);
         assert_eq!(c.max_write_zeroes_sectors, 32768);
+        assert_eq!(c.encode(), b, "encode is decode's inverse");
+    }
+
+    #[test]
+    fn request_codes_round_trip() {
+        for r in Request::ALL {
+            assert_eq!(Request::from_code(r as u32), Some(r), "{}", r.name());
+        }
+        assert_eq!(Request::from_code(0), None);
+        assert_eq!(
+            Request::from_code(4),
+            None,
+            "SET_OWNER's neighbour RESET_OWNER is not ours"
+        );
+    }
+
+    #[test]
+    fn mem_region_round_trips() {
+        let m = MemRegion {
+            guest_phys_addr: 0x1_0000_0000,
+            memory_size: 2 << 20,
+            userspace_addr: 0x1001_0000_0000,
+            mmap_offset: 4096,
+        };
+        let b = m.encode(Writer::default()).0;
+        assert_eq!(b.len(), 32);
+        assert_eq!(MemRegion::decode(&mut Reader::new(&b, "test")).unwrap(), m);
+        assert!(MemRegion::decode(&mut Reader::new(&b[..31], "test")).is_err());
     }
 }

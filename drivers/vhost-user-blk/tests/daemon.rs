@@ -55,7 +55,7 @@ async fn smoke_write_read_flush_zeroes_discard() {
 /// Random writes then verified reads, from many tasks over disjoint slices of the disk, on two
 /// queues; afterwards a sample of sectors is checked in the image file itself. Total bytes
 /// written: `VHOST_TEST_BYTES` (default 256 MiB).
-async fn integrity(completion: Completion, name: &str) {
+async fn integrity(completion: CompletionMode, name: &str) {
     let total: u64 = std::env::var("VHOST_TEST_BYTES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -154,12 +154,12 @@ async fn integrity(completion: Completion, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn integrity_interrupt_mode() {
-    integrity(Completion::Interrupt, "irq").await;
+    integrity(CompletionMode::Interrupt, "irq").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn integrity_poll_mode() {
-    integrity(Completion::Poll, "poll").await;
+    integrity(CompletionMode::Poll, "poll").await;
 }
 
 /// A small pool grows (ADD_MEM_REG) while I/O is in flight, shrinks (REM_MEM_REG) only

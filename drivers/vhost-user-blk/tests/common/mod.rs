@@ -1,7 +1,9 @@
 //! Test support: a real `qemu-storage-daemon` exporting a temporary image over vhost-user-blk.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+pub mod backend;
+
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -160,6 +162,28 @@ pub async fn open(
         .expect("pool");
     let dev = BlockDevice::start(conn, pool, opts).await.expect("start");
     (dev, view)
+}
+
+/// Connects to the backend on `socket`, builds the pool on the connection's view and starts
+/// the device. Returns what `start` returned and a handle on the pool, so that a test can
+/// check that it ends with nothing in use whatever happened.
+pub async fn try_open(
+    socket: &Path,
+    cfg: PoolConfig,
+    opts: DeviceOptions,
+) -> (Result<BlockDevice, Error>, Pool) {
+    let sock = socket.to_path_buf();
+    let conn =
+        tokio::task::spawn_blocking(move || Connection::connect(&sock, &ConnectOptions::default()))
+            .await
+            .unwrap()
+            .expect("connect");
+    let view = Arc::new(VhostUserView::new(conn.clone(), ViewOptions::new()));
+    let pool = tokio::task::spawn_blocking(move || Pool::new(view, cfg))
+        .await
+        .unwrap()
+        .expect("pool");
+    (BlockDevice::start(conn, pool.clone(), opts).await, pool)
 }
 
 /// xorshift64*: reproducible test randomness without a dependency.

@@ -55,8 +55,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use tidepool::pool::Pool;
 use tidepool::share::DeviceView;
 use tidepool_vhost_user_blk::{
-    BlockDevice, Completion, ConnectOptions, Connection, DeviceOptions, Error as VhostError,
-    VhostUserView, ViewOptions,
+    BlockDevice, CompletionMode as VhostCompletionMode, ConnectOptions, Connection, DeviceOptions,
+    Error as VhostError, VhostUserView, ViewOptions,
 };
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
@@ -173,8 +173,8 @@ impl Backend {
         };
         let queue_size = queue_size_for(spec, segment, u32::from(queues).min(offered));
         let completion = match spec.pool.completion {
-            CompletionMode::Poll => Completion::Poll,
-            CompletionMode::Interrupt => Completion::Interrupt,
+            CompletionMode::Poll => VhostCompletionMode::Poll,
+            CompletionMode::Interrupt => VhostCompletionMode::Interrupt,
         };
         let opts = DeviceOptions {
             queues,
