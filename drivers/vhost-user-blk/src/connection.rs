@@ -55,6 +55,15 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// The DMA address space of this connection: the addresses its views hand out mean
+    /// something only to this backend. A pool over a [`crate::VhostUserView`] of this
+    /// connection has this domain; [`crate::BlockDevice::start`] refuses any other pool.
+    pub fn domain(&self) -> tidepool::share::DomainId {
+        // The connection lives in an Arc that every view and device holds, so its address is
+        // a stable identity while any of them lives.
+        tidepool::share::DomainId((self as *const Connection).cast::<u8>() as usize as u64)
+    }
+
     /// Connects to the backend listening on `socket` and negotiates. Blocks, each step bounded
     /// by `opts.control_timeout`.
     pub fn connect(socket: &Path, opts: &ConnectOptions) -> Result<Arc<Connection>, Error> {

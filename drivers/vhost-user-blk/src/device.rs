@@ -507,10 +507,12 @@ impl BlockDevice {
                 "queue_size {qs} must be a power of two between 4 and 32768"
             )));
         }
-        if pool.view().kind() != "vhost-user" {
+        if pool.domain() != conn.domain() {
             return Err(Error::Config(format!(
-                "the pool shares through a {:?} view; build it on a VhostUserView of this connection",
-                pool.view().kind()
+                "the pool shares through a {} view of another address space ({}); build it on \
+                 a VhostUserView of this connection",
+                pool.view().kind(),
+                pool.domain()
             )));
         }
         let limits = io_limits(&conn, qs, pool.config().max_buffer)?;

@@ -265,4 +265,10 @@ impl DeviceView for VhostUserView {
     fn kind(&self) -> &'static str {
         "vhost-user"
     }
+
+    /// The connection's address space: every view of one connection registers regions in the
+    /// same backend memory table, so they share one domain ([`Connection::domain`]).
+    fn domain(&self) -> tidepool::share::DomainId {
+        self.conn.domain()
+    }
 }

@@ -762,3 +762,51 @@ async fn forged_status_bytes_are_typed_errors() {
     })
     .await
 }
+
+/// A pool over another connection's view has addresses only that other backend knows: `start`
+/// refuses it (by domain, not by the view's name), and a pool over plain process memory too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_another_address_space_is_refused() {
+    guarded(async {
+        let a = Backend::start("domain-a", Script::honest(4 * MIB));
+        let b = Backend::start("domain-b", Script::honest(4 * MIB));
+        let connect = |socket: std::path::PathBuf| {
+            tokio::task::spawn_blocking(move || {
+                Connection::connect(&socket, &ConnectOptions::default())
+            })
+        };
+        let conn_a = connect(a.socket.clone()).await.unwrap().expect("connect a");
+        let conn_b = connect(b.socket.clone()).await.unwrap().expect("connect b");
+        assert_ne!(conn_a.domain(), conn_b.domain());
+        let view_b = Arc::new(VhostUserView::new(conn_b.clone(), ViewOptions::new()));
+        let pool_b = tokio::task::spawn_blocking(move || Pool::new(view_b, pool_cfg()))
+            .await
+            .unwrap()
+            .expect("pool over b");
+        assert_eq!(pool_b.domain(), conn_b.domain());
+        match BlockDevice::start(conn_a.clone(), pool_b.clone(), DeviceOptions::default()).await {
+            Err(Error::Config(why)) => assert!(why.contains("another address space"), "{why}"),
+            Err(e) => panic!("expected a configuration error, got {e}"),
+            Ok(_) => panic!("a pool of another connection was accepted"),
+        }
+        let identity = Pool::new(
+            Arc::new(tidepool::share::identity::Identity::new()),
+            pool_config(2 << 20, 2 << 20, 2 << 20),
+        )
+        .expect("identity pool");
+        assert!(matches!(
+            BlockDevice::start(conn_a.clone(), identity, DeviceOptions::default()).await,
+            Err(Error::Config(_))
+        ));
+        assert_eq!(pool_b.stats().in_use_bytes, 0);
+        drop(pool_b);
+        conn_a.close();
+        conn_b.close();
+        for backend in [a, b] {
+            tokio::task::spawn_blocking(move || backend.finish())
+                .await
+                .unwrap();
+        }
+    })
+    .await
+}

@@ -167,9 +167,10 @@ impl Backend {
         })?;
         let queues = u16::try_from(spec.numjobs).unwrap_or(u16::MAX).max(1);
         let offered = u32::from(conn.max_queues.min(conn.config.num_queues.max(1)).max(1));
-        let segment = match conn.config.size_max {
-            0 => spec.block_sizes.max(),
-            max => u64::from(max),
+        // size_max counts only when negotiated, and 0 means no limit (qemu-storage-daemon).
+        let segment = match conn.size_max() {
+            None | Some(0) => spec.block_sizes.max(),
+            Some(max) => u64::from(max),
         };
         let queue_size = queue_size_for(spec, segment, u32::from(queues).min(offered));
         let completion = match spec.pool.completion {
