@@ -181,6 +181,22 @@ fn query_iommu_info(container: BorrowedFd<'_>) -> Result<IommuInfo, ShareError> 
     })
 }
 
+/// A `VFIO_IOMMU_GET_INFO` buffer of just the fixed header, `argsz` filled in.
+fn iommu_info_header() -> [u8; IOMMU_INFO_LEN] {
+    let mut buf = [0u8; IOMMU_INFO_LEN];
+    buf[..4].copy_from_slice(&(IOMMU_INFO_LEN as u32).to_ne_bytes());
+    buf
+}
+
+/// Whether a `VFIO_IOMMU_GET_INFO` probe says the container has no IOMMU any more (its last
+/// group was closed, so the kernel dropped the domain and every mapping in it). Only `EINVAL`
+/// means that: the container answers commands it has no IOMMU driver for with `EINVAL`. Any
+/// other failure (`EFAULT`, `ENOMEM`, `EBADF`, ...) says nothing about the domain, so a failed
+/// unmap must then be treated as a mapping the device may still reach.
+fn domain_gone(probe: &io::Result<()>) -> bool {
+    matches!(probe, Err(e) if e.raw_os_error() == Some(libc::EINVAL))
+}
+
 /// The raw `VFIO_IOMMU_GET_INFO` ioctl. `buf` must start with its own length as `argsz`.
 fn ioctl_iommu_get_info(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
     if buf.len() < IOMMU_INFO_LEN
@@ -487,9 +503,16 @@ impl DeviceView for VfioType1 {
         // pool that lives on its container is gone (a pool outlives its driver through
         // buffers still held, or frees on its grower thread). The container answers
         // VFIO_IOMMU_GET_INFO only while an IOMMU is set, which tells the two cases apart.
-        let unmapped = unmapped.or_else(|e| match self.iommu_info() {
-            Err(_) => Ok(()),
-            Ok(_) => Err(e),
+        let unmapped = unmapped.or_else(|e| {
+            let probe = ioctl_iommu_get_info(
+                borrow_fd(self.container.as_raw_fd(), self),
+                &mut iommu_info_header(),
+            );
+            if domain_gone(&probe) {
+                Ok(())
+            } else {
+                Err(e)
+            }
         });
         let mut state = self.lock();
         match unmapped {
@@ -687,6 +710,18 @@ mod tests {
         assert!(parse_iommu_info(&buf).is_err());
         // Truncated header.
         assert!(parse_iommu_info(&[0u8; 10]).is_err());
+    }
+
+    #[test]
+    fn only_einval_from_get_info_means_the_domain_is_gone() {
+        let errno = |n| Err(io::Error::from_raw_os_error(n));
+        assert!(domain_gone(&errno(libc::EINVAL)));
+        for other in [libc::EFAULT, libc::ENOMEM, libc::EBADF, libc::EPERM, libc::ENOTTY] {
+            assert!(!domain_gone(&errno(other)), "errno {other} taken as domain gone");
+        }
+        assert!(!domain_gone(&Ok(())), "an answering container still has its domain");
+        let header = iommu_info_header();
+        assert_eq!(u32::from_ne_bytes(header[..4].try_into().unwrap()), 24);
     }
 
     #[test]
