@@ -716,10 +716,22 @@ mod tests {
     fn only_einval_from_get_info_means_the_domain_is_gone() {
         let errno = |n| Err(io::Error::from_raw_os_error(n));
         assert!(domain_gone(&errno(libc::EINVAL)));
-        for other in [libc::EFAULT, libc::ENOMEM, libc::EBADF, libc::EPERM, libc::ENOTTY] {
-            assert!(!domain_gone(&errno(other)), "errno {other} taken as domain gone");
+        for other in [
+            libc::EFAULT,
+            libc::ENOMEM,
+            libc::EBADF,
+            libc::EPERM,
+            libc::ENOTTY,
+        ] {
+            assert!(
+                !domain_gone(&errno(other)),
+                "errno {other} taken as domain gone"
+            );
         }
-        assert!(!domain_gone(&Ok(())), "an answering container still has its domain");
+        assert!(
+            !domain_gone(&Ok(())),
+            "an answering container still has its domain"
+        );
         let header = iommu_info_header();
         assert_eq!(u32::from_ne_bytes(header[..4].try_into().unwrap()), 24);
     }
