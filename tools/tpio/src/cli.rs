@@ -8,6 +8,7 @@
 //! on stderr and exits with status 1.
 
 use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -250,7 +251,11 @@ pub fn run(argv: &[OsString]) -> Result<i32, CliError> {
         return Ok(0);
     }
     let prepared = runner::prepare_jobs(&specs)?;
-    let show_progress = output.path.is_none() && runner::progress_wanted();
+    let show_progress = runner::status_line_wanted(
+        &output.formats,
+        output.path.is_some(),
+        std::io::stdout().is_terminal() && std::io::stderr().is_terminal(),
+    );
     let results = runner::run_jobs(prepared, show_progress);
     let mut text = String::new();
     for format in &output.formats {

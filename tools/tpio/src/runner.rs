@@ -21,14 +21,14 @@
 //! fit the cap at the present moment. `write_iolog` records every issued I/O in fio's iolog v2
 //! text format; `read_iolog` replays one (v2 or v3; v3 timestamps are ignored).
 
-use std::io::{IsTerminal, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::engine::{open_engine, target_label, Engine, EngineError, IoDirection, IoRequest};
-use crate::options::{BlockSizes, JobSpec, VerifyKind};
+use crate::options::{BlockSizes, JobSpec, OutputFormat, RwMode, VerifyKind};
 use crate::stats::DirectionStats;
 use crate::verify::{check_block, fill_block, generation, Mismatch};
 use crate::workload::{Layout, PlannedIo, SplitMix64, Workload, WorkloadError};
@@ -465,7 +465,18 @@ pub fn run_jobs(jobs: Vec<Vec<PreparedClone>>, show_progress: bool) -> Vec<Clone
         .collect();
     let groups = group_ids(&specs);
     let waits = dependencies(&specs);
-    let names: Vec<String> = specs.iter().map(|spec| spec.name.clone()).collect();
+    let modes: Vec<(RwMode, u32)> = specs.iter().map(|spec| (spec.rw, spec.numjobs)).collect();
+    // Time-based jobs give the run a planned length; others end when their bytes are done.
+    let expected = specs
+        .iter()
+        .map(|spec| {
+            (spec.time_based)
+                .then_some(spec.runtime)
+                .flatten()
+                .map(|r| r + spec.ramp_time + spec.startdelay)
+        })
+        .collect::<Option<Vec<Duration>>>()
+        .and_then(|v| v.into_iter().max());
     let finished = Finished {
         done: Mutex::new(vec![false; jobs.len()]),
         changed: Condvar::new(),
@@ -477,8 +488,8 @@ pub fn run_jobs(jobs: Vec<Vec<PreparedClone>>, show_progress: bool) -> Vec<Clone
         let reporter = show_progress.then(|| {
             let progress = Arc::clone(&progress);
             let all_done = &all_done;
-            let names = names.clone();
-            scope.spawn(move || show_progress_line(&names, &progress, all_done))
+            let modes = modes.clone();
+            scope.spawn(move || show_progress_line(&modes, expected, &progress, all_done))
         });
         let handles: Vec<_> = jobs
             .into_iter()
@@ -539,35 +550,133 @@ pub fn run_jobs(jobs: Vec<Vec<PreparedClone>>, show_progress: bool) -> Vec<Clone
     results
 }
 
-/// Whether a progress line should be drawn: only when stdout and stderr are terminals.
-pub fn progress_wanted() -> bool {
-    std::io::stdout().is_terminal() && std::io::stderr().is_terminal()
+/// Whether the status line is drawn: only for fio's normal output going to a terminal (never
+/// in JSON mode, never into `--output` or a pipe, where it would corrupt what scripts read).
+pub fn status_line_wanted(formats: &[OutputFormat], to_file: bool, terminal: bool) -> bool {
+    terminal && !to_file && formats.iter().all(|f| *f == OutputFormat::Normal)
 }
 
-/// Draws `name: r=IOPS w=IOPS BW` on stderr every 250 ms until `finished`.
-fn show_progress_line(names: &[String], progress: &Progress, finished: &AtomicBool) {
-    let name = names.join(",");
-    let bar = indicatif::ProgressBar::new_spinner();
+/// One refresh of the status line, as fio draws it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    /// Clones running now.
+    pub running: u64,
+    /// Jobs' modes with their running clone counts, fio's letters: `r(1)`, `W(4)`...
+    pub modes: String,
+    /// Share of the planned work done, if known (0..=100).
+    pub percent: Option<f64>,
+    /// Bytes per second in the last interval: (read, write).
+    pub bandwidth: (f64, f64),
+    /// I/Os per second in the last interval: (read, write).
+    pub iops: (f64, f64),
+    /// Time left, if known.
+    pub eta: Option<Duration>,
+}
+
+/// fio's status letter for a mode: upper case sequential, lower case random.
+pub fn mode_letter(rw: RwMode) -> char {
+    match rw {
+        RwMode::Read => 'R',
+        RwMode::Randread => 'r',
+        RwMode::Write => 'W',
+        RwMode::Randwrite => 'w',
+        RwMode::Rw => 'M',
+        RwMode::Randrw => 'm',
+    }
+}
+
+/// fio's short numbers: `79.9k`, `312`, `1.2M`.
+fn short(v: f64) -> String {
+    match v {
+        v if v >= 1e9 => format!("{:.1}G", v / 1e9),
+        v if v >= 1e6 => format!("{:.1}M", v / 1e6),
+        v if v >= 1e3 => format!("{:.1}k", v / 1e3),
+        v => format!("{v:.0}"),
+    }
+}
+
+/// fio's bandwidth: `312MiB/s`, `4096KiB/s`, `512B/s`.
+fn short_bw(bps: f64) -> String {
+    match bps {
+        v if v >= 1024.0 * 1048576.0 => format!("{:.1}GiB/s", v / (1024.0 * 1048576.0)),
+        v if v >= 1048576.0 => format!("{:.0}MiB/s", v / 1048576.0),
+        v if v >= 1024.0 => format!("{:.0}KiB/s", v / 1024.0),
+        v => format!("{v:.0}B/s"),
+    }
+}
+
+/// The status line: `Jobs: 1 (f=1): [r(1)][40.0%][r=312MiB/s][r=79.9k IOPS][eta 00m:03s]`
+/// (both directions appear as `r=..,w=..` when both move).
+pub fn format_status(s: &Status) -> String {
+    let pair = |r: String, w: String, read: f64, write: f64| match (read > 0.0, write > 0.0) {
+        (true, true) => format!("r={r},w={w}"),
+        (false, true) => format!("w={w}"),
+        _ => format!("r={r}"),
+    };
+    let (rb, wb) = s.bandwidth;
+    let (ri, wi) = s.iops;
+    let percent = s.percent.map_or_else(
+        || "-.-%".to_string(),
+        |p| format!("{:.1}%", p.clamp(0.0, 100.0)),
+    );
+    let eta = s.eta.map_or_else(
+        || "--m:--s".to_string(),
+        |d| format!("{:02}m:{:02}s", d.as_secs() / 60, d.as_secs() % 60),
+    );
+    format!(
+        "Jobs: {} (f={}): [{}][{percent}][{}][{} IOPS][eta {eta}]",
+        s.running,
+        s.running,
+        s.modes,
+        pair(short_bw(rb), short_bw(wb), rb, wb),
+        pair(short(ri), short(wi), ri, wi),
+    )
+}
+
+/// Draws the status line on stderr every second (in place: carriage return and clear to the
+/// end of the line), until `finished`. `expected` is the run's planned duration, if it has one
+/// (time-based jobs), for the percentage and ETA.
+fn show_progress_line(
+    modes: &[(RwMode, u32)],
+    expected: Option<Duration>,
+    progress: &Progress,
+    finished: &AtomicBool,
+) {
     let started = Instant::now();
-    let mut last = (0u64, 0u64, 0u64, Instant::now());
+    let mut last = (0u64, 0u64, 0u64, 0u64, Instant::now());
+    let mut err = std::io::stderr();
     while !finished.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(1000));
         let now = Instant::now();
         let reads = progress.read_ios.load(Ordering::Relaxed);
         let writes = progress.write_ios.load(Ordering::Relaxed);
-        let bytes = progress.bytes.load(Ordering::Relaxed);
-        let seconds = now.duration_since(last.3).as_secs_f64().max(1e-9);
-        bar.set_message(format!(
-            "{name}: [r={:.0} w={:.0} IOPS][{:.1} MiB/s][{:.0}s]",
-            (reads - last.0) as f64 / seconds,
-            (writes - last.1) as f64 / seconds,
-            (bytes - last.2) as f64 / seconds / 1048576.0,
-            started.elapsed().as_secs_f64()
-        ));
-        bar.tick();
-        last = (reads, writes, bytes, now);
+        let read_bytes = progress.read_bytes.load(Ordering::Relaxed);
+        let write_bytes = progress.write_bytes.load(Ordering::Relaxed);
+        let seconds = now.duration_since(last.4).as_secs_f64().max(1e-9);
+        let elapsed = started.elapsed();
+        let status = Status {
+            running: progress.running.load(Ordering::Relaxed),
+            modes: modes
+                .iter()
+                .map(|(rw, n)| format!("{}({n})", mode_letter(*rw)))
+                .collect(),
+            percent: expected.map(|e| 100.0 * elapsed.as_secs_f64() / e.as_secs_f64().max(1e-9)),
+            bandwidth: (
+                (read_bytes - last.2) as f64 / seconds,
+                (write_bytes - last.3) as f64 / seconds,
+            ),
+            iops: (
+                (reads - last.0) as f64 / seconds,
+                (writes - last.1) as f64 / seconds,
+            ),
+            eta: expected.map(|e| e.saturating_sub(elapsed)),
+        };
+        let _ = write!(err, "\r{}\x1b[K", format_status(&status));
+        let _ = err.flush();
+        last = (reads, writes, read_bytes, write_bytes, now);
     }
-    bar.finish_and_clear();
+    let _ = write!(err, "\r\x1b[K");
+    let _ = err.flush();
 }
 
 /// Per-slot bookkeeping of one in-flight I/O.
@@ -1218,4 +1327,58 @@ fn thread_cpu_time() -> (Duration, Duration) {
             + Duration::from_micros(time.tv_usec.max(0) as u64)
     };
     (to_duration(usage.ru_utime), to_duration(usage.ru_stime))
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn the_status_line_looks_like_fios() {
+        let s = Status {
+            running: 1,
+            modes: format!("{}(1)", mode_letter(RwMode::Randread)),
+            percent: Some(40.0),
+            bandwidth: (312.0 * 1048576.0, 0.0),
+            iops: (79_900.0, 0.0),
+            eta: Some(Duration::from_secs(3)),
+        };
+        assert_eq!(
+            format_status(&s),
+            "Jobs: 1 (f=1): [r(1)][40.0%][r=312MiB/s][r=79.9k IOPS][eta 00m:03s]"
+        );
+        let mixed = Status {
+            running: 4,
+            modes: "m(4)".into(),
+            percent: None,
+            bandwidth: (150.0 * 1048576.0, 2048.0),
+            iops: (38_400.0, 512.0),
+            eta: None,
+        };
+        assert_eq!(
+            format_status(&mixed),
+            "Jobs: 4 (f=4): [m(4)][-.-%][r=150MiB/s,w=2KiB/s][r=38.4k,w=512 IOPS][eta --m:--s]"
+        );
+        assert_eq!(mode_letter(RwMode::Write), 'W');
+        assert_eq!(mode_letter(RwMode::Rw), 'M');
+    }
+
+    #[test]
+    fn no_status_line_in_json_into_a_file_or_off_a_terminal() {
+        use OutputFormat::*;
+        assert!(status_line_wanted(&[Normal], false, true));
+        assert!(
+            !status_line_wanted(&[Normal], false, false),
+            "not a terminal"
+        );
+        assert!(
+            !status_line_wanted(&[Normal], true, true),
+            "--output to a file"
+        );
+        assert!(!status_line_wanted(&[Json], false, true), "JSON mode");
+        assert!(
+            !status_line_wanted(&[Normal, JsonPlus], false, true),
+            "JSON among formats"
+        );
+    }
 }
