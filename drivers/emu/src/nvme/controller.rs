@@ -814,7 +814,9 @@ impl Controller {
     }
 
     fn create_sq(&mut self, c: &Cmd) -> Outcome {
-        if self.take_fault(|f| take_one(&mut f.fail_creations)) {
+        if self
+            .take_fault(|f| take_one(&mut f.fail_creations) || take_one(&mut f.fail_sq_creations))
+        {
             return done(status::INTERNAL_ERROR);
         }
         let qid = (c.cdw10 & 0xffff) as usize;

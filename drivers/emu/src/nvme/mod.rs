@@ -146,6 +146,7 @@ struct FaultState {
     fatal: bool,
     hold_next: u32,
     fail_creations: u32,
+    fail_sq_creations: u32,
     fail_deletions: u32,
     delay: Duration,
 }
@@ -158,6 +159,7 @@ impl FaultState {
             && !self.fatal
             && self.hold_next == 0
             && self.fail_creations == 0
+            && self.fail_sq_creations == 0
             && self.fail_deletions == 0
             && self.delay.is_zero()
     }
@@ -537,6 +539,12 @@ impl Faults {
     /// The next `n` Create I/O SQ/CQ commands fail with Internal Error.
     pub fn fail_queue_creations(&self, n: u32) {
         self.shared.arm(|f| f.fail_creations += n);
+    }
+
+    /// The next `n` Create I/O SQ commands fail with Internal Error (Create I/O CQ is not
+    /// affected): the failure after a CQ was already made for the pair.
+    pub fn fail_sq_creations(&self, n: u32) {
+        self.shared.arm(|f| f.fail_sq_creations += n);
     }
 
     /// Posts every completion `delay` after the command was executed (`Duration::ZERO`: off).

@@ -47,8 +47,12 @@ impl Queue {
             qid,
             entries,
             // Rings must be page aligned: pool buffers of 4 KiB or more are.
-            sq: pool.try_alloc((usize::from(entries) * 64).max(4096)).unwrap(),
-            cq: pool.try_alloc((usize::from(entries) * 16).max(4096)).unwrap(),
+            sq: pool
+                .try_alloc((usize::from(entries) * 64).max(4096))
+                .unwrap(),
+            cq: pool
+                .try_alloc((usize::from(entries) * 16).max(4096))
+                .unwrap(),
             tail: 0,
             head: 0,
             phase: true,
