@@ -26,6 +26,13 @@
 //! [`Controller::recover`] brings the controller back up with a fresh admin queue; I/O queues
 //! must then be created again.
 //!
+//! If bus mastering cannot be cleared, a function reset stops the device instead; if that
+//! fails too, nothing is known to stop the device's DMA, so the controller is
+//! **quarantined**: the in-flight data, the rings and the lists are leaked (never reused),
+//! commands fail with [`NvmeError::DmaQuarantined`], and the controller refuses recovery and
+//! new queues. Leaking is the only safe answer: the pool would hand that memory to someone
+//! else while the device still writes it.
+//!
 //! # Locking
 //! `admin` (a mutex) serialises admin commands, which are polled to completion by the caller's
 //! thread (setup paths only: they may block up to the admin timeout). `Hw::reset_state`
@@ -161,6 +168,10 @@ pub struct Hw {
     shadow: OnceLock<ShadowBuffer>,
     /// The controller accepted Doorbell Buffer Config for the current generation.
     shadow_on: AtomicBool,
+    /// Set (with the reason) when a reset could not stop the device's DMA: every buffer,
+    /// ring and list the device was given is leaked from then on, and the controller is
+    /// unusable. Never cleared.
+    quarantine: OnceLock<String>,
 }
 
 impl Hw {
@@ -183,6 +194,22 @@ impl Hw {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// `Some(reason)` once a reset failed to stop the device's DMA (see [`Hw::reset`]): the
+    /// memory the device was given must then never go back to the pool.
+    pub(crate) fn quarantined(&self) -> Option<&str> {
+        self.quarantine.get().map(String::as_str)
+    }
+
+    /// [`NvmeError::DmaQuarantined`] if the controller is quarantined.
+    pub(crate) fn check_usable(&self) -> Result<(), NvmeError> {
+        match self.quarantined() {
+            Some(reason) => Err(NvmeError::DmaQuarantined {
+                reason: reason.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Why the controller was last reset.
     pub(crate) fn reset_reason(&self) -> String {
         lock(&self.reset_state)
@@ -193,22 +220,39 @@ impl Hw {
 
     /// Stops the controller because of `reason`, unless generation `seen` was already reset.
     ///
-    /// Bus mastering goes off first (no DMA from here on, whatever the controller does), then
-    /// CC.EN is cleared and CSTS.RDY = 0 awaited (best effort, at most CAP.TO). Takes
-    /// `reset_state`; blocks up to CAP.TO.
+    /// Bus mastering goes off first (no DMA from here on, whatever the controller does). If
+    /// that fails, a function reset (which also stops DMA) is tried instead. If that fails too,
+    /// the device may still DMA into everything it was given: the controller is
+    /// **quarantined** ([`Hw::quarantined`]): queues failing their commands leak the data
+    /// instead of handing it back ([`NvmeError::DmaQuarantined`]), dropped queues leak their
+    /// rings and lists, and the controller refuses further use. Then CC.EN is cleared and
+    /// CSTS.RDY = 0 awaited (best effort, at most CAP.TO), and the generation is bumped.
+    /// Takes `reset_state`; blocks up to CAP.TO.
     pub(crate) fn reset(&self, seen: u64, reason: String) {
         let mut st = lock(&self.reset_state);
         if self.generation() != seen {
             return;
         }
-        if let Err(e) = self.set_bus_master(false) {
+        match self.set_bus_master(false) {
+            Ok(()) => st.reason = Some(reason),
             // Cannot switch DMA off: reset the whole function instead (FLR also stops DMA).
-            let _ = self.device.function_reset();
-            st.reason = Some(format!(
-                "{reason}; clearing bus master failed ({e}), function reset"
-            ));
-        } else {
-            st.reason = Some(reason);
+            Err(e) => match self.device.function_reset() {
+                Ok(()) => {
+                    tracing::warn!(error = %e, "clearing bus mastering failed; the function reset stopped the device");
+                    st.reason = Some(format!(
+                        "{reason}; clearing bus master failed ({e}), function reset"
+                    ));
+                }
+                Err(fe) => {
+                    let why = format!(
+                        "{reason}; clearing bus master failed ({e}) and the function reset \
+                         failed ({fe})"
+                    );
+                    tracing::error!(reason = %why, "cannot stop the device's DMA: quarantining every buffer and ring it was given");
+                    let _ = self.quarantine.set(why.clone());
+                    st.reason = Some(why);
+                }
+            },
         }
         let _ = self.disable();
         // A disabled controller forgets Doorbell Buffer Config; recovery sets it again.
@@ -352,6 +396,7 @@ impl Controller {
             reset_state: Mutex::new(ResetState::default()),
             shadow: OnceLock::new(),
             shadow_on: AtomicBool::new(false),
+            quarantine: OnceLock::new(),
         });
         let admin = enable_with_admin_queue(&hw, &cfg)?;
         let mut shared = Shared {
@@ -513,6 +558,7 @@ impl Controller {
         depth: u32,
         interrupts: Option<()>,
     ) -> Result<QueuePair<T>, NvmeError> {
+        self.shared.hw.check_usable()?;
         let max = self.max_queue_depth();
         if depth == 0 || depth > max {
             return Err(NvmeError::QueueDepth { asked: depth, max });
@@ -590,6 +636,7 @@ impl Controller {
     /// enable, queue count. Existing I/O queues stay dead; create new ones.
     pub fn recover(&self) -> Result<(), NvmeError> {
         let hw = &self.shared.hw;
+        hw.check_usable()?;
         let mut admin = lock(&self.shared.admin);
         hw.disable()?;
         hw.set_bus_master(true)?;
@@ -598,6 +645,18 @@ impl Controller {
         self.shared.configure_shadow_doorbells()?;
         self.shared.set_queue_count()?;
         Ok(())
+    }
+}
+
+impl Drop for Hw {
+    /// A quarantined controller's shadow doorbell pages stay leaked: the device may still
+    /// write them.
+    fn drop(&mut self) {
+        if self.quarantined().is_some() {
+            if let Some(sb) = self.shadow.take() {
+                std::mem::forget(sb);
+            }
+        }
     }
 }
 

@@ -45,6 +45,7 @@
 //! None inside: a `QueuePair` is owned by one thread (`&mut self`); the async queue puts it in a
 //! mutex. Doorbell writes go straight to the BAR; they are per-queue registers.
 
+use std::mem::ManuallyDrop;
 use std::ops::Range;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -137,11 +138,12 @@ pub struct QueuePair<T> {
     /// The controller generation this queue belongs to; a reset bumps the controller's.
     generation: u64,
     qid: u16,
-    sq: DmaBuf,
+    /// The rings: dropped in `Drop`, or leaked if the controller is quarantined.
+    sq: ManuallyDrop<DmaBuf>,
     sq_entries: u16,
     sq_tail: u16,
     sq_head: u16,
-    cq: CompletionRing,
+    cq: ManuallyDrop<CompletionRing>,
     sq_doorbell: Doorbell,
     cq_doorbell: Doorbell,
     slots: Vec<Option<Inflight<T>>>,
@@ -205,11 +207,11 @@ impl<T> QueuePair<T> {
             cq_doorbell,
             hw,
             qid,
-            sq,
+            sq: ManuallyDrop::new(sq),
             sq_entries: entries,
             sq_tail: 0,
             sq_head: 0,
-            cq,
+            cq: ManuallyDrop::new(cq),
             slots: (0..depth).map(|_| None).collect(),
             prp_pages: (0..depth).map(|_| None).collect(),
             sgl: None,
@@ -341,11 +343,18 @@ impl<T> QueuePair<T> {
     ) -> Result<u16, SubmitError<T>> {
         let refuse = |error, user, data| Err(SubmitError { error, user, data });
         if let Some(why) = self.dead {
-            return refuse(NvmeError::QueueGone { qid: self.qid, why }, user, data);
+            let error = match self.hw.check_usable() {
+                Err(quarantined) => quarantined,
+                Ok(()) => NvmeError::QueueGone { qid: self.qid, why },
+            };
+            return refuse(error, user, data);
         }
         if self.generation != self.hw.generation() {
-            let error = NvmeError::ControllerReset {
-                reason: self.hw.reset_reason(),
+            let error = match self.hw.check_usable() {
+                Err(quarantined) => quarantined,
+                Ok(()) => NvmeError::ControllerReset {
+                    reason: self.hw.reset_reason(),
+                },
             };
             return refuse(error, user, data);
         }
@@ -658,25 +667,43 @@ impl<T> QueuePair<T> {
     }
 
     /// Fails every outstanding command into `out`. Only after the controller was reset (bus
-    /// mastering off), so handing the buffers back is safe. Marks the queue dead.
+    /// mastering off, or the function reset), so handing the buffers back is safe. If the
+    /// reset could not stop the device ([`Hw::quarantined`]), the data is leaked instead and
+    /// the commands fail with [`NvmeError::DmaQuarantined`], without data. Marks the queue
+    /// dead.
     fn fail_all_after_reset(&mut self, out: &mut Vec<Done<T>>) -> NvmeError {
         let reason = self.hw.reset_reason();
+        let quarantined = self.hw.quarantined().is_some();
         for (cid, slot) in self.slots.iter_mut().enumerate() {
             if let Some(i) = slot.take() {
                 self.free.push(cid as u16);
-                let result = Err(NvmeError::ControllerReset {
-                    reason: reason.clone(),
-                });
+                let (result, data) = if quarantined {
+                    // The device may still write these: never reuse them.
+                    std::mem::forget(i.data);
+                    std::mem::forget(i._prp_chain);
+                    let e = NvmeError::DmaQuarantined {
+                        reason: reason.clone(),
+                    };
+                    (Err(e), None)
+                } else {
+                    let e = NvmeError::ControllerReset {
+                        reason: reason.clone(),
+                    };
+                    (Err(e), i.data)
+                };
                 out.push(Done {
                     cid: cid as u16,
                     user: i.user,
-                    data: i.data,
+                    data,
                     result,
                 });
             }
         }
         self.dead = Some("the controller was reset");
-        NvmeError::ControllerReset { reason }
+        match self.hw.check_usable() {
+            Err(quarantined) => quarantined,
+            Ok(()) => NvmeError::ControllerReset { reason },
+        }
     }
 
     /// Submits `cmd` and polls until it completes or fails: for the admin queue and setup.
@@ -711,6 +738,29 @@ impl<T> QueuePair<T> {
             } else {
                 std::hint::spin_loop();
             }
+        }
+    }
+}
+
+impl<T> Drop for QueuePair<T> {
+    /// Frees the rings, the kept list pages and whatever is still in the slots, unless the
+    /// controller is quarantined (a reset could not stop its DMA): then all of it is leaked.
+    fn drop(&mut self) {
+        if self.hw.quarantined().is_some() {
+            tracing::warn!(
+                qid = self.qid,
+                "leaking a quarantined queue's rings, lists and in-flight data"
+            );
+            std::mem::forget(std::mem::take(&mut self.slots));
+            std::mem::forget(std::mem::take(&mut self.prp_pages));
+            // The rings stay in their ManuallyDrop wrappers: never dropped, never reused.
+            return;
+        }
+        // SAFETY: `sq` and `cq` are dropped exactly once, here, and never used after: this is
+        // `drop`, and nothing below touches them.
+        unsafe {
+            ManuallyDrop::drop(&mut self.sq);
+            ManuallyDrop::drop(&mut self.cq);
         }
     }
 }
