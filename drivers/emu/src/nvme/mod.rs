@@ -25,6 +25,9 @@
 //! [`Faults::hold_next_command`] survive CC.EN = 0 (a wedged DMA engine) and end only at a
 //! function reset; while held they keep writing their data buffer, which bus mastering off
 //! stops.
+//! A Delete I/O SQ of a queue with a held command never completes: the spec posts its
+//! completion only once every command of the queue completed or was aborted, and a held command
+//! is neither.
 
 mod bar;
 mod controller;
@@ -182,7 +185,7 @@ pub struct EmuNvmeStats {
     pub doorbell_writes: u64,
     /// MSI-X messages delivered.
     pub interrupts: u64,
-    /// Completion entries written to completion queues.
+    /// Completion entries written to completion queues (flood entries included).
     pub completions_posted: u64,
     /// Completions dropped by [`Faults::drop_completions`].
     pub completions_dropped: u64,
