@@ -309,8 +309,9 @@ pub(crate) struct Shared {
     namespaces: Vec<Namespace>,
     /// Which I/O queue IDs (1..=granted) are taken; index 0 unused.
     qids: Mutex<Vec<bool>>,
-    /// The MSI-X eventfds, vector `q` for I/O queue `q`; taken by async queues.
-    vectors: Mutex<Vec<Option<EventFd>>>,
+    /// The MSI-X eventfds, vector `q` for I/O queue `q`; async queues get duplicates, so a
+    /// queue ID's vector serves every queue that ever has that ID.
+    vectors: Mutex<Vec<EventFd>>,
     cfg: ControllerConfig,
     version: Version,
     /// The resolved data pointer for new I/O queues (never `Auto`).
@@ -422,7 +423,7 @@ impl Controller {
         if shared.cfg.interrupts {
             let n = (usize::from(granted) + 1).min(shared.hw.device.msix_vectors() as usize);
             let fds = shared.hw.device.enable_msix_eventfds(n)?;
-            *lock(&shared.vectors) = fds.into_iter().map(Some).collect();
+            *lock(&shared.vectors) = fds;
         }
         Ok(Controller {
             shared: Arc::new(shared),
@@ -537,17 +538,26 @@ impl Controller {
             ));
         }
         let qp = self.create_queue_pair(depth, Some(()))?;
+        let qid = qp.qid();
         let fd = lock(&self.shared.vectors)
-            .get_mut(usize::from(qp.qid()))
-            .and_then(Option::take);
+            .get(usize::from(qid))
+            .map(EventFd::try_clone)
+            .transpose()
+            .map_err(|e| NvmeError::Os {
+                what: "duplicating an MSI-X eventfd",
+                source: e,
+            });
         match fd {
-            Some(fd) => Ok((qp, fd)),
-            None => {
-                let qid = qp.qid();
-                self.delete_queue_pair(qp);
+            Ok(Some(fd)) => Ok((qp, fd)),
+            Ok(None) => {
+                drop(qp); // deletes it on the controller and frees the ID
                 Err(NvmeError::Unsupported(format!(
                     "no MSI-X vector for queue {qid}"
                 )))
+            }
+            Err(e) => {
+                drop(qp);
+                Err(e)
             }
         }
     }
@@ -596,6 +606,8 @@ impl Controller {
                 let _ = self.shared.admin(Command::delete_io_cq(qid));
                 return Err(e);
             }
+            // From here the queue is on the controller: dropping it takes it off first.
+            qp.attach(self.shared.clone());
             Ok(qp)
         });
         if made.is_err() {
@@ -604,24 +616,9 @@ impl Controller {
         made
     }
 
-    /// Deletes an I/O queue pair (SQ, then CQ) and frees its ID. Outstanding commands are
-    /// aborted by the controller; the rings and buffers are freed only once it confirmed the
-    /// deletion, or after a reset. Blocks on admin commands.
-    pub(crate) fn delete_queue_pair<T>(&self, mut qp: QueuePair<T>) {
-        let qid = qp.qid();
-        if qp.is_current() {
-            let sq = self.shared.admin(Command::delete_io_sq(qid));
-            let cq = sq.and_then(|_| self.shared.admin(Command::delete_io_cq(qid)));
-            if cq.is_err() && qp.is_current() {
-                // The controller would not let go of the queue: stop it before freeing rings.
-                self.shared.hw.reset(
-                    self.shared.hw.generation(),
-                    format!("deleting I/O queue {qid} failed"),
-                );
-            }
-        }
-        qp.mark_dead("deleted");
-        lock(&self.shared.qids)[usize::from(qid)] = false;
+    /// Deletes an I/O queue pair (SQ, then CQ) and frees its ID: what dropping it does (see
+    /// [`Shared::release_queue`]). Blocks on admin commands.
+    pub(crate) fn delete_queue_pair<T>(&self, qp: QueuePair<T>) {
         drop(qp);
     }
 
@@ -634,10 +631,17 @@ impl Controller {
 
     /// Brings the controller back after a reset: bus mastering on, a fresh admin queue,
     /// enable, queue count. Existing I/O queues stay dead; create new ones.
+    ///
+    /// A function reset comes first when the device supports it: a reset that only cleared bus
+    /// mastering leaves commands the device never finished (a wedged DMA engine) able to
+    /// resume their DMA, into memory that went back to the pool, once bus mastering is back.
     pub fn recover(&self) -> Result<(), NvmeError> {
         let hw = &self.shared.hw;
         hw.check_usable()?;
         let mut admin = lock(&self.shared.admin);
+        if let Err(e) = hw.device.function_reset() {
+            tracing::warn!(error = %e, "function reset before recovery failed; recovering without it");
+        }
         hw.disable()?;
         hw.set_bus_master(true)?;
         *admin = enable_with_admin_queue(hw, &self.shared.cfg)?;
@@ -689,6 +693,29 @@ fn enable_with_admin_queue(
 }
 
 impl Shared {
+    /// Takes I/O queue `qid` (created in controller generation `generation`) off the
+    /// controller and frees its ID: what dropping an attached [`QueuePair`] does. If the queue
+    /// is still `current` (not deleted, the controller not reset since), Delete I/O SQ then
+    /// Delete I/O CQ; if the controller does not confirm both, it may still own the rings, so
+    /// it is reset (bus mastering off first, see [`Hw::reset`]) before the caller frees them.
+    /// Blocks on admin commands (up to the admin timeout).
+    pub(crate) fn release_queue(&self, qid: u16, generation: u64, current: bool) {
+        if current {
+            let sq = self.admin(Command::delete_io_sq(qid));
+            let cq = sq.and_then(|_| self.admin(Command::delete_io_cq(qid)));
+            if let Err(e) = cq {
+                // The controller would not let go of the queue: stop it before the rings and
+                // in-flight buffers go back to the pool.
+                tracing::warn!(qid, error = %e, "deleting an I/O queue failed: resetting the controller");
+                self.hw
+                    .reset(generation, format!("deleting I/O queue {qid} failed: {e}"));
+            }
+        }
+        if let Some(taken) = lock(&self.qids).get_mut(usize::from(qid)) {
+            *taken = false;
+        }
+    }
+
     /// Runs one admin command without data and returns DW0.
     fn admin(&self, cmd: Command) -> Result<u32, NvmeError> {
         Ok(lock(&self.admin).run(cmd, None, 0)?.0)

@@ -41,6 +41,14 @@
 //! handed back. Other queues of the same controller notice the reset through the controller's
 //! generation counter on their next `poll`/`submit` and fail their own commands the same way.
 //!
+//! # Dropping a queue (the drop guard)
+//! An I/O queue created on a controller is *attached* to it. Dropping it — whoever drops it:
+//! [`crate::IoQueue`], the async reaper, a runtime shutting down with the async handles, a
+//! failed `AsyncQueue::new` — first takes it off the controller (Delete I/O SQ, then CQ); if
+//! the controller will not confirm, it is reset (bus mastering off) instead. Only then do the
+//! rings, list pages and in-flight buffers go back to the pool, and the queue ID is freed. A
+//! queue of an older generation (the controller was reset since) just frees its memory.
+//!
 //! # Locking
 //! None inside: a `QueuePair` is owned by one thread (`&mut self`); the async queue puts it in a
 //! mutex. Doorbell writes go straight to the BAR; they are per-queue registers.
@@ -169,6 +177,10 @@ pub struct QueuePair<T> {
     sq_unrung: bool,
     /// Set once the queue can no longer be used.
     dead: Option<&'static str>,
+    /// The controller an I/O queue was created on ([`QueuePair::attach`]): dropping the queue
+    /// takes it off the controller first. `None` for the admin queue and for rings not (yet)
+    /// on the controller.
+    owner: Option<Arc<crate::controller::Shared>>,
 }
 
 impl<T> QueuePair<T> {
@@ -225,6 +237,7 @@ impl<T> QueuePair<T> {
             defer_doorbell: false,
             sq_unrung: false,
             dead: None,
+            owner: None,
         })
     }
 
@@ -292,9 +305,10 @@ impl<T> QueuePair<T> {
         self.cq.device_addr()
     }
 
-    /// Marks the queue unusable (deleted); later submits fail with [`NvmeError::QueueGone`].
-    pub(crate) fn mark_dead(&mut self, why: &'static str) {
-        self.dead = Some(why);
+    /// Records that the queue now exists on `owner`'s controller: from here on, dropping it
+    /// deletes it there (or resets the controller) before its memory is freed, and frees its ID.
+    pub(crate) fn attach(&mut self, owner: Arc<crate::controller::Shared>) {
+        self.owner = Some(owner);
     }
 
     /// Is the queue still on the controller generation it was created in?
@@ -743,9 +757,17 @@ impl<T> QueuePair<T> {
 }
 
 impl<T> Drop for QueuePair<T> {
-    /// Frees the rings, the kept list pages and whatever is still in the slots, unless the
-    /// controller is quarantined (a reset could not stop its DMA): then all of it is leaked.
+    /// The drop guard. An I/O queue still on its controller (attached, not deleted, no reset
+    /// since) is first deleted there, or the controller is reset if it will not delete it
+    /// ([`crate::controller::Shared::release_queue`], blocking admin commands), and its ID is
+    /// freed; only then are the rings, the kept list pages and whatever is still in the slots
+    /// freed: the device can no longer reach them. If the controller is quarantined (a reset
+    /// could not stop its DMA) all of it is leaked instead.
     fn drop(&mut self) {
+        if let Some(owner) = self.owner.take() {
+            let current = self.is_current();
+            owner.release_queue(self.qid, self.generation, current);
+        }
         if self.hw.quarantined().is_some() {
             tracing::warn!(
                 qid = self.qid,

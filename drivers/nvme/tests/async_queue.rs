@@ -171,3 +171,82 @@ fn async_timeout_is_noticed_by_the_tick_and_recovered() {
     drop(rt);
     rig.finish();
 }
+
+#[test]
+fn runtime_shutdown_with_io_in_flight_frees_nothing_the_device_can_reach() {
+    let rig = Rig::with(emu_config(), async_config());
+    let rt = runtime();
+    let q = rt.block_on(async { AsyncQueue::new(&rig.ctrl, 8, AsyncConfig::default()).unwrap() });
+    rig.nvme.faults().hold_next_command();
+    let data = rig.pool.try_alloc(8192).unwrap();
+    {
+        let q = q.clone();
+        let ns = rig.ns;
+        rt.spawn(async move { q.read_data(&ns, 0, data.into()).await });
+    }
+    wait_for(
+        || rig.nvme.stats().held_dma_writes > 0,
+        "the held command's DMA",
+    );
+    // The runtime goes away with the reaper and the waiting task; then the last handle.
+    drop(rt);
+    drop(q);
+    // Whatever went back to the pool, the device no longer reaches it.
+    let writes = rig.nvme.stats().held_dma_writes;
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        rig.nvme.stats().held_dma_writes,
+        writes,
+        "the device still DMAs after the queue's memory was freed"
+    );
+    assert_eq!(rig.nvme.stats().dma_after_bus_master_off, 0);
+    assert_eq!(
+        rig.in_use(),
+        rig.baseline,
+        "the rings and the buffer are back"
+    );
+    // The controller comes back and queue 1 is usable again.
+    rig.ctrl.recover().unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let q = AsyncQueue::new(&rig.ctrl, 8, AsyncConfig::default()).unwrap();
+        q.write(&rig.ns, 0, &[3u8; 512]).await.unwrap();
+    });
+    drop(rt);
+    assert_eq!(rig.ns_bytes(0, 512), vec![3u8; 512]);
+    rig.finish();
+}
+
+#[test]
+fn a_failed_eventfd_registration_deletes_the_queue_and_frees_its_id() {
+    let cfg = ControllerConfig {
+        io_queues: 1,
+        ..async_config()
+    };
+    let rig = Rig::with(emu_config(), cfg);
+    // A handle of a runtime that has shut down: registering with its reactor fails.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let handle = rt.handle().clone();
+    drop(rt);
+    let err = {
+        let _in = handle.enter();
+        AsyncQueue::new(&rig.ctrl, 8, AsyncConfig::default()).unwrap_err()
+    };
+    assert!(matches!(err, NvmeError::Os { .. }), "{err}");
+    assert_eq!(rig.nvme.admin_commands(0x00), 1, "the queue was deleted");
+    assert_eq!(rig.in_use(), rig.baseline);
+    // The one queue ID (and its vector) can be used again.
+    let q = rig.queue(4);
+    assert_eq!(q.qid(), 1);
+    drop(q);
+    let rt = runtime();
+    rt.block_on(async {
+        let q = AsyncQueue::new(&rig.ctrl, 8, AsyncConfig::default()).unwrap();
+        q.write(&rig.ns, 0, &[5u8; 512]).await.unwrap();
+    });
+    drop(rt);
+    rig.finish();
+}
