@@ -8,6 +8,12 @@
 //!   entries has depth `n - 1`.
 //! - The **CQ** is a [`CompletionRing`]; [`QueuePair::poll`] drains it, validates every entry
 //!   ([`crate::completion::validate`]), and rings the CQ head doorbell once per batch.
+//!   **Bounded drain**: one poll takes at most one ring's worth of entries (entries − 1, the
+//!   most a well-behaved device can have posted since the last doorbell) and stops at the
+//!   first entry that fails validation. A device that keeps posting entries with the
+//!   expected phase therefore cannot pin the poller (or, on the admin queue, the admin lock):
+//!   a bad entry leads to the reset at once; good ones wait for the next poll, so the timeout
+//!   scan and the reset are always reached.
 //! - **Slots**: command ID `c` (0..depth) is slot `c`. A slot holds what must outlive the
 //!   command: the caller's user data, the data buffer (so no one can touch or free memory the
 //!   device is using) and the PRP list. Free IDs are a stack (LIFO: a recently used slot is
@@ -137,6 +143,8 @@ pub struct QueueCounters {
     pub cq_doorbells_avoided: u64,
     /// Completions consumed and dropped by fault injection (feature `fault-injection`).
     pub completions_dropped: u64,
+    /// Entries taken from the completion ring (valid or not).
+    pub entries_consumed: u64,
 }
 
 /// One SQ/CQ pair (admin queue 0 or an I/O queue), polled by its owner.
@@ -171,6 +179,8 @@ pub struct QueuePair<T> {
     /// Completions still to drop (fault injection).
     drop_completions: u32,
     completions_dropped: u64,
+    /// Entries taken from the completion ring.
+    entries_consumed: u64,
     /// Hold SQ tail doorbells until `ring_sq` or the next `poll` (batching).
     defer_doorbell: bool,
     /// The SQ tail was advanced but not yet rung.
@@ -234,6 +244,7 @@ impl<T> QueuePair<T> {
             polls_since_scan: 0,
             drop_completions: 0,
             completions_dropped: 0,
+            entries_consumed: 0,
             defer_doorbell: false,
             sq_unrung: false,
             dead: None,
@@ -264,6 +275,7 @@ impl<T> QueuePair<T> {
             cq_doorbell_writes: self.cq_doorbell.writes,
             cq_doorbells_avoided: self.cq_doorbell.avoided,
             completions_dropped: self.completions_dropped,
+            entries_consumed: self.entries_consumed,
         }
     }
 
@@ -569,8 +581,17 @@ impl<T> QueuePair<T> {
         let before = out.len();
         let mut bad = None;
         let mut moved = false;
-        while let Some(posted) = self.cq.take_posted() {
+        // At most one ring's worth per poll (a device that keeps posting cannot pin the
+        // poller), and nothing after a bad entry (the queue is about to be reset).
+        let limit = self.cq.entries() - 1;
+        let mut taken = 0u16;
+        while taken < limit {
+            let Some(posted) = self.cq.take_posted() else {
+                break;
+            };
+            taken += 1;
             moved = true;
+            self.entries_consumed += 1;
             let expected = Expected {
                 phase: posted.phase,
                 slot: posted.slot,
@@ -612,7 +633,8 @@ impl<T> QueuePair<T> {
                     });
                 }
                 Err(e) => {
-                    bad.get_or_insert(e);
+                    bad = Some(e);
+                    break;
                 }
             }
         }

@@ -238,3 +238,58 @@ fn controller_fatal_status_resets_and_recovers() {
     recover_and_check_io(&rig);
     rig.finish();
 }
+
+#[test]
+fn a_flooded_completion_queue_is_a_protocol_error_not_a_hang() {
+    let rig = Rig::new();
+    let mut q = rig.queue(16);
+    // A completion for command 0, which is not outstanding, in every free CQ slot, refilled
+    // as fast as the driver frees them.
+    rig.nvme.faults().flood_cq(q.qid());
+    wait_for(
+        || rig.nvme.stats().completions_posted >= 16,
+        "the flood fills the ring",
+    );
+    let (q, result, counters) = within(Duration::from_secs(10), move || {
+        let mut out = Vec::new();
+        let r = q.poll(&mut out);
+        let c = q.counters();
+        (q, r.map(|_| out.len()), c)
+    });
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            NvmeError::BadCompletion(CompletionError::NotOutstanding { cid: 0 })
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        counters.entries_consumed, 1,
+        "the poll stops at the first bad entry"
+    );
+    rig.nvme.faults().stop_flood();
+    drop(q);
+    assert_eq!(rig.in_use(), rig.baseline);
+    recover_and_check_io(&rig);
+    rig.finish();
+}
+
+#[test]
+fn a_flooded_admin_queue_does_not_pin_the_admin_lock() {
+    let rig = Rig::new();
+    rig.nvme.faults().flood_cq(0);
+    wait_for(
+        || rig.nvme.stats().completions_posted >= 15,
+        "the flood fills the admin ring",
+    );
+    let ctrl = rig.ctrl.clone();
+    let err = within(Duration::from_secs(10), move || {
+        ctrl.smart_log().unwrap_err()
+    });
+    assert!(matches!(err, NvmeError::BadCompletion(_)), "{err}");
+    rig.nvme.faults().stop_flood();
+    assert_eq!(rig.in_use(), rig.baseline);
+    recover_and_check_io(&rig);
+    rig.finish();
+}
