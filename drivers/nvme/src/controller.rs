@@ -603,7 +603,15 @@ impl Controller {
                 self.shared
                     .admin(Command::create_io_sq(qid, entries, qp.sq_addr(), qid))
             {
-                let _ = self.shared.admin(Command::delete_io_cq(qid));
+                if let Err(de) = self.shared.admin(Command::delete_io_cq(qid)) {
+                    // The controller may still own the CQ ring (and post into it): stop it
+                    // before the ring goes back to the pool with `qp`.
+                    tracing::warn!(qid, error = %de, "deleting the CQ of a failed queue creation failed: resetting the controller");
+                    self.shared.hw.reset(
+                        qp.generation(),
+                        format!("creating I/O queue {qid} failed ({e}) and deleting its CQ failed ({de})"),
+                    );
+                }
                 return Err(e);
             }
             // From here the queue is on the controller: dropping it takes it off first.

@@ -323,6 +323,11 @@ impl<T> QueuePair<T> {
         self.owner = Some(owner);
     }
 
+    /// The controller generation the queue was made in.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Is the queue still on the controller generation it was created in?
     pub(crate) fn is_current(&self) -> bool {
         self.dead.is_none() && self.generation == self.hw.generation()

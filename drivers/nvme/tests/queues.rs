@@ -199,3 +199,39 @@ fn failed_sq_creation_deletes_the_cq() {
     drop(q);
     rig.finish();
 }
+
+#[test]
+fn a_cq_that_cannot_be_deleted_after_a_failed_creation_resets_before_freeing() {
+    let rig = Rig::new();
+    let mut other = rig.queue(4);
+    // Create SQ fails after the CQ was made, and deleting the CQ fails too: the controller
+    // still owns the CQ ring.
+    rig.nvme.faults().fail_sq_creations(1);
+    rig.nvme.faults().fail_queue_deletions(1);
+    let err = rig.ctrl.create_io_queue::<u64>(4).unwrap_err();
+    assert!(
+        matches!(err, NvmeError::Command { opcode: 0x01, .. }),
+        "{err}"
+    );
+    assert_eq!(
+        rig.nvme.admin_commands(0x04),
+        1,
+        "the CQ deletion was tried"
+    );
+    // The controller was reset before the rings went back: every queue learns of it.
+    let mut out = Vec::new();
+    let e = other.poll(&mut out).unwrap_err();
+    assert!(matches!(e, NvmeError::ControllerReset { .. }), "{e}");
+    drop(other);
+    assert_eq!(
+        rig.in_use(),
+        rig.baseline,
+        "the rings went back after the reset"
+    );
+    rig.ctrl.recover().unwrap();
+    // The controller holds no stale CQ: both IDs are created afresh.
+    let (mut a, b) = (rig.queue(4), rig.queue(4));
+    a.write(&rig.ns, 0, &[9u8; 512]).unwrap();
+    drop((a, b));
+    rig.finish();
+}
