@@ -759,9 +759,16 @@ impl Shared {
         let mut out = Vec::new();
         for nsid in ids {
             let id = IdentifyNamespace::parse(&self.identify_page(Cns::Namespace, nsid)?);
-            // Namespaces with unusable formats (e.g. > 64 KiB blocks) are skipped, not fatal.
-            if let Some(ns) = Namespace::from_identify(nsid, &id, max_transfer) {
-                out.push(ns);
+            // Namespaces with unusable formats (e.g. > 64 KiB blocks) or sizes whose byte count
+            // overflows are skipped, not fatal.
+            match Namespace::from_identify(nsid, &id, max_transfer) {
+                Some(ns) => out.push(ns),
+                None => tracing::warn!(
+                    nsid,
+                    nsze = id.nsze,
+                    block_bytes = ?id.block_bytes(),
+                    "skipping a namespace with an unusable LBA format or a size that overflows"
+                ),
             }
         }
         Ok(out)
