@@ -660,6 +660,28 @@ impl Controller {
     }
 }
 
+impl Hw {
+    /// A bare hardware handle over `device` and `pool` without bring-up: for the fuzzing
+    /// harness, whose fake device has registers but runs no admin queue.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn bare(device: Arc<dyn PciDevice>, pool: Pool) -> Result<Arc<Hw>, NvmeError> {
+        let regs = Registers::new(device.map_bar(0)?)?;
+        let cap = regs.cap()?;
+        Ok(Arc::new(Hw {
+            regs,
+            domain: pool.domain(),
+            pool,
+            device,
+            cap,
+            generation: AtomicU64::new(0),
+            reset_state: Mutex::new(ResetState::default()),
+            shadow: OnceLock::new(),
+            shadow_on: AtomicBool::new(false),
+            quarantine: OnceLock::new(),
+        }))
+    }
+}
+
 impl Drop for Hw {
     /// A quarantined controller's shadow doorbell pages stay leaked: the device may still
     /// write them.

@@ -323,6 +323,12 @@ impl<T> QueuePair<T> {
         self.owner = Some(owner);
     }
 
+    /// Plays the device: writes `bytes` into the CQ ring at byte `at` (fuzzing, tests).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn device_write_cq(&mut self, at: usize, bytes: &[u8]) {
+        self.cq.device_write(at, bytes);
+    }
+
     /// The controller generation the queue was made in.
     pub(crate) fn generation(&self) -> u64 {
         self.generation
