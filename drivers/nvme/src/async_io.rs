@@ -100,7 +100,10 @@ struct Inner {
 
 /// An interrupt-driven I/O queue for tokio. Cheap to clone; share it among many tasks.
 ///
-/// Dropping the last handle stops the reaper, which deletes the queue.
+/// Dropping the last handle stops the reaper, which deletes the queue. If the runtime shuts
+/// down first (the reaper never runs again), the queue pair's own drop guard deletes the queue
+/// on the controller (or resets it) when the last handle goes, before any of its memory is
+/// freed.
 ///
 /// ```no_run
 /// # async fn demo(ctrl: tidepool_nvme::Controller) -> Result<(), tidepool_nvme::NvmeError> {
@@ -145,7 +148,10 @@ impl AsyncQueue {
             .map_err(|e| NvmeError::Os {
                 what: "registering the MSI-X eventfd with tokio",
                 source: e.into(),
-            })?;
+            });
+        // On failure `qp` drops here: its drop guard deletes the queue on the controller
+        // (blocking admin commands) and frees its ID before the rings go back to the pool.
+        let afd = afd?;
         let inner = Arc::new(Inner {
             ctrl: ctrl.clone(),
             qp: Mutex::new(Some(qp)),

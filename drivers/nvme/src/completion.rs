@@ -330,6 +330,16 @@ impl CompletionRing {
         Some(posted)
     }
 
+    /// Plays the device: writes `bytes` into the ring at byte `at` (clipped to the ring).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn device_write(&mut self, at: usize, bytes: &[u8]) {
+        let ring = usize::from(self.entries) * CQ_ENTRY_BYTES;
+        if at < ring {
+            let n = bytes.len().min(ring - at);
+            let _ = self.buf.write_at(at, &bytes[..n]);
+        }
+    }
+
     /// Copies the entry at byte `at` once: two volatile 64-bit loads (each byte read once).
     fn read_entry(&self, at: usize) -> (u64, u64) {
         let p = self.buf.as_ptr().wrapping_add(at).cast::<u64>();

@@ -26,6 +26,13 @@
 //! [`Controller::recover`] brings the controller back up with a fresh admin queue; I/O queues
 //! must then be created again.
 //!
+//! If bus mastering cannot be cleared, a function reset stops the device instead; if that
+//! fails too, nothing is known to stop the device's DMA, so the controller is
+//! **quarantined**: the in-flight data, the rings and the lists are leaked (never reused),
+//! commands fail with [`NvmeError::DmaQuarantined`], and the controller refuses recovery and
+//! new queues. Leaking is the only safe answer: the pool would hand that memory to someone
+//! else while the device still writes it.
+//!
 //! # Locking
 //! `admin` (a mutex) serialises admin commands, which are polled to completion by the caller's
 //! thread (setup paths only: they may block up to the admin timeout). `Hw::reset_state`
@@ -161,6 +168,10 @@ pub struct Hw {
     shadow: OnceLock<ShadowBuffer>,
     /// The controller accepted Doorbell Buffer Config for the current generation.
     shadow_on: AtomicBool,
+    /// Set (with the reason) when a reset could not stop the device's DMA: every buffer,
+    /// ring and list the device was given is leaked from then on, and the controller is
+    /// unusable. Never cleared.
+    quarantine: OnceLock<String>,
 }
 
 impl Hw {
@@ -183,6 +194,22 @@ impl Hw {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// `Some(reason)` once a reset failed to stop the device's DMA (see [`Hw::reset`]): the
+    /// memory the device was given must then never go back to the pool.
+    pub(crate) fn quarantined(&self) -> Option<&str> {
+        self.quarantine.get().map(String::as_str)
+    }
+
+    /// [`NvmeError::DmaQuarantined`] if the controller is quarantined.
+    pub(crate) fn check_usable(&self) -> Result<(), NvmeError> {
+        match self.quarantined() {
+            Some(reason) => Err(NvmeError::DmaQuarantined {
+                reason: reason.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Why the controller was last reset.
     pub(crate) fn reset_reason(&self) -> String {
         lock(&self.reset_state)
@@ -193,22 +220,39 @@ impl Hw {
 
     /// Stops the controller because of `reason`, unless generation `seen` was already reset.
     ///
-    /// Bus mastering goes off first (no DMA from here on, whatever the controller does), then
-    /// CC.EN is cleared and CSTS.RDY = 0 awaited (best effort, at most CAP.TO). Takes
-    /// `reset_state`; blocks up to CAP.TO.
+    /// Bus mastering goes off first (no DMA from here on, whatever the controller does). If
+    /// that fails, a function reset (which also stops DMA) is tried instead. If that fails too,
+    /// the device may still DMA into everything it was given: the controller is
+    /// **quarantined** ([`Hw::quarantined`]): queues failing their commands leak the data
+    /// instead of handing it back ([`NvmeError::DmaQuarantined`]), dropped queues leak their
+    /// rings and lists, and the controller refuses further use. Then CC.EN is cleared and
+    /// CSTS.RDY = 0 awaited (best effort, at most CAP.TO), and the generation is bumped.
+    /// Takes `reset_state`; blocks up to CAP.TO.
     pub(crate) fn reset(&self, seen: u64, reason: String) {
         let mut st = lock(&self.reset_state);
         if self.generation() != seen {
             return;
         }
-        if let Err(e) = self.set_bus_master(false) {
+        match self.set_bus_master(false) {
+            Ok(()) => st.reason = Some(reason),
             // Cannot switch DMA off: reset the whole function instead (FLR also stops DMA).
-            let _ = self.device.function_reset();
-            st.reason = Some(format!(
-                "{reason}; clearing bus master failed ({e}), function reset"
-            ));
-        } else {
-            st.reason = Some(reason);
+            Err(e) => match self.device.function_reset() {
+                Ok(()) => {
+                    tracing::warn!(error = %e, "clearing bus mastering failed; the function reset stopped the device");
+                    st.reason = Some(format!(
+                        "{reason}; clearing bus master failed ({e}), function reset"
+                    ));
+                }
+                Err(fe) => {
+                    let why = format!(
+                        "{reason}; clearing bus master failed ({e}) and the function reset \
+                         failed ({fe})"
+                    );
+                    tracing::error!(reason = %why, "cannot stop the device's DMA: quarantining every buffer and ring it was given");
+                    let _ = self.quarantine.set(why.clone());
+                    st.reason = Some(why);
+                }
+            },
         }
         let _ = self.disable();
         // A disabled controller forgets Doorbell Buffer Config; recovery sets it again.
@@ -265,8 +309,9 @@ pub(crate) struct Shared {
     namespaces: Vec<Namespace>,
     /// Which I/O queue IDs (1..=granted) are taken; index 0 unused.
     qids: Mutex<Vec<bool>>,
-    /// The MSI-X eventfds, vector `q` for I/O queue `q`; taken by async queues.
-    vectors: Mutex<Vec<Option<EventFd>>>,
+    /// The MSI-X eventfds, vector `q` for I/O queue `q`; async queues get duplicates, so a
+    /// queue ID's vector serves every queue that ever has that ID.
+    vectors: Mutex<Vec<EventFd>>,
     cfg: ControllerConfig,
     version: Version,
     /// The resolved data pointer for new I/O queues (never `Auto`).
@@ -352,6 +397,7 @@ impl Controller {
             reset_state: Mutex::new(ResetState::default()),
             shadow: OnceLock::new(),
             shadow_on: AtomicBool::new(false),
+            quarantine: OnceLock::new(),
         });
         let admin = enable_with_admin_queue(&hw, &cfg)?;
         let mut shared = Shared {
@@ -377,7 +423,7 @@ impl Controller {
         if shared.cfg.interrupts {
             let n = (usize::from(granted) + 1).min(shared.hw.device.msix_vectors() as usize);
             let fds = shared.hw.device.enable_msix_eventfds(n)?;
-            *lock(&shared.vectors) = fds.into_iter().map(Some).collect();
+            *lock(&shared.vectors) = fds;
         }
         Ok(Controller {
             shared: Arc::new(shared),
@@ -492,17 +538,26 @@ impl Controller {
             ));
         }
         let qp = self.create_queue_pair(depth, Some(()))?;
+        let qid = qp.qid();
         let fd = lock(&self.shared.vectors)
-            .get_mut(usize::from(qp.qid()))
-            .and_then(Option::take);
+            .get(usize::from(qid))
+            .map(EventFd::try_clone)
+            .transpose()
+            .map_err(|e| NvmeError::Os {
+                what: "duplicating an MSI-X eventfd",
+                source: e,
+            });
         match fd {
-            Some(fd) => Ok((qp, fd)),
-            None => {
-                let qid = qp.qid();
-                self.delete_queue_pair(qp);
+            Ok(Some(fd)) => Ok((qp, fd)),
+            Ok(None) => {
+                drop(qp); // deletes it on the controller and frees the ID
                 Err(NvmeError::Unsupported(format!(
                     "no MSI-X vector for queue {qid}"
                 )))
+            }
+            Err(e) => {
+                drop(qp);
+                Err(e)
             }
         }
     }
@@ -513,6 +568,7 @@ impl Controller {
         depth: u32,
         interrupts: Option<()>,
     ) -> Result<QueuePair<T>, NvmeError> {
+        self.shared.hw.check_usable()?;
         let max = self.max_queue_depth();
         if depth == 0 || depth > max {
             return Err(NvmeError::QueueDepth { asked: depth, max });
@@ -547,9 +603,19 @@ impl Controller {
                 self.shared
                     .admin(Command::create_io_sq(qid, entries, qp.sq_addr(), qid))
             {
-                let _ = self.shared.admin(Command::delete_io_cq(qid));
+                if let Err(de) = self.shared.admin(Command::delete_io_cq(qid)) {
+                    // The controller may still own the CQ ring (and post into it): stop it
+                    // before the ring goes back to the pool with `qp`.
+                    tracing::warn!(qid, error = %de, "deleting the CQ of a failed queue creation failed: resetting the controller");
+                    self.shared.hw.reset(
+                        qp.generation(),
+                        format!("creating I/O queue {qid} failed ({e}) and deleting its CQ failed ({de})"),
+                    );
+                }
                 return Err(e);
             }
+            // From here the queue is on the controller: dropping it takes it off first.
+            qp.attach(self.shared.clone());
             Ok(qp)
         });
         if made.is_err() {
@@ -558,24 +624,9 @@ impl Controller {
         made
     }
 
-    /// Deletes an I/O queue pair (SQ, then CQ) and frees its ID. Outstanding commands are
-    /// aborted by the controller; the rings and buffers are freed only once it confirmed the
-    /// deletion, or after a reset. Blocks on admin commands.
-    pub(crate) fn delete_queue_pair<T>(&self, mut qp: QueuePair<T>) {
-        let qid = qp.qid();
-        if qp.is_current() {
-            let sq = self.shared.admin(Command::delete_io_sq(qid));
-            let cq = sq.and_then(|_| self.shared.admin(Command::delete_io_cq(qid)));
-            if cq.is_err() && qp.is_current() {
-                // The controller would not let go of the queue: stop it before freeing rings.
-                self.shared.hw.reset(
-                    self.shared.hw.generation(),
-                    format!("deleting I/O queue {qid} failed"),
-                );
-            }
-        }
-        qp.mark_dead("deleted");
-        lock(&self.shared.qids)[usize::from(qid)] = false;
+    /// Deletes an I/O queue pair (SQ, then CQ) and frees its ID: what dropping it does (see
+    /// [`Shared::release_queue`]). Blocks on admin commands.
+    pub(crate) fn delete_queue_pair<T>(&self, qp: QueuePair<T>) {
         drop(qp);
     }
 
@@ -588,9 +639,17 @@ impl Controller {
 
     /// Brings the controller back after a reset: bus mastering on, a fresh admin queue,
     /// enable, queue count. Existing I/O queues stay dead; create new ones.
+    ///
+    /// A function reset comes first when the device supports it: a reset that only cleared bus
+    /// mastering leaves commands the device never finished (a wedged DMA engine) able to
+    /// resume their DMA, into memory that went back to the pool, once bus mastering is back.
     pub fn recover(&self) -> Result<(), NvmeError> {
         let hw = &self.shared.hw;
+        hw.check_usable()?;
         let mut admin = lock(&self.shared.admin);
+        if let Err(e) = hw.device.function_reset() {
+            tracing::warn!(error = %e, "function reset before recovery failed; recovering without it");
+        }
         hw.disable()?;
         hw.set_bus_master(true)?;
         *admin = enable_with_admin_queue(hw, &self.shared.cfg)?;
@@ -598,6 +657,40 @@ impl Controller {
         self.shared.configure_shadow_doorbells()?;
         self.shared.set_queue_count()?;
         Ok(())
+    }
+}
+
+impl Hw {
+    /// A bare hardware handle over `device` and `pool` without bring-up: for the fuzzing
+    /// harness, whose fake device has registers but runs no admin queue.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn bare(device: Arc<dyn PciDevice>, pool: Pool) -> Result<Arc<Hw>, NvmeError> {
+        let regs = Registers::new(device.map_bar(0)?)?;
+        let cap = regs.cap()?;
+        Ok(Arc::new(Hw {
+            regs,
+            domain: pool.domain(),
+            pool,
+            device,
+            cap,
+            generation: AtomicU64::new(0),
+            reset_state: Mutex::new(ResetState::default()),
+            shadow: OnceLock::new(),
+            shadow_on: AtomicBool::new(false),
+            quarantine: OnceLock::new(),
+        }))
+    }
+}
+
+impl Drop for Hw {
+    /// A quarantined controller's shadow doorbell pages stay leaked: the device may still
+    /// write them.
+    fn drop(&mut self) {
+        if self.quarantined().is_some() {
+            if let Some(sb) = self.shadow.take() {
+                std::mem::forget(sb);
+            }
+        }
     }
 }
 
@@ -630,6 +723,29 @@ fn enable_with_admin_queue(
 }
 
 impl Shared {
+    /// Takes I/O queue `qid` (created in controller generation `generation`) off the
+    /// controller and frees its ID: what dropping an attached [`QueuePair`] does. If the queue
+    /// is still `current` (not deleted, the controller not reset since), Delete I/O SQ then
+    /// Delete I/O CQ; if the controller does not confirm both, it may still own the rings, so
+    /// it is reset (bus mastering off first, see [`Hw::reset`]) before the caller frees them.
+    /// Blocks on admin commands (up to the admin timeout).
+    pub(crate) fn release_queue(&self, qid: u16, generation: u64, current: bool) {
+        if current {
+            let sq = self.admin(Command::delete_io_sq(qid));
+            let cq = sq.and_then(|_| self.admin(Command::delete_io_cq(qid)));
+            if let Err(e) = cq {
+                // The controller would not let go of the queue: stop it before the rings and
+                // in-flight buffers go back to the pool.
+                tracing::warn!(qid, error = %e, "deleting an I/O queue failed: resetting the controller");
+                self.hw
+                    .reset(generation, format!("deleting I/O queue {qid} failed: {e}"));
+            }
+        }
+        if let Some(taken) = lock(&self.qids).get_mut(usize::from(qid)) {
+            *taken = false;
+        }
+    }
+
     /// Runs one admin command without data and returns DW0.
     fn admin(&self, cmd: Command) -> Result<u32, NvmeError> {
         Ok(lock(&self.admin).run(cmd, None, 0)?.0)
@@ -665,9 +781,16 @@ impl Shared {
         let mut out = Vec::new();
         for nsid in ids {
             let id = IdentifyNamespace::parse(&self.identify_page(Cns::Namespace, nsid)?);
-            // Namespaces with unusable formats (e.g. > 64 KiB blocks) are skipped, not fatal.
-            if let Some(ns) = Namespace::from_identify(nsid, &id, max_transfer) {
-                out.push(ns);
+            // Namespaces with unusable formats (e.g. > 64 KiB blocks) or sizes whose byte count
+            // overflows are skipped, not fatal.
+            match Namespace::from_identify(nsid, &id, max_transfer) {
+                Some(ns) => out.push(ns),
+                None => tracing::warn!(
+                    nsid,
+                    nsze = id.nsze,
+                    block_bytes = ?id.block_bytes(),
+                    "skipping a namespace with an unusable LBA format or a size that overflows"
+                ),
             }
         }
         Ok(out)

@@ -84,6 +84,15 @@ pub enum NvmeError {
         /// Why the controller was reset.
         reason: String,
     },
+    /// The controller could not be stopped: clearing PCI bus mastering failed and so did the
+    /// function reset, so the device may still read and write memory it was given. That
+    /// memory (this command's data, the queues' rings and lists) is quarantined: leaked, never
+    /// handed back or reused. The controller is unusable from here on.
+    #[error("DMA could not be stopped ({reason}); the device may still write its memory, which was quarantined (leaked, never reused), and the controller is unusable: reset the PCI function (or the machine) and open it again")]
+    DmaQuarantined {
+        /// Why the controller was being reset, and how stopping it failed.
+        reason: String,
+    },
     /// The device posted a completion that breaks the protocol (see the inner error); the
     /// controller was reset.
     #[error("bad completion entry: {0}")]

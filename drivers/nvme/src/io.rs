@@ -47,7 +47,8 @@ pub struct Namespace {
 }
 
 impl Namespace {
-    /// Builds the geometry from Identify Namespace; `None` if its LBA format is unusable.
+    /// Builds the geometry from Identify Namespace; `None` if its LBA format is unusable or
+    /// its size in bytes (NSZE × block size, device-written) does not fit a `u64`.
     /// `max_transfer` is the most bytes one command may move.
     pub fn from_identify(
         nsid: u32,
@@ -55,6 +56,8 @@ impl Namespace {
         max_transfer: usize,
     ) -> Option<Namespace> {
         let block_bytes = id.block_bytes()?;
+        // Checked once here so that `bytes()` never overflows.
+        id.nsze.checked_mul(u64::from(block_bytes))?;
         let max_transfer = max_transfer / block_bytes as usize * block_bytes as usize;
         (max_transfer > 0).then_some(Namespace {
             nsid,
@@ -79,9 +82,9 @@ impl Namespace {
         self.blocks
     }
 
-    /// Size in bytes.
+    /// Size in bytes (cannot overflow: [`Namespace::from_identify`] refuses such sizes).
     pub fn bytes(&self) -> u64 {
-        self.blocks * u64::from(self.block_bytes)
+        self.blocks.saturating_mul(u64::from(self.block_bytes))
     }
 
     /// The most bytes one command may move (a whole number of blocks).
@@ -708,6 +711,21 @@ mod tests {
         ));
         let c = ns.rw_command(IoOpcode::Write, 10, 2048).unwrap();
         assert_eq!((c.opcode, c.cdw10, c.cdw12), (0x01, 10, 3));
+    }
+
+    #[test]
+    fn a_namespace_whose_size_in_bytes_overflows_is_refused() {
+        // A forged Identify Namespace: NSZE = u64::MAX blocks of 4 KiB.
+        let mut p = vec![0u8; 4096];
+        p[0..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        p[128..132].copy_from_slice(&(12u32 << 16).to_le_bytes());
+        let id = IdentifyNamespace::parse(&p);
+        assert!(Namespace::from_identify(1, &id, 1 << 20).is_none());
+        // The largest size that fits is accepted, and its byte size is exact.
+        p[0..8].copy_from_slice(&(u64::MAX >> 12).to_le_bytes());
+        let id = IdentifyNamespace::parse(&p);
+        let ns = Namespace::from_identify(1, &id, 1 << 20).unwrap();
+        assert_eq!(ns.bytes(), (u64::MAX >> 12) << 12);
     }
 
     #[test]

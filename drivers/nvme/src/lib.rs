@@ -52,6 +52,10 @@ pub mod regs;
 pub mod sgl;
 pub mod spec;
 
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use async_io::{AsyncConfig, AsyncQueue, WakeCounts};
 pub use controller::{Controller, ControllerConfig, DataPointer};
 pub use error::NvmeError;

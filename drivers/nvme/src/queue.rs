@@ -8,6 +8,12 @@
 //!   entries has depth `n - 1`.
 //! - The **CQ** is a [`CompletionRing`]; [`QueuePair::poll`] drains it, validates every entry
 //!   ([`crate::completion::validate`]), and rings the CQ head doorbell once per batch.
+//!   **Bounded drain**: one poll takes at most one ring's worth of entries (entries − 1, the
+//!   most a well-behaved device can have posted since the last doorbell) and stops at the
+//!   first entry that fails validation. A device that keeps posting entries with the
+//!   expected phase therefore cannot pin the poller (or, on the admin queue, the admin lock):
+//!   a bad entry leads to the reset at once; good ones wait for the next poll, so the timeout
+//!   scan and the reset are always reached.
 //! - **Slots**: command ID `c` (0..depth) is slot `c`. A slot holds what must outlive the
 //!   command: the caller's user data, the data buffer (so no one can touch or free memory the
 //!   device is using) and the PRP list. Free IDs are a stack (LIFO: a recently used slot is
@@ -41,10 +47,19 @@
 //! handed back. Other queues of the same controller notice the reset through the controller's
 //! generation counter on their next `poll`/`submit` and fail their own commands the same way.
 //!
+//! # Dropping a queue (the drop guard)
+//! An I/O queue created on a controller is *attached* to it. Dropping it — whoever drops it:
+//! [`crate::IoQueue`], the async reaper, a runtime shutting down with the async handles, a
+//! failed `AsyncQueue::new` — first takes it off the controller (Delete I/O SQ, then CQ); if
+//! the controller will not confirm, it is reset (bus mastering off) instead. Only then do the
+//! rings, list pages and in-flight buffers go back to the pool, and the queue ID is freed. A
+//! queue of an older generation (the controller was reset since) just frees its memory.
+//!
 //! # Locking
 //! None inside: a `QueuePair` is owned by one thread (`&mut self`); the async queue puts it in a
 //! mutex. Doorbell writes go straight to the BAR; they are per-queue registers.
 
+use std::mem::ManuallyDrop;
 use std::ops::Range;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -128,6 +143,8 @@ pub struct QueueCounters {
     pub cq_doorbells_avoided: u64,
     /// Completions consumed and dropped by fault injection (feature `fault-injection`).
     pub completions_dropped: u64,
+    /// Entries taken from the completion ring (valid or not).
+    pub entries_consumed: u64,
 }
 
 /// One SQ/CQ pair (admin queue 0 or an I/O queue), polled by its owner.
@@ -137,11 +154,12 @@ pub struct QueuePair<T> {
     /// The controller generation this queue belongs to; a reset bumps the controller's.
     generation: u64,
     qid: u16,
-    sq: DmaBuf,
+    /// The rings: dropped in `Drop`, or leaked if the controller is quarantined.
+    sq: ManuallyDrop<DmaBuf>,
     sq_entries: u16,
     sq_tail: u16,
     sq_head: u16,
-    cq: CompletionRing,
+    cq: ManuallyDrop<CompletionRing>,
     sq_doorbell: Doorbell,
     cq_doorbell: Doorbell,
     slots: Vec<Option<Inflight<T>>>,
@@ -161,12 +179,18 @@ pub struct QueuePair<T> {
     /// Completions still to drop (fault injection).
     drop_completions: u32,
     completions_dropped: u64,
+    /// Entries taken from the completion ring.
+    entries_consumed: u64,
     /// Hold SQ tail doorbells until `ring_sq` or the next `poll` (batching).
     defer_doorbell: bool,
     /// The SQ tail was advanced but not yet rung.
     sq_unrung: bool,
     /// Set once the queue can no longer be used.
     dead: Option<&'static str>,
+    /// The controller an I/O queue was created on ([`QueuePair::attach`]): dropping the queue
+    /// takes it off the controller first. `None` for the admin queue and for rings not (yet)
+    /// on the controller.
+    owner: Option<Arc<crate::controller::Shared>>,
 }
 
 impl<T> QueuePair<T> {
@@ -205,11 +229,11 @@ impl<T> QueuePair<T> {
             cq_doorbell,
             hw,
             qid,
-            sq,
+            sq: ManuallyDrop::new(sq),
             sq_entries: entries,
             sq_tail: 0,
             sq_head: 0,
-            cq,
+            cq: ManuallyDrop::new(cq),
             slots: (0..depth).map(|_| None).collect(),
             prp_pages: (0..depth).map(|_| None).collect(),
             sgl: None,
@@ -220,9 +244,11 @@ impl<T> QueuePair<T> {
             polls_since_scan: 0,
             drop_completions: 0,
             completions_dropped: 0,
+            entries_consumed: 0,
             defer_doorbell: false,
             sq_unrung: false,
             dead: None,
+            owner: None,
         })
     }
 
@@ -249,6 +275,7 @@ impl<T> QueuePair<T> {
             cq_doorbell_writes: self.cq_doorbell.writes,
             cq_doorbells_avoided: self.cq_doorbell.avoided,
             completions_dropped: self.completions_dropped,
+            entries_consumed: self.entries_consumed,
         }
     }
 
@@ -290,9 +317,21 @@ impl<T> QueuePair<T> {
         self.cq.device_addr()
     }
 
-    /// Marks the queue unusable (deleted); later submits fail with [`NvmeError::QueueGone`].
-    pub(crate) fn mark_dead(&mut self, why: &'static str) {
-        self.dead = Some(why);
+    /// Records that the queue now exists on `owner`'s controller: from here on, dropping it
+    /// deletes it there (or resets the controller) before its memory is freed, and frees its ID.
+    pub(crate) fn attach(&mut self, owner: Arc<crate::controller::Shared>) {
+        self.owner = Some(owner);
+    }
+
+    /// Plays the device: writes `bytes` into the CQ ring at byte `at` (fuzzing, tests).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn device_write_cq(&mut self, at: usize, bytes: &[u8]) {
+        self.cq.device_write(at, bytes);
+    }
+
+    /// The controller generation the queue was made in.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Is the queue still on the controller generation it was created in?
@@ -341,11 +380,18 @@ impl<T> QueuePair<T> {
     ) -> Result<u16, SubmitError<T>> {
         let refuse = |error, user, data| Err(SubmitError { error, user, data });
         if let Some(why) = self.dead {
-            return refuse(NvmeError::QueueGone { qid: self.qid, why }, user, data);
+            let error = match self.hw.check_usable() {
+                Err(quarantined) => quarantined,
+                Ok(()) => NvmeError::QueueGone { qid: self.qid, why },
+            };
+            return refuse(error, user, data);
         }
         if self.generation != self.hw.generation() {
-            let error = NvmeError::ControllerReset {
-                reason: self.hw.reset_reason(),
+            let error = match self.hw.check_usable() {
+                Err(quarantined) => quarantined,
+                Ok(()) => NvmeError::ControllerReset {
+                    reason: self.hw.reset_reason(),
+                },
             };
             return refuse(error, user, data);
         }
@@ -546,8 +592,17 @@ impl<T> QueuePair<T> {
         let before = out.len();
         let mut bad = None;
         let mut moved = false;
-        while let Some(posted) = self.cq.take_posted() {
+        // At most one ring's worth per poll (a device that keeps posting cannot pin the
+        // poller), and nothing after a bad entry (the queue is about to be reset).
+        let limit = self.cq.entries() - 1;
+        let mut taken = 0u16;
+        while taken < limit {
+            let Some(posted) = self.cq.take_posted() else {
+                break;
+            };
+            taken += 1;
             moved = true;
+            self.entries_consumed += 1;
             let expected = Expected {
                 phase: posted.phase,
                 slot: posted.slot,
@@ -589,7 +644,8 @@ impl<T> QueuePair<T> {
                     });
                 }
                 Err(e) => {
-                    bad.get_or_insert(e);
+                    bad = Some(e);
+                    break;
                 }
             }
         }
@@ -658,25 +714,43 @@ impl<T> QueuePair<T> {
     }
 
     /// Fails every outstanding command into `out`. Only after the controller was reset (bus
-    /// mastering off), so handing the buffers back is safe. Marks the queue dead.
+    /// mastering off, or the function reset), so handing the buffers back is safe. If the
+    /// reset could not stop the device ([`Hw::quarantined`]), the data is leaked instead and
+    /// the commands fail with [`NvmeError::DmaQuarantined`], without data. Marks the queue
+    /// dead.
     fn fail_all_after_reset(&mut self, out: &mut Vec<Done<T>>) -> NvmeError {
         let reason = self.hw.reset_reason();
+        let quarantined = self.hw.quarantined().is_some();
         for (cid, slot) in self.slots.iter_mut().enumerate() {
             if let Some(i) = slot.take() {
                 self.free.push(cid as u16);
-                let result = Err(NvmeError::ControllerReset {
-                    reason: reason.clone(),
-                });
+                let (result, data) = if quarantined {
+                    // The device may still write these: never reuse them.
+                    std::mem::forget(i.data);
+                    std::mem::forget(i._prp_chain);
+                    let e = NvmeError::DmaQuarantined {
+                        reason: reason.clone(),
+                    };
+                    (Err(e), None)
+                } else {
+                    let e = NvmeError::ControllerReset {
+                        reason: reason.clone(),
+                    };
+                    (Err(e), i.data)
+                };
                 out.push(Done {
                     cid: cid as u16,
                     user: i.user,
-                    data: i.data,
+                    data,
                     result,
                 });
             }
         }
         self.dead = Some("the controller was reset");
-        NvmeError::ControllerReset { reason }
+        match self.hw.check_usable() {
+            Err(quarantined) => quarantined,
+            Ok(()) => NvmeError::ControllerReset { reason },
+        }
     }
 
     /// Submits `cmd` and polls until it completes or fails: for the admin queue and setup.
@@ -711,6 +785,37 @@ impl<T> QueuePair<T> {
             } else {
                 std::hint::spin_loop();
             }
+        }
+    }
+}
+
+impl<T> Drop for QueuePair<T> {
+    /// The drop guard. An I/O queue still on its controller (attached, not deleted, no reset
+    /// since) is first deleted there, or the controller is reset if it will not delete it
+    /// ([`crate::controller::Shared::release_queue`], blocking admin commands), and its ID is
+    /// freed; only then are the rings, the kept list pages and whatever is still in the slots
+    /// freed: the device can no longer reach them. If the controller is quarantined (a reset
+    /// could not stop its DMA) all of it is leaked instead.
+    fn drop(&mut self) {
+        if let Some(owner) = self.owner.take() {
+            let current = self.is_current();
+            owner.release_queue(self.qid, self.generation, current);
+        }
+        if self.hw.quarantined().is_some() {
+            tracing::warn!(
+                qid = self.qid,
+                "leaking a quarantined queue's rings, lists and in-flight data"
+            );
+            std::mem::forget(std::mem::take(&mut self.slots));
+            std::mem::forget(std::mem::take(&mut self.prp_pages));
+            // The rings stay in their ManuallyDrop wrappers: never dropped, never reused.
+            return;
+        }
+        // SAFETY: `sq` and `cq` are dropped exactly once, here, and never used after: this is
+        // `drop`, and nothing below touches them.
+        unsafe {
+            ManuallyDrop::drop(&mut self.sq);
+            ManuallyDrop::drop(&mut self.cq);
         }
     }
 }

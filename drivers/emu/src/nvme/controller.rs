@@ -132,8 +132,8 @@ pub(super) struct Controller {
     cqs: Vec<Option<Cq>>,
     granted_sqs: u16,
     granted_cqs: u16,
-    /// Data segments of held commands.
-    held: Vec<Vec<Seg>>,
+    /// Held commands: their SQ and data segments.
+    held: Vec<(usize, Vec<Seg>)>,
     next_hold_write: Option<Instant>,
     delayed: VecDeque<(Instant, u16, Entry)>,
     aers: u32,
@@ -430,6 +430,10 @@ impl Controller {
             if post(&self.sh.pci, cq, e).is_err() {
                 break;
             }
+            self.sh
+                .stats
+                .completions_posted
+                .fetch_add(1, Ordering::Relaxed);
             busy = true;
         }
         busy
@@ -484,7 +488,7 @@ impl Controller {
         };
         ops[usize::from(c.opcode)].fetch_add(1, Ordering::Relaxed);
         if !admin && self.take_fault(|f| take_one(&mut f.hold_next)) {
-            self.hold(&c);
+            self.hold(sqid, &c);
             return;
         }
         let outcome = if admin { self.admin(&c) } else { self.io(&c) };
@@ -540,7 +544,7 @@ impl Controller {
         }
     }
 
-    fn hold(&mut self, c: &Cmd) {
+    fn hold(&mut self, sqid: usize, c: &Cmd) {
         let mut segs = Vec::new();
         if matches!(c.opcode, 0x01 | 0x02) {
             let (_, blocks) = c.lba_range();
@@ -550,7 +554,7 @@ impl Controller {
             }
         }
         tracing::debug!(cid = c.cid, "injected fault: holding a command");
-        self.held.push(segs);
+        self.held.push((sqid, segs));
         self.next_hold_write = Some(Instant::now());
     }
 
@@ -563,7 +567,7 @@ impl Controller {
         if now < at {
             return;
         }
-        for segs in &self.held {
+        for (_, segs) in &self.held {
             for seg in segs {
                 if let Seg::Data { iova, len } = *seg {
                     self.buf.clear();
@@ -814,7 +818,9 @@ impl Controller {
     }
 
     fn create_sq(&mut self, c: &Cmd) -> Outcome {
-        if self.take_fault(|f| take_one(&mut f.fail_creations)) {
+        if self
+            .take_fault(|f| take_one(&mut f.fail_creations) || take_one(&mut f.fail_sq_creations))
+        {
             return done(status::INTERNAL_ERROR);
         }
         let qid = (c.cdw10 & 0xffff) as usize;
@@ -850,6 +856,16 @@ impl Controller {
         let qid = (c.cdw10 & 0xffff) as usize;
         if qid == 0 || self.sqs.get(qid).is_none_or(|q| q.is_none()) {
             return done(status::INVALID_QUEUE_ID);
+        }
+        if self.held.iter().any(|(sq, _)| *sq == qid) {
+            // The spec (Base 1.4, 5.6) posts this command's completion only after every
+            // command of the SQ completed or was aborted; a held (wedged) command is neither,
+            // so the deletion never completes and the queue stays.
+            tracing::debug!(
+                qid,
+                "Delete I/O SQ waits for a held command: never completes"
+            );
+            return Outcome::Pending;
         }
         self.sqs[qid] = None;
         done(status::SUCCESS)

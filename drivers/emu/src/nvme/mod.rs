@@ -25,6 +25,9 @@
 //! [`Faults::hold_next_command`] survive CC.EN = 0 (a wedged DMA engine) and end only at a
 //! function reset; while held they keep writing their data buffer, which bus mastering off
 //! stops.
+//! A Delete I/O SQ of a queue with a held command never completes: the spec posts its
+//! completion only once every command of the queue completed or was aborted, and a held command
+//! is neither.
 
 mod bar;
 mod controller;
@@ -146,6 +149,7 @@ struct FaultState {
     fatal: bool,
     hold_next: u32,
     fail_creations: u32,
+    fail_sq_creations: u32,
     fail_deletions: u32,
     delay: Duration,
 }
@@ -158,6 +162,7 @@ impl FaultState {
             && !self.fatal
             && self.hold_next == 0
             && self.fail_creations == 0
+            && self.fail_sq_creations == 0
             && self.fail_deletions == 0
             && self.delay.is_zero()
     }
@@ -180,7 +185,7 @@ pub struct EmuNvmeStats {
     pub doorbell_writes: u64,
     /// MSI-X messages delivered.
     pub interrupts: u64,
-    /// Completion entries written to completion queues.
+    /// Completion entries written to completion queues (flood entries included).
     pub completions_posted: u64,
     /// Completions dropped by [`Faults::drop_completions`].
     pub completions_dropped: u64,
@@ -537,6 +542,12 @@ impl Faults {
     /// The next `n` Create I/O SQ/CQ commands fail with Internal Error.
     pub fn fail_queue_creations(&self, n: u32) {
         self.shared.arm(|f| f.fail_creations += n);
+    }
+
+    /// The next `n` Create I/O SQ commands fail with Internal Error (Create I/O CQ is not
+    /// affected): the failure after a CQ was already made for the pair.
+    pub fn fail_sq_creations(&self, n: u32) {
+        self.shared.arm(|f| f.fail_sq_creations += n);
     }
 
     /// Posts every completion `delay` after the command was executed (`Duration::ZERO`: off).
