@@ -71,14 +71,8 @@ impl VnetBar {
         let s = &self.shared;
         Ok(match offset {
             o if o < COMMON + COMMON_LEN => s.read_common(o - COMMON, width),
-            o if (ISR..ISR + ISR_LEN).contains(&o) => {
-                if o == ISR {
-                    // Reading the ISR clears it (§4.1.4.5).
-                    u64::from(s.isr.swap(0, Ordering::AcqRel))
-                } else {
-                    0
-                }
-            }
+            // Reading the ISR clears it (§4.1.4.5).
+            ISR => u64::from(s.isr.swap(0, Ordering::AcqRel)),
             o if (DEVICE_CFG..DEVICE_CFG + DEVICE_CFG_LEN).contains(&o) => {
                 let bytes = s.device_config();
                 let at = o - DEVICE_CFG;
@@ -272,7 +266,7 @@ impl Shared {
                 drop(c);
                 self.wake();
             }
-            (o, 4 | 8) if o >= reg::QUEUE_DESC && o < reg::QUEUE_DEVICE + 8 => {
+            (o, 4 | 8) if (reg::QUEUE_DESC..reg::QUEUE_DEVICE + 8).contains(&o) => {
                 let base = o & !7;
                 let high = o % 8 == 4;
                 if let Some(q) = c.queues.get_mut(sel) {
