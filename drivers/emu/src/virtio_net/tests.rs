@@ -190,3 +190,147 @@ fn bar_accesses_are_checked_and_decode_off_reads_ones() {
         .unwrap();
     assert_eq!(bar.read32(0).unwrap(), u32::MAX);
 }
+
+fn small_pool(nic: &EmuVirtioNet) -> tidepool::pool::Pool {
+    use tidepool::memory::{MemoryConfig, PageSize};
+    use tidepool::pool::{Pool, PoolConfig};
+    let cfg = PoolConfig {
+        memory: MemoryConfig {
+            page_size: PageSize::Small4K,
+            allow_small_pages: true,
+        },
+        chunk_bytes: 256 << 10,
+        prefill_bytes: 256 << 10,
+        max_bytes: 256 << 10,
+        max_buffer: 64 << 10,
+        low_watermark: 0,
+        high_watermark: 256 << 10,
+        reserve_bytes: 0,
+        transient: false,
+        background: false,
+        ..PoolConfig::default()
+    };
+    Pool::new(nic.dma_view().unwrap(), cfg).unwrap()
+}
+
+/// Brings the device up by hand with TX (queue 1, 4 entries) in `ring`: desc at 0, avail at
+/// 64, used at 128. Returns after DRIVER_OK.
+fn hand_up(nic: &EmuVirtioNet, bar: &dyn Mmio, ring: u64) {
+    bar.write8(STATUS, 0).unwrap();
+    assert_eq!(wait_reset(bar, Duration::from_secs(5)), 0);
+    bar.write8(STATUS, 3).unwrap();
+    write_features(bar, F_VERSION_1 | F_ACCESS_PLATFORM);
+    bar.write8(STATUS, 3 | status::FEATURES_OK).unwrap();
+    nic.set_bus_master(true).unwrap();
+    bar.write16(0x16, TX_QUEUE).unwrap();
+    bar.write16(0x18, 4).unwrap();
+    bar.write64(0x20, ring).unwrap();
+    bar.write64(0x28, ring + 64).unwrap();
+    bar.write64(0x30, ring + 128).unwrap();
+    bar.write16(0x1c, 1).unwrap();
+    bar.write8(STATUS, 3 | status::FEATURES_OK | status::DRIVER_OK)
+        .unwrap();
+}
+
+/// Posts descriptor `id` (addr, len, flags) in avail slot `n` and publishes avail.idx n + 1.
+fn post(bar: &dyn Mmio, ring: &mut tidepool::pool::DmaBuf, n: u16, desc: (u64, u32, u16)) {
+    let id = n % 4;
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&desc.0.to_le_bytes());
+    d[8..12].copy_from_slice(&desc.1.to_le_bytes());
+    d[12..14].copy_from_slice(&desc.2.to_le_bytes());
+    ring.write_at(16 * usize::from(id), &d).unwrap();
+    ring.write_at(64 + 4 + 2 * usize::from(id), &id.to_le_bytes())
+        .unwrap();
+    ring.write_at(64 + 2, &(n + 1).to_le_bytes()).unwrap();
+    bar.write16(bar::NOTIFY + 4 * usize::from(TX_QUEUE), TX_QUEUE)
+        .unwrap();
+}
+
+fn used_idx(ring: &tidepool::pool::DmaBuf) -> u16 {
+    let mut b = [0u8; 2];
+    ring.read_at(128 + 2, &mut b).unwrap();
+    u16::from_le_bytes(b)
+}
+
+fn wait_for(mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+#[test]
+fn malformed_chains_and_iommu_faults_set_needs_reset_and_bus_master_off_stops_dma() {
+    let nic = EmuVirtioNet::new(EmuVirtioNetConfig {
+        loopback: false,
+        capture_tx: true,
+        ..EmuVirtioNetConfig::default()
+    })
+    .unwrap();
+    let bar = nic.map_bar(0).unwrap();
+    let pool = small_pool(&nic);
+    let mut ring = pool.try_alloc(4096).unwrap();
+    let mut frame = pool.try_alloc(4096).unwrap();
+    let base = ring.device_addr().0;
+    let mut payload = vec![0u8; NET_HDR_LEN];
+    payload.extend((0..60u8).map(|i| i.wrapping_mul(7)));
+    frame.write_at(0, &payload).unwrap();
+    let fa = frame.device_addr().0;
+
+    // A good frame goes out and completes with len 0.
+    hand_up(&nic, &*bar, base);
+    post(&*bar, &mut ring, 0, (fa, payload.len() as u32, 0));
+    wait_for(|| used_idx(&ring) == 1);
+    assert_eq!(nic.take_sent(), vec![payload[NET_HDR_LEN..].to_vec()]);
+
+    // Bus mastering off: the device cannot fetch; nothing completes and nothing is counted
+    // as DMA after the bit was cleared. Back on, the frame goes.
+    nic.set_bus_master(false).unwrap();
+    post(&*bar, &mut ring, 1, (fa, payload.len() as u32, 0));
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(used_idx(&ring), 1);
+    assert!(nic.stats().dma_refused > 0);
+    nic.set_bus_master(true).unwrap();
+    bar.write16(bar::NOTIFY + 4, TX_QUEUE).unwrap();
+    wait_for(|| used_idx(&ring) == 2);
+
+    // An indirect descriptor (not negotiated): device error.
+    post(&*bar, &mut ring, 2, (fa, 16, 4));
+    wait_for(|| bar.read8(STATUS).unwrap() & status::DEVICE_NEEDS_RESET != 0);
+    assert_eq!(nic.stats().device_errors, 1);
+    assert_eq!(used_idx(&ring), 2, "nothing completed");
+
+    // After a reset, a descriptor pointing at an unmapped IOVA: an IOMMU fault, device error.
+    ring.write_at(0, &[0u8; 256]).unwrap();
+    hand_up(&nic, &*bar, base);
+    assert_eq!(bar.read8(STATUS).unwrap() & status::DEVICE_NEEDS_RESET, 0);
+    post(&*bar, &mut ring, 0, (0xdead_0000, 60, 0));
+    wait_for(|| bar.read8(STATUS).unwrap() & status::DEVICE_NEEDS_RESET != 0);
+    assert_eq!(nic.stats().device_errors, 2);
+    assert_eq!(nic.stats().iommu_faults, 1);
+    assert_eq!(nic.stats().last_fault_iova, Some(0xdead_0000));
+    assert_eq!(nic.stats().dma_after_bus_master_off, 0);
+
+    // Reset before the memory goes back.
+    bar.write8(STATUS, 0).unwrap();
+    assert_eq!(wait_reset(&*bar, Duration::from_secs(5)), 0);
+    drop((ring, frame));
+    assert_eq!(pool.stats().in_use_bytes, 0);
+}
+
+#[test]
+fn the_rx_backlog_is_bounded_and_a_reset_empties_it() {
+    let nic = EmuVirtioNet::new(EmuVirtioNetConfig::default()).unwrap();
+    for i in 0..RX_BACKLOG {
+        assert!(nic.inject_rx(&[i as u8; 60]));
+    }
+    assert!(!nic.inject_rx(&[0; 60]), "full: dropped");
+    assert_eq!(nic.rx_backlog(), RX_BACKLOG);
+    assert_eq!(nic.stats().rx_dropped, 1);
+    let bar = nic.map_bar(0).unwrap();
+    bar.write8(STATUS, 0).unwrap();
+    assert_eq!(wait_reset(&*bar, Duration::from_secs(5)), 0);
+    assert_eq!(nic.rx_backlog(), 0);
+}
