@@ -22,6 +22,10 @@
 pub mod iommu;
 pub mod nvme;
 pub mod pci;
+pub mod virtio_net;
 
 pub use iommu::{EmuIommu, IommuFaults};
 pub use nvme::{Corruption, EmuNvme, EmuNvmeConfig, EmuNvmeStats, Faults};
+pub use virtio_net::{
+    CapCorruption, EmuVirtioNet, EmuVirtioNetConfig, EmuVirtioNetStats, UsedCorruption, VnetFaults,
+};
