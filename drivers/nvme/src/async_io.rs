@@ -209,8 +209,7 @@ impl AsyncQueue {
         let block = ns.block_bytes() as usize;
         for (i, part) in src.chunks(ns.max_transfer()).enumerate() {
             let at = lba + (i * ns.max_transfer() / block) as u64;
-            let mut buf = self.inner.ctrl.pool().alloc(part.len()).await?;
-            buf.write_at(0, part)?;
+            let buf = self.inner.ctrl.pool().alloc_from(part).await?;
             let cmd = ns.rw_command(IoOpcode::Write, at, part.len())?;
             self.run(cmd, Some(buf.into()), part.len()).await.0?;
         }

@@ -300,6 +300,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How an I/O queue's completions are noticed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Completions {
+    /// Its owner polls the CQ; the CQ raises no interrupt.
+    Polled,
+    /// The CQ raises MSI-X vector `qid` (an async queue's reaper waits on its eventfd).
+    Interrupt,
+}
+
 /// Everything behind a [`Controller`] handle.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -522,7 +531,7 @@ impl Controller {
     /// Creates a polled I/O queue pair of `depth` outstanding commands (entries = depth + 1),
     /// without interrupts. `T` is the per-command user data of [`IoQueue::poll`].
     pub fn create_io_queue<T>(&self, depth: u32) -> Result<IoQueue<T>, NvmeError> {
-        let qp = self.create_queue_pair(depth, None)?;
+        let qp = self.create_queue_pair(depth, Completions::Polled)?;
         Ok(IoQueue::new(self.clone(), qp))
     }
 
@@ -537,7 +546,7 @@ impl Controller {
                 "async queues need interrupts: set ControllerConfig::interrupts".into(),
             ));
         }
-        let qp = self.create_queue_pair(depth, Some(()))?;
+        let qp = self.create_queue_pair(depth, Completions::Interrupt)?;
         let qid = qp.qid();
         let fd = lock(&self.shared.vectors)
             .get(usize::from(qid))
@@ -566,7 +575,7 @@ impl Controller {
     fn create_queue_pair<T>(
         &self,
         depth: u32,
-        interrupts: Option<()>,
+        completions: Completions,
     ) -> Result<QueuePair<T>, NvmeError> {
         self.shared.hw.check_usable()?;
         let max = self.max_queue_depth();
@@ -593,7 +602,7 @@ impl Controller {
             if self.shared.data_pointer == DataPointer::Sgl {
                 qp.set_sgl(Some(self.sgl_support()));
             }
-            let iv = interrupts.is_some();
+            let iv = completions == Completions::Interrupt;
             // A polled CQ names vector 0 with interrupts off: QEMU refuses any other vector
             // while MSI-X is disabled (ControllerConfig::interrupts = false).
             let vector = if iv { qid } else { 0 };

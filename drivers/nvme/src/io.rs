@@ -387,9 +387,10 @@ impl<T> IoQueue<T> {
         user: T,
     ) -> Result<u16, SubmitError<T>> {
         let range = ns.check_blocks(lba, u64::from(blocks)).and_then(|()| {
-            let mut b = self.ctrl.pool().try_alloc(4096)?;
-            b.write_at(0, &dsm_range_bytes(lba, blocks))?;
-            Ok(b)
+            Ok(self
+                .ctrl
+                .pool()
+                .try_alloc_from(&dsm_range_bytes(lba, blocks))?)
         });
         match range {
             Ok(b) => {
@@ -452,14 +453,9 @@ impl<T> IoQueue<T> {
     /// commands of at most [`Namespace::max_transfer`] and bounces through the pool.
     pub fn read(&mut self, ns: &Namespace, lba: u64, dst: &mut [u8]) -> Result<(), NvmeError> {
         ns.check(lba, dst.len())?;
-        self.blocking(
-            ns,
-            IoOpcode::Read,
-            lba,
-            dst.len(),
-            |_, _| Ok(()),
-            |off, buf| buf.read_at(0, &mut dst[off..off + buf.len()]),
-        )
+        self.blocking(ns, IoOpcode::Read, lba, dst.len(), None, |off, buf| {
+            buf.read_at(0, &mut dst[off..off + buf.len()])
+        })
     }
 
     /// Writes `src` at `lba`, blocking (polling) until done; splits like [`IoQueue::read`].
@@ -470,10 +466,7 @@ impl<T> IoQueue<T> {
             IoOpcode::Write,
             lba,
             src.len(),
-            |off, buf| {
-                let n = buf.len();
-                buf.write_at(0, &src[off..off + n])
-            },
+            Some(src),
             |_, _| Ok(()),
         )
     }
@@ -502,8 +495,10 @@ impl<T> IoQueue<T> {
         let mut done = 0;
         while done < blocks {
             let n = (blocks - done).min(u64::from(u32::MAX)) as u32;
-            let mut b = self.ctrl.pool().try_alloc(4096)?;
-            b.write_at(0, &dsm_range_bytes(lba + done, n))?;
+            let b = self
+                .ctrl
+                .pool()
+                .try_alloc_from(&dsm_range_bytes(lba + done, n))?;
             self.run_one(Command::deallocate(ns.nsid(), 1, 0), Some(b.into()), 16)?;
             done += u64::from(n);
         }
@@ -529,15 +524,16 @@ impl<T> IoQueue<T> {
         }
     }
 
-    /// The blocking split/bounce engine: `fill(offset, buf)` prepares a chunk before a write,
-    /// `drain(offset, buf)` consumes it after a read.
+    /// The blocking split/bounce engine: a write's chunks are taken from the pool already
+    /// filled from `src` (one pass: the pool's `try_alloc_from`), a read's zeroed;
+    /// `drain(offset, buf)` consumes a read's chunk after it completed.
     fn blocking(
         &mut self,
         ns: &Namespace,
         op: IoOpcode,
         lba: u64,
         len: usize,
-        mut fill: impl FnMut(usize, &mut DmaBuf) -> Result<(), tidepool::pool::PoolError>,
+        src: Option<&[u8]>,
         mut drain: impl FnMut(usize, &DmaBuf) -> Result<(), tidepool::pool::PoolError>,
     ) -> Result<(), NvmeError> {
         let chunk = ns.max_transfer();
@@ -552,18 +548,17 @@ impl<T> IoQueue<T> {
                 && self.qp().outstanding() < usize::from(self.depth())
             {
                 let n = chunk.min(len - next);
-                let submitted = self
-                    .ctrl
-                    .pool()
-                    .try_alloc(n)
-                    .map_err(NvmeError::from)
-                    .and_then(|mut buf| {
-                        fill(next, &mut buf)?;
-                        let cmd = ns.rw_command(op, lba + (next / block) as u64, n)?;
-                        self.qp()
-                            .submit(cmd, Some(buf.into()), n, Tag::Chunk { offset: next })
-                            .map_err(|e| e.error)
-                    });
+                let pool = self.ctrl.pool();
+                let chunk_buf = match src {
+                    Some(src) => pool.try_alloc_from(&src[next..next + n]),
+                    None => pool.try_alloc(n),
+                };
+                let submitted = chunk_buf.map_err(NvmeError::from).and_then(|buf| {
+                    let cmd = ns.rw_command(op, lba + (next / block) as u64, n)?;
+                    self.qp()
+                        .submit(cmd, Some(buf.into()), n, Tag::Chunk { offset: next })
+                        .map_err(|e| e.error)
+                });
                 match submitted {
                     Ok(_) => {
                         in_flight += 1;

@@ -1,4 +1,4 @@
-//! # tidepool-nvme: a userspace NVMe driver over VFIO
+//! # tidepool-nvme: a userspace NVMe driver over VFIO (or any device behind the seam)
 //!
 //! A driver a newcomer can read in an afternoon, in layers, bottom up:
 //!
@@ -19,8 +19,19 @@
 //! otherwise ([`DataPointer`], chosen per controller and changeable per queue); admin commands
 //! always use PRPs, as the spec requires over PCIe.
 //!
+//! The controller is reached only through [`tidepool::device::PciDevice`]: a VFIO function
+//! ([`Controller::open`]) or any other implementation ([`Controller::with_device`]), such as the
+//! emulated controller of `tidepool-emu` that the host tests (`tests/`) run against, with
+//! faults injected on every path.
+//!
+//! I/O data is one type, [`tidepool::data::DmaData`]: a pool buffer (zero copy), or caller
+//! memory bounced or mapped directly as [`tidepool::data::DmaPolicy::prepare`] chooses. It
+//! moves into the command and comes back in the completion ([`Done`]); data of another DMA
+//! domain is refused with [`NvmeError::ForeignBuffer`].
+//!
 //! All memory the device sees — queue rings, PRP lists, SGL segments, data — comes from one
-//! [`tidepool::pool::Pool`] over the device's VFIO container. The polling path uses only the
+//! [`tidepool::pool::Pool`] over the device's DMA view (a VFIO container: devices sharing a
+//! container may share the pool). The polling path uses only the
 //! pool's immediate API (`try_alloc`), so a poller never waits; the async path awaits pool
 //! capacity and queue slots, and its reaper never awaits anything but the interrupt.
 //!
