@@ -129,16 +129,16 @@ pub struct SlotBuffer {
 }
 
 impl SlotBuffer {
-    /// Slot `slot` of an engine whose slots begin at `ptrs`, each `len` bytes long; a slot
-    /// number out of range is the harness's misuse.
-    pub(crate) fn of(
-        ptrs: &[NonNull<u8>],
-        len: usize,
-        slot: u32,
-    ) -> Result<SlotBuffer, EngineError> {
-        let ptr = *ptrs.get(slot as usize).ok_or_else(|| {
-            EngineError::Misuse(format!("slot {slot} out of range (have {})", ptrs.len()))
-        })?;
+    /// Slot `slot` of an engine whose slots begin at the addresses `addrs` (addresses, not
+    /// pointers, so engines stay `Send` without `unsafe`), each `len` bytes long; a slot number
+    /// out of range is the harness's misuse.
+    pub(crate) fn of(addrs: &[usize], len: usize, slot: u32) -> Result<SlotBuffer, EngineError> {
+        let ptr = addrs
+            .get(slot as usize)
+            .and_then(|&a| NonNull::new(a as *mut u8))
+            .ok_or_else(|| {
+                EngineError::Misuse(format!("slot {slot} out of range (have {})", addrs.len()))
+            })?;
         Ok(SlotBuffer { ptr, len })
     }
 }

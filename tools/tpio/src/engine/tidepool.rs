@@ -40,7 +40,6 @@
 //! when the last clone closes.
 
 use std::collections::HashMap;
-use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use tidepool::data::{Calibration, Completed, DataKind, DmaData, DmaPolicy, HostMemory, PageBuf};
@@ -522,18 +521,7 @@ impl Engine for TidepoolEngine {
     }
 
     fn slot_buffer(&self, slot: u32) -> Result<SlotBuffer, EngineError> {
-        let addr = self.slot_addrs.get(slot as usize).copied().ok_or_else(|| {
-            EngineError::Misuse(format!(
-                "slot {slot} out of range (have {})",
-                self.slots.len()
-            ))
-        })?;
-        let ptr = NonNull::new(addr as *mut u8)
-            .ok_or_else(|| EngineError::Misuse("slot memory at null".into()))?;
-        Ok(SlotBuffer {
-            ptr,
-            len: self.slot_bytes,
-        })
+        SlotBuffer::of(&self.slot_addrs, self.slot_bytes, slot)
     }
 
     fn queue(&mut self, request: IoRequest) -> Result<(), EngineError> {

@@ -3,7 +3,8 @@
 //! e.g. `qemu-storage-daemon --export type=vhost-user-blk,addr.type=unix,addr.path=...`).
 //!
 //! # What is measured
-//! Exactly the driver's public path: slots are **private** memory (a [`SlotRegion`]), and every
+//! Exactly the driver's public path: slots are **private** memory (a page-aligned [`PageBuf`]
+//! each, owned by the slot while idle and by its request's task while in flight), and every
 //! I/O goes through [`BlockDevice::read_at`] / [`BlockDevice::write_at`], which bounce the bytes
 //! through a Tidepool pool whose chunks are the only memory shared with the backend (a
 //! [`VhostUserView`]). The pool is sized by `--pool-min/--pool-max/--pool-chunk` as for
@@ -40,18 +41,18 @@
 //! reaped by another clone's thread (then woken through the channel).
 //!
 //! # Why slot memory is never released under an I/O
-//! Each task holds an `Arc` of the slot region; the region is unmapped only when the engine
-//! and every task are gone. Besides, the harness touches a slot only while it is idle (module
-//! doc of [`super`]), a task creates the one reference to its slot's bytes, and `close`/drop
-//! wait for every task to report (each finishes: the driver fails a request after its
-//! `io_timeout`, or at once when the backend disconnects).
+//! A request's task owns its slot's memory (moved into it at `commit`) and hands it back in
+//! its report; the slot table holds it only while the slot is idle, and `slot_buffer` refuses a
+//! slot whose memory is away, so the harness can only reach memory that exists and that no task
+//! uses. `close`/drop wait for every task to report (each finishes: the driver fails a request
+//! after its `io_timeout`, or at once when the backend disconnects). No `unsafe` here.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use tidepool::data::PageBuf;
 use tidepool::pool::Pool;
 use tidepool::share::DeviceView;
 use tidepool_vhost_user_blk::{
@@ -61,7 +62,6 @@ use tidepool_vhost_user_blk::{
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 
-use super::region::SlotRegion;
 use super::{
     target_label, Engine, EngineError, Geometry, IoCompletion, IoDirection, IoRequest, SlotBuffer,
 };
@@ -219,43 +219,6 @@ impl Drop for Backend {
     }
 }
 
-/// The private slot memory, shared with the tasks that use it (module doc). Only held: the
-/// slots' pointers are computed once at prepare.
-struct Slots {
-    _region: SlotRegion,
-}
-
-// SAFETY: `SlotRegion` is an owned mapping whose methods only compute pointers (`&self`, no
-// interior mutation). The bytes are touched through those pointers by one party at a time: the
-// harness while a slot is idle, the slot's one task while it is in flight (engine protocol).
-unsafe impl Sync for Slots {}
-
-/// A slot's bytes handed to its task.
-struct SlotBytes {
-    ptr: NonNull<u8>,
-    len: usize,
-    /// Keeps the mapping alive while the task runs.
-    _slots: Arc<Slots>,
-}
-
-// SAFETY: the pointer is into `_slots`, which the value keeps alive; only the owning task
-// dereferences it, while the harness leaves the slot alone (engine protocol).
-unsafe impl Send for SlotBytes {}
-
-impl SlotBytes {
-    /// The slot's first `len` bytes as a private buffer for the driver.
-    ///
-    /// # Safety
-    /// The caller must be the slot's only user for the returned lifetime: its request is in
-    /// flight, so the harness does not touch it, and no other task has it.
-    unsafe fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr..ptr+len` lies in the mapping `_slots` keeps alive; the caller guarantees
-        // exclusive use. The memory is private (never shared with the backend), so a Rust
-        // reference to it is sound.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
 /// The errno tpio reports for a driver error.
 fn errno_of(error: &VhostError) -> i32 {
     match error {
@@ -272,20 +235,24 @@ fn errno_of(error: &VhostError) -> i32 {
     }
 }
 
-/// One finished task's report.
+/// One finished task's report, with the slot's memory back.
 struct Finished {
     completion: IoCompletion,
+    memory: PageBuf,
     /// The driver's message for a failed request.
     error: Option<String>,
 }
 
 /// One job clone's engine on a (shared) vhost-user-blk backend. Field order is drop order.
 pub struct VhostUserBlkEngine {
-    /// Requests queued since the last commit.
-    pending: Vec<IoRequest>,
-    busy: Vec<bool>,
-    slots: Option<Arc<Slots>>,
-    slot_ptrs: Vec<NonNull<u8>>,
+    /// Requests queued since the last commit, each with its slot's memory.
+    pending: Vec<(IoRequest, PageBuf)>,
+    /// Each slot's private memory while idle; `None` while its request is queued or in
+    /// flight (the memory is then owned by the request's task).
+    slots: Vec<Option<PageBuf>>,
+    /// Each slot's first byte, fixed from prepare to close: the memory moves with its task,
+    /// its bytes stay where they are. Addresses, so the engine is `Send` without `unsafe`.
+    slot_addrs: Vec<usize>,
     slot_bytes: usize,
     done_tx: mpsc::UnboundedSender<Finished>,
     done_rx: mpsc::UnboundedReceiver<Finished>,
@@ -298,10 +265,6 @@ pub struct VhostUserBlkEngine {
     block_size: u32,
     backend: Arc<Backend>,
 }
-
-// SAFETY: the raw slot pointers point into the slot region this engine co-owns (`slots`);
-// moving the engine to another thread moves that ownership. Everything else is `Send`.
-unsafe impl Send for VhostUserBlkEngine {}
 
 impl VhostUserBlkEngine {
     /// Connects to (or shares, see the module doc) the backend on the socket `spec.filename`.
@@ -332,9 +295,8 @@ impl VhostUserBlkEngine {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Ok(VhostUserBlkEngine {
             pending: Vec::new(),
-            busy: Vec::new(),
-            slots: None,
-            slot_ptrs: Vec::new(),
+            slots: Vec::new(),
+            slot_addrs: Vec::new(),
             slot_bytes: 0,
             done_tx,
             done_rx,
@@ -349,28 +311,17 @@ impl VhostUserBlkEngine {
         })
     }
 
-    /// Spawns the task that performs `request` on the backend's runtime. The task reports on
-    /// the engine's channel exactly once, whatever happens.
-    fn spawn(&self, request: IoRequest) -> Result<(), EngineError> {
-        let device = Arc::clone(self.backend.device()?);
-        let slots = self
-            .slots
-            .as_ref()
-            .ok_or_else(|| EngineError::Misuse("I/O before prepare".into()))?;
-        let ptr = *self
-            .slot_ptrs
-            .get(request.slot as usize)
-            .ok_or_else(|| EngineError::Misuse(format!("slot {} out of range", request.slot)))?;
-        let mut bytes = SlotBytes {
-            ptr,
-            len: request.len as usize,
-            _slots: Arc::clone(slots),
+    /// Spawns the task that performs `request` on the backend's runtime with the slot's
+    /// `memory`, which the task owns until it reports. The task reports on the engine's channel
+    /// exactly once, whatever happens; on an error here the memory comes back.
+    fn spawn(&self, request: IoRequest, mut memory: PageBuf) -> Result<(), (EngineError, PageBuf)> {
+        let device = match self.backend.device() {
+            Ok(d) => Arc::clone(d),
+            Err(e) => return Err((e, memory)),
         };
         let done = self.done_tx.clone();
         self.backend.runtime.spawn(async move {
-            // SAFETY: the slot's request is in flight from `queue` until this report is reaped,
-            // so the harness leaves the bytes alone, and this task is the slot's only one.
-            let buf = unsafe { bytes.as_mut_slice() };
+            let buf = &mut memory.as_mut_slice()[..request.len as usize];
             let result = match request.direction {
                 IoDirection::Read => device.read_at(request.offset, buf).await,
                 IoDirection::Write => device.write_at(request.offset, buf).await,
@@ -379,13 +330,13 @@ impl VhostUserBlkEngine {
                 Ok(()) => (Ok(request.len), None),
                 Err(e) => (Err(errno_of(&e)), Some(e.to_string())),
             };
-            drop(bytes);
             // The receiver lives as long as the engine, which waits for every task.
             let _ = done.send(Finished {
                 completion: IoCompletion {
                     slot: request.slot,
                     result,
                 },
+                memory,
                 error,
             });
         });
@@ -395,8 +346,8 @@ impl VhostUserBlkEngine {
     /// Records one report and appends its completion to `out`.
     fn take(&mut self, finished: Finished, out: &mut Vec<IoCompletion>) {
         let slot = finished.completion.slot as usize;
-        if let Some(busy) = self.busy.get_mut(slot) {
-            *busy = false;
+        if let Some(idle) = self.slots.get_mut(slot) {
+            *idle = Some(finished.memory);
         }
         self.outstanding = self.outstanding.saturating_sub(1);
         self.completed += 1;
@@ -464,30 +415,40 @@ impl Engine for VhostUserBlkEngine {
         if slots == 0 {
             return Err(EngineError::Misuse("iodepth=0".into()));
         }
-        let region = SlotRegion::new(slots, slot_bytes)?;
-        self.slot_ptrs = (0..slots)
-            .map(|slot| region.slot(slot).map(|buffer| buffer.ptr))
-            .collect::<Result<_, _>>()?;
-        self.slots = Some(Arc::new(Slots { _region: region }));
-        self.busy = vec![false; slots as usize];
+        self.slots = (0..slots)
+            .map(|_| Some(PageBuf::zeroed(slot_bytes as usize)))
+            .collect();
+        self.slot_addrs = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|m| m.as_slice().as_ptr() as usize)
+            .collect();
         self.slot_bytes = slot_bytes as usize;
         Ok(())
     }
 
+    /// The slot's bytes, only while it is idle (its memory is here, not with a task).
     fn slot_buffer(&self, slot: u32) -> Result<SlotBuffer, EngineError> {
-        SlotBuffer::of(&self.slot_ptrs, self.slot_bytes, slot)
+        if let Some(None) = self.slots.get(slot as usize) {
+            return Err(EngineError::Misuse(format!("slot {slot} is in flight")));
+        }
+        SlotBuffer::of(&self.slot_addrs, self.slot_bytes, slot)
     }
 
     fn queue(&mut self, request: IoRequest) -> Result<(), EngineError> {
-        let idle = self.busy.get(request.slot as usize) == Some(&false);
-        if !idle || request.len as usize > self.slot_bytes || request.len == 0 {
+        let fits = request.len as usize <= self.slot_bytes && request.len != 0;
+        let memory = match self.slots.get_mut(request.slot as usize) {
+            Some(idle) if fits => idle.take(),
+            _ => None,
+        };
+        let Some(memory) = memory else {
             return Err(EngineError::Misuse(format!(
                 "request {request:?} names a busy or unknown slot, or exceeds its {} bytes",
                 self.slot_bytes
             )));
-        }
-        self.busy[request.slot as usize] = true;
-        self.pending.push(request);
+        };
+        self.pending.push((request, memory));
         Ok(())
     }
 
@@ -495,12 +456,14 @@ impl Engine for VhostUserBlkEngine {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.pending);
-        for (at, request) in pending.iter().enumerate() {
-            if let Err(error) = self.spawn(*request) {
-                // Not spawned: this and the later requests never reach the device.
-                for request in &pending[at..] {
-                    self.busy[request.slot as usize] = false;
+        let mut pending = std::mem::take(&mut self.pending).into_iter();
+        while let Some((request, memory)) = pending.next() {
+            if let Err((error, memory)) = self.spawn(request, memory) {
+                // Not spawned: this and the later requests never reach the device; their
+                // slots get their memory back.
+                self.slots[request.slot as usize] = Some(memory);
+                for (request, memory) in pending {
+                    self.slots[request.slot as usize] = Some(memory);
                 }
                 return Err(error);
             }
@@ -547,8 +510,8 @@ impl Engine for VhostUserBlkEngine {
     fn close(&mut self) -> Result<(), EngineError> {
         let drained = self.drain();
         self.final_stats = Some(self.snapshot());
-        self.slot_ptrs.clear();
-        self.slots = None;
+        self.slot_addrs.clear();
+        self.slots.clear();
         drained
     }
 
