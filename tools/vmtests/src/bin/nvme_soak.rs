@@ -125,6 +125,15 @@ fn run() -> Res<()> {
     while start.elapsed() < Duration::from_secs(secs) {
         epoch += 1;
         let tasks = 1 + rng.below(MAX_TASKS);
+        // Odd epochs bounce everything (the pool must grow for the bursts); even ones map
+        // large transfers directly.
+        let policy = if epoch % 2 == 1 {
+            DmaPolicy::Bounce
+        } else {
+            DmaPolicy::Auto {
+                threshold: 64 << 10,
+            }
+        };
         let ending = epoch % 3;
         let len = Duration::from_millis(500 + rng.below(2500));
         let q = rt
@@ -153,6 +162,7 @@ fn run() -> Res<()> {
                         let unit_no = base + r.below(units_per_task - 32);
                         let units = 1 + r.below(32);
                         let io = IoSpec {
+                            policy,
                             lba: unit_no * unit / block,
                             first: unit_no,
                             units,
@@ -162,7 +172,12 @@ fn run() -> Res<()> {
                             cancel_after: (r.below(8) == 0)
                                 .then(|| Duration::from_micros(r.below(400))),
                         };
-                        one_io(&q, &ns, &pool, &mapper, &known, &tally, &mut poisoned, io).await;
+                        let dead =
+                            one_io(&q, &ns, &pool, &mapper, &known, &tally, &mut poisoned, io)
+                                .await;
+                        if dead {
+                            break; // the epoch's controller reset failed the queue
+                        }
                     }
                 })
             })
@@ -243,6 +258,8 @@ fn run() -> Res<()> {
 
 /// One I/O of a task.
 struct IoSpec {
+    /// Bounce everything (the pool grows with the load) or map from 64 KiB on.
+    policy: DmaPolicy,
     lba: u64,
     first: u64,
     units: u64,
@@ -262,11 +279,8 @@ async fn one_io(
     tally: &Tally,
     poisoned: &mut HashSet<u64>,
     io: IoSpec,
-) {
+) -> bool {
     let len = (io.units * io.unit) as usize;
-    let policy = DmaPolicy::Auto {
-        threshold: 64 << 10,
-    };
     let mut mem = PageBuf::zeroed(len);
     let expect = if io.write {
         // Unknown from the moment the write may reach the device.
@@ -294,7 +308,7 @@ async fn one_io(
         Direction::FromDevice
     };
     let fut = async {
-        let data = match policy.prepare_wait(pool, Some(mapper), mem, dir).await {
+        let data = match io.policy.prepare_wait(pool, Some(mapper), mem, dir).await {
             Ok(d) => d,
             Err(r) => return (Err(format!("prepare: {}", r.error)), None),
         };
@@ -315,7 +329,7 @@ async fn one_io(
                 if io.write {
                     poisoned.extend(io.first..io.first + io.units);
                 }
-                return;
+                return false;
             }
         },
         None => fut.await,
@@ -324,7 +338,7 @@ async fn one_io(
         (Ok(()), Some(data)) => {
             let Completed::Memory(HostMemory::Page(page)) = data.complete() else {
                 tally.other_errors.fetch_add(1, Ordering::Relaxed);
-                return;
+                return false;
             };
             if io.write {
                 let mut k = known.lock().unwrap();
@@ -349,6 +363,7 @@ async fn one_io(
         }
         (Err(e), _) if is_reset(&e) => {
             tally.failed_by_reset.fetch_add(1, Ordering::Relaxed);
+            return true;
         }
         (Err(e), _) => {
             println!("  unexpected error: {e}");
@@ -358,6 +373,7 @@ async fn one_io(
             tally.other_errors.fetch_add(1, Ordering::Relaxed);
         }
     }
+    false
 }
 
 /// Errors an injected reset or timeout explains.
