@@ -366,15 +366,7 @@ impl DmaData {
             Direction::FromDevice => pool.try_alloc(memory.len()),
             _ => pool.try_alloc_from(host_bytes(&mut memory)),
         };
-        match got {
-            Ok(buf) => Ok(DmaData {
-                inner: Inner::Bounce(Box::new(Bounced { buf, memory, dir })),
-            }),
-            Err(e) => Err(Refused {
-                error: e.into(),
-                memory,
-            }),
-        }
+        DmaData::bounced(got, memory, dir)
     }
 
     /// [`DmaData::try_bounce`], but waiting for pool capacity (fairly, with the pool's bounded
@@ -390,15 +382,24 @@ impl DmaData {
                 Direction::FromDevice => pool.alloc(memory.len()).await,
                 _ => pool.alloc_from(host_bytes(&mut memory)).await,
             };
-            match got {
-                Ok(buf) => Ok(DmaData {
-                    inner: Inner::Bounce(Box::new(Bounced { buf, memory, dir })),
-                }),
-                Err(e) => Err(Refused {
-                    error: e.into(),
-                    memory,
-                }),
-            }
+            DmaData::bounced(got, memory, dir)
+        }
+    }
+
+    /// Bounce data from the pool's answer, or the memory back with the pool's error.
+    fn bounced(
+        got: Result<DmaBuf, PoolError>,
+        memory: HostMemory,
+        dir: Direction,
+    ) -> Result<DmaData, Refused> {
+        match got {
+            Ok(buf) => Ok(DmaData {
+                inner: Inner::Bounce(Box::new(Bounced { buf, memory, dir })),
+            }),
+            Err(e) => Err(Refused {
+                error: e.into(),
+                memory,
+            }),
         }
     }
 
@@ -568,6 +569,14 @@ impl DmaData {
     }
 }
 
+/// What [`DmaPolicy::plan`] decided.
+enum Plan {
+    /// Mapped directly already.
+    Ready(DmaData),
+    /// To bounce (immediately or awaiting capacity).
+    Bounce(HostMemory),
+}
+
 /// The caller's bytes, for copying in.
 fn host_bytes(memory: &mut HostMemory) -> &[u8] {
     let (ptr, len) = memory.ptr_len();
@@ -589,17 +598,9 @@ impl DmaPolicy {
         memory: impl Into<HostMemory>,
         dir: Direction,
     ) -> Result<DmaData, Refused> {
-        let mut memory = memory.into();
-        match self.path_for(&mut memory, mapper) {
-            Ok(Path::Direct) => match mapper {
-                Some(m) => DmaData::direct(m, memory, dir),
-                None => Err(Refused {
-                    error: DataError::NoMapper,
-                    memory,
-                }),
-            },
-            Ok(Path::Bounce) => DmaData::try_bounce(pool, memory, dir),
-            Err(error) => Err(Refused { error, memory }),
+        match self.plan(mapper, memory.into(), dir)? {
+            Plan::Ready(data) => Ok(data),
+            Plan::Bounce(memory) => DmaData::try_bounce(pool, memory, dir),
         }
     }
 
@@ -611,17 +612,27 @@ impl DmaPolicy {
         memory: impl Into<HostMemory>,
         dir: Direction,
     ) -> Result<DmaData, Refused> {
-        let mut memory = memory.into();
-        match self.path_for(&mut memory, mapper) {
-            Ok(Path::Direct) => match mapper {
-                Some(m) => DmaData::direct(m, memory, dir),
-                None => Err(Refused {
-                    error: DataError::NoMapper,
-                    memory,
-                }),
-            },
-            Ok(Path::Bounce) => DmaData::bounce(pool, memory, dir).await,
-            Err(error) => Err(Refused { error, memory }),
+        match self.plan(mapper, memory.into(), dir)? {
+            Plan::Ready(data) => Ok(data),
+            Plan::Bounce(memory) => DmaData::bounce(pool, memory, dir).await,
+        }
+    }
+
+    /// The decision both `prepare`s share: a direct mapping made now, or memory to bounce.
+    fn plan(
+        &self,
+        mapper: Option<&DirectMapper>,
+        mut memory: HostMemory,
+        dir: Direction,
+    ) -> Result<Plan, Refused> {
+        match (self.path_for(&mut memory, mapper), mapper) {
+            (Ok(Path::Direct), Some(m)) => DmaData::direct(m, memory, dir).map(Plan::Ready),
+            (Ok(Path::Direct), None) => Err(Refused {
+                error: DataError::NoMapper,
+                memory,
+            }),
+            (Ok(Path::Bounce), _) => Ok(Plan::Bounce(memory)),
+            (Err(error), _) => Err(Refused { error, memory }),
         }
     }
 

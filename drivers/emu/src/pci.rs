@@ -371,6 +371,49 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The function-reset handshake between a caller of [`PciDevice::function_reset`] and a device
+/// model's thread: the caller asks for reset number `n` and waits until the thread says it
+/// finished `n`. When the wait returns, the model has dropped everything in flight and does no
+/// DMA until it is brought up again.
+///
+/// [`PciDevice::function_reset`]: tidepool::device::PciDevice::function_reset
+#[derive(Debug, Default)]
+pub struct ResetHandshake {
+    requested: AtomicU64,
+    done: AtomicU64,
+}
+
+impl ResetHandshake {
+    /// Caller side: asks for a reset, wakes the model's thread with `wake`, and waits (up to
+    /// 5 s, polling every 50 µs) for it to acknowledge. `device` names the model in the error.
+    pub fn request_and_wait(&self, wake: impl Fn(), device: &str) -> Result<(), DeviceError> {
+        let want = self.requested.fetch_add(1, Ordering::AcqRel) + 1;
+        wake();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.done.load(Ordering::Acquire) < want {
+            if std::time::Instant::now() > deadline {
+                return Err(DeviceError::Failed {
+                    what: "function reset",
+                    detail: format!("the {device} thread did not acknowledge in 5 s"),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        Ok(())
+    }
+
+    /// Thread side: the number of a reset asked for since `seen`, if any.
+    pub fn pending(&self, seen: u64) -> Option<u64> {
+        let requested = self.requested.load(Ordering::Acquire);
+        (requested != seen).then_some(requested)
+    }
+
+    /// Thread side: resets up to number `n` are done.
+    pub fn acknowledge(&self, n: u64) {
+        self.done.store(n, Ordering::Release);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

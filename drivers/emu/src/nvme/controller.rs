@@ -199,11 +199,10 @@ impl Controller {
     /// One pass over everything; true if it made progress.
     fn step(&mut self) -> bool {
         let mut busy = false;
-        let req = self.sh.reset_requested.load(Ordering::Acquire);
-        if req != self.reset_seen {
+        if let Some(req) = self.sh.flr.pending(self.reset_seen) {
             self.function_reset();
             self.reset_seen = req;
-            self.sh.reset_done.store(req, Ordering::Release);
+            self.sh.flr.acknowledge(req);
             busy = true;
         }
         let cc = self.sh.regs.cc.load(Ordering::Acquire);

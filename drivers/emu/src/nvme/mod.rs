@@ -40,7 +40,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tidepool::device::{DeviceError, Mmio, PciDevice};
 use tidepool::share::DeviceView;
@@ -219,8 +219,8 @@ pub(crate) struct Shared {
     doorbells: Box<[AtomicU32]>,
     thread: OnceLock<Thread>,
     stop: AtomicBool,
-    reset_requested: AtomicU64,
-    reset_done: AtomicU64,
+    /// Function resets asked for and done (the controller thread performs them).
+    flr: crate::pci::ResetHandshake,
     faults: Mutex<FaultState>,
     faults_armed: AtomicBool,
     namespace: Mutex<Vec<u8>>,
@@ -308,8 +308,7 @@ impl EmuNvme {
                 .collect(),
             thread: OnceLock::new(),
             stop: AtomicBool::new(false),
-            reset_requested: AtomicU64::new(0),
-            reset_done: AtomicU64::new(0),
+            flr: crate::pci::ResetHandshake::default(),
             faults: Mutex::default(),
             faults_armed: AtomicBool::new(false),
             namespace: Mutex::new(vec![0; cfg.namespace_bytes as usize]),
@@ -463,19 +462,7 @@ impl PciDevice for EmuNvme {
     fn function_reset(&self) -> Result<(), DeviceError> {
         self.shared.pci.check_function_reset()?;
         let s = &self.shared;
-        let want = s.reset_requested.fetch_add(1, Ordering::AcqRel) + 1;
-        s.wake();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while s.reset_done.load(Ordering::Acquire) < want {
-            if Instant::now() > deadline {
-                return Err(DeviceError::Failed {
-                    what: "function reset",
-                    detail: "the emulated controller thread did not acknowledge in 5 s".into(),
-                });
-            }
-            std::thread::sleep(Duration::from_micros(50));
-        }
-        Ok(())
+        s.flr.request_and_wait(|| s.wake(), "emulated controller")
     }
 
     fn dma_view(&self) -> Result<Arc<dyn DeviceView>, DeviceError> {

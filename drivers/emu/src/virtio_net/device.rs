@@ -129,15 +129,14 @@ impl Device {
     /// One pass over everything; true if it made progress.
     fn step(&mut self) -> bool {
         let sh = self.sh.clone();
-        let flr = sh.flr_requested.load(Ordering::Acquire);
-        if flr > self.flr_seen {
+        if let Some(flr) = sh.flr.pending(self.flr_seen) {
             // A function reset ignores the reset faults and completes pending status resets.
             self.reset();
             self.reset_deadline = None;
             self.reset_seen = sh.reset_requested.load(Ordering::Acquire);
             sh.reset_done.store(self.reset_seen, Ordering::Release);
             self.flr_seen = flr;
-            sh.flr_done.store(flr, Ordering::Release);
+            sh.flr.acknowledge(flr);
             return true;
         }
         let requested = sh.reset_requested.load(Ordering::Acquire);

@@ -59,7 +59,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::{JoinHandle, Thread};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tidepool::device::{config, DeviceError, Mmio, PciDevice};
 use tidepool::share::DeviceView;
@@ -320,8 +320,8 @@ pub(crate) struct Shared {
     reset_requested: AtomicU64,
     reset_done: AtomicU64,
     /// Function resets asked for and done (these ignore the reset faults).
-    flr_requested: AtomicU64,
-    flr_done: AtomicU64,
+    /// Function resets asked for and done (the device thread performs them).
+    flr: crate::pci::ResetHandshake,
     thread: OnceLock<Thread>,
     stop: AtomicBool,
     faults: Mutex<FaultState>,
@@ -466,8 +466,7 @@ impl EmuVirtioNet {
             isr: AtomicU8::new(0),
             reset_requested: AtomicU64::new(0),
             reset_done: AtomicU64::new(0),
-            flr_requested: AtomicU64::new(0),
-            flr_done: AtomicU64::new(0),
+            flr: crate::pci::ResetHandshake::default(),
             thread: OnceLock::new(),
             stop: AtomicBool::new(false),
             faults: Mutex::default(),
@@ -655,19 +654,8 @@ impl PciDevice for EmuVirtioNet {
     fn function_reset(&self) -> Result<(), DeviceError> {
         self.shared.pci.check_function_reset()?;
         let s = &self.shared;
-        let want = s.flr_requested.fetch_add(1, Ordering::AcqRel) + 1;
-        s.wake();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while s.flr_done.load(Ordering::Acquire) < want {
-            if Instant::now() > deadline {
-                return Err(DeviceError::Failed {
-                    what: "function reset",
-                    detail: "the emulated device thread did not acknowledge in 5 s".into(),
-                });
-            }
-            std::thread::sleep(Duration::from_micros(50));
-        }
-        Ok(())
+        s.flr
+            .request_and_wait(|| s.wake(), "emulated virtio-net device")
     }
 
     fn dma_view(&self) -> Result<Arc<dyn DeviceView>, DeviceError> {
