@@ -371,6 +371,45 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How long an idle device thread spins before it parks.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(20);
+/// The longest a parked device thread sleeps without a register write or a timed event.
+const IDLE_PARK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A device model's thread: one pass over its work, and when it must next wake on its own.
+pub trait DeviceLoop {
+    /// One pass over everything; true if it made progress.
+    fn step(&mut self) -> bool;
+    /// The next timed event (a delayed completion, a reset deadline), if any.
+    fn next_deadline(&self) -> Option<std::time::Instant>;
+}
+
+/// Runs a model's thread until `stop`: step while there is work, spin [`SPIN`] when idle (an
+/// I/O loop's next doorbell is usually that close), then park until a register write unparks
+/// the thread or the next timed event (at most [`IDLE_PARK`]), so an idle model burns no core.
+pub fn run_device_loop(model: &mut impl DeviceLoop, stop: &AtomicBool, name: &str) {
+    let mut idle_since: Option<std::time::Instant> = None;
+    while !stop.load(Ordering::Acquire) {
+        if model.step() {
+            idle_since = None;
+            continue;
+        }
+        let now = std::time::Instant::now();
+        let since = *idle_since.get_or_insert(now);
+        if now.duration_since(since) < SPIN {
+            std::hint::spin_loop();
+            continue;
+        }
+        let mut wait = IDLE_PARK;
+        if let Some(at) = model.next_deadline() {
+            wait = wait.min(at.saturating_duration_since(now));
+        }
+        std::thread::park_timeout(wait);
+        idle_since = None;
+    }
+    tracing::debug!("{name} thread stopped");
+}
+
 /// The function-reset handshake between a caller of [`PciDevice::function_reset`] and a device
 /// model's thread: the caller asks for reset number `n` and waits until the thread says it
 /// finished `n`. When the wait returns, the model has dropped everything in flight and does no

@@ -14,10 +14,6 @@ use super::status::{self, Status};
 use super::{Corruption, FaultState, Shared};
 use crate::pci::{DmaError, PciCore};
 
-/// How long an idle controller spins before parking.
-const SPIN: Duration = Duration::from_micros(20);
-/// The longest park (a safety net: register writes unpark the thread).
-const IDLE_PARK: Duration = Duration::from_millis(100);
 /// How often held commands write their data buffer.
 const HOLD_PERIOD: Duration = Duration::from_millis(1);
 /// What held commands write.
@@ -163,32 +159,13 @@ impl Controller {
         }
     }
 
-    /// The thread body: step while there is work, spin briefly, then park until a register
-    /// write (or the next timed event) wakes it.
+    /// The thread body ([`crate::pci::run_device_loop`]).
     pub(super) fn run(mut self) {
-        let mut idle_since: Option<Instant> = None;
-        while !self.sh.stop.load(Ordering::Acquire) {
-            if self.step() {
-                idle_since = None;
-                continue;
-            }
-            let now = Instant::now();
-            let since = *idle_since.get_or_insert(now);
-            if now.duration_since(since) < SPIN {
-                std::hint::spin_loop();
-                continue;
-            }
-            let mut wait = IDLE_PARK;
-            if let Some(at) = self.next_deadline() {
-                wait = wait.min(at.saturating_duration_since(now));
-            }
-            std::thread::park_timeout(wait);
-            idle_since = None;
-        }
-        tracing::debug!("emulated NVMe controller thread stopped");
+        let sh = self.sh.clone();
+        crate::pci::run_device_loop(&mut self, &sh.stop, "emulated NVMe controller");
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
+    fn next_timed_event(&self) -> Option<Instant> {
         let delayed = self.delayed.front().map(|d| d.0);
         match (delayed, self.next_hold_write) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -197,7 +174,7 @@ impl Controller {
     }
 
     /// One pass over everything; true if it made progress.
-    fn step(&mut self) -> bool {
+    fn pass(&mut self) -> bool {
         let mut busy = false;
         if let Some(req) = self.sh.flr.pending(self.reset_seen) {
             self.function_reset();
@@ -1040,4 +1017,13 @@ fn post(pci: &PciCore, cq: &mut Cq, e: Entry) -> Result<(), DmaError> {
     }
     cq.irq = true;
     Ok(())
+}
+
+impl crate::pci::DeviceLoop for Controller {
+    fn step(&mut self) -> bool {
+        self.pass()
+    }
+    fn next_deadline(&self) -> Option<Instant> {
+        self.next_timed_event()
+    }
 }

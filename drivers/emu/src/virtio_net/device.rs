@@ -7,16 +7,12 @@
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::{status, QueueRegs, Shared, UsedCorruption, NET_HDR_LEN, NO_VECTOR, SENT_LOG};
 use super::{NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 use crate::pci::{DmaError, PciCore};
 
-/// How long an idle device spins before parking.
-const SPIN: Duration = Duration::from_micros(20);
-/// The longest park (a safety net: register writes unpark the thread).
-const IDLE_PARK: Duration = Duration::from_millis(100);
 /// Buffers taken from one queue before looking at the other and at resets.
 const BURST: usize = 64;
 /// The largest TX chain accepted: a 64 KiB frame and its header.
@@ -92,29 +88,10 @@ impl Device {
         }
     }
 
-    /// The thread body: step while there is work, spin briefly, then park until a register
-    /// write (or the reset deadline) wakes it.
+    /// The thread body ([`crate::pci::run_device_loop`]).
     pub(super) fn run(mut self) {
-        let mut idle_since: Option<Instant> = None;
-        while !self.sh.stop.load(Ordering::Acquire) {
-            if self.step() {
-                idle_since = None;
-                continue;
-            }
-            let now = Instant::now();
-            let since = *idle_since.get_or_insert(now);
-            if now.duration_since(since) < SPIN {
-                std::hint::spin_loop();
-                continue;
-            }
-            let mut wait = IDLE_PARK;
-            if let Some(at) = self.reset_deadline {
-                wait = wait.min(at.saturating_duration_since(now));
-            }
-            std::thread::park_timeout(wait);
-            idle_since = None;
-        }
-        tracing::debug!("emulated virtio-net device thread stopped");
+        let sh = self.sh.clone();
+        crate::pci::run_device_loop(&mut self, &sh.stop, "emulated virtio-net device");
     }
 
     /// Back to the power-on state: registers, queues, pending frames.
@@ -127,7 +104,7 @@ impl Device {
     }
 
     /// One pass over everything; true if it made progress.
-    fn step(&mut self) -> bool {
+    fn pass(&mut self) -> bool {
         let sh = self.sh.clone();
         if let Some(flr) = sh.flr.pending(self.flr_seen) {
             // A function reset ignores the reset faults and completes pending status resets.
@@ -437,4 +414,13 @@ fn interrupt(sh: &Shared, q: &Queue) -> Result<(), Fail> {
         sh.isr.fetch_or(1, Ordering::AcqRel);
     }
     Ok(())
+}
+
+impl crate::pci::DeviceLoop for Device {
+    fn step(&mut self) -> bool {
+        self.pass()
+    }
+    fn next_deadline(&self) -> Option<Instant> {
+        self.reset_deadline
+    }
 }
