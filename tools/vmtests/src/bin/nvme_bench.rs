@@ -111,15 +111,31 @@ fn run() -> Res<()> {
     let bdf = env.nvme_bdf().to_string();
     let secs = Duration::from_secs(env_u64("TIDEPOOL_NVME_BENCH_SECS", 2));
     let rounds = env_u64("TIDEPOOL_NVME_BENCH_ROUNDS", 3) as usize;
-    let cases = [(4096usize, true), (128 << 10, false)];
+    // TIDEPOOL_NVME_BENCH_ONLY=4k|128k runs one case; TIDEPOOL_NVME_BENCH_VARIANTS=reference
+    // (comma-separated names) runs only those variants: how tpio_vs_loop.sh interleaves the
+    // reference loop with tpio runs.
+    let only = std::env::var("TIDEPOOL_NVME_BENCH_ONLY").unwrap_or_default();
+    let cases: Vec<(usize, bool)> = [(4096usize, true), (128 << 10, false)]
+        .into_iter()
+        .filter(|&(size, _)| only.is_empty() || only == format!("{}k", size >> 10))
+        .collect();
     // The host is shared and TCG speed drifts, so every variant runs once per round, rounds
     // interleave the variants, and the report gives each variant's median.
-    let variants = [
+    let wanted = std::env::var("TIDEPOOL_NVME_BENCH_VARIANTS").unwrap_or_default();
+    let variants: Vec<&str> = [
         "reference",
         "mmio zero-copy",
         "shadow zero-copy",
         "mmio bounce",
-    ];
+    ]
+    .into_iter()
+    .filter(|v| wanted.is_empty() || wanted.split(',').any(|w| w == *v))
+    .collect();
+    if variants.first() != Some(&"reference") || cases.is_empty() {
+        return Err("TIDEPOOL_NVME_BENCH_VARIANTS must include reference, and \
+                    TIDEPOOL_NVME_BENCH_ONLY must be 4k or 128k"
+            .into());
+    }
     let mut results: Vec<Vec<Vec<Measured>>> = vec![vec![Vec::new(); variants.len()]; cases.len()];
     for round in 0..rounds {
         for (c, &(size, random)) in cases.iter().enumerate() {

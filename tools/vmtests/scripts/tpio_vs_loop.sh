@@ -1,0 +1,55 @@
+#!/bin/sh
+# VM "test" tpio_vs_loop: tpio's tidepool engine (zero-copy) against nvme_bench's minimal
+# polled VFIO loop on the same controller, in one boot, alternating order (ABBA per round):
+# 4 KiB random reads at QD 32 and 128 KiB sequential reads at QD 32. busybox sh.
+#
+# Run (nvme_bench must be installed too: it is listed first, cut short by the env):
+#   tools/vm/run --tpio --env TIDEPOOL_NVME_BENCH_VARIANTS=reference \
+#       --env TIDEPOOL_NVME_BENCH_SECS=1 --env TIDEPOOL_NVME_BENCH_ROUNDS=1 \
+#       --test-timeout 600 nvme_bench tpio_vs_loop:5:2
+# Usage: tpio_vs_loop [RUNTIME_SECONDS] [ROUNDS]      (each round: loop, tpio, tpio, loop)
+# Prints "RUN <case> <loop|tpio> <IOPS>" per run and "RATIO <case> <median tpio / median loop>".
+
+RUNTIME=${1:-5}
+ROUNDS=${2:-2}
+BDF=${TIDEPOOL_NVME_BDF:?no vfio NVMe}
+FAILED=0
+RESULTS=/tmp/tpio_vs_loop.txt
+: >"$RESULTS"
+
+loop_run() { # case
+    out=$(TIDEPOOL_NVME_BENCH_SECS=$RUNTIME TIDEPOOL_NVME_BENCH_ROUNDS=1 \
+        TIDEPOOL_NVME_BENCH_VARIANTS=reference TIDEPOOL_NVME_BENCH_ONLY=$1 /tests/nvme_bench)
+    iops=$(echo "$out" | awk '/^RESULT reference/ {print $4; exit}')
+    [ -n "$iops" ] || { echo "$out"; FAILED=1; iops=0; }
+    echo "RUN $1 loop $iops" | tee -a "$RESULTS"
+}
+
+tpio_run() { # case
+    case $1 in 4k) rw=randread ;; *) rw=read ;; esac
+    json=$(tpio --name="tpio-$1" --ioengine=tidepool --filename="$BDF" --dma=zero-copy \
+        --rw="$rw" --bs="$1" --iodepth=32 --size=1g --runtime="$RUNTIME" --time_based \
+        --output-format=json 2>&1)
+    iops=$(echo "$json" | tr ',' '\n' | awk -F: '/"iops"/ {gsub(/[ }]/, "", $2); print $2; exit}')
+    [ -n "$iops" ] || { echo "$json"; FAILED=1; iops=0; }
+    echo "RUN $1 tpio $iops" | tee -a "$RESULTS"
+}
+
+round=1
+while [ "$round" -le "$ROUNDS" ]; do
+    for c in 4k 128k; do
+        loop_run "$c"
+        tpio_run "$c"
+        tpio_run "$c"
+        loop_run "$c"
+    done
+    round=$((round + 1))
+done
+
+median() { sort -n | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+for c in 4k 128k; do
+    l=$(awk -v c="$c" '$2 == c && $3 == "loop" {print $4}' "$RESULTS" | median)
+    t=$(awk -v c="$c" '$2 == c && $3 == "tpio" {print $4}' "$RESULTS" | median)
+    echo "RATIO $c tpio/loop $(awk -v t="$t" -v l="$l" 'BEGIN {printf "%.3f", (l > 0 ? t / l : 0)}') (median tpio $t, median loop $l IOPS)"
+done
+exit $FAILED
