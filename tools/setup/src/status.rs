@@ -434,12 +434,16 @@ impl Host {
                     .into(),
             );
         } else if on_vfio.is_empty() {
-            let free: Vec<&str> = s
-                .devices
-                .iter()
-                .filter(|d| d.in_use.is_empty())
-                .map(|d| d.bdf.as_str())
-                .collect();
+            // Suggest an NVMe first, then a virtio-net function, then anything else.
+            let rank = |k: &str| match k {
+                "nvme" => 0,
+                "virtio-net" => 1,
+                _ => 2,
+            };
+            let mut candidates: Vec<&PciFunction> =
+                s.devices.iter().filter(|d| d.in_use.is_empty()).collect();
+            candidates.sort_by_key(|d| rank(&d.kind));
+            let free: Vec<&str> = candidates.iter().map(|d| d.bdf.as_str()).collect();
             if free.is_empty() {
                 add(
                     "no NVMe or virtio function is bound to vfio-pci, and every one is in use by the system".into(),
@@ -561,9 +565,12 @@ impl std::fmt::Display for Status {
         let i = &self.iommu;
         let _ = writeln!(
             o,
-            "IOMMU: {} ({}, {} groups; units: {}; kernel command line: {})",
-            if i.enabled { "on" } else { "off" },
-            i.mode,
+            "IOMMU: {} ({} groups; units: {}; kernel command line: {})",
+            if i.enabled {
+                format!("on, {}", i.mode)
+            } else {
+                "off".into()
+            },
             i.groups,
             if i.units.is_empty() {
                 "none".into()

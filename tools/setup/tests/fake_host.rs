@@ -177,14 +177,14 @@ fn status_reports_iommu_devices_hugepages_memlock_and_fixes() {
     assert_eq!(fixes.len(), 4, "{fixes:?}");
     assert!(fixes[0].starts_with("modprobe vfio-pci"), "{fixes:?}");
     assert_eq!(
-        fixes[1], "tpsetup bind 0000:00:03.0",
-        "first device not in use"
+        fixes[1], "tpsetup bind 0000:02:00.0",
+        "the first NVMe not in use"
     );
     assert!(fixes[2].starts_with("tpsetup hugepages 512"));
     assert!(fixes[3].starts_with("ulimit -l unlimited"));
 
     let text = s.to_string();
-    assert!(text.starts_with("IOMMU: on (translated (DMA-FQ), 6 groups; units: dmar0; kernel command line: intel_iommu=on iommu.strict=0)"), "{text}");
+    assert!(text.starts_with("IOMMU: on, translated (DMA-FQ) (6 groups; units: dmar0; kernel command line: intel_iommu=on iommu.strict=0)"), "{text}");
     assert!(text.contains("   3 DMA-FQ    0000:00:03.0 (virtio-pci), 0000:00:1f.0 (lpc_ich)  [not viable for VFIO]"), "{text}");
     assert!(text.contains("  0000:01:00.0 nvme       144d:a808 driver nvme      group 11   (block: nvme0n1 nvme0n1p1 nvme0n1p2)\n      in use: nvme0n1p2 holds the root filesystem (/)\n"), "{text}");
     assert!(
