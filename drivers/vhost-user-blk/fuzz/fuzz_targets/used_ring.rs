@@ -78,7 +78,7 @@ impl Mem {
 /// What the driver should believe, kept apart from `SplitRing`.
 struct Model {
     size: u16,
-    /// Per head: (descriptors in the chain, bytes the backend may write).
+    /// Per head: (descriptors in the chain, bytes a used entry may claim).
     chains: Vec<Option<(usize, u32)>>,
     outstanding: usize,
     free: usize,
@@ -200,11 +200,22 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                             m.chains[usize::from(head)].is_none(),
                             "head reused while outstanding"
                         );
-                        let writable = chain
-                            .iter()
-                            .filter(|d| d.device_writes)
-                            .fold(0u32, |a, d| a.saturating_add(d.len));
-                        m.chains[usize::from(head)] = Some((n, writable));
+                        // The bytes of its device-writable descriptors; a chain the device
+                        // only reads allows its posted bytes (the shared ring's rule, for
+                        // virtio-net's TX; this crate's requests always end in a writable
+                        // status byte).
+                        let sum = |w: bool| {
+                            chain
+                                .iter()
+                                .filter(|d| d.device_writes == w)
+                                .fold(0u32, |a, d| a.saturating_add(d.len))
+                        };
+                        let allowed = if chain.iter().any(|d| d.device_writes) {
+                            sum(true)
+                        } else {
+                            sum(false)
+                        };
+                        m.chains[usize::from(head)] = Some((n, allowed));
                         m.outstanding += 1;
                         m.free -= n;
                         m.next_avail = m.next_avail.wrapping_add(1);
