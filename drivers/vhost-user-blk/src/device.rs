@@ -30,8 +30,8 @@
 //!    while the backend may still write it. They go back to the pool only when the completion
 //!    is reaped, or when the backend is known to be gone.
 //! 4. A reaper task per queue (woken by the call eventfd, or busy-polling in
-//!    [`CompletionMode::Poll`] mode) takes used entries, validated as untrusted input by
-//!    [`crate::ring`], reads the status byte once by copy, and hands the buffers back to the
+//!    [`CompletionMode::Poll`] mode) takes used entries, validated as untrusted input by the
+//!    shared split ring ([`tidepool_virtqueue`], re-exported as [`crate::ring`]), reads the status byte once by copy, and hands the buffers back to the
 //!    waiting call, which copies read data out exactly once into the caller's memory.
 //!
 //! # Failure
@@ -69,9 +69,9 @@ use tokio::task::JoinHandle;
 use crate::connection::Connection;
 use crate::control::Reply;
 use crate::protocol::{blk, features, Request, Writer, VRING_NOFD_MASK};
-use crate::ring::{Desc, Layout, RingError, SplitRing};
 use crate::view::UADDR_OFFSET;
 use crate::Error;
+use tidepool_virtqueue::{Desc, Layout, RingError, SplitRing};
 
 /// How the device waits for completions: a mode chosen once in [`DeviceOptions`], not a
 /// completion itself.
@@ -233,10 +233,12 @@ impl Failure {
     }
 }
 
+/// A queue's ring and, as each chain's token, the request it carries (the in-flight table:
+/// the ring holds a request's buffers and reply channel from `add` until its completion is
+/// popped or the ring is abandoned).
 #[derive(Debug)]
 struct QueueState {
-    ring: SplitRing,
-    inflight: Vec<Option<Inflight>>,
+    ring: SplitRing<Inflight>,
     failed: Option<Failure>,
 }
 
@@ -294,15 +296,7 @@ impl Queue {
             }
             loop {
                 match st.ring.pop_used() {
-                    Ok(Some(u)) => {
-                        let Some(f) = st.inflight[u.head as usize].take() else {
-                            // The ring validated the head as outstanding; our table agrees by
-                            // construction. Treat disagreement as a violation, not a panic.
-                            violation = Some(RingError::NotOutstanding { id: u.head as u32 });
-                            break;
-                        };
-                        done.push((u.head, f));
-                    }
+                    Ok(Some(u)) => done.push((u.head, u.token)),
                     Ok(None) => break,
                     Err(e) => {
                         violation = Some(e);
@@ -339,8 +333,7 @@ impl Queue {
             if st.failed.is_none() {
                 st.failed = Some(why.clone());
             }
-            st.ring.abandon_all();
-            st.inflight.iter_mut().filter_map(Option::take).collect()
+            st.ring.abandon_all().into_iter().map(|(_, f)| f).collect()
         };
         self.descriptors.close();
         for f in taken {
@@ -502,7 +495,7 @@ impl BlockDevice {
         opts: DeviceOptions,
     ) -> Result<BlockDevice, Error> {
         let qs = opts.queue_size;
-        if !(4..=crate::ring::MAX_QUEUE_SIZE).contains(&qs) || !qs.is_power_of_two() {
+        if !(4..=tidepool_virtqueue::MAX_QUEUE_SIZE).contains(&qs) || !qs.is_power_of_two() {
             return Err(Error::Config(format!(
                 "queue_size {qs} must be a power of two between 4 and 32768"
             )));
@@ -528,9 +521,10 @@ impl BlockDevice {
         for i in 0..nq {
             let mem = pool.alloc(hdr_at + qs as usize * HDR_SLOT).await?;
             // SAFETY: `mem` is a fresh, zeroed pool buffer of at least `layout.total` bytes,
-            // naturally aligned (≥ 16), kept alive by the queue (`_ring_mem`) as long as the
-            // ring, and touched in this process only through the ring.
-            let mut ring = unsafe { SplitRing::new(mem.as_ptr(), qs) }?;
+            // naturally aligned (≥ 16), kept alive by the queue (`ring_mem`, declared after
+            // `state`) as long as the ring; its first `layout.total` bytes are touched in this
+            // process only through the ring (the header table after them is the queue's).
+            let mut ring = unsafe { SplitRing::new(mem.as_ptr(), i, qs) }?;
             if opts.completion == CompletionMode::Poll {
                 ring.set_no_interrupt(true);
             }
@@ -547,11 +541,7 @@ impl BlockDevice {
             });
             calls.push(call);
             queues.push(Arc::new(Queue {
-                state: Mutex::new(QueueState {
-                    ring,
-                    inflight: (0..qs).map(|_| None).collect(),
-                    failed: None,
-                }),
+                state: Mutex::new(QueueState { ring, failed: None }),
                 descriptors: Semaphore::new(qs as usize),
                 kick,
                 work: Notify::new(),
@@ -886,14 +876,17 @@ impl BlockDevice {
             let last = chain.len() - 1;
             chain[0].addr = slot_addr;
             chain[last].addr = slot_addr + STATUS_AT as u64;
-            let added = st.ring.add(&chain)?;
-            debug_assert_eq!(added, head);
-            st.inflight[head as usize] = Some(Inflight {
+            let request = Inflight {
                 reply: tx,
                 data,
                 descriptors: chain.len() as u32,
-            });
+            };
+            // On an error the request (never published) is dropped with its buffer.
+            let added = st.ring.add(&chain, request).map_err(|(e, _)| e)?;
+            debug_assert_eq!(added, head);
             permit.forget();
+            // One request, one publish: no batching here.
+            st.ring.publish();
             st.ring.needs_kick()
         };
         if kick {

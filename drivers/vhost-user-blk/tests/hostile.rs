@@ -504,7 +504,16 @@ async fn used_id_out_of_range_fails_the_device() {
     let text = guarded(bad_used_entry(
         "id-range",
         Behaviour::IdOutOfRange { after: 2 },
-        |e| matches!(e, RingError::IdOutOfRange { id: 263, size: 256 }),
+        |e| {
+            matches!(
+                e,
+                RingError::IdOutOfRange {
+                    queue: 0,
+                    id: 263,
+                    size: 256
+                }
+            )
+        },
     ))
     .await;
     assert!(
@@ -533,9 +542,9 @@ async fn used_len_too_large_fails_the_device() {
         |e| {
             matches!(
                 e,
-                RingError::LenTooLarge {
+                RingError::LenTooLong {
                     len: 8193,
-                    writable: 4097,
+                    allowed: 4097,
                     ..
                 }
             )

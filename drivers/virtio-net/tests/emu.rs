@@ -612,7 +612,7 @@ fn bad_used_ids_and_lengths_are_typed_ring_errors_that_break_the_queue() {
                 NetError::Ring(RingError::LenTooLong {
                     queue: q,
                     len,
-                    posted,
+                    allowed: posted,
                     ..
                 }),
             ) => {

@@ -1,5 +1,6 @@
-//! Fuzz target: the virtio-net driver's split virtqueue (`SplitQueue`) against a device that
-//! writes anything into the used ring.
+//! Fuzz target: the virtio-net driver's split virtqueue (`SplitQueue`, the owner of its buffers
+//! over the shared `tidepool_virtqueue::SplitRing`, whose used-ring reader this drives) against a
+//! device that writes anything into the used ring.
 //!
 //! The queue is the real one, its rings in a buffer of a real pool over the identity view (the
 //! device address is the virtual address, so this target plays the device by writing ring
@@ -32,7 +33,7 @@ use libfuzzer_sys::fuzz_target;
 use tidepool::memory::{MemoryConfig, PageSize};
 use tidepool::pool::{Pool, PoolConfig};
 use tidepool::share::identity::Identity;
-use tidepool_virtio_net::virtio::queue::{ring_layout, RingError, SplitQueue};
+use tidepool_virtio_net::virtio::queue::{Layout, RingError, SplitQueue};
 
 const MAX_OPS: usize = 512;
 const DESC_F_WRITE: u16 = 2;
@@ -137,7 +138,7 @@ fn expected(
             queue,
             id,
             len,
-            posted,
+            allowed: posted,
         });
     }
     Ok(Some((id, len)))
@@ -147,7 +148,12 @@ fn run(u: &mut Unstructured<'_>, pool: &Pool) -> Result<()> {
     let size: u16 = 1 << u.int_in_range(0u8..=8)?;
     let queue: u16 = u.int_in_range(0..=1)?;
     let mut q = SplitQueue::new(pool, queue, size, None).expect("valid size");
-    let (total, avail_off, used_off) = ring_layout(size);
+    let Layout {
+        total,
+        avail: avail_off,
+        used: used_off,
+        ..
+    } = Layout::new(size);
     let (desc_addr, avail_addr, used_addr) = q.addresses();
     assert_eq!(avail_addr.0 - desc_addr.0, avail_off as u64);
     assert_eq!(used_addr.0 - desc_addr.0, used_off as u64);

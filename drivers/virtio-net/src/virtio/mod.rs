@@ -7,7 +7,8 @@
 //!   capability walk over config space, the common/notify/ISR/device-config structures in the
 //!   BARs they name, reset by writing status 0, feature negotiation, queue setup, MSI-X.
 //! - [`queue`]: [`queue::SplitQueue`], a split virtqueue (§2.7) whose descriptor table and rings
-//!   live in one buffer of a Tidepool pool, with every used-ring entry checked before it is
+//!   live in one buffer of a Tidepool pool: the owner of the posted buffers over the shared
+//!   [`tidepool_virtqueue::SplitRing`], which checks every used-ring entry before it is
 //!   believed (the device is untrusted).
 //! - [`mmio`]: bounds-checked volatile register access.
 //!
