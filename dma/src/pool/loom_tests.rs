@@ -10,8 +10,8 @@
 //! `grow_after` is zero so any waiter counts as past its bounded wait.
 //!
 //! What is not modelled: `Instant::now()` is real time (only used for ages and deadlines, which
-//! these models make irrelevant), and all per-core caches collapse to one under loom (any
-//! thread "runs on CPU 0"), which is the most contended case for the cache lock.
+//! these models make irrelevant). A pool has two per-CPU caches under loom: a thread uses the
+//! one of the CPU the model gives it (`crate::sync::model_cpu`, CPU 0 by default).
 
 use std::future::Future;
 use std::pin::pin;
@@ -24,18 +24,42 @@ use loom::thread;
 use super::*;
 use crate::memory::{MemoryConfig, PageSize};
 use crate::share::identity::Identity;
+use crate::sync::model_cpu;
 
 /// Runs `f` under loom for every interleaving (up to `LOOM_MAX_PREEMPTIONS`), and reports how
 /// many it explored (so that a model that explores nothing is visible).
 fn model(f: impl Fn() + Sync + Send + 'static) {
+    model_bounded(usize::MAX, f)
+}
+
+/// [`model`] with at most `max_preemptions` (or `LOOM_MAX_PREEMPTIONS`, if lower).
+///
+/// Why some models need it: a thread waiting for a spinlock yields, and loom does not count a
+/// switch away from a yielding thread as a preemption. With three or more threads, two
+/// waiters can then hand the turn to each other forever while the holder never runs (a
+/// schedule no real CPU keeps up, but one loom must explore to its branch limit), so a model
+/// with three threads that meet on a cache lock explodes at two preemptions. Those run at one.
+fn model_bounded(max_preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
     let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = runs.clone();
-    loom::model(move || {
+    let mut builder = loom::model::Builder::new();
+    // The real spinlock and two caches make an execution of the pool models a few thousand
+    // loom operations long; loom's default bound (1000) would call that a livelock.
+    if std::env::var_os("LOOM_MAX_BRANCHES").is_none() {
+        builder.max_branches = 20_000;
+    }
+    let bound = builder.preemption_bound.unwrap_or(2).min(max_preemptions);
+    builder.preemption_bound = Some(bound);
+    let start = std::time::Instant::now();
+    builder.check(move || {
         counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         f();
     });
     let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!("{runs} interleavings explored");
+    eprintln!(
+        "{runs} interleavings explored ({bound} preemptions) in {:.1?}",
+        start.elapsed()
+    );
     assert!(runs > 1, "the model has no concurrency to explore");
 }
 
@@ -69,7 +93,7 @@ fn config(max_chunks: usize, cache: bool) -> PoolConfig {
 /// A pool over a fresh identity view (`pool.view().usage()` counts its chunk mappings).
 fn pool(cfg: PoolConfig) -> Pool {
     let view: std::sync::Arc<dyn crate::share::DeviceView> = std::sync::Arc::new(Identity::new());
-    Pool::new(Arc::from_std(view), cfg).expect("pool")
+    Pool::new(view, cfg).expect("pool")
 }
 
 /// A waker that only counts (for futures polled by hand on the model's main thread; wakes
@@ -119,10 +143,14 @@ fn alloc_and_free(p: &Pool, tag: u8) {
 /// awaiting threads always complete (loom reports a deadlock if a wake-up were lost).
 #[test]
 fn loom_last_block_waiter_is_woken() {
-    model(|| {
+    // Three threads meeting on cache locks: see `model_bounded`.
+    model_bounded(1, || {
         let p = pool(config(1, false));
         let p1 = p.clone();
-        let a = thread::spawn(move || alloc_and_free(&p1, 1));
+        let a = thread::spawn(move || {
+            model_cpu::set(1);
+            alloc_and_free(&p1, 1)
+        });
         let p2 = p.clone();
         let b = thread::spawn(move || {
             // The immediate path may find the block taken: that is an error, not a wait.
@@ -145,13 +173,15 @@ fn loom_last_block_waiter_is_woken() {
 /// is served: the waiter never hangs as long as the grower runs.
 #[test]
 fn loom_cached_release_reaches_waiter_after_grower_drain() {
-    model(|| {
+    // Three threads meeting on cache locks: see `model_bounded`.
+    model_bounded(1, || {
         let p = pool(config(1, true));
         let done = Arc::new(AtomicUsize::new(0));
         let users: Vec<_> = (1..=2u8)
             .map(|tag| {
                 let (p, done) = (p.clone(), done.clone());
                 thread::spawn(move || {
+                    model_cpu::set(tag as usize - 1);
                     alloc_and_free(&p, tag);
                     done.fetch_add(1, Ordering::Release);
                 })
@@ -310,7 +340,6 @@ fn loom_last_handle_and_last_buffer_race() {
     model(|| {
         let view: std::sync::Arc<dyn crate::share::DeviceView> =
             std::sync::Arc::new(Identity::new());
-        let view = Arc::from_std(view);
         let p = Pool::new(view.clone(), config(1, true)).expect("pool");
         // A round trip first, so the cache holds a credit when the race starts.
         drop(p.try_alloc(BLOCK).unwrap());
@@ -352,7 +381,7 @@ fn loom_growth_failure_ends_both_waiters() {
             growth_failure_wait: Duration::ZERO,
             ..config(2, false)
         };
-        let p = Pool::new(Arc::from_std(view), cfg).expect("pool");
+        let p = Pool::new(view, cfg).expect("pool");
         let held = p.try_alloc(BLOCK).unwrap();
         let counter = std::sync::Arc::new(CountingWaker::default());
         let waker = Waker::from(counter.clone());
@@ -388,5 +417,65 @@ fn loom_growth_failure_ends_both_waiters() {
         }
         drop(held);
         assert_quiescent(&p);
+    });
+}
+
+// ---- The per-CPU caches' spinlock alone ------------------------------------------------------
+
+/// The spinlock's mutual exclusion: two threads each increment a counter twice under the lock
+/// (reading it, then writing it back, with a loom atomic marking the critical section so that
+/// loom can switch threads inside it). No two holders at once, no lost update; loom's
+/// `UnsafeCell` checks every access to the counter against the lock's Acquire/Release edges.
+#[test]
+fn loom_spinlock_no_lost_update() {
+    model(|| {
+        let lock = Arc::new(crate::sync::SpinLock::new(0u32));
+        let inside = Arc::new(AtomicUsize::new(0));
+        let bump = |lock: Arc<crate::sync::SpinLock<u32>>, inside: Arc<AtomicUsize>| {
+            move || {
+                for _ in 0..2 {
+                    let mut g = lock.lock();
+                    assert_eq!(inside.fetch_add(1, Ordering::Relaxed), 0, "two holders");
+                    let v = *g;
+                    inside.fetch_sub(1, Ordering::Relaxed);
+                    *g = v + 1;
+                }
+            }
+        };
+        let t = thread::spawn(bump(lock.clone(), inside.clone()));
+        bump(lock.clone(), inside)();
+        t.join().unwrap();
+        assert_eq!(*lock.lock(), 4, "an increment was lost");
+    });
+}
+
+/// The spinlock as a publication edge, which the caches rely on (a block pushed into a
+/// cache's `Vec` by one CPU is popped by another): one thread writes a payload that lives
+/// *outside* the lock while holding it and sets a flag in the lock; the other takes the lock
+/// once and, if it sees the flag, reads the payload. Loom's `UnsafeCell` reports that read as
+/// a data race unless the guard's release store synchronises with the next acquiring
+/// compare-and-swap: this model fails if the release store is weakened to `Relaxed` (checked
+/// by hand when it was written, see the commit message).
+#[test]
+fn loom_spinlock_publishes_data_written_under_it() {
+    model(|| {
+        let lock = Arc::new(crate::sync::SpinLock::new(false));
+        let payload = Arc::new(loom::cell::UnsafeCell::new(0u64));
+        let (l, p) = (lock.clone(), payload.clone());
+        let writer = thread::spawn(move || {
+            let mut g = l.lock();
+            // SAFETY: the payload is written only here, under the lock, before the flag is
+            // set; the reader reads it only under the lock after seeing the flag.
+            p.with_mut(|v| unsafe { *v = 42 });
+            *g = true;
+        });
+        {
+            let g = lock.lock();
+            if *g {
+                // SAFETY: the flag is set: the writer's write came before it, under the lock.
+                assert_eq!(payload.with(|v| unsafe { *v }), 42);
+            }
+        }
+        writer.join().unwrap();
     });
 }
