@@ -104,10 +104,9 @@ impl Caches {
         }
     }
 
+    /// How many caches: every CPU the system may have; under loom, the models' CPUs.
+    #[cfg(not(loom))]
     fn cpu_count() -> usize {
-        if cfg!(loom) {
-            return 1;
-        }
         std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .max(
@@ -115,6 +114,26 @@ impl Caches {
                 // SAFETY: sysconf has no memory effects.
                 unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize,
             )
+    }
+
+    #[cfg(loom)]
+    fn cpu_count() -> usize {
+        crate::sync::model_cpu::COUNT
+    }
+
+    /// The CPU the calling thread runs on: `sched_getcpu` (an rseq/vDSO read); under loom, the
+    /// CPU the model gave the thread ([`crate::sync::model_cpu`]), so that which cache a
+    /// thread meets is part of the model, not of the host's scheduling.
+    #[cfg(not(loom))]
+    #[inline]
+    fn current_cpu() -> usize {
+        // SAFETY: sched_getcpu has no memory effects; it returns -1 on error.
+        unsafe { libc::sched_getcpu() }.max(0) as usize
+    }
+
+    #[cfg(loom)]
+    fn current_cpu() -> usize {
+        crate::sync::model_cpu::current()
     }
 
     /// The calling CPU's cache, locked.
@@ -144,11 +163,7 @@ impl Caches {
     /// The calling CPU's index into the caches.
     #[inline]
     pub fn current_index(&self) -> usize {
-        if cfg!(loom) {
-            return 0;
-        }
-        // SAFETY: sched_getcpu has no memory effects; it returns -1 on error.
-        let cpu = unsafe { libc::sched_getcpu() }.max(0) as usize;
+        let cpu = Caches::current_cpu();
         // CPU numbers are below the configured count, so the division (tens of cycles) is
         // only for the unexpected.
         if cpu < self.cores.len() {

@@ -1,17 +1,77 @@
-//! Loom models of the pool's concurrency: the real `Pool` code (arena, per-core cache, wait
+//! Loom models of the pool's concurrency: the real `Pool` code (arena, per-CPU caches, wait
 //! queue, grower step) over the identity view, with every `Mutex`, `Condvar` and atomic in the
-//! pool routed through `loom` (see [`crate::sync`]), so loom explores their interleavings.
+//! pool routed through `loom` (see [`crate::sync`]), so loom explores their interleavings. The
+//! per-CPU caches' [`SpinLock`](crate::sync::SpinLock) is the production code over loom's
+//! atomics and `UnsafeCell`: loom explores its compare-and-swap and release store and checks
+//! every access to a cache against them.
 //!
-//! Run with `tools/loom` (`RUSTFLAGS="--cfg loom" cargo test -p tidepool --lib --release loom`).
+//! Run with `tools/loom` (`RUSTFLAGS="--cfg loom" cargo test -p tidepool --lib --release
+//! loom`; `LOOM_MAX_PREEMPTIONS=3` there, every model under ~6 s on a quiet core, each
+//! printing its interleavings count, bound and time).
 //!
-//! Every model uses a pool of one 64 KiB chunk holding exactly one 64 KiB block (the largest
-//! size class), so "the pool is full" is a single allocation and the state space stays small.
-//! The grower runs only when a model calls [`Pool::maintain`] (`background: false`), and
-//! `grow_after` is zero so any waiter counts as past its bounded wait.
+//! # Configuration
+//! Every pool model uses chunks of one 64 KiB block (the largest size class; the reserve
+//! model uses one chunk of two blocks), so "the pool is full" is one allocation and the
+//! state space stays small. The grower runs only when a model calls [`Pool::maintain`]
+//! (`background: false`), and `grow_after` is zero so any waiter counts as past its bounded
+//! wait. A pool has two per-CPU caches under loom ([`crate::sync::model_cpu`]): a thread
+//! uses the cache of the CPU the model gave it (CPU 0 unless it calls `model_cpu::set`), so
+//! which cache a release lands in, and whose cache a drain empties, is part of the model.
+//! Futures are driven either by `loom::future::block_on` on their own thread or polled by
+//! hand on the main thread with a counting waker (a second waiter without a third thread).
 //!
-//! What is not modelled: `Instant::now()` is real time (only used for ages and deadlines, which
-//! these models make irrelevant), and all per-core caches collapse to one under loom (any
-//! thread "runs on CPU 0"), which is the most contended case for the cache lock.
+//! # The models and what each proves (all: nothing lost, in-use bytes back to 0, every block
+//! allocatable again at the end; loom reports a deadlock for any lost wake-up)
+//! - `loom_spinlock_no_lost_update`: the spinlock alone; two threads increment a counter
+//!   twice under it: one holder at a time, no lost update, no data race on the value.
+//! - `loom_spinlock_publishes_data_written_under_it`: data written outside the lock while
+//!   holding it is visible to the next holder (what the caches' `Vec`s rely on). Both
+//!   spinlock models, and eight of the pool models, fail with a loom causality violation when
+//!   the guard's release store is weakened to `Relaxed`.
+//! - (a) `loom_last_block_waiter_is_woken`: awaitable and immediate allocations race for the
+//!   last block while a third awaits it; every waiter completes. (Three threads: one
+//!   preemption, see `model_bounded`.)
+//! - (a') `loom_cached_release_reaches_waiter_after_grower_drain`: two waiters on CPUs 0 and
+//!   1 with caches on; a release that misses a new waiter lands in a cache and the grower's
+//!   drain hands it on. (Three threads: one preemption.)
+//! - (b), (b') `loom_cancel_racing_grant_loses_nothing`,
+//!   `loom_poll_then_cancel_racing_grant_loses_nothing`: a waiter dropped (after polling again
+//!   or not) while a release grants it: the grant is taken or returned, never lost.
+//! - (c) `loom_grow_racing_waiter_and_release`: growth and a release race to serve one
+//!   waiter: it is served once, the other space stays free, every chunk is shared once.
+//! - (d) `loom_shrink_racing_alloc`: the shrinker never frees a chunk an allocation lands in.
+//! - `loom_last_handle_and_last_buffer_race`: the pool is freed once, after its last handle
+//!   and its last buffer (the caches' credits).
+//! - (e) `loom_growth_failure_ends_both_waiters`: a failed growth ends both waiters with its
+//!   typed cause; nothing stays queued, watched or armed.
+//! - (f) `loom_reserve_kept_from_awaitable_for_immediate`: an immediate allocation (CPU 1)
+//!   always gets the reserve; a racing awaitable one (CPU 0) never takes it, and is served,
+//!   woken once, when the held block comes back (through the grower's drain if the immediate
+//!   thread's release landed in CPU 1's cache).
+//! - (g) `loom_transient_chunk_retired_exactly_once`: an immediate allocation (CPU 1) makes a
+//!   transient chunk (or drains CPU 0's cache) while the holder releases and the grower runs:
+//!   the transient chunk is retired exactly once and unshared, capacity back to the prefill.
+//! - (h) `loom_timeout_racing_release_either_served_or_timed_out`: of two waiters, the older
+//!   one's timeout is due while the block is released on CPU 1: it is served or times out,
+//!   never both; if it timed out the block reaches the second waiter, woken once.
+//! - (i) `loom_growth_serves_waiters_in_fifo_order`: growth completes while a second waiter
+//!   (CPU 1) arrives behind the first: the new chunk goes to the first (FIFO, no barging),
+//!   woken once; the second is served by the next release.
+//!
+//! # What is not modelled
+//! - Real time: `Instant::now()` is not loom's. Models make it irrelevant (`grow_after` zero,
+//!   a zero timeout, `growth_failure_wait` zero), so the grower's expiry of a *future*
+//!   deadline, `AtCap::Fail`'s recheck and backoff lengths are not explored.
+//! - The background grower thread and its `Signal` sleep: models call `maintain` by hand.
+//! - Three threads spinning at two preemptions: loom does not count a switch away from a
+//!   yielding spinner as a preemption, so two spinners can pass the turn to each other
+//!   forever while the holder waits (at two preemptions an execution of (a) ran past 3000
+//!   branches; at one, every execution stays under 1200); models with three threads on cache
+//!   locks run at one preemption (`model_bounded`). The new models keep to two threads (the main thread polls
+//!   the second waiter by hand) and run at the full bound.
+//! - More than two CPUs, the credits' refill batch sizes of production (`CREDITS_BATCH` is
+//!   1 and `CREDITS_MAX` 2 under loom), and size classes below the largest (buddy splitting
+//!   is single-threaded code under the pool lock, covered by the unit and property tests).
 
 use std::future::Future;
 use std::pin::pin;
@@ -24,18 +84,42 @@ use loom::thread;
 use super::*;
 use crate::memory::{MemoryConfig, PageSize};
 use crate::share::identity::Identity;
+use crate::sync::model_cpu;
 
 /// Runs `f` under loom for every interleaving (up to `LOOM_MAX_PREEMPTIONS`), and reports how
 /// many it explored (so that a model that explores nothing is visible).
 fn model(f: impl Fn() + Sync + Send + 'static) {
+    model_bounded(usize::MAX, f)
+}
+
+/// [`model`] with at most `max_preemptions` (or `LOOM_MAX_PREEMPTIONS`, if lower).
+///
+/// Why some models need it: a thread waiting for a spinlock yields, and loom does not count a
+/// switch away from a yielding thread as a preemption. With three or more threads, two
+/// waiters can then hand the turn to each other forever while the holder never runs (a
+/// schedule no real CPU keeps up, but one loom must explore to its branch limit), so a model
+/// with three threads that meet on a cache lock explodes at two preemptions. Those run at one.
+fn model_bounded(max_preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
     let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = runs.clone();
-    loom::model(move || {
+    let mut builder = loom::model::Builder::new();
+    // The real spinlock and two caches make an execution of the pool models a few thousand
+    // loom operations long; loom's default bound (1000) would call that a livelock.
+    if std::env::var_os("LOOM_MAX_BRANCHES").is_none() {
+        builder.max_branches = 20_000;
+    }
+    let bound = builder.preemption_bound.unwrap_or(2).min(max_preemptions);
+    builder.preemption_bound = Some(bound);
+    let start = std::time::Instant::now();
+    builder.check(move || {
         counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         f();
     });
     let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!("{runs} interleavings explored");
+    eprintln!(
+        "{runs} interleavings explored ({bound} preemptions) in {:.1?}",
+        start.elapsed()
+    );
     assert!(runs > 1, "the model has no concurrency to explore");
 }
 
@@ -69,7 +153,7 @@ fn config(max_chunks: usize, cache: bool) -> PoolConfig {
 /// A pool over a fresh identity view (`pool.view().usage()` counts its chunk mappings).
 fn pool(cfg: PoolConfig) -> Pool {
     let view: std::sync::Arc<dyn crate::share::DeviceView> = std::sync::Arc::new(Identity::new());
-    Pool::new(Arc::from_std(view), cfg).expect("pool")
+    Pool::new(view, cfg).expect("pool")
 }
 
 /// A waker that only counts (for futures polled by hand on the model's main thread; wakes
@@ -119,10 +203,14 @@ fn alloc_and_free(p: &Pool, tag: u8) {
 /// awaiting threads always complete (loom reports a deadlock if a wake-up were lost).
 #[test]
 fn loom_last_block_waiter_is_woken() {
-    model(|| {
+    // Three threads meeting on cache locks: see `model_bounded`.
+    model_bounded(1, || {
         let p = pool(config(1, false));
         let p1 = p.clone();
-        let a = thread::spawn(move || alloc_and_free(&p1, 1));
+        let a = thread::spawn(move || {
+            model_cpu::set(1);
+            alloc_and_free(&p1, 1)
+        });
         let p2 = p.clone();
         let b = thread::spawn(move || {
             // The immediate path may find the block taken: that is an error, not a wait.
@@ -145,13 +233,15 @@ fn loom_last_block_waiter_is_woken() {
 /// is served: the waiter never hangs as long as the grower runs.
 #[test]
 fn loom_cached_release_reaches_waiter_after_grower_drain() {
-    model(|| {
+    // Three threads meeting on cache locks: see `model_bounded`.
+    model_bounded(1, || {
         let p = pool(config(1, true));
         let done = Arc::new(AtomicUsize::new(0));
         let users: Vec<_> = (1..=2u8)
             .map(|tag| {
                 let (p, done) = (p.clone(), done.clone());
                 thread::spawn(move || {
+                    model_cpu::set(tag as usize - 1);
                     alloc_and_free(&p, tag);
                     done.fetch_add(1, Ordering::Release);
                 })
@@ -310,7 +400,6 @@ fn loom_last_handle_and_last_buffer_race() {
     model(|| {
         let view: std::sync::Arc<dyn crate::share::DeviceView> =
             std::sync::Arc::new(Identity::new());
-        let view = Arc::from_std(view);
         let p = Pool::new(view.clone(), config(1, true)).expect("pool");
         // A round trip first, so the cache holds a credit when the race starts.
         drop(p.try_alloc(BLOCK).unwrap());
@@ -352,7 +441,7 @@ fn loom_growth_failure_ends_both_waiters() {
             growth_failure_wait: Duration::ZERO,
             ..config(2, false)
         };
-        let p = Pool::new(Arc::from_std(view), cfg).expect("pool");
+        let p = Pool::new(view, cfg).expect("pool");
         let held = p.try_alloc(BLOCK).unwrap();
         let counter = std::sync::Arc::new(CountingWaker::default());
         let waker = Waker::from(counter.clone());
@@ -387,6 +476,290 @@ fn loom_growth_failure_ends_both_waiters() {
             );
         }
         drop(held);
+        assert_quiescent(&p);
+    });
+}
+
+// ---- The per-CPU caches' spinlock alone ------------------------------------------------------
+
+/// The spinlock's mutual exclusion: two threads each increment a counter twice under the lock
+/// (reading it, then writing it back, with a loom atomic marking the critical section so that
+/// loom can switch threads inside it). No two holders at once, no lost update; loom's
+/// `UnsafeCell` checks every access to the counter against the lock's Acquire/Release edges.
+#[test]
+fn loom_spinlock_no_lost_update() {
+    model(|| {
+        let lock = Arc::new(crate::sync::SpinLock::new(0u32));
+        let inside = Arc::new(AtomicUsize::new(0));
+        let bump = |lock: Arc<crate::sync::SpinLock<u32>>, inside: Arc<AtomicUsize>| {
+            move || {
+                for _ in 0..2 {
+                    let mut g = lock.lock();
+                    assert_eq!(inside.fetch_add(1, Ordering::Relaxed), 0, "two holders");
+                    let v = *g;
+                    inside.fetch_sub(1, Ordering::Relaxed);
+                    *g = v + 1;
+                }
+            }
+        };
+        let t = thread::spawn(bump(lock.clone(), inside.clone()));
+        bump(lock.clone(), inside)();
+        t.join().unwrap();
+        assert_eq!(*lock.lock(), 4, "an increment was lost");
+    });
+}
+
+/// The spinlock as a publication edge, which the caches rely on (a block pushed into a
+/// cache's `Vec` by one CPU is popped by another): one thread writes a payload that lives
+/// *outside* the lock while holding it and sets a flag in the lock; the other takes the lock
+/// once and, if it sees the flag, reads the payload. Loom's `UnsafeCell` reports that read as
+/// a data race unless the guard's release store synchronises with the next acquiring
+/// compare-and-swap: this model fails if the release store is weakened to `Relaxed` (checked
+/// by hand when it was written, see the commit message).
+#[test]
+fn loom_spinlock_publishes_data_written_under_it() {
+    model(|| {
+        let lock = Arc::new(crate::sync::SpinLock::new(false));
+        let payload = Arc::new(loom::cell::UnsafeCell::new(0u64));
+        let (l, p) = (lock.clone(), payload.clone());
+        let writer = thread::spawn(move || {
+            let mut g = l.lock();
+            // SAFETY: the payload is written only here, under the lock, before the flag is
+            // set; the reader reads it only under the lock after seeing the flag.
+            p.with_mut(|v| unsafe { *v = 42 });
+            *g = true;
+        });
+        {
+            let g = lock.lock();
+            if *g {
+                // SAFETY: the flag is set: the writer's write came before it, under the lock.
+                assert_eq!(payload.with(|v| unsafe { *v }), 42);
+            }
+        }
+        writer.join().unwrap();
+    });
+}
+
+// ---- The pool's protocols over two CPU caches -----------------------------------------------
+
+/// A waker for a future polled by hand on the model's main thread, and how often it was woken.
+fn counting_waker() -> (std::sync::Arc<CountingWaker>, Waker) {
+    let counter = std::sync::Arc::new(CountingWaker::default());
+    let waker = Waker::from(counter.clone());
+    (counter, waker)
+}
+
+impl CountingWaker {
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// (f) The reserve: an immediate allocation on CPU 1 races an awaitable one polled on CPU 0,
+/// with one block in use (held by the main thread) and the other kept as the reserve
+/// (`reserve_bytes` = one block), caches on. The immediate path always gets a block (the
+/// reserve is there for it); the awaitable one never takes the reserve: it waits, and is
+/// served only once the held block is back. When the immediate thread's release landed in
+/// CPU 1's cache (it may read the `waiting` mirror before the waiter's store), the grower's
+/// drain brings it back: the main thread runs one grower step after dropping its block, and
+/// the waiter is then served, woken exactly once.
+#[test]
+fn loom_reserve_kept_from_awaitable_for_immediate() {
+    model(|| {
+        let cfg = PoolConfig {
+            chunk_bytes: 2 * BLOCK,
+            prefill_bytes: 2 * BLOCK,
+            max_bytes: 2 * BLOCK,
+            high_watermark: 2 * BLOCK,
+            reserve_bytes: BLOCK,
+            ..config(1, true)
+        };
+        let p = pool(cfg);
+        let held = p.try_alloc(BLOCK).unwrap();
+        let pi = p.clone();
+        let immediate = thread::spawn(move || {
+            model_cpu::set(1);
+            let b = pi
+                .try_alloc(BLOCK)
+                .expect("the reserve is kept for the immediate path");
+            drop(b);
+        });
+        let (counter, waker) = counting_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut waiter = Box::pin(p.alloc(BLOCK));
+        // Whatever the immediate thread has done, one block is held: only the reserve's
+        // worth (or less) is free, which an awaitable request may not take.
+        assert!(
+            waiter.as_mut().poll(&mut cx).is_pending(),
+            "took the reserve"
+        );
+        immediate.join().unwrap();
+        assert!(
+            waiter.as_mut().poll(&mut cx).is_pending(),
+            "took the reserve"
+        );
+        assert_eq!(
+            p.stats().reserve_allocs,
+            1,
+            "the immediate path used the reserve"
+        );
+        drop(held);
+        if counter.count() == 0 {
+            // The immediate thread's block sits in CPU 1's cache: the grower's drain.
+            p.maintain();
+        }
+        assert_eq!(counter.count(), 1, "woken once");
+        let Poll::Ready(Ok(b)) = waiter.as_mut().poll(&mut cx) else {
+            panic!("the waiter is served once both blocks are free")
+        };
+        drop(b);
+        drop(waiter);
+        assert_quiescent(&p);
+    });
+}
+
+/// (g) The transient path: the pool's one block is held on CPU 0; an immediate allocation on
+/// CPU 1 finds nothing (or, if the holder's release landed in CPU 0's cache first, drains it
+/// from there) and makes a transient chunk, then frees its buffer, while the main thread
+/// drops its block and runs a grower step concurrently, and another after joining. Whatever
+/// the order: a transient chunk made is retired exactly once (by one of the two steps),
+/// capacity and the view's mappings are back to the prefill, in-use bytes are 0.
+#[test]
+fn loom_transient_chunk_retired_exactly_once() {
+    model(|| {
+        let cfg = PoolConfig {
+            transient: true,
+            ..config(2, true)
+        };
+        let p = pool(cfg);
+        let held = p.try_alloc(BLOCK).unwrap();
+        let pt = p.clone();
+        let immediate = thread::spawn(move || {
+            model_cpu::set(1);
+            let mut b = pt
+                .try_alloc(BLOCK)
+                .expect("pool, other CPU's cache or transient");
+            b.write_at(0, &[5; 64]).unwrap();
+            drop(b);
+        });
+        drop(held);
+        let first = p.maintain();
+        immediate.join().unwrap();
+        let second = p.maintain();
+        let third = p.maintain();
+        let s = p.stats();
+        assert!(s.transient_allocs <= 1, "{s:?}");
+        assert_eq!(
+            (first.retired + second.retired + third.retired) as u64,
+            s.transient_allocs,
+            "a transient chunk is retired exactly once: {first:?} {second:?} {third:?}"
+        );
+        assert_eq!(s.capacity_bytes, BLOCK as u64, "{s:?}");
+        assert_eq!(
+            p.view().usage().mappings,
+            1,
+            "the transient chunk was unshared"
+        );
+        assert_eq!(s.in_use_bytes, 0, "{s:?}");
+        assert_quiescent(&p);
+    });
+}
+
+/// (h) Deadlines: two waiters queue for the held block (A with a timeout, then B without),
+/// both polled by hand on CPU 0; the block is released on CPU 1 while A is polled again with
+/// its timeout due. A either gets the block or times out, never both: if it times out, the
+/// block (released before or after) goes to B, woken exactly once; if A got it, B is still
+/// waiting and is served when A's buffer is dropped. Nothing is lost, the timeout is counted
+/// once or not at all.
+///
+/// Loom does not control `Instant::now()`: A's timeout is zero, so it is due at every poll
+/// after it queued and the interleaving alone decides (a zero timeout arms no deadline, so
+/// the grower's expiry wake is not modelled here: it is a plain waker call under the lock).
+#[test]
+fn loom_timeout_racing_release_either_served_or_timed_out() {
+    model(|| {
+        let p = pool(config(1, true));
+        let held = p.try_alloc(BLOCK).unwrap();
+        let (count_a, waker_a) = counting_waker();
+        let (count_b, waker_b) = counting_waker();
+        let mut a = Box::pin(p.alloc_timeout(BLOCK, Duration::ZERO));
+        let mut b = Box::pin(p.alloc(BLOCK));
+        assert!(a
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker_a))
+            .is_pending());
+        assert!(b
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker_b))
+            .is_pending());
+        let releaser = thread::spawn(move || {
+            model_cpu::set(1);
+            drop(held);
+        });
+        let got_a = match a.as_mut().poll(&mut Context::from_waker(&waker_a)) {
+            Poll::Ready(Ok(buf)) => Some(buf),
+            Poll::Ready(Err(PoolError::Timeout { .. })) => None,
+            other => panic!("a due waiter ends: {other:?}"),
+        };
+        releaser.join().unwrap();
+        assert!(count_a.count() <= 1);
+        let timed_out = got_a.is_none();
+        assert_eq!(p.stats().timeouts, timed_out as u64);
+        if let Some(buf) = got_a {
+            assert_eq!(
+                count_b.count(),
+                0,
+                "B is behind A: not served with A's block"
+            );
+            assert!(b
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker_b))
+                .is_pending());
+            drop(buf);
+        }
+        assert_eq!(count_b.count(), 1, "B woken once, with the block");
+        let Poll::Ready(Ok(buf)) = b.as_mut().poll(&mut Context::from_waker(&waker_b)) else {
+            panic!("B is served")
+        };
+        drop((buf, a, b));
+        assert_quiescent(&p);
+    });
+}
+
+/// (i) The grower hand-off: waiter A queues (polled by hand on CPU 0) for the held block;
+/// waiter B, on CPU 1, arrives while the main thread runs a grower step that makes one
+/// chunk (the cap). The new chunk goes to A, the oldest, however B's arrival interleaves with
+/// the growth (B may not barge: it queues behind A even if it sees the free block first); A
+/// is woken exactly once. B is served when the held block is released (loom reports a
+/// deadlock if its wake-up were lost). Two chunks, both shared once, nothing in use.
+#[test]
+fn loom_growth_serves_waiters_in_fifo_order() {
+    model(|| {
+        let p = pool(config(2, false));
+        let held = p.try_alloc(BLOCK).unwrap();
+        let (count_a, waker_a) = counting_waker();
+        let mut cx = Context::from_waker(&waker_a);
+        let mut a = Box::pin(p.alloc(BLOCK));
+        assert!(a.as_mut().poll(&mut cx).is_pending());
+        let pb = p.clone();
+        let b = thread::spawn(move || {
+            model_cpu::set(1);
+            let mut buf = block_on(pb.alloc(BLOCK)).expect("B is served");
+            buf.write_at(0, &[2; 64]).unwrap();
+            drop(buf);
+        });
+        let r = p.maintain();
+        assert_eq!(r.grew, 1, "{r:?}");
+        assert_eq!(count_a.count(), 1, "A woken once, by the growth");
+        let Poll::Ready(Ok(buf)) = a.as_mut().poll(&mut cx) else {
+            panic!("A, the oldest waiter, gets the new chunk")
+        };
+        drop(held);
+        b.join().unwrap();
+        drop((buf, a));
+        let s = p.stats();
+        assert_eq!(s.chunks, 2, "{s:?}");
+        assert_eq!(p.view().usage().mappings, 2, "every chunk shared once");
         assert_quiescent(&p);
     });
 }

@@ -149,7 +149,10 @@ pub(crate) struct Claim {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub cfg: PoolConfig,
-    pub view: Arc<dyn DeviceView>,
+    /// std's `Arc` in every build (under loom too): the view is not part of the pool's
+    /// synchronisation, and `Pool::new` keeps one signature for the loom models and the rest
+    /// of the crate's tests.
+    pub view: std::sync::Arc<dyn DeviceView>,
     pub caches: Caches,
     /// The arena, the waiter queue and the grower's bookkeeping. The only lock of the slow path.
     pub global: Mutex<Global>,
@@ -212,7 +215,7 @@ impl Pool {
     /// Fails with the configuration's, the memory's or the view's error, or with
     /// [`PoolError::GrowerSpawn`] if the grower thread cannot be started; everything made
     /// so far is unshared and freed first.
-    pub fn new(view: Arc<dyn DeviceView>, cfg: PoolConfig) -> Result<Pool, PoolError> {
+    pub fn new(view: std::sync::Arc<dyn DeviceView>, cfg: PoolConfig) -> Result<Pool, PoolError> {
         #[cfg(not(loom))]
         let start = |shared: &Arc<Shared>| grower::spawn(shared, &mut grower::spawn_thread);
         #[cfg(loom)]
@@ -222,7 +225,7 @@ impl Pool {
 
     /// [`Pool::new`] with the grower started by `start` (tests inject a failing spawn).
     fn build(
-        view: Arc<dyn DeviceView>,
+        view: std::sync::Arc<dyn DeviceView>,
         cfg: PoolConfig,
         start: impl FnOnce(&Arc<Shared>) -> Result<(), PoolError>,
     ) -> Result<Pool, PoolError> {
@@ -283,7 +286,7 @@ impl Pool {
     }
 
     /// The device view the pool shares its chunks through.
-    pub fn view(&self) -> &Arc<dyn DeviceView> {
+    pub fn view(&self) -> &std::sync::Arc<dyn DeviceView> {
         &self.shared.view
     }
 
@@ -1207,7 +1210,7 @@ impl Drop for Alloc<'_> {
     }
 }
 
-// Under loom the pool's `Arc` is loom's (so `Pool::new` takes one); the unit tests use std's.
+// The unit tests run on std's primitives; the loom models need loom's (`--cfg loom`).
 #[cfg(all(test, not(loom)))]
 pub(crate) mod tests;
 
