@@ -155,8 +155,16 @@ impl Doorbell {
 
     /// Switches to shadow mode (`always_mmio`: keep writing the register too). The entry's
     /// offset in the shadow pages equals the register's offset from the first doorbell.
+    ///
+    /// Each shadow page is one page: a doorbell whose entry does not fit in it (a large
+    /// CAP.DSTRD or queue ID) keeps plain register writes, since the controller can see neither
+    /// a shadow value nor give an event index for it.
     pub fn use_shadow(&mut self, first_doorbell: usize, always_mmio: bool) {
         let entry = self.offset - first_doorbell;
+        if entry + 4 > PAGE_BYTES {
+            self.mode = Mode::Mmio;
+            return;
+        }
         self.mode = if always_mmio {
             Mode::ShadowAndMmio(entry)
         } else {
@@ -213,6 +221,27 @@ mod tests {
         assert!(!need_event(10, 4, 2));
         // No movement never rings.
         assert!(!need_event(0, 7, 7));
+    }
+
+    #[test]
+    fn entries_beyond_one_page_stay_register_doorbells() {
+        // DSTRD 10 (4 KiB stride): queue 1's SQ entry is at 8 KiB, the admin CQ's at 4 KiB.
+        let first = 0x1000;
+        for (offset, shadowed) in [
+            (first, true),
+            (first + 4092, true),
+            (first + 4096, false),
+            (first + 8192, false),
+        ] {
+            for always_mmio in [false, true] {
+                let mut db = Doorbell::new(offset);
+                db.use_shadow(first, always_mmio);
+                assert_eq!(db.shadow_entry().is_some(), shadowed, "offset {offset:#x}");
+                if !shadowed {
+                    assert_eq!(db.mode, Mode::Mmio);
+                }
+            }
+        }
     }
 
     proptest! {
