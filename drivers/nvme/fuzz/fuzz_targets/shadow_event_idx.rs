@@ -140,7 +140,7 @@ struct Bell {
 impl Bell {
     /// The word index of its entry in a page, if the entry fits in one page.
     fn word(&self) -> Option<usize> {
-        (self.entry + 4 <= PAGE as u128).then(|| (self.entry / 4) as usize)
+        (self.entry + 4 <= PAGE as u128).then_some((self.entry / 4) as usize)
     }
 }
 
