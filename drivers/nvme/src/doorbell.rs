@@ -124,22 +124,26 @@ pub(crate) enum Mode {
 }
 
 /// One doorbell of one queue, with counters of register writes made and avoided.
+///
+/// Crate-internal; `pub` and hidden only so that the fuzz target `shadow_event_idx`
+/// (drivers/nvme/fuzz) can drive the real ring path.
+#[doc(hidden)]
 #[derive(Debug)]
-pub(crate) struct Doorbell {
+pub struct Doorbell {
     /// Byte offset of the register in BAR0 (and of the entry in the shadow pages).
     offset: usize,
     mode: Mode,
     /// The value last rung (the shadow entry's current value).
     last: u16,
     /// MMIO writes made.
-    pub(crate) writes: u64,
+    pub writes: u64,
     /// Rings that needed no MMIO write (shadow mode).
-    pub(crate) avoided: u64,
+    pub avoided: u64,
 }
 
 impl Doorbell {
     /// A doorbell at register offset `offset` (from [`Registers::doorbell_offset`]).
-    pub(crate) fn new(offset: usize) -> Doorbell {
+    pub fn new(offset: usize) -> Doorbell {
         Doorbell {
             offset,
             mode: Mode::Mmio,
@@ -151,8 +155,16 @@ impl Doorbell {
 
     /// Switches to shadow mode (`always_mmio`: keep writing the register too). The entry's
     /// offset in the shadow pages equals the register's offset from the first doorbell.
-    pub(crate) fn use_shadow(&mut self, first_doorbell: usize, always_mmio: bool) {
+    ///
+    /// Each shadow page is one page: a doorbell whose entry does not fit in it (a large
+    /// CAP.DSTRD or queue ID) keeps plain register writes, since the controller can see neither
+    /// a shadow value nor give an event index for it.
+    pub fn use_shadow(&mut self, first_doorbell: usize, always_mmio: bool) {
         let entry = self.offset - first_doorbell;
+        if entry + 4 > PAGE_BYTES {
+            self.mode = Mode::Mmio;
+            return;
+        }
         self.mode = if always_mmio {
             Mode::ShadowAndMmio(entry)
         } else {
@@ -161,7 +173,7 @@ impl Doorbell {
     }
 
     /// The entry's byte offset in the shadow pages, if shadowed.
-    pub(crate) fn shadow_entry(&self) -> Option<usize> {
+    pub fn shadow_entry(&self) -> Option<usize> {
         match self.mode {
             Mode::Mmio => None,
             Mode::Shadow(e) | Mode::ShadowAndMmio(e) => Some(e),
@@ -169,7 +181,7 @@ impl Doorbell {
     }
 
     /// Publishes `value`. The caller has fenced its ring writes (SQ entries) before.
-    pub(crate) fn ring(
+    pub fn ring(
         &mut self,
         regs: &Registers,
         shadow: Option<&ShadowBuffer>,
@@ -209,6 +221,27 @@ mod tests {
         assert!(!need_event(10, 4, 2));
         // No movement never rings.
         assert!(!need_event(0, 7, 7));
+    }
+
+    #[test]
+    fn entries_beyond_one_page_stay_register_doorbells() {
+        // DSTRD 10 (4 KiB stride): queue 1's SQ entry is at 8 KiB, the admin CQ's at 4 KiB.
+        let first = 0x1000;
+        for (offset, shadowed) in [
+            (first, true),
+            (first + 4092, true),
+            (first + 4096, false),
+            (first + 8192, false),
+        ] {
+            for always_mmio in [false, true] {
+                let mut db = Doorbell::new(offset);
+                db.use_shadow(first, always_mmio);
+                assert_eq!(db.shadow_entry().is_some(), shadowed, "offset {offset:#x}");
+                if !shadowed {
+                    assert_eq!(db.mode, Mode::Mmio);
+                }
+            }
+        }
     }
 
     proptest! {
