@@ -288,10 +288,12 @@ impl PciCore {
         }
         let fds = lock(&self.msix);
         if let Some(fd) = fds.get(usize::from(vector)) {
+            // Counted before the eventfd is written: whoever the interrupt wakes must already
+            // see it counted (a test that checks "woken by MSI-X" raced the count otherwise).
+            self.interrupts.fetch_add(1, Ordering::SeqCst);
             if let Err(e) = fd.write(1) {
+                self.interrupts.fetch_sub(1, Ordering::SeqCst);
                 tracing::warn!(vector, error = %e, "MSI-X eventfd write failed");
-            } else {
-                self.interrupts.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

@@ -440,18 +440,24 @@ async fn async_receive_sleeps_until_the_interrupt_and_is_cancel_safe() {
     let r = tokio::time::timeout(Duration::from_millis(50), net.recv_async(&mut out, 8)).await;
     assert!(r.is_err(), "nothing arrived, so it must still be waiting");
     assert!(out.is_empty());
-    let interrupts = e.stats().interrupts;
     let f = test_frame(net.mac(), 90, 1);
-    let (e2, f2) = (e.clone(), f.clone());
-    let injector = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(30));
-        e2.inject_rx(&f2)
-    });
-    let n = tokio::time::timeout(WAIT, net.recv_async(&mut out, 8))
-        .await
-        .expect("the RX interrupt woke the receiver")
-        .unwrap();
-    assert!(injector.join().unwrap());
+    // Inject only once the receiver is asleep on its eventfd (a frame already there when it
+    // first looks is taken without any interrupt, which a loaded host makes likely).
+    let (n, interrupts) = {
+        let mut receive = std::pin::pin!(net.recv_async(&mut out, 8));
+        let asleep = tokio::time::timeout(Duration::from_millis(50), &mut receive).await;
+        assert!(
+            asleep.is_err(),
+            "nothing arrived yet, so it must be waiting"
+        );
+        let interrupts = e.stats().interrupts;
+        assert!(e.inject_rx(&f));
+        let n = tokio::time::timeout(WAIT, receive)
+            .await
+            .expect("the RX interrupt woke the receiver")
+            .unwrap();
+        (n, interrupts)
+    };
     assert_eq!(n, 1);
     assert_eq!(out[0].to_vec(), f);
     assert!(e.stats().interrupts > interrupts, "woken by MSI-X");
