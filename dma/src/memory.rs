@@ -724,4 +724,39 @@ mod tests {
             Err(e) => panic!("unexpected error: {e}"),
         }
     }
+
+    #[test]
+    fn no_hugepages_falls_back_to_4k_pages_only_when_allowed() {
+        // 1 GiB pages are not reserved on the test hosts; 1 GiB of 4 KiB pages is too much to
+        // lock in a test, so the fallback is checked on a 2 MiB chunk of "2 MiB pages" where
+        // none are free, and otherwise on the decision alone.
+        let free_2m =
+            std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        let strict = MemoryConfig {
+            page_size: PageSize::Huge2M,
+            allow_small_pages: false,
+        };
+        let lenient = MemoryConfig {
+            allow_small_pages: true,
+            ..strict
+        };
+        if free_2m == 0 {
+            assert!(matches!(
+                Chunk::new(2 << 20, &strict),
+                Err(MemoryError::NoHugepages { .. })
+            ));
+            let c = Chunk::new(2 << 20, &lenient).expect("the 4 KiB fallback");
+            assert_eq!(c.page_size(), PageSize::Small4K);
+        } else {
+            let c = Chunk::new(2 << 20, &lenient).expect("a hugepage chunk");
+            assert_eq!(
+                c.page_size(),
+                PageSize::Huge2M,
+                "no fallback while pages are free"
+            );
+        }
+    }
 }
