@@ -121,8 +121,14 @@ pub fn parse_iommu_info(buf: &[u8]) -> Result<IommuInfo, ShareError> {
         }
         let id = u16_at(off).ok_or_else(|| corrupt("capability header out of bounds"))?;
         let next = u32_at(off + 4).ok_or_else(|| corrupt("capability header out of bounds"))?;
+        // Where this capability's body ends: the next one may not start inside it.
+        let mut end = off + 8;
         match u32::from(id) {
             VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE => {
+                // Header, nr_iovas and a reserved word: 16 bytes before the first range.
+                if buf.len() < off + 16 {
+                    return Err(corrupt("IOVA range cap truncated"));
+                }
                 let n = u32_at(off + 8).ok_or_else(|| corrupt("IOVA range cap truncated"))?;
                 for i in 0..n as usize {
                     let at = off + 16 + i * 16;
@@ -133,16 +139,21 @@ pub fn parse_iommu_info(buf: &[u8]) -> Result<IommuInfo, ShareError> {
                     }
                     info.iova_ranges.push(IovaRange { start, end });
                 }
+                end = off + 16 + 16 * n as usize;
                 saw_ranges = true;
             }
             VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL => {
                 info.dma_avail =
                     Some(u32_at(off + 8).ok_or_else(|| corrupt("DMA avail cap truncated"))?);
+                end = off + 12;
             }
             _ => {} // migration and future capabilities: not ours
         }
         if next != 0 && (next as usize) <= off {
             return Err(corrupt("capability chain goes backwards"));
+        }
+        if next != 0 && (next as usize) < end {
+            return Err(corrupt("capabilities overlap"));
         }
         off = next as usize;
     }
@@ -710,6 +721,36 @@ mod tests {
         assert!(parse_iommu_info(&buf).is_err());
         // Truncated header.
         assert!(parse_iommu_info(&[0u8; 10]).is_err());
+        // An IOVA range cap with no ranges whose fixed part (16 B) is cut short at 12 B.
+        let buf = reply(
+            0x1000,
+            &[(VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE as u16, vec![0u8; 4])],
+        );
+        assert_eq!(buf.len(), IOMMU_INFO_LEN + 12);
+        assert!(
+            parse_iommu_info(&buf).is_err(),
+            "a 12-byte IOVA range cap was accepted"
+        );
+        // A second capability that starts inside the first one's ranges.
+        let mut buf = reply(
+            0x1000,
+            &[
+                (
+                    VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE as u16,
+                    ranges_body(&[(0, 0xffff), (0x10000, 0x1ffff)]),
+                ),
+                (
+                    VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL as u16,
+                    7u32.to_ne_bytes().to_vec(),
+                ),
+            ],
+        );
+        let inside = (IOMMU_INFO_LEN as u32 + 24).to_ne_bytes();
+        buf[IOMMU_INFO_LEN + 4..IOMMU_INFO_LEN + 8].copy_from_slice(&inside);
+        assert!(
+            parse_iommu_info(&buf).is_err(),
+            "overlapping capabilities were accepted"
+        );
     }
 
     #[test]

@@ -54,7 +54,7 @@ use crate::doorbell::ShadowBuffer;
 use crate::error::NvmeError;
 use crate::io::{IoQueue, Namespace};
 use crate::queue::QueuePair;
-use crate::regs::{Cap, Cc, Registers, Version};
+use crate::regs::{Cap, Cc, Csts, Registers, Version};
 use crate::sgl::{SglError, SglSupport};
 use crate::spec::{
     parse_namespace_list, Cns, Command, ErrorLogEntry, IdentifyController, IdentifyNamespace,
@@ -280,11 +280,8 @@ impl Hw {
         let start = Instant::now();
         loop {
             let csts = self.regs.csts()?;
-            if csts.ready() == ready {
+            if ready_reached(csts, ready)? {
                 return Ok(());
-            }
-            if ready && csts.fatal() {
-                return Err(NvmeError::ControllerFatal { csts: csts.0 });
             }
             if start.elapsed() > limit {
                 return Err(NvmeError::ControllerTimeout { what, after: limit });
@@ -292,6 +289,15 @@ impl Hw {
             std::thread::sleep(Duration::from_micros(100));
         }
     }
+}
+
+/// Whether CSTS shows RDY = `ready`; a removed device (all ones, whose RDY bit means nothing)
+/// is fatal either way, and so is CFS while enabling.
+fn ready_reached(csts: Csts, ready: bool) -> Result<bool, NvmeError> {
+    if csts.removed() || (ready && csts.fatal()) {
+        return Err(NvmeError::ControllerFatal { csts: csts.0 });
+    }
+    Ok(csts.ready() == ready)
 }
 
 /// Locks a mutex, taking the data even if a panicking thread poisoned it (the state here is
@@ -865,5 +871,26 @@ impl Drop for Shared {
         }
         let _ = hw.device.disable_msix();
         let _ = hw.set_bus_master(false);
+    }
+}
+
+#[cfg(test)]
+mod ready_tests {
+    use super::*;
+
+    #[test]
+    fn a_removed_device_is_never_ready_or_disabled() {
+        assert!(
+            ready_reached(Csts(u32::MAX), true).is_err(),
+            "all ones is not ready"
+        );
+        assert!(
+            ready_reached(Csts(u32::MAX), false).is_err(),
+            "nor disabled"
+        );
+        assert!(ready_reached(Csts(1), true).unwrap());
+        assert!(!ready_reached(Csts(0), true).unwrap());
+        assert!(ready_reached(Csts(0), false).unwrap());
+        assert!(ready_reached(Csts(3), true).is_err(), "CFS while enabling");
     }
 }

@@ -166,6 +166,12 @@ impl Csts {
         self.0 & 2 != 0
     }
 
+    /// All ones: what a removed (or dead) device's registers read as. Its RDY bit means
+    /// nothing then.
+    pub fn removed(self) -> bool {
+        self.0 == u32::MAX
+    }
+
     /// Shutdown Status is "shutdown processing complete" (SHST = 10b).
     pub fn shutdown_complete(self) -> bool {
         (self.0 >> 2) & 0b11 == 0b10
@@ -281,6 +287,7 @@ mod tests {
     #[test]
     fn csts_and_version_decode() {
         assert!(Csts(1).ready() && !Csts(1).fatal());
+        assert!(Csts(u32::MAX).removed() && !Csts(3).removed());
         assert!(Csts(3).fatal());
         assert!(Csts(0b1001).shutdown_complete());
         assert!(!Csts(0b0101).shutdown_complete());
