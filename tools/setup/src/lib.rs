@@ -114,27 +114,12 @@ impl Error {
 pub struct Bdf(String);
 
 impl Bdf {
-    /// Parses `DDDD:BB:DD.F` or the short `BB:DD.F` (domain 0), hex, function 0-7.
+    /// Parses `DDDD:BB:DD.F` or the short `BB:DD.F` (domain 0), hex, function 0-7: the
+    /// grammar of the device layer's [`tidepool::device::vfio::Bdf`], with tpsetup's error.
     pub fn parse(text: &str) -> Result<Bdf, Error> {
-        let bad = || Error::BadBdf(text.to_string());
-        let parts: Vec<&str> = text.trim().split(':').collect();
-        let (domain, bus, devfn) = match parts.as_slice() {
-            [d, b, df] => (*d, *b, *df),
-            [b, df] => ("0000", *b, *df),
-            _ => return Err(bad()),
-        };
-        let (dev, func) = devfn.split_once('.').ok_or_else(bad)?;
-        let hex = |s: &str, digits: usize, max: u32| -> Option<u32> {
-            if s.len() != digits || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
-                return None;
-            }
-            u32::from_str_radix(s, 16).ok().filter(|&v| v <= max)
-        };
-        let domain = hex(domain, 4, 0xffff).ok_or_else(bad)?;
-        let bus = hex(bus, 2, 0xff).ok_or_else(bad)?;
-        let dev = hex(dev, 2, 0x1f).ok_or_else(bad)?;
-        let func = hex(func, 1, 7).ok_or_else(bad)?;
-        Ok(Bdf(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}")))
+        tidepool::device::vfio::Bdf::parse(text)
+            .map(|b| Bdf(b.as_str().to_string()))
+            .map_err(|_| Error::BadBdf(text.to_string()))
     }
 
     /// `0000:01:00.0`.
