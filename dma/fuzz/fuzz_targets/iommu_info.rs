@@ -78,8 +78,14 @@ fn reference(b: &[u8]) -> Option<IommuInfo> {
         }
         let id = u16_at(b, off)?;
         let next = u32_at(b, off + 4)? as usize;
+        // Where this capability's body ends: the next one may not start inside it.
+        let mut end = off + 8;
         match id {
             CAP_IOVA_RANGE => {
+                // Header, nr_iovas and a reserved word come before the first range.
+                if off + 16 > b.len() {
+                    return None;
+                }
                 let n = u32_at(b, off + 8)? as usize;
                 let list = ranges.get_or_insert_with(Vec::new);
                 for i in 0..n {
@@ -92,11 +98,15 @@ fn reference(b: &[u8]) -> Option<IommuInfo> {
                     }
                     list.push(IovaRange { start, end });
                 }
+                end = off + 16 + 16 * n;
             }
-            CAP_DMA_AVAIL => dma_avail = Some(u32_at(b, off + 8)?),
+            CAP_DMA_AVAIL => {
+                dma_avail = Some(u32_at(b, off + 8)?);
+                end = off + 12;
+            }
             _ => {}
         }
-        if next != 0 && next <= off {
+        if next != 0 && (next <= off || next < end) {
             return None;
         }
         off = next;
