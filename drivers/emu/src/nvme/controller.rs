@@ -564,40 +564,21 @@ impl Controller {
 
     /// Device → host: `self.buf[..len]` to the command's data pointer.
     fn dma_out(&mut self, c: &Cmd, admin: bool, len: usize) -> Status {
-        let mut segs = std::mem::take(&mut self.segs);
-        let st = match walk(&self.sh, c, admin, len as u64, true, &mut segs) {
-            Err(s) => s,
-            Ok(()) => {
-                let mut off = 0usize;
-                let mut st = status::SUCCESS;
-                for seg in &segs {
-                    let n = seg.len() as usize;
-                    if let Seg::Data { iova, .. } = *seg {
-                        if self
-                            .sh
-                            .pci
-                            .dma_write(iova, &self.buf[off..off + n])
-                            .is_err()
-                        {
-                            st = status::DATA_TRANSFER_ERROR;
-                            break;
-                        }
-                    }
-                    off += n;
-                }
-                st
-            }
-        };
-        self.segs = segs;
-        st
+        self.transfer(c, admin, len, true)
     }
 
     /// Host → device: the command's data into `self.buf[..len]`.
     fn dma_in(&mut self, c: &Cmd, admin: bool, len: usize) -> Status {
         self.buf.clear();
         self.buf.resize(len, 0);
+        self.transfer(c, admin, len, false)
+    }
+
+    /// Walks the command's data pointer and moves `self.buf[..len]` segment by segment, to
+    /// the host (`to_host`) or from it; a DMA failure is a Data Transfer Error.
+    fn transfer(&mut self, c: &Cmd, admin: bool, len: usize, to_host: bool) -> Status {
         let mut segs = std::mem::take(&mut self.segs);
-        let st = match walk(&self.sh, c, admin, len as u64, false, &mut segs) {
+        let st = match walk(&self.sh, c, admin, len as u64, to_host, &mut segs) {
             Err(s) => s,
             Ok(()) => {
                 let mut off = 0usize;
@@ -605,12 +586,13 @@ impl Controller {
                 for seg in &segs {
                     let n = seg.len() as usize;
                     if let Seg::Data { iova, .. } = *seg {
-                        if self
-                            .sh
-                            .pci
-                            .dma_read(iova, &mut self.buf[off..off + n])
-                            .is_err()
-                        {
+                        let bytes = &mut self.buf[off..off + n];
+                        let moved = if to_host {
+                            self.sh.pci.dma_write(iova, bytes)
+                        } else {
+                            self.sh.pci.dma_read(iova, bytes)
+                        };
+                        if moved.is_err() {
                             st = status::DATA_TRANSFER_ERROR;
                             break;
                         }
