@@ -369,12 +369,12 @@ fn check_config(offset: u16, len: usize) -> Result<usize, DeviceError> {
     Ok(start)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How long an idle device thread spins before it parks.
-const SPIN: std::time::Duration = std::time::Duration::from_micros(20);
+pub(crate) const SPIN: std::time::Duration = std::time::Duration::from_micros(20);
 /// The longest a parked device thread sleeps without a register write or a timed event.
 const IDLE_PARK: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -386,10 +386,16 @@ pub trait DeviceLoop {
     fn next_deadline(&self) -> Option<std::time::Instant>;
 }
 
-/// Runs a model's thread until `stop`: step while there is work, spin [`SPIN`] when idle (an
-/// I/O loop's next doorbell is usually that close), then park until a register write unparks
+/// Runs a model's thread until `stop`: step while there is work, spin for `spin` when idle
+/// ([`SPIN`] for a model whose thread does the work: an I/O loop's next doorbell is usually that
+/// close), then park until a register write unparks
 /// the thread or the next timed event (at most [`IDLE_PARK`]), so an idle model burns no core.
-pub fn run_device_loop(model: &mut impl DeviceLoop, stop: &AtomicBool, name: &str) {
+pub fn run_device_loop(
+    model: &mut impl DeviceLoop,
+    stop: &AtomicBool,
+    spin: std::time::Duration,
+    name: &str,
+) {
     let mut idle_since: Option<std::time::Instant> = None;
     while !stop.load(Ordering::Acquire) {
         if model.step() {
@@ -398,7 +404,7 @@ pub fn run_device_loop(model: &mut impl DeviceLoop, stop: &AtomicBool, name: &st
         }
         let now = std::time::Instant::now();
         let since = *idle_since.get_or_insert(now);
-        if now.duration_since(since) < SPIN {
+        if now.duration_since(since) < spin {
             std::hint::spin_loop();
             continue;
         }

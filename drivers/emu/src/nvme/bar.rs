@@ -95,7 +95,7 @@ impl Shared {
                 // Doorbell values are 16 bits; the upper half is reserved.
                 self.doorbells[(o - DOORBELLS) / 4].store(v & 0xffff, Ordering::Release);
                 self.stats.doorbell_writes.fetch_add(1, Ordering::Relaxed);
-                self.wake();
+                self.doorbell_rung();
             }
             _ => tracing::trace!(
                 offset = off,

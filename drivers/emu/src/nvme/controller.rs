@@ -6,12 +6,13 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{fence, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::data::{self, Seg, PAGE};
 use super::status::{self, Status};
 use super::{Corruption, FaultState, Shared};
+use crate::pci::lock;
 use crate::pci::{DmaError, PciCore};
 
 /// How often held commands write their data buffer.
@@ -137,6 +138,15 @@ pub(super) struct Controller {
     buf: Vec<u8>,
 }
 
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("enabled", &self.enabled)
+            .field("fatal", &self.fatal)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Controller {
     pub(super) fn new(sh: Arc<Shared>) -> Controller {
         let n = usize::from(sh.cfg.max_queues) + 1;
@@ -159,12 +169,6 @@ impl Controller {
         }
     }
 
-    /// The thread body ([`crate::pci::run_device_loop`]).
-    pub(super) fn run(mut self) {
-        let sh = self.sh.clone();
-        crate::pci::run_device_loop(&mut self, &sh.stop, "emulated NVMe controller");
-    }
-
     fn next_timed_event(&self) -> Option<Instant> {
         let delayed = self.delayed.front().map(|d| d.0);
         match (delayed, self.next_hold_write) {
@@ -174,7 +178,7 @@ impl Controller {
     }
 
     /// One pass over everything; true if it made progress.
-    fn pass(&mut self) -> bool {
+    pub(super) fn pass(&mut self) -> bool {
         let mut busy = false;
         if let Some(req) = self.sh.flr.pending(self.reset_seen) {
             self.function_reset();
@@ -1001,11 +1005,31 @@ fn post(pci: &PciCore, cq: &mut Cq, e: Entry) -> Result<(), DmaError> {
     Ok(())
 }
 
-impl crate::pci::DeviceLoop for Controller {
+/// The controller thread's body ([`crate::pci::run_device_loop`]). The model is shared with
+/// inline passes ([`super::EmuNvmeConfig::inline_doorbells`]); the lock is held for one pass.
+pub(super) fn run(model: Arc<Mutex<Controller>>) {
+    let sh = lock(&model).sh.clone();
+    let spin = if sh.cfg.inline_doorbells {
+        std::time::Duration::ZERO
+    } else {
+        crate::pci::SPIN
+    };
+    crate::pci::run_device_loop(
+        &mut Locked(model),
+        &sh.stop,
+        spin,
+        "emulated NVMe controller",
+    );
+}
+
+/// The model behind its lock, as the device loop steps it.
+struct Locked(Arc<Mutex<Controller>>);
+
+impl crate::pci::DeviceLoop for Locked {
     fn step(&mut self) -> bool {
-        self.pass()
+        lock(&self.0).pass()
     }
     fn next_deadline(&self) -> Option<Instant> {
-        self.next_timed_event()
+        lock(&self.0).next_timed_event()
     }
 }

@@ -8,6 +8,12 @@
 //! byte, and raises MSI-X for completion queues created with interrupts enabled. Idle, it spins
 //! for a few microseconds and then parks until the next register write.
 //!
+//! With [`EmuNvmeConfig::inline_doorbells`] a doorbell write runs the controller's passes on the
+//! writing thread instead, so the commands it announced are complete when the write returns:
+//! benchmarks then measure a driver's own CPU cost without a second core, its preemption or
+//! cross-core cache transfers in the loop, and subtract the model's time
+//! ([`EmuNvmeStats::inline_nanos`]).
+//!
 //! Registers: CAP (MQES from the config, CQR, TO = 1 (500 ms), DSTRD 0, CSS NVM, MPSMIN =
 //! MPSMAX = 0: 4 KiB pages), VS 1.4, INTMS/INTMC, CC/CSTS (EN → RDY; EN cleared → queues
 //! dropped, RDY = 0; SHN → SHST complete), AQA/ASQ/ACQ, doorbells at 0x1000 (stride 4).
@@ -38,7 +44,7 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::{JoinHandle, Thread};
 use std::time::Duration;
 
@@ -74,6 +80,10 @@ pub struct EmuNvmeConfig {
     pub msix_vectors: u16,
     /// MDTS: the largest transfer is 4 KiB << `mdts` (1-8).
     pub mdts: u8,
+    /// Doorbell writes run the controller on the writing thread until it has nothing left to
+    /// do (see the module doc); the controller thread then serves only register changes and
+    /// timed events, and does not spin. For benchmarks; off by default.
+    pub inline_doorbells: bool,
 }
 
 impl Default for EmuNvmeConfig {
@@ -86,6 +96,7 @@ impl Default for EmuNvmeConfig {
             sgl: true,
             msix_vectors: 9,
             mdts: 5,
+            inline_doorbells: false,
         }
     }
 }
@@ -183,6 +194,9 @@ pub struct EmuNvmeStats {
     pub held_dma_writes: u64,
     /// Doorbell register writes.
     pub doorbell_writes: u64,
+    /// Nanoseconds the writers of doorbells spent running the controller
+    /// ([`EmuNvmeConfig::inline_doorbells`]; 0 otherwise).
+    pub inline_nanos: u64,
     /// MSI-X messages delivered.
     pub interrupts: u64,
     /// Completion entries written to completion queues (flood entries included).
@@ -194,6 +208,8 @@ pub struct EmuNvmeStats {
 #[derive(Debug, Default)]
 struct Counters {
     doorbell_writes: AtomicU64,
+    /// Nanoseconds spent in inline passes ([`EmuNvmeConfig::inline_doorbells`]).
+    inline_nanos: AtomicU64,
     held_dma_writes: AtomicU64,
     completions_posted: AtomicU64,
     completions_dropped: AtomicU64,
@@ -218,6 +234,9 @@ pub(crate) struct Shared {
     /// SQ tail / CQ head doorbells: `2 * qid` and `2 * qid + 1`.
     doorbells: Box<[AtomicU32]>,
     thread: OnceLock<Thread>,
+    /// The controller model, for inline passes; the strong references are the handle's and the
+    /// thread's (a strong one here would be a cycle through the model's own `Arc<Shared>`).
+    model: OnceLock<Weak<Mutex<controller::Controller>>>,
     stop: AtomicBool,
     /// Function resets asked for and done (the controller thread performs them).
     flr: crate::pci::ResetHandshake,
@@ -244,6 +263,25 @@ impl Shared {
         if let Some(t) = self.thread.get() {
             t.unpark();
         }
+    }
+
+    /// After a doorbell write: runs the controller here until it makes no progress
+    /// ([`EmuNvmeConfig::inline_doorbells`]), or wakes its thread.
+    fn doorbell_rung(&self) {
+        if !self.cfg.inline_doorbells {
+            self.wake();
+            return;
+        }
+        let Some(model) = self.model.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let start = std::time::Instant::now();
+        {
+            let mut model = crate::pci::lock(&model);
+            while model.pass() {}
+        }
+        let nanos = start.elapsed().as_nanos() as u64;
+        self.stats.inline_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
     fn faults(&self) -> std::sync::MutexGuard<'_, FaultState> {
@@ -278,6 +316,8 @@ impl Shared {
 #[derive(Debug)]
 pub struct EmuNvme {
     shared: Arc<Shared>,
+    /// Keeps the model alive for inline passes while the handle lives.
+    _model: Arc<Mutex<controller::Controller>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -307,6 +347,7 @@ impl EmuNvme {
                 .map(|_| AtomicU32::new(0))
                 .collect(),
             thread: OnceLock::new(),
+            model: OnceLock::new(),
             stop: AtomicBool::new(false),
             flr: crate::pci::ResetHandshake::default(),
             faults: Mutex::default(),
@@ -317,10 +358,12 @@ impl EmuNvme {
             stats: Counters::default(),
             cfg,
         });
-        let ctrl = controller::Controller::new(shared.clone());
+        let model = Arc::new(Mutex::new(controller::Controller::new(shared.clone())));
+        let _ = shared.model.set(Arc::downgrade(&model));
+        let thread_model = model.clone();
         let thread = std::thread::Builder::new()
             .name("emu-nvme".into())
-            .spawn(move || ctrl.run())
+            .spawn(move || controller::run(thread_model))
             .map_err(|e| DeviceError::Os {
                 what: "spawning the emulated NVMe controller thread",
                 source: e,
@@ -328,6 +371,7 @@ impl EmuNvme {
         let _ = shared.thread.set(thread.thread().clone());
         Ok(EmuNvme {
             shared,
+            _model: model,
             thread: Some(thread),
         })
     }
@@ -362,6 +406,7 @@ impl EmuNvme {
             dma_after_bus_master_off: pci.dma_after_bus_master_off,
             held_dma_writes: get(&s.stats.held_dma_writes),
             doorbell_writes: get(&s.stats.doorbell_writes),
+            inline_nanos: get(&s.stats.inline_nanos),
             interrupts: pci.interrupts,
             completions_posted: get(&s.stats.completions_posted),
             completions_dropped: get(&s.stats.completions_dropped),

@@ -91,7 +91,12 @@ impl Device {
     /// The thread body ([`crate::pci::run_device_loop`]).
     pub(super) fn run(mut self) {
         let sh = self.sh.clone();
-        crate::pci::run_device_loop(&mut self, &sh.stop, "emulated virtio-net device");
+        crate::pci::run_device_loop(
+            &mut self,
+            &sh.stop,
+            crate::pci::SPIN,
+            "emulated virtio-net device",
+        );
     }
 
     /// Back to the power-on state: registers, queues, pending frames.
