@@ -33,6 +33,11 @@
 //! [`PageBuf`] (what direct mapping needs), or any [`IoMemory`] (boxed). While a transfer owns
 //! it, nobody else can touch it; a direct mapping's device may write it, which is why the data
 //! type never lends out references to it until [`DmaData::complete`] gives it back.
+//!
+//! # Reuse for the same device
+//! [`Recycler`] keeps pool buffers that only ever held one device's bytes, for that device to
+//! be given again without the pool's zeroing (received frames posted again, sent frames'
+//! buffers refilled): the one place the zeroing rule is relaxed, and why it is safe.
 
 use std::alloc::Layout;
 use std::future::Future;
@@ -45,6 +50,9 @@ use crate::share::DomainId;
 use crate::DeviceAddr;
 
 pub use crate::policy::{Calibration, CalibrationPoint, DmaPolicy, Path};
+pub use recycle::{RecycleStats, Recycler};
+
+mod recycle;
 
 /// The 4 KiB page direct mapping works in.
 const PAGE: usize = 4096;

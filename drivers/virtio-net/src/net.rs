@@ -45,6 +45,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
+use tidepool::data::Recycler;
 use tidepool::device::vfio::VfioDevice;
 use tidepool::device::PciDevice;
 use tidepool::pool::{DmaBuf, Pool, PoolConfig, PoolError};
@@ -73,9 +74,13 @@ pub const F_STATUS: u64 = 1 << 16;
 
 /// Bounce buffers kept for reuse per size class (512 B, 1 KiB, 2 KiB).
 pub const TX_SPARE_LIMIT: usize = 256;
-/// Size classes of TX bounce buffers: 2^9 .. 2^11 bytes.
-const TX_CLASSES: usize = 3;
-const TX_MIN_ORDER: u32 = 9;
+/// Size classes of TX bounce buffers: 512 B, 1 KiB, 2 KiB.
+const TX_CLASSES: [usize; 3] = [512, 1024, 2048];
+// The largest frame with its header fits the largest TX class and an RX buffer.
+const _: () = assert!(
+    NET_HDR_LEN + MAX_FRAME <= TX_CLASSES[TX_CLASSES.len() - 1]
+        && NET_HDR_LEN + MAX_FRAME <= RX_BUFFER
+);
 
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
@@ -314,11 +319,11 @@ pub struct VirtioNet {
     stats: NetStats,
     reset_timeout: Duration,
     rx_target: usize,
-    /// Completed TX bounce buffers for reuse, by size class (module docs).
-    tx_spare: [Vec<DmaBuf>; TX_CLASSES],
+    /// Completed TX bounce buffers kept for reuse, by size class (module docs).
+    tx_spare: Recycler,
     /// RX buffers the caller handed back ([`VirtioNet::recycle_rx`]), posted again before new
     /// ones are allocated (module docs); at most `rx_target`.
-    rx_spare: Vec<DmaBuf>,
+    rx_spare: Recycler,
 }
 
 impl std::fmt::Debug for VirtioNet {
@@ -332,13 +337,11 @@ impl std::fmt::Debug for VirtioNet {
     }
 }
 
-/// The spare-list index for a buffer of `capacity` bytes, if it is a TX bounce class.
-fn spare_class(capacity: usize) -> Option<usize> {
-    if !capacity.is_power_of_two() {
-        return None;
-    }
-    let k = capacity.trailing_zeros().checked_sub(TX_MIN_ORDER)? as usize;
-    (k < TX_CLASSES).then_some(k)
+/// The recycler of TX bounce buffers: one class per size, [`TX_SPARE_LIMIT`] each.
+fn tx_recycler(pool: &Pool) -> Recycler {
+    TX_CLASSES.iter().fold(Recycler::new(pool), |r, &class| {
+        r.with_class(class, TX_SPARE_LIMIT)
+    })
 }
 
 /// `52:54:00:12:34:10`.
@@ -475,14 +478,14 @@ impl VirtioNet {
             rx: Some(rx),
             tx: Some(tx),
             transport,
-            pool,
             mac,
             features: accepted,
             stats: NetStats::default(),
             reset_timeout: cfg.reset_timeout,
             rx_target,
-            tx_spare: Default::default(),
-            rx_spare: Vec::new(),
+            tx_spare: tx_recycler(&pool),
+            rx_spare: Recycler::new(&pool).with_class(RX_BUFFER, rx_target),
+            pool,
         };
         net.transport.driver_ok()?;
         net.refill_rx()?;
@@ -577,7 +580,7 @@ impl VirtioNet {
         let mut posted = 0;
         let mut failed = false;
         while rx.outstanding() < target && rx.free_slots() > 0 {
-            let buf = match self.rx_spare.pop() {
+            let buf = match self.rx_spare.take_kept(RX_BUFFER) {
                 // Recycled: only this device's bytes and zeros (module docs).
                 Some(buf) => {
                     self.stats.rx_recycled += 1;
@@ -641,18 +644,13 @@ impl VirtioNet {
     /// of this driver's RX buffers (from this pool, RX-sized) and fewer than one ring's worth
     /// are kept; otherwise it simply returns to its pool.
     pub fn recycle_rx(&mut self, frame: RxFrame) {
-        let buf = frame.buf;
-        if self.rx_spare.len() < self.rx_target
-            && buf.capacity() == RX_BUFFER
-            && buf.is_from(&self.pool)
-        {
-            self.rx_spare.push(buf);
-        }
+        // Read-only while out: it holds only this device's bytes (module docs).
+        self.rx_spare.give_back(frame.buf);
     }
 
     /// Returns every recycled RX buffer to the pool.
     pub fn release_rx_spares(&mut self) {
-        self.rx_spare.clear();
+        self.rx_spare.release();
     }
 
     /// Takes back completed TX buffers (kept for reuse up to [`TX_SPARE_LIMIT`] per size
@@ -663,11 +661,8 @@ impl VirtioNet {
         };
         let mut n = 0;
         while let Some(c) = tx.pop_used()? {
-            if let Some(spare) = spare_class(c.buf.capacity()).map(|k| &mut self.tx_spare[k]) {
-                if spare.len() < TX_SPARE_LIMIT {
-                    spare.push(c.buf);
-                }
-            }
+            // It held only a frame given to this device (module docs).
+            self.tx_spare.give_back(c.buf);
             n += 1;
         }
         self.stats.tx_completed += n as u64;
@@ -676,9 +671,7 @@ impl VirtioNet {
 
     /// Returns every spare TX buffer to the pool (e.g. to give memory back when idle).
     pub fn release_tx_spares(&mut self) {
-        for s in &mut self.tx_spare {
-            s.clear();
-        }
+        self.tx_spare.release();
     }
 
     /// Checks a frame length against the MTU.
@@ -708,7 +701,6 @@ impl VirtioNet {
             Self::check_frame(f.len())?;
         }
         self.reap_tx()?;
-        let pool = self.pool.clone();
         let Some(tx) = self.tx.as_mut() else {
             return Err(NetError::Ring(RingError::Broken(TX_QUEUE)));
         };
@@ -718,18 +710,12 @@ impl VirtioNet {
             if tx.free_slots() == 0 {
                 break;
             }
-            let need = NET_HDR_LEN + f.len();
-            let reused = spare_class(need.next_power_of_two().max(1 << TX_MIN_ORDER))
-                .and_then(|k| self.tx_spare[k].pop());
-            let mut buf = match reused {
-                // A recycled buffer: its header is still the zeroed one (module docs).
-                Some(b) => b,
-                None => match pool.try_alloc(need) {
-                    // Zeroed by the pool: the header is already right.
-                    Ok(b) => b,
-                    Err(PoolError::Exhausted { .. }) => break,
-                    Err(e) => return Err(e.into()),
-                },
+            // A recycled buffer's header is still the zeroed one (module docs); a fresh one is
+            // zeroed by the pool: either way the header is already right.
+            let mut buf = match self.tx_spare.take(NET_HDR_LEN + f.len()) {
+                Ok(b) => b,
+                Err(PoolError::Exhausted { .. }) => break,
+                Err(e) => return Err(e.into()),
             };
             buf.write_at(NET_HDR_LEN, f)?;
             if tx.push(buf, (NET_HDR_LEN + f.len()) as u32, false).is_err() {
@@ -762,12 +748,7 @@ impl VirtioNet {
     /// [`VirtioNet::tx_buffer`].
     pub fn tx_buffer_reused(&mut self, len: usize) -> Result<TxBuf, NetError> {
         Self::check_frame(len)?;
-        let class = spare_class(
-            (NET_HDR_LEN + len)
-                .next_power_of_two()
-                .max(1 << TX_MIN_ORDER),
-        );
-        match class.and_then(|k| self.tx_spare[k].pop()) {
+        match self.tx_spare.take_kept(NET_HDR_LEN + len) {
             Some(buf) => Ok(TxBuf { buf, len }),
             None => self.tx_buffer(len),
         }
@@ -1004,11 +985,8 @@ impl Drop for VirtioNet {
             self.release_rx_spares();
         } else {
             // The device may still write them (the IOMMU mapping is live): never reuse.
-            for s in self.tx_spare.iter_mut().chain([&mut self.rx_spare]) {
-                for b in s.drain(..) {
-                    std::mem::forget(b);
-                }
-            }
+            self.tx_spare.leak_kept();
+            self.rx_spare.leak_kept();
         }
         self.transport.disable_msix();
         for q in [self.rx.take(), self.tx.take()].into_iter().flatten() {
@@ -1038,21 +1016,6 @@ fn check_frame_range(offset: usize, len: usize, frame_len: usize) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spare_classes_cover_tx_bounce_sizes_only() {
-        assert_eq!(spare_class(512), Some(0));
-        assert_eq!(spare_class(1024), Some(1));
-        assert_eq!(spare_class(2048), Some(2));
-        // A 1514-byte frame with its header lands in the 2 KiB class.
-        assert_eq!(
-            spare_class((NET_HDR_LEN + MAX_FRAME).next_power_of_two()),
-            Some(2)
-        );
-        assert_eq!(spare_class(4096), None);
-        assert_eq!(spare_class(256), None);
-        assert_eq!(spare_class(1500), None);
-    }
 
     #[test]
     fn frame_length_limits() {
