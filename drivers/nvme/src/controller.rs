@@ -541,8 +541,16 @@ impl Controller {
         Ok(IoQueue::new(self.clone(), qp))
     }
 
+    /// Creates an I/O queue like [`Controller::create_io_queue`] whose CQ raises MSI-X vector
+    /// `qid`: when [`IoQueue::poll`] finds nothing, [`IoQueue::wait_interrupt`] sleeps until the
+    /// device posts a completion instead of spinning. Needs [`ControllerConfig::interrupts`].
+    pub fn create_interrupt_io_queue<T>(&self, depth: u32) -> Result<IoQueue<T>, NvmeError> {
+        let (qp, interrupt) = self.create_interrupt_queue(depth)?;
+        Ok(IoQueue::with_interrupt(self.clone(), qp, interrupt))
+    }
+
     /// Creates an I/O queue pair whose CQ raises MSI-X vector `qid`, returning the vector's
-    /// eventfd with it (for [`crate::AsyncQueue`]).
+    /// eventfd with it (for [`crate::AsyncQueue`] and [`Controller::create_interrupt_io_queue`]).
     pub(crate) fn create_interrupt_queue<T>(
         &self,
         depth: u32,

@@ -28,6 +28,11 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use vmm_sys_util::eventfd::EventFd;
 
 use tidepool::data::DmaData;
 use tidepool::pool::DmaBuf;
@@ -156,6 +161,8 @@ pub struct IoQueue<T> {
     /// User completions seen by a blocking helper, for the next `poll`.
     stash: VecDeque<Done<T>>,
     scratch: Vec<Done<Tag<T>>>,
+    /// The CQ's MSI-X eventfd, for a queue made by [`Controller::create_interrupt_io_queue`].
+    interrupt: Option<EventFd>,
 }
 
 impl<T> IoQueue<T> {
@@ -165,6 +172,59 @@ impl<T> IoQueue<T> {
             qp: Some(qp),
             stash: VecDeque::new(),
             scratch: Vec::new(),
+            interrupt: None,
+        }
+    }
+
+    /// A queue whose CQ raises the MSI-X vector behind `interrupt`.
+    pub(crate) fn with_interrupt(
+        ctrl: Controller,
+        qp: QueuePair<Tag<T>>,
+        interrupt: EventFd,
+    ) -> IoQueue<T> {
+        let mut queue = IoQueue::new(ctrl, qp);
+        queue.interrupt = Some(interrupt);
+        queue
+    }
+
+    /// Whether the CQ raises an interrupt ([`Controller::create_interrupt_io_queue`]).
+    pub fn has_interrupt(&self) -> bool {
+        self.interrupt.is_some()
+    }
+
+    /// Sleeps until the queue's MSI-X vector fires or `timeout` passes; `true` if it fired.
+    /// Publishes deferred submissions first. Reaping stays [`IoQueue::poll`]'s: poll, and when
+    /// that found too little, wait, then poll again. No completion is missed between the two:
+    /// an interrupt raised after the poll stays counted in the eventfd until this wait
+    /// consumes it (at worst one wake-up finds nothing new). Call [`IoQueue::poll_checked`]
+    /// after a wait that timed out, so a device that never interrupts is still caught by the
+    /// command timeout. [`NvmeError::Unsupported`] on a polled queue.
+    pub fn wait_interrupt(&mut self, timeout: Duration) -> Result<bool, NvmeError> {
+        self.qp().ring_sq()?;
+        let Some(fd) = &self.interrupt else {
+            return Err(NvmeError::Unsupported(
+                "wait_interrupt on a polled queue: create it with create_interrupt_io_queue".into(),
+            ));
+        };
+        let ms = u16::try_from(timeout.as_millis().max(1)).unwrap_or(u16::MAX);
+        // SAFETY: the descriptor is owned by `self.interrupt`, which outlives this borrow (it
+        // ends with this function, and the field is not changed meanwhile).
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) };
+        let mut fds = [PollFd::new(borrowed, PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => Ok(false),
+            Ok(_) => {
+                // Readable: the read returns at once and resets the counter to 0.
+                fd.read().map_err(|source| NvmeError::Os {
+                    what: "reading the queue's MSI-X eventfd",
+                    source,
+                })?;
+                Ok(true)
+            }
+            Err(errno) => Err(NvmeError::Os {
+                what: "waiting on the queue's MSI-X eventfd",
+                source: std::io::Error::from(errno),
+            }),
         }
     }
 

@@ -12,6 +12,7 @@
 //! statistics), [`runner`] (the per-thread I/O loop), [`report`] (normal and JSON output),
 //! [`plot`] (PNG/SVG charts of JSON results), [`cli`] (gluing it together).
 
+pub mod affinity;
 pub mod cli;
 pub mod engine;
 pub mod jobfile;

@@ -231,6 +231,19 @@ pub struct JobArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "0",
           value_parser = parse_bool, action = ArgAction::Set)]
     pub thread: bool,
+    /// CPUs the job's clones run on, fio's list syntax (`0-3,6`).
+    #[arg(long = "cpus_allowed", alias = "cpus-allowed", value_parser = crate::affinity::parse_cpu_list,
+          value_name = "LIST")]
+    pub cpus_allowed: Option<crate::affinity::CpuList>,
+    /// `shared`: every clone may use every CPU of `cpus_allowed`; `split`: clone k gets the
+    /// k-th CPU alone.
+    #[arg(
+        long = "cpus_allowed_policy",
+        alias = "cpus-allowed-policy",
+        value_enum,
+        default_value = "shared"
+    )]
+    pub cpus_allowed_policy: crate::affinity::CpuPolicy,
     /// Random offsets drawn with replacement instead of a permutation (blocks may repeat or be
     /// skipped within a pass).
     #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "0",
@@ -322,8 +335,8 @@ pub struct JobArgs {
     /// tidepool and vhost-user-blk engines: size of each chunk the pool grows by.
     #[arg(long = "pool-chunk", alias = "pool_chunk", value_parser = parse_size, value_name = "SIZE")]
     pub pool_chunk: Option<u64>,
-    /// tidepool engine: how completions are noticed (only `poll` is implemented so far).
-    /// vhost-user-blk engine: `poll` busy-polls the used ring, `interrupt` sleeps on the call
+    /// tidepool engine: `poll` spins on the completion queue, `interrupt` sleeps on the
+    /// queue's MSI-X vector when it is empty. vhost-user-blk engine: `poll` busy-polls the used ring, `interrupt` sleeps on the call
     /// eventfd.
     #[arg(long, value_enum, default_value = "poll")]
     pub completion: CompletionMode,
@@ -433,6 +446,10 @@ pub struct JobSpec {
     pub wait_for: Option<String>,
     /// Random offsets with replacement (fio's norandommap).
     pub norandommap: bool,
+    /// CPUs the clones run on (`cpus_allowed`), if restricted.
+    pub cpus_allowed: Option<crate::affinity::CpuList>,
+    /// How clones share `cpus_allowed`.
+    pub cpus_allowed_policy: crate::affinity::CpuPolicy,
     /// Bytes/s cap per clone: (read, write).
     pub rate: [Option<u64>; 2],
     /// IOPS cap per clone: (read, write).
@@ -652,6 +669,8 @@ impl JobArgs {
             new_group: self.new_group,
             wait_for: self.wait_for.clone(),
             norandommap: self.norandommap,
+            cpus_allowed: self.cpus_allowed.clone(),
+            cpus_allowed_policy: self.cpus_allowed_policy,
             rate: self.rate.unwrap_or([None, None]),
             rate_iops: self.rate_iops.unwrap_or([None, None]),
             loops: self.loops,

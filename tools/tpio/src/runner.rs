@@ -888,7 +888,16 @@ fn run_clone(mut prepared: PreparedClone, progress: &Progress) -> CloneResult {
     let slot_bytes = spec.block_sizes.max() as u32;
     let mut read_runtime = Duration::ZERO;
     let mut write_runtime = Duration::ZERO;
-    if let Err(error) = engine.prepare(spec.iodepth, slot_bytes) {
+    // cpus_allowed: pin before prepare, so the queue and its memory are set up on the CPU
+    // that will use them.
+    let pinned = spec.cpus_allowed.as_ref().map_or(Ok(()), |cpus| {
+        crate::affinity::pin_current_thread(
+            &cpus.for_clone(spec.cpus_allowed_policy, prepared.clone),
+        )
+    });
+    if let Err(error) = pinned {
+        state.fail(libc::EINVAL, error);
+    } else if let Err(error) = engine.prepare(spec.iodepth, slot_bytes) {
         state.fail(libc::EIO, error.to_string());
     } else {
         fill_slots_with_noise(engine, spec.iodepth, slot_bytes, seed);

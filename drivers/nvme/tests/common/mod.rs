@@ -63,6 +63,7 @@ pub fn emu_config() -> EmuNvmeConfig {
         sgl: true,
         msix_vectors: 5,
         mdts: 5,
+        inline_doorbells: false,
     }
 }
 

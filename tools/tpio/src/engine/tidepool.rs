@@ -2,11 +2,17 @@
 //! to vfio-pci, named by its PCI address (`--filename=0000:00:04.0`), namespace 1.
 //!
 //! # The loop
-//! One polled [`IoQueue`] per job clone, `iodepth` commands deep, with deferred doorbells:
-//! `queue` writes the command into the submission ring, `commit` rings the SQ tail doorbell once
-//! for the whole batch, and `reap(min)` spins on [`IoQueue::poll`] until `min` commands have
-//! completed. No system call and no interrupt on the I/O path (`--completion=interrupt`, the MSI-X
-//! driven async queue, is not wired into this engine yet and is refused with a clear message).
+//! One [`IoQueue`] per job clone (so `numjobs=N` drives N NVMe I/O queues of one controller),
+//! `iodepth` commands deep, with deferred doorbells: `queue` writes the command into the
+//! submission ring, `commit` rings the SQ tail doorbell once for the whole batch, and `reap(min)`
+//! polls until `min` commands have completed:
+//! - `--completion=poll` (default): spins on [`IoQueue::poll`]; no system call and no interrupt
+//!   on the I/O path.
+//! - `--completion=interrupt`: the queue's CQ raises its MSI-X vector
+//!   ([`Controller::create_interrupt_io_queue`]); when a poll finds too little, the thread
+//!   sleeps on the vector's eventfd ([`IoQueue::wait_interrupt`]) and polls again. A wait that
+//!   times out ([`INTERRUPT_WAIT`]) runs the driver's health check ([`IoQueue::poll_checked`]),
+//!   so a device that stops interrupting still meets the command timeout.
 //!
 //! # Where the data lives: `--dma=`
 //! Every I/O goes through the driver's public API with one [`DmaData`]: the engine builds no
@@ -57,6 +63,9 @@ const NSID: u32 = 1;
 
 /// Rounds of [`DmaPolicy::calibrate`] per size for `--dma=auto` without `--dma-threshold`.
 const CALIBRATION_ROUNDS: usize = 15;
+
+/// The longest `--completion=interrupt` sleeps before polling with the health check.
+const INTERRUPT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Controllers open in this process, by PCI address (see the module doc).
 fn registry() -> &'static Mutex<HashMap<String, Weak<Controller>>> {
@@ -172,9 +181,17 @@ pub struct TidepoolEngine {
     bdf: String,
     requested: DmaMode,
     threshold: Option<u64>,
+    /// `--completion`: spin on the CQ, or sleep on its MSI-X vector.
+    completion: CompletionMode,
+    /// Sleeps on the MSI-X eventfd that an interrupt ended (`--completion=interrupt`).
+    interrupt_waits: u64,
     kind: SlotKind,
     calibration: Option<Calibration>,
     counts: PathCounts,
+    /// Completions reaped by this clone's queue.
+    completed: u64,
+    /// The queue's statistics, kept when `close` drops the queue.
+    queue_stats: Option<serde_json::Value>,
     outstanding: usize,
     done: Vec<Done<u32>>,
     final_stats: Option<serde_json::Value>,
@@ -197,14 +214,6 @@ impl TidepoolEngine {
                 ),
             })?
             .to_string();
-        if spec.pool.completion == CompletionMode::Interrupt {
-            return Err(EngineError::Unavailable(
-                "tidepool",
-                "--completion=interrupt is not supported by the tpio engine yet (the driver's \
-                 MSI-X AsyncQueue is async-only); use --completion=poll"
-                    .into(),
-            ));
-        }
         let cfg = ControllerConfig {
             // Engines of every job are opened up front and share the controller, so ask for as
             // many queues as QEMU and most controllers offer; the controller grants what it has.
@@ -238,9 +247,13 @@ impl TidepoolEngine {
             bdf,
             requested: spec.pool.dma,
             threshold: spec.pool.dma_threshold,
+            completion: spec.pool.completion,
+            interrupt_waits: 0,
             kind: SlotKind::Caller(DmaPolicy::Bounce),
             calibration: None,
             counts: PathCounts::default(),
+            completed: 0,
+            queue_stats: None,
             outstanding: 0,
             done: Vec::new(),
             final_stats: None,
@@ -410,6 +423,23 @@ impl TidepoolEngine {
         IoCompletion { slot, result }
     }
 
+    /// `--completion=interrupt`: sleeps until the queue's MSI-X vector fires or
+    /// [`INTERRUPT_WAIT`] passes; `true` if it fired.
+    fn wait_interrupt(&mut self) -> Result<bool, EngineError> {
+        let queue = self
+            .queue
+            .as_mut()
+            .ok_or_else(|| EngineError::Misuse("reap before prepare".into()))?;
+        let fired = queue
+            .wait_interrupt(INTERRUPT_WAIT)
+            .map_err(|e| EngineError::Io {
+                what: "waiting for the NVMe queue's interrupt",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        self.interrupt_waits += u64::from(fired);
+        Ok(fired)
+    }
+
     /// Polls until nothing is outstanding, dropping the completions (close and drop).
     fn drain(&mut self) -> Result<(), EngineError> {
         let mut sink = Vec::new();
@@ -420,7 +450,29 @@ impl TidepoolEngine {
         Ok(())
     }
 
-    /// Statistics for the report: the pool's, the paths taken, the mapper's and calibration.
+    /// This clone's I/O queue: its ID, depth, completion mode, completions and doorbell
+    /// counters (the per-queue statistics of a `numjobs` run).
+    fn queue_snapshot(&self) -> Option<serde_json::Value> {
+        let queue = self.queue.as_ref()?;
+        let c = queue.counters();
+        Some(serde_json::json!({
+            "qid": queue.qid(),
+            "depth": queue.depth(),
+            "completion": match self.completion {
+                CompletionMode::Poll => "poll",
+                CompletionMode::Interrupt => "interrupt",
+            },
+            "completions": self.completed,
+            "interrupt_wakes": self.interrupt_waits,
+            "sq_doorbell_writes": c.sq_doorbell_writes,
+            "sq_doorbells_avoided": c.sq_doorbells_avoided,
+            "cq_doorbell_writes": c.cq_doorbell_writes,
+            "cq_doorbells_avoided": c.cq_doorbells_avoided,
+        }))
+    }
+
+    /// Statistics for the report: the queue's, the pool's, the paths taken, the mapper's and
+    /// calibration.
     fn snapshot(&self) -> serde_json::Value {
         let pool = serde_json::to_value(self.ctrl.pool_stats()).unwrap_or_default();
         let mut out = serde_json::json!({
@@ -429,6 +481,9 @@ impl TidepoolEngine {
             "paths": self.counts,
             "pool": pool,
         });
+        if let Some(queue) = self.queue_snapshot().or_else(|| self.queue_stats.clone()) {
+            out["queue"] = queue;
+        }
         if self.requested == DmaMode::Auto {
             out["dma_threshold"] = match self.kind {
                 SlotKind::Caller(DmaPolicy::Auto { threshold }) => serde_json::json!(threshold),
@@ -511,10 +566,11 @@ impl Engine for TidepoolEngine {
             self.slots.push(Some(memory));
         }
         self.request_lens = vec![0; slots as usize];
-        let mut queue = self
-            .ctrl
-            .create_io_queue::<u32>(slots)
-            .map_err(|e| nvme_error("NVMe I/O queue creation", e))?;
+        let queue = match self.completion {
+            CompletionMode::Poll => self.ctrl.create_io_queue::<u32>(slots),
+            CompletionMode::Interrupt => self.ctrl.create_interrupt_io_queue::<u32>(slots),
+        };
+        let mut queue = queue.map_err(|e| nvme_error("NVMe I/O queue creation", e))?;
         queue.defer_doorbells(true);
         self.queue = Some(queue);
         Ok(())
@@ -553,15 +609,19 @@ impl Engine for TidepoolEngine {
         let min = min.min(self.outstanding);
         let mut got = 0;
         let mut done = std::mem::take(&mut self.done);
+        // After an interrupt wait that timed out, the next poll runs the health check.
+        let mut check = false;
         loop {
             done.clear();
             let polled = match self.queue.as_mut() {
+                Some(queue) if check => queue.poll_checked(&mut done),
                 Some(queue) => queue.poll(&mut done),
                 None => return Err(EngineError::Misuse("reap before prepare".into())),
             };
             for completion in done.drain(..) {
                 let completion = self.finish(completion);
                 out.push(completion);
+                self.completed += 1;
                 self.outstanding = self.outstanding.saturating_sub(1);
                 got += 1;
             }
@@ -576,7 +636,17 @@ impl Engine for TidepoolEngine {
                 self.done = done;
                 return Ok(());
             }
-            std::hint::spin_loop();
+            if self.completion == CompletionMode::Interrupt {
+                match self.wait_interrupt() {
+                    Ok(fired) => check = !fired,
+                    Err(error) => {
+                        self.done = done;
+                        return Err(error);
+                    }
+                }
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 
@@ -586,6 +656,7 @@ impl Engine for TidepoolEngine {
         } else {
             Ok(())
         };
+        self.queue_stats = self.queue_snapshot();
         self.queue = None;
         self.slots.clear();
         self.slot_addrs.clear();

@@ -11,6 +11,10 @@
 //! 2. **One corrupted block on the vfio controller**: write 256 verifiable 4 KiB blocks, then
 //!    overwrite the block at a known offset with plain (unverifiable) data through a second
 //!    tidepool run, then read-verify the region: **exactly 1 mismatch, at that offset**.
+//! 4. **One queue per clone, interrupt completions, pinned clones**: `--numjobs=2
+//!    --completion=interrupt --cpus_allowed=0-1 --cpus_allowed_policy=split`, each clone writing
+//!    and verifying a region of its own: 0 mismatches, two jobs on two different NVMe I/O
+//!    queues, each woken by its MSI-X vector.
 //! 3. **One corrupted block through the kernel path** (only when the VM has a kernel-owned
 //!    controller, `tools/vm/run --kernel-nvme`): the same with `--ioengine=io_uring --direct=1`
 //!    on its block device, corrupting the block with `dd` between the runs.
@@ -131,6 +135,63 @@ fn every_dma_mode(bdf: &str) -> Res<()> {
         )?;
     }
     Ok(())
+}
+
+/// Part 4: `numjobs=2` gives each clone its own I/O queue; `--completion=interrupt` sleeps on
+/// the queue's MSI-X vector; clones pinned one CPU each.
+fn queues_per_clone_with_interrupts(bdf: &str) -> Res<()> {
+    let filename = format!("--filename={bdf}");
+    let args = [
+        "--name=mq",
+        "--ioengine=tidepool",
+        filename.as_str(),
+        "--dma=zero-copy",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=8",
+        "--numjobs=2",
+        "--size=8m",
+        "--offset=128m",
+        "--offset_increment=8m",
+        "--verify=crc32c",
+        "--completion=interrupt",
+        "--cpus_allowed=0-1",
+        "--cpus_allowed_policy=split",
+    ];
+    let (status, report) = tpio(&args)?;
+    let jobs = report["jobs"].as_array().cloned().unwrap_or_default();
+    check(
+        jobs.len() == 2,
+        format!("numjobs=2 gave {} job reports", jobs.len()),
+    )?;
+    let mut qids = Vec::new();
+    for job in &jobs {
+        let queue = &job["tidepool"]["queue"];
+        let (checked, mismatches) = (
+            num(job, &["verify", "checked"]),
+            num(job, &["verify", "mismatches"]),
+        );
+        println!(
+            "tpio_verify: numjobs=2 clone: queue {queue}, {checked} checked, {mismatches}              mismatches, exit {status}"
+        );
+        check(
+            status == 0 && job["error"] == 0,
+            format!("numjobs=2: tpio failed: {}", job["error_message"]),
+        )?;
+        check(
+            checked == 2048 && mismatches == 0,
+            format!("numjobs=2: {checked} of 2048 blocks checked, {mismatches} mismatches"),
+        )?;
+        check(
+            queue["completion"] == "interrupt" && num(queue, &["interrupt_wakes"]) > 0,
+            format!("numjobs=2: the queue was not driven by its interrupt: {queue}"),
+        )?;
+        qids.push(num(queue, &["qid"]));
+    }
+    check(
+        qids[0] != qids[1] && !qids.contains(&0),
+        format!("numjobs=2: the clones did not get I/O queues of their own: {qids:?}"),
+    )
 }
 
 /// Checks that a read-verify report names exactly one bad block, at `bad`.
@@ -262,6 +323,7 @@ fn run() -> Res<()> {
     let bdf = env.nvme_bdf().to_string();
     every_dma_mode(&bdf)?;
     corrupt_on_vfio(&bdf)?;
+    queues_per_clone_with_interrupts(&bdf)?;
     match env.kernel_nvme_dev.as_ref().and_then(|p| p.to_str()) {
         Some(dev) if !dev.is_empty() => corrupt_on_kernel_path(dev)?,
         _ => println!(
