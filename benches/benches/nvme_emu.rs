@@ -40,6 +40,9 @@ use tidepool_nvme::{Controller, ControllerConfig, Done, IoQueue};
 
 const IO: usize = 4096;
 const QDS: [usize; 4] = [1, 8, 32, 128];
+/// The namespace: 1 MiB, small enough that the model's reads of it stay in the cache and
+/// disturb the driver's working set as little as a DMA engine would.
+const NAMESPACE_BYTES: u64 = 1 << 20;
 
 /// The TSC, for attributing the driver thread's time to the I/O path.
 #[inline(always)]
@@ -57,7 +60,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 fn emu_config(inline: bool) -> EmuNvmeConfig {
     EmuNvmeConfig {
-        namespace_bytes: 16 << 20,
+        namespace_bytes: NAMESPACE_BYTES,
         block_bytes: 4096,
         inline_doorbells: inline,
         ..EmuNvmeConfig::default()
@@ -199,7 +202,7 @@ fn minimal_run(qd: usize, ios: usize, inline: bool) -> Run {
     admin.run(&*bar, &mut sq);
     // Pre-built commands, one buffer each, CID = slot.
     let bufs: Vec<DmaBuf> = (0..qd).map(|_| pool.try_alloc(IO).unwrap()).collect();
-    let blocks = (16 << 20) / IO as u64;
+    let blocks = NAMESPACE_BYTES / IO as u64;
     let mut cmds: Vec<Command> = bufs
         .iter()
         .enumerate()

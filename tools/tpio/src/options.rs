@@ -582,13 +582,18 @@ impl JobArgs {
                 ));
             }
         }
+        // Clones write regions of their own only when each starts past the previous one's end.
+        let disjoint_clones = matches!(self.size, Some(SizeOrPercent::Bytes(size))
+            if size > 0 && self.offset_increment >= size);
         if self.verify != VerifyKind::None
             && self.numjobs > 1
             && self.rw.read_percent(self.rwmixread) == 0
+            && !disjoint_clones
         {
             return Err(OptionError::Invalid(
-                "verify with numjobs>1: the clones would overwrite each other's blocks; use separate \
-                 jobs with distinct --offset instead"
+                "verify with numjobs>1: the clones would overwrite each other's blocks; give \
+                 --offset_increment of at least --size, or use separate jobs with distinct \
+                 --offset"
                     .into(),
             ));
         }

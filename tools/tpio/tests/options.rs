@@ -178,3 +178,47 @@ fn bsrange_sizes_are_aligned_and_bounded() {
     let total: u64 = ios.iter().map(|io| u64::from(io.len)).sum();
     assert!(total <= 64 << 20 && total > (64 << 20) - 4096);
 }
+
+#[test]
+fn verify_with_clones_needs_disjoint_regions() {
+    let base = [
+        "--name=v",
+        "--ioengine=null",
+        "--rw=randwrite",
+        "--verify=crc32c",
+        "--numjobs=2",
+        "--size=8m",
+    ];
+    let err = parse(&base).expect_err("clones would overlap");
+    assert!(err.to_string().contains("offset_increment"), "{err}");
+    let overlapping = [&base[..], &["--offset_increment=4m"]].concat();
+    assert!(parse(&overlapping).is_err(), "regions 4 MiB apart overlap");
+    let disjoint = [&base[..], &["--offset_increment=8m"]].concat();
+    parse(&disjoint).expect("regions of their own");
+}
+
+#[test]
+fn cpus_allowed_parses_fio_lists_and_refuses_bad_ones() {
+    let (jobs, _) = parse(&[
+        "--name=c",
+        "--ioengine=null",
+        "--size=1m",
+        "--cpus_allowed=0-2,5",
+        "--cpus_allowed_policy=split",
+    ])
+    .expect("valid");
+    let cpus = jobs[0].cpus_allowed.as_ref().expect("restricted");
+    assert_eq!(cpus.cpus(), &[0, 1, 2, 5]);
+    assert_eq!(
+        jobs[0].cpus_allowed_policy,
+        tpio::affinity::CpuPolicy::Split
+    );
+    let err = parse(&[
+        "--name=c",
+        "--ioengine=null",
+        "--size=1m",
+        "--cpus_allowed=3-1",
+    ])
+    .expect_err("backwards range");
+    assert!(err.to_string().contains("runs backwards"), "{err}");
+}
