@@ -1043,9 +1043,7 @@ fn fill_slots_with_noise(engine: &mut dyn Engine, slots: u32, slot_bytes: u32, s
         chunk.copy_from_slice(&bytes[..chunk.len()]);
     }
     for slot in 0..slots {
-        if let Ok(buffer) = engine.slot_buffer(slot) {
-            let _ = buffer.copy_in(&noise);
-        }
+        let _ = engine.fill_slot(slot, &noise);
     }
 }
 
@@ -1269,7 +1267,7 @@ fn queue_one(
             io.offset,
             generation(settings.seed, io.pass),
         );
-        engine.slot_buffer(slot)?.copy_in(block)?;
+        engine.fill_slot(slot, block)?;
     }
     engine.queue(IoRequest {
         slot,
@@ -1289,10 +1287,7 @@ fn check_one(
     scratch: &mut [u8],
 ) {
     let block = &mut scratch[..slot_state.len as usize];
-    if let Err(error) = engine
-        .slot_buffer(slot)
-        .and_then(|buffer| buffer.copy_out(block))
-    {
+    if let Err(error) = engine.read_slot(slot, block) {
         state.fail(libc::EIO, error.to_string());
         return;
     }

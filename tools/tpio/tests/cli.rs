@@ -67,12 +67,8 @@ fn bad_input_exits_1_with_a_message_and_no_stdout() {
         "PCI address of an NVMe controller",
     );
     assert_bad_input(
-        &tpio(&[
-            "--ioengine=tidepool",
-            "--filename=0000:00:04.0",
-            "--completion=interrupt",
-        ]),
-        "--completion=interrupt is not supported",
+        &tpio(&["--ioengine=null", "--size=1m", "--completion=sometimes"]),
+        "not supported: completion=sometimes (tpio has: poll, interrupt)",
     );
     assert_bad_input(
         &tpio(&["--time_based", "--ioengine=null", "--size=1m"]),

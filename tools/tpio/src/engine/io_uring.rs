@@ -19,9 +19,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use io_uring::{opcode, squeue, types, IoUring};
 
 use super::region::SlotRegion;
-use super::{
-    target_label, Engine, EngineError, Geometry, IoCompletion, IoDirection, IoRequest, SlotBuffer,
-};
+use super::{target_label, Engine, EngineError, Geometry, IoCompletion, IoDirection, IoRequest};
 use crate::options::{JobSpec, SECTOR};
 
 /// `BLKGETSIZE64`: a block device's size in bytes (`_IOR(0x12, 114, size_t)`).
@@ -33,6 +31,9 @@ const BLKSSZGET: libc::c_ulong = 0x1268;
 pub struct IoUringEngine {
     ring: Option<IoUring>,
     region: Option<SlotRegion>,
+    /// The registered slots' (address, length), from the region, for the submission entries.
+    /// Addresses, not pointers, so the engine stays `Send`.
+    buffers: Vec<(usize, usize)>,
     file: File,
     geometry: Geometry,
     in_flight: Vec<bool>,
@@ -73,6 +74,7 @@ impl IoUringEngine {
         Ok(IoUringEngine {
             ring: None,
             region: None,
+            buffers: Vec::new(),
             file,
             geometry,
             in_flight: Vec::new(),
@@ -81,6 +83,15 @@ impl IoUringEngine {
     }
 
     /// The ring, or a misuse error before `prepare`.
+    /// A misuse error unless `slot` exists and is not in flight.
+    fn check_idle(&self, slot: u32) -> Result<(), EngineError> {
+        match self.in_flight.get(slot as usize) {
+            Some(false) => Ok(()),
+            Some(true) => Err(EngineError::Misuse(format!("slot {slot} is in flight"))),
+            None => Err(EngineError::Misuse(format!("slot {slot} out of range"))),
+        }
+    }
+
     fn ring(&mut self) -> Result<&mut IoUring, EngineError> {
         self.ring
             .as_mut()
@@ -123,15 +134,8 @@ fn block_device_geometry(file: &File) -> io::Result<Geometry> {
 }
 
 /// Registers the slots of `region` as the ring's fixed buffers, slot `i` as buffer index `i`.
-fn register_region(ring: &IoUring, region: &SlotRegion) -> Result<(), EngineError> {
-    let iovecs = (0..region.slots())
-        .map(|slot| {
-            region.slot(slot).map(|buffer| libc::iovec {
-                iov_base: buffer.ptr.as_ptr().cast(),
-                iov_len: buffer.len,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+fn register_region(ring: &IoUring, region: &mut SlotRegion) -> Result<(), EngineError> {
+    let iovecs = region.iovecs();
     // SAFETY: the iovecs describe the region's mapping, which outlives the ring: the engine drops
     // the ring before the region (field order, `close`).
     unsafe { ring.submitter().register_buffers(&iovecs) }.map_err(|source| EngineError::Setup {
@@ -174,45 +178,59 @@ impl Engine for IoUringEngine {
                 what: "io_uring file registration",
                 source,
             })?;
-        let region = SlotRegion::new(slots, slot_bytes)?;
-        register_region(&ring, &region)?;
+        let mut region = SlotRegion::new(slots, slot_bytes)?;
+        register_region(&ring, &mut region)?;
+        self.buffers = region
+            .iovecs()
+            .iter()
+            .map(|iovec| (iovec.iov_base as usize, iovec.iov_len))
+            .collect();
         self.ring = Some(ring);
         self.region = Some(region);
         self.in_flight = vec![false; slots as usize];
         Ok(())
     }
 
-    fn slot_buffer(&self, slot: u32) -> Result<SlotBuffer, EngineError> {
+    fn fill_slot(&mut self, slot: u32, data: &[u8]) -> Result<(), EngineError> {
+        self.check_idle(slot)?;
+        self.region
+            .as_mut()
+            .ok_or_else(|| EngineError::Misuse("fill_slot before prepare".into()))?
+            .fill(slot, data)
+    }
+
+    fn read_slot(&self, slot: u32, out: &mut [u8]) -> Result<(), EngineError> {
+        self.check_idle(slot)?;
         self.region
             .as_ref()
-            .ok_or_else(|| EngineError::Misuse("slot_buffer before prepare".into()))?
-            .slot(slot)
+            .ok_or_else(|| EngineError::Misuse("read_slot before prepare".into()))?
+            .read(slot, out)
     }
 
     fn queue(&mut self, request: IoRequest) -> Result<(), EngineError> {
-        let buffer = self.slot_buffer(request.slot)?;
-        let busy = self
-            .in_flight
+        self.check_idle(request.slot)?;
+        let (address, len) = self
+            .buffers
             .get(request.slot as usize)
             .copied()
-            .unwrap_or(true);
-        if busy || request.len as usize > buffer.len {
+            .ok_or_else(|| EngineError::Misuse("queue before prepare".into()))?;
+        if request.len as usize > len {
             return Err(EngineError::Misuse(format!(
-                "request {request:?} names a busy slot or exceeds its {} bytes",
-                buffer.len
+                "request {request:?} exceeds its slot's {len} bytes"
             )));
         }
+        let buffer_ptr = address as *mut u8;
         // Slot numbers are < 16384 (checked in prepare), so they fit the u16 buffer index.
         let buf_index = request.slot as u16;
         let fixed_file = types::Fixed(0);
         let entry = match request.direction {
             IoDirection::Read => {
-                opcode::ReadFixed::new(fixed_file, buffer.ptr.as_ptr(), request.len, buf_index)
+                opcode::ReadFixed::new(fixed_file, buffer_ptr, request.len, buf_index)
                     .offset(request.offset)
                     .build()
             }
             IoDirection::Write => {
-                opcode::WriteFixed::new(fixed_file, buffer.ptr.as_ptr(), request.len, buf_index)
+                opcode::WriteFixed::new(fixed_file, buffer_ptr, request.len, buf_index)
                     .offset(request.offset)
                     .build()
             }

@@ -16,13 +16,13 @@
 //!
 //! Buffers belong to the engine (so it can register them with io_uring, or carve them from DMA pool
 //! memory, or keep them in ordinary memory and bounce) and are addressed by slot number. The harness
-//! touches a slot's bytes only through [`SlotBuffer`]'s raw pointer, with copies, and only while that
-//! slot is not in flight: between `reap` returning it and the next `queue` naming it. That is the rule
-//! for memory a device may write; an engine may rely on it.
+//! touches a slot's bytes only by copying in ([`Engine::fill_slot`]) and out
+//! ([`Engine::read_slot`]), and an engine refuses both for a slot in flight (between the `queue`
+//! naming it and the `reap` returning it): the rule for memory a device may write, enforced by
+//! the engine that knows, not assumed of the harness. No engine holds a reference into memory a
+//! device may be writing, and this directory has no `unsafe`.
 //!
 //! An engine is used by one thread at a time (`Send`, not `Sync`); `numjobs` clones each open their own.
-
-use std::ptr::NonNull;
 
 use crate::options::{EngineKind, JobSpec};
 
@@ -119,30 +119,6 @@ pub struct IoCompletion {
     pub result: Result<u32, i32>,
 }
 
-/// A raw view of one slot's bytes; see the module doc for when it may be touched.
-#[derive(Debug, Clone, Copy)]
-pub struct SlotBuffer {
-    /// First byte.
-    pub ptr: NonNull<u8>,
-    /// Length in bytes (`slot_bytes` from `prepare`).
-    pub len: usize,
-}
-
-impl SlotBuffer {
-    /// Slot `slot` of an engine whose slots begin at the addresses `addrs` (addresses, not
-    /// pointers, so engines stay `Send` without `unsafe`), each `len` bytes long; a slot number
-    /// out of range is the harness's misuse.
-    pub(crate) fn of(addrs: &[usize], len: usize, slot: u32) -> Result<SlotBuffer, EngineError> {
-        let ptr = addrs
-            .get(slot as usize)
-            .and_then(|&a| NonNull::new(a as *mut u8))
-            .ok_or_else(|| {
-                EngineError::Misuse(format!("slot {slot} out of range (have {})", addrs.len()))
-            })?;
-        Ok(SlotBuffer { ptr, len })
-    }
-}
-
 /// A block I/O engine driven by one job thread. See the module doc for the call order.
 pub trait Engine: Send {
     /// The `ioengine=` name, for reports.
@@ -155,8 +131,13 @@ pub trait Engine: Send {
     /// Called once, before the first `queue`. `slot_bytes` is a multiple of the logical block size.
     fn prepare(&mut self, slots: u32, slot_bytes: u32) -> Result<(), EngineError>;
 
-    /// The bytes of `slot`. Valid from `prepare` until `close`.
-    fn slot_buffer(&self, slot: u32) -> Result<SlotBuffer, EngineError>;
+    /// Copies `data` into the start of idle slot `slot` (a write's payload). A slot in flight,
+    /// out of range, or too small for `data` is the harness's misuse.
+    fn fill_slot(&mut self, slot: u32, data: &[u8]) -> Result<(), EngineError>;
+
+    /// Copies the start of idle slot `slot` into `out` (a completed read). Same refusals as
+    /// [`Engine::fill_slot`].
+    fn read_slot(&self, slot: u32, out: &mut [u8]) -> Result<(), EngineError>;
 
     /// Queues one request; it may not reach the device before `commit`. The slot must be idle.
     fn queue(&mut self, request: IoRequest) -> Result<(), EngineError>;
@@ -214,37 +195,4 @@ pub fn target_label(spec: &JobSpec) -> String {
         .as_ref()
         .map(|path| path.display().to_string())
         .unwrap_or_else(|| "(null)".into())
-}
-
-impl SlotBuffer {
-    /// Copies `source` into the start of the slot. Only while the slot is idle (module doc).
-    pub fn copy_in(&self, source: &[u8]) -> Result<(), EngineError> {
-        if source.len() > self.len {
-            return Err(EngineError::Misuse(format!(
-                "{} bytes do not fit a {}-byte slot",
-                source.len(),
-                self.len
-            )));
-        }
-        // SAFETY: the slot is `len` writable bytes not in flight (the caller's contract), `source`
-        // is ordinary memory that cannot overlap engine-owned slot memory, and the length fits.
-        unsafe { std::ptr::copy_nonoverlapping(source.as_ptr(), self.ptr.as_ptr(), source.len()) };
-        Ok(())
-    }
-
-    /// Copies the start of the slot into `target`. Only while the slot is idle (module doc).
-    pub fn copy_out(&self, target: &mut [u8]) -> Result<(), EngineError> {
-        if target.len() > self.len {
-            return Err(EngineError::Misuse(format!(
-                "cannot read {} bytes from a {}-byte slot",
-                target.len(),
-                self.len
-            )));
-        }
-        // SAFETY: as in `copy_in`, with the roles of the two buffers swapped.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), target.as_mut_ptr(), target.len())
-        };
-        Ok(())
-    }
 }

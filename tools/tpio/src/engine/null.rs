@@ -4,7 +4,7 @@
 //! in the way, like fio's null engine. Its capacity is exactly the job's region end.
 
 use super::region::SlotRegion;
-use super::{Engine, EngineError, Geometry, IoCompletion, IoRequest, SlotBuffer};
+use super::{Engine, EngineError, Geometry, IoCompletion, IoRequest};
 use crate::options::{JobSpec, SECTOR};
 
 /// The null engine's state: queued and committed requests awaiting their instant completion.
@@ -47,11 +47,19 @@ impl Engine for NullEngine {
         Ok(())
     }
 
-    fn slot_buffer(&self, slot: u32) -> Result<SlotBuffer, EngineError> {
+    /// Completions are instant, so a slot is never in flight between calls.
+    fn fill_slot(&mut self, slot: u32, data: &[u8]) -> Result<(), EngineError> {
+        self.region
+            .as_mut()
+            .ok_or_else(|| EngineError::Misuse("fill_slot before prepare".into()))?
+            .fill(slot, data)
+    }
+
+    fn read_slot(&self, slot: u32, out: &mut [u8]) -> Result<(), EngineError> {
         self.region
             .as_ref()
-            .ok_or_else(|| EngineError::Misuse("slot_buffer before prepare".into()))?
-            .slot(slot)
+            .ok_or_else(|| EngineError::Misuse("read_slot before prepare".into()))?
+            .read(slot, out)
     }
 
     fn queue(&mut self, request: IoRequest) -> Result<(), EngineError> {

@@ -1,12 +1,16 @@
 //! Page-aligned anonymous memory for buffer slots.
 //!
-//! O_DIRECT needs buffers aligned to the logical block size; a private anonymous mapping is page
-//! aligned, zero filled and returned to the kernel on drop. Slots are laid out back to back with a
-//! stride rounded up to 4 KiB so every slot starts page aligned.
+//! O_DIRECT needs buffers aligned to the logical block size; a private anonymous mapping
+//! (`memmap2`) is page aligned, zero filled and returned to the kernel on drop. Slots are laid
+//! out back to back with a stride rounded up to 4 KiB so every slot starts page aligned.
+//!
+//! The region hands out copies in and out of a slot ([`SlotRegion::fill`], [`SlotRegion::read`])
+//! and, for io_uring's registration, the slots' addresses ([`SlotRegion::iovecs`]). Which slots
+//! a kernel may be using is the engine's bookkeeping: it refuses copies of a slot in flight.
 
-use std::ptr::NonNull;
+use memmap2::MmapMut;
 
-use super::{EngineError, SlotBuffer};
+use super::EngineError;
 
 /// The alignment of each slot.
 const SLOT_ALIGN: usize = 4096;
@@ -14,16 +18,11 @@ const SLOT_ALIGN: usize = 4096;
 /// `slots` buffers of `slot_bytes` each in one anonymous mapping.
 #[derive(Debug)]
 pub struct SlotRegion {
-    base: NonNull<u8>,
-    mapped_bytes: usize,
+    map: MmapMut,
     stride: usize,
     slot_bytes: usize,
     slots: u32,
 }
-
-// SAFETY: the region is plain memory owned by this value; moving it to another thread moves the
-// ownership, and nothing else holds the pointer except engines that live in the same value.
-unsafe impl Send for SlotRegion {}
 
 impl SlotRegion {
     /// Maps `slots * round_up(slot_bytes, 4096)` bytes of zeroed anonymous memory.
@@ -33,10 +32,12 @@ impl SlotRegion {
         let mapped_bytes = stride.checked_mul(slots as usize).ok_or_else(|| {
             EngineError::Misuse(format!("{slots} slots of {slot_bytes} bytes overflow"))
         })?;
-        let base = map_anonymous(mapped_bytes)?;
+        let map = MmapMut::map_anon(mapped_bytes.max(1)).map_err(|source| EngineError::Setup {
+            what: "mmap of the I/O buffers",
+            source,
+        })?;
         Ok(SlotRegion {
-            base,
-            mapped_bytes,
+            map,
             stride,
             slot_bytes,
             slots,
@@ -53,56 +54,66 @@ impl SlotRegion {
         self.slot_bytes
     }
 
-    /// The buffer of `slot`, or a misuse error when it is out of range.
-    pub fn slot(&self, slot: u32) -> Result<SlotBuffer, EngineError> {
-        if slot >= self.slots {
+    /// The byte range of `slot` in the mapping, or a misuse error when it is out of range or
+    /// `len` exceeds a slot.
+    fn range(&self, slot: u32, len: usize) -> Result<std::ops::Range<usize>, EngineError> {
+        if slot >= self.slots || len > self.slot_bytes {
             return Err(EngineError::Misuse(format!(
-                "slot {slot} out of range (have {})",
-                self.slots
+                "slot {slot} ({len} bytes) is out of range (have {} slots of {} bytes)",
+                self.slots, self.slot_bytes
             )));
         }
-        let offset = self.stride * slot as usize;
-        // `wrapping_add` keeps this safe code; the offset is inside the mapping by the check above.
-        let ptr = self.base.as_ptr().wrapping_add(offset);
-        let ptr = NonNull::new(ptr).ok_or_else(|| EngineError::Misuse("null slot".into()))?;
-        Ok(SlotBuffer {
-            ptr,
-            len: self.slot_bytes,
-        })
+        let start = self.stride * slot as usize;
+        Ok(start..start + len)
+    }
+
+    /// Copies `data` into the start of `slot`.
+    pub fn fill(&mut self, slot: u32, data: &[u8]) -> Result<(), EngineError> {
+        let range = self.range(slot, data.len())?;
+        self.map[range].copy_from_slice(data);
+        Ok(())
+    }
+
+    /// Copies the start of `slot` into `out`.
+    pub fn read(&self, slot: u32, out: &mut [u8]) -> Result<(), EngineError> {
+        let range = self.range(slot, out.len())?;
+        out.copy_from_slice(&self.map[range]);
+        Ok(())
+    }
+
+    /// Each slot's address and length, in slot order: what io_uring registers as fixed
+    /// buffers. The addresses stay valid as long as the region lives.
+    pub fn iovecs(&mut self) -> Vec<libc::iovec> {
+        let base = self.map.as_mut_ptr();
+        (0..self.slots as usize)
+            .map(|slot| libc::iovec {
+                iov_base: base.wrapping_add(slot * self.stride).cast(),
+                iov_len: self.slot_bytes,
+            })
+            .collect()
     }
 }
 
-/// Maps `bytes` of private anonymous read/write memory.
-fn map_anonymous(bytes: usize) -> Result<NonNull<u8>, EngineError> {
-    // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            bytes.max(1),
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(EngineError::Setup {
-            what: "mmap of the I/O buffers",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    NonNull::new(ptr.cast::<u8>()).ok_or_else(|| EngineError::Setup {
-        what: "mmap of the I/O buffers",
-        source: std::io::Error::other("mmap returned null"),
-    })
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Drop for SlotRegion {
-    /// Unmaps the region. Engines drop it only after every I/O using it has completed.
-    fn drop(&mut self) {
-        // SAFETY: `base`/`mapped_bytes` are exactly what `map_anonymous` returned, unmapped once.
-        unsafe {
-            libc::munmap(self.base.as_ptr().cast(), self.mapped_bytes.max(1));
+    #[test]
+    fn slots_are_page_aligned_zeroed_and_separate() {
+        let mut region = SlotRegion::new(3, 5000).unwrap();
+        let iovecs = region.iovecs();
+        assert_eq!(iovecs.len(), 3);
+        for iovec in &iovecs {
+            assert_eq!(iovec.iov_base as usize % SLOT_ALIGN, 0);
+            assert_eq!(iovec.iov_len, 5000);
         }
+        region.fill(1, &[7u8; 5000]).unwrap();
+        let mut out = vec![1u8; 5000];
+        region.read(0, &mut out).unwrap();
+        assert!(out.iter().all(|&b| b == 0));
+        region.read(1, &mut out).unwrap();
+        assert!(out.iter().all(|&b| b == 7));
+        assert!(region.fill(3, &[0]).is_err());
+        assert!(region.read(0, &mut vec![0u8; 5001]).is_err());
     }
 }

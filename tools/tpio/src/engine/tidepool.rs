@@ -17,9 +17,9 @@
 //! # Where the data lives: `--dma=`
 //! Every I/O goes through the driver's public API with one [`DmaData`]: the engine builds no
 //! command, no PRP and no SGL, and keeps no table of in-flight memory beside the driver's.
-//! Each slot owns its memory while idle, and the harness reads and writes it through
-//! [`SlotBuffer`] only then (see [`super`]); queueing moves the memory into the command and
-//! the completion gives it back.
+//! Each slot owns its memory while idle, and the harness copies in and out of it only then
+//! ([`Engine::fill_slot`], [`Engine::read_slot`]: a slot in flight is refused); queueing moves
+//! the memory into the command and the completion gives it back.
 //!
 //! | mode | slot memory | per I/O |
 //! |---|---|---|
@@ -53,9 +53,7 @@ use tidepool::pool::{Direction, DmaBuf, Pool, PoolConfig};
 use tidepool::share::direct::DirectMapper;
 use tidepool_nvme::{Controller, ControllerConfig, Done, IoQueue, Namespace, NvmeError};
 
-use super::{
-    target_label, Engine, EngineError, Geometry, IoCompletion, IoDirection, IoRequest, SlotBuffer,
-};
+use super::{target_label, Engine, EngineError, Geometry, IoCompletion, IoDirection, IoRequest};
 use crate::options::{CompletionMode, DmaMode, JobSpec, PoolSettings};
 
 /// The namespace the engine works on.
@@ -168,10 +166,6 @@ pub struct TidepoolEngine {
     queue: Option<IoQueue<u32>>,
     /// Each slot's memory while idle; `None` while its command is in flight.
     slots: Vec<Option<SlotMemory>>,
-    /// Each slot's first byte, fixed from prepare to close (the memory moves with the command
-    /// but its bytes stay where they are). Addresses, not pointers: the engine is `Send`, and
-    /// only the harness dereferences them (through [`SlotBuffer`], while the slot is idle).
-    slot_addrs: Vec<usize>,
     /// The length of each slot's current (or last) request.
     request_lens: Vec<u32>,
     slot_bytes: usize,
@@ -238,7 +232,6 @@ impl TidepoolEngine {
         Ok(TidepoolEngine {
             queue: None,
             slots: Vec::new(),
-            slot_addrs: Vec::new(),
             request_lens: Vec::new(),
             slot_bytes: 0,
             mapper: None,
@@ -559,10 +552,6 @@ impl Engine for TidepoolEngine {
             } else {
                 SlotMemory::Host(PageBuf::zeroed(self.slot_bytes))
             };
-            self.slot_addrs.push(match &memory {
-                SlotMemory::Pool(buf) => buf.as_ptr() as usize,
-                SlotMemory::Host(page) => page.as_slice().as_ptr() as usize,
-            });
             self.slots.push(Some(memory));
         }
         self.request_lens = vec![0; slots as usize];
@@ -576,8 +565,42 @@ impl Engine for TidepoolEngine {
         Ok(())
     }
 
-    fn slot_buffer(&self, slot: u32) -> Result<SlotBuffer, EngineError> {
-        SlotBuffer::of(&self.slot_addrs, self.slot_bytes, slot)
+    fn fill_slot(&mut self, slot: u32, data: &[u8]) -> Result<(), EngineError> {
+        let misuse = |e: String| EngineError::Misuse(format!("slot {slot}: {e}"));
+        match self.slots.get_mut(slot as usize) {
+            Some(Some(SlotMemory::Pool(buf))) => {
+                buf.set_len(data.len()).map_err(|e| misuse(e.to_string()))?;
+                buf.write_at(0, data).map_err(|e| misuse(e.to_string()))
+            }
+            Some(Some(SlotMemory::Host(page))) => {
+                if !page.set_len(data.len()) {
+                    return Err(misuse(format!("{} bytes do not fit", data.len())));
+                }
+                page.as_mut_slice().copy_from_slice(data);
+                Ok(())
+            }
+            Some(None) => Err(misuse("in flight".into())),
+            None => Err(misuse("out of range".into())),
+        }
+    }
+
+    fn read_slot(&self, slot: u32, out: &mut [u8]) -> Result<(), EngineError> {
+        let misuse = |e: String| EngineError::Misuse(format!("slot {slot}: {e}"));
+        match self.slots.get(slot as usize) {
+            Some(Some(SlotMemory::Pool(buf))) => {
+                buf.read_at(0, out).map_err(|e| misuse(e.to_string()))
+            }
+            Some(Some(SlotMemory::Host(page))) => {
+                let bytes = page
+                    .as_slice()
+                    .get(..out.len())
+                    .ok_or_else(|| misuse(format!("holds fewer than {} bytes", out.len())))?;
+                out.copy_from_slice(bytes);
+                Ok(())
+            }
+            Some(None) => Err(misuse("in flight".into())),
+            None => Err(misuse("out of range".into())),
+        }
     }
 
     fn queue(&mut self, request: IoRequest) -> Result<(), EngineError> {
@@ -659,7 +682,6 @@ impl Engine for TidepoolEngine {
         self.queue_stats = self.queue_snapshot();
         self.queue = None;
         self.slots.clear();
-        self.slot_addrs.clear();
         // After the queue and slot buffers went back: `in_use_bytes` then shows only what the
         // controller itself keeps (the admin queue).
         self.final_stats = Some(self.snapshot());

@@ -42,7 +42,7 @@
 //!
 //! # Why slot memory is never released under an I/O
 //! A request's task owns its slot's memory (moved into it at `commit`) and hands it back in
-//! its report; the slot table holds it only while the slot is idle, and `slot_buffer` refuses a
+//! its report; the slot table holds it only while the slot is idle, and `fill_slot`/`read_slot` refuse a
 //! slot whose memory is away, so the harness can only reach memory that exists and that no task
 //! uses. `close`/drop wait for every task to report (each finishes: the driver fails a request
 //! after its `io_timeout`, or at once when the backend disconnects). No `unsafe` here.
@@ -62,9 +62,7 @@ use tidepool_vhost_user_blk::{
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 
-use super::{
-    target_label, Engine, EngineError, Geometry, IoCompletion, IoDirection, IoRequest, SlotBuffer,
-};
+use super::{target_label, Engine, EngineError, Geometry, IoCompletion, IoDirection, IoRequest};
 use crate::options::{CompletionMode, JobSpec};
 
 /// Largest virtqueue `qemu-storage-daemon` (libvhost-user) accepts.
@@ -250,9 +248,6 @@ pub struct VhostUserBlkEngine {
     /// Each slot's private memory while idle; `None` while its request is queued or in
     /// flight (the memory is then owned by the request's task).
     slots: Vec<Option<PageBuf>>,
-    /// Each slot's first byte, fixed from prepare to close: the memory moves with its task,
-    /// its bytes stay where they are. Addresses, so the engine is `Send` without `unsafe`.
-    slot_addrs: Vec<usize>,
     slot_bytes: usize,
     done_tx: mpsc::UnboundedSender<Finished>,
     done_rx: mpsc::UnboundedReceiver<Finished>,
@@ -267,6 +262,15 @@ pub struct VhostUserBlkEngine {
 }
 
 impl VhostUserBlkEngine {
+    /// The memory of idle slot `slot`; in flight or out of range is the harness's misuse.
+    fn idle_slot(&mut self, slot: u32) -> Result<&mut PageBuf, EngineError> {
+        match self.slots.get_mut(slot as usize) {
+            Some(Some(page)) => Ok(page),
+            Some(None) => Err(EngineError::Misuse(format!("slot {slot} is in flight"))),
+            None => Err(EngineError::Misuse(format!("slot {slot} out of range"))),
+        }
+    }
+
     /// Connects to (or shares, see the module doc) the backend on the socket `spec.filename`.
     /// A missing path, a path that is not a socket, or a peer that does not speak vhost-user
     /// is an [`EngineError::Open`] naming the socket.
@@ -296,7 +300,6 @@ impl VhostUserBlkEngine {
         Ok(VhostUserBlkEngine {
             pending: Vec::new(),
             slots: Vec::new(),
-            slot_addrs: Vec::new(),
             slot_bytes: 0,
             done_tx,
             done_rx,
@@ -418,22 +421,34 @@ impl Engine for VhostUserBlkEngine {
         self.slots = (0..slots)
             .map(|_| Some(PageBuf::zeroed(slot_bytes as usize)))
             .collect();
-        self.slot_addrs = self
-            .slots
-            .iter()
-            .flatten()
-            .map(|m| m.as_slice().as_ptr() as usize)
-            .collect();
         self.slot_bytes = slot_bytes as usize;
         Ok(())
     }
 
-    /// The slot's bytes, only while it is idle (its memory is here, not with a task).
-    fn slot_buffer(&self, slot: u32) -> Result<SlotBuffer, EngineError> {
-        if let Some(None) = self.slots.get(slot as usize) {
-            return Err(EngineError::Misuse(format!("slot {slot} is in flight")));
+    /// Only while the slot is idle (its memory is here, not with a task).
+    fn fill_slot(&mut self, slot: u32, data: &[u8]) -> Result<(), EngineError> {
+        let page = self.idle_slot(slot)?;
+        if !page.set_len(data.len()) {
+            return Err(EngineError::Misuse(format!(
+                "slot {slot}: {} bytes do not fit",
+                data.len()
+            )));
         }
-        SlotBuffer::of(&self.slot_addrs, self.slot_bytes, slot)
+        page.as_mut_slice().copy_from_slice(data);
+        Ok(())
+    }
+
+    fn read_slot(&self, slot: u32, out: &mut [u8]) -> Result<(), EngineError> {
+        let page = match self.slots.get(slot as usize) {
+            Some(Some(page)) => page,
+            Some(None) => return Err(EngineError::Misuse(format!("slot {slot} is in flight"))),
+            None => return Err(EngineError::Misuse(format!("slot {slot} out of range"))),
+        };
+        let bytes = page.as_slice().get(..out.len()).ok_or_else(|| {
+            EngineError::Misuse(format!("slot {slot} holds fewer than {} bytes", out.len()))
+        })?;
+        out.copy_from_slice(bytes);
+        Ok(())
     }
 
     fn queue(&mut self, request: IoRequest) -> Result<(), EngineError> {
@@ -510,7 +525,6 @@ impl Engine for VhostUserBlkEngine {
     fn close(&mut self) -> Result<(), EngineError> {
         let drained = self.drain();
         self.final_stats = Some(self.snapshot());
-        self.slot_addrs.clear();
         self.slots.clear();
         drained
     }
