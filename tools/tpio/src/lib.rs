@@ -13,6 +13,7 @@
 //! [`plot`] (PNG/SVG charts of JSON results), [`cli`] (gluing it together).
 
 pub mod affinity;
+pub mod blockdev;
 pub mod cli;
 pub mod engine;
 pub mod jobfile;
@@ -23,5 +24,6 @@ pub mod report;
 pub mod runner;
 pub mod stats;
 pub mod units;
+pub mod uring;
 pub mod verify;
 pub mod workload;
