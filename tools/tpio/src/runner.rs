@@ -1077,6 +1077,9 @@ fn run_phase(
     let mut issuing = true;
     let mut issued = 0u64;
     let mut pending: Option<PlannedIo> = None;
+    // The last reap's successful completions, accounted after the next commit.
+    let mut finished: Vec<SlotState> = Vec::with_capacity(slots as usize);
+    let mut finished_at = now;
     loop {
         if issuing
             && settings
@@ -1147,6 +1150,7 @@ fn run_phase(
         }
         if !batch.is_empty() {
             if let Err(error) = engine.commit() {
+                account(&finished, finished_at, settings, state, progress);
                 state.fail(libc::EIO, error.to_string());
                 return issued;
             }
@@ -1157,18 +1161,24 @@ fn run_phase(
                 slot_states[*slot as usize].issued = issued_at;
             }
         }
+        account(&finished, finished_at, settings, state, progress);
+        finished.clear();
         if free.len() == slots as usize {
             return issued;
         }
         completions.clear();
         if let Err(error) = engine.reap(1, &mut completions) {
+            account(&finished, finished_at, settings, state, progress);
             state.fail(libc::EIO, error.to_string());
             return issued;
         }
         let done = Instant::now();
         state.complete_buckets[batch_bucket(completions.len())] += completions.len() as u64;
-        let (mut reads, mut writes, mut bytes) = (0, 0, 0);
-        let (mut read_bytes, mut write_bytes) = (0, 0);
+        // Triage only what must happen before a slot is reused (errors, verify reads); the
+        // accounting (latencies, histograms, counters) waits until the next batch is committed,
+        // so the device works while it runs.
+        finished.clear();
+        finished_at = done;
         for completion in &completions {
             let Some(slot_state) = slot_states.get(completion.slot as usize).copied() else {
                 state.fail(
@@ -1217,38 +1227,54 @@ fn run_phase(
                     &mut scratch,
                 );
             }
-            if slot_state.queued >= settings.counted_from {
-                let slat = slot_state
-                    .issued
-                    .saturating_duration_since(slot_state.queued)
-                    .as_nanos() as u64;
-                let clat = done.saturating_duration_since(slot_state.issued).as_nanos() as u64;
-                let stats = match slot_state.direction {
-                    IoDirection::Read => &mut state.read,
-                    IoDirection::Write => &mut state.write,
-                };
-                stats.record(u64::from(slot_state.len), slat, clat);
-            }
-            match slot_state.direction {
-                IoDirection::Read => {
-                    reads += 1;
-                    read_bytes += u64::from(slot_state.len);
-                }
-                IoDirection::Write => {
-                    writes += 1;
-                    write_bytes += u64::from(slot_state.len);
-                }
-            }
-            bytes += u64::from(slot_state.len);
+            finished.push(slot_state);
         }
-        progress.read_ios.fetch_add(reads, Ordering::Relaxed);
-        progress.write_ios.fetch_add(writes, Ordering::Relaxed);
-        progress.bytes.fetch_add(bytes, Ordering::Relaxed);
-        progress.read_bytes.fetch_add(read_bytes, Ordering::Relaxed);
-        progress
-            .write_bytes
-            .fetch_add(write_bytes, Ordering::Relaxed);
     }
+}
+
+/// Accounts I/Os that completed successfully at `done`: latencies into the statistics (from
+/// `counted_from` on) and the progress counters.
+fn account(
+    finished: &[SlotState],
+    done: Instant,
+    settings: &PhaseSettings,
+    state: &mut CloneState,
+    progress: &Progress,
+) {
+    let (mut reads, mut writes, mut bytes) = (0, 0, 0);
+    let (mut read_bytes, mut write_bytes) = (0, 0);
+    for slot_state in finished {
+        if slot_state.queued >= settings.counted_from {
+            let slat = slot_state
+                .issued
+                .saturating_duration_since(slot_state.queued)
+                .as_nanos() as u64;
+            let clat = done.saturating_duration_since(slot_state.issued).as_nanos() as u64;
+            let stats = match slot_state.direction {
+                IoDirection::Read => &mut state.read,
+                IoDirection::Write => &mut state.write,
+            };
+            stats.record(u64::from(slot_state.len), slat, clat);
+        }
+        match slot_state.direction {
+            IoDirection::Read => {
+                reads += 1;
+                read_bytes += u64::from(slot_state.len);
+            }
+            IoDirection::Write => {
+                writes += 1;
+                write_bytes += u64::from(slot_state.len);
+            }
+        }
+        bytes += u64::from(slot_state.len);
+    }
+    progress.read_ios.fetch_add(reads, Ordering::Relaxed);
+    progress.write_ios.fetch_add(writes, Ordering::Relaxed);
+    progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+    progress.read_bytes.fetch_add(read_bytes, Ordering::Relaxed);
+    progress
+        .write_bytes
+        .fetch_add(write_bytes, Ordering::Relaxed);
 }
 
 /// Fills a write's slot (verify header and pattern when verifying) and queues the request.
