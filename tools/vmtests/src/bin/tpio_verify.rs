@@ -172,7 +172,7 @@ fn queues_per_clone_with_interrupts(bdf: &str) -> Res<()> {
             num(job, &["verify", "mismatches"]),
         );
         println!(
-            "tpio_verify: numjobs=2 clone: queue {queue}, {checked} checked, {mismatches}              mismatches, exit {status}"
+            "tpio_verify: numjobs=2 clone: queue {queue}, {checked} checked, {mismatches} mismatches, exit {status}"
         );
         check(
             status == 0 && job["error"] == 0,
