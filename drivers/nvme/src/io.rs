@@ -77,9 +77,19 @@ impl Namespace {
         self.nsid
     }
 
-    /// Bytes per logical block.
+    /// Bytes per logical block (a power of two).
     pub fn block_bytes(&self) -> u32 {
         self.block_bytes
+    }
+
+    /// The block holding byte `offset` of the namespace, and whether `offset` is where it
+    /// starts: a shift, not a division.
+    pub fn block_of(&self, offset: u64) -> (u64, bool) {
+        let shift = self.block_bytes.trailing_zeros();
+        (
+            offset >> shift,
+            offset & (u64::from(self.block_bytes) - 1) == 0,
+        )
     }
 
     /// Size in logical blocks.
@@ -101,10 +111,12 @@ impl Namespace {
     /// block count.
     pub fn check(&self, lba: u64, len: usize) -> Result<u64, NvmeError> {
         let block = self.block_bytes;
-        if len == 0 || len % block as usize != 0 {
+        // Block sizes are powers of two (2^LBADS): masks and shifts, not divisions, on the
+        // I/O path.
+        if len == 0 || len & (block as usize - 1) != 0 {
             return Err(NvmeError::NotBlockMultiple { len, block });
         }
-        let blocks = (len / block as usize) as u64;
+        let blocks = (len >> block.trailing_zeros()) as u64;
         self.check_blocks(lba, blocks)?;
         Ok(blocks)
     }
@@ -766,6 +778,10 @@ mod tests {
         ));
         let c = ns.rw_command(IoOpcode::Write, 10, 2048).unwrap();
         assert_eq!((c.opcode, c.cdw10, c.cdw12), (0x01, 10, 3));
+        assert_eq!(ns.block_of(0), (0, true));
+        assert_eq!(ns.block_of(5 * 512), (5, true));
+        assert_eq!(ns.block_of(5 * 512 + 1), (5, false));
+        assert_eq!(ns.block_of(u64::MAX), (u64::MAX >> 9, false));
     }
 
     #[test]
