@@ -58,7 +58,9 @@ impl Cap {
         Cap(raw)
     }
 
-    /// Maximum entries per I/O queue (MQES + 1; MQES is 0's based). At least 2.
+    /// Maximum entries per I/O queue (MQES + 1; MQES is 0's based). The spec requires at
+    /// least 2; a device that reports MQES = 0 gives 1 here, which leaves no usable depth
+    /// (`Controller::max_queue_depth` is 0 and every queue creation is refused).
     pub fn max_queue_entries(self) -> u32 {
         (self.0 & 0xffff) as u32 + 1
     }
@@ -259,6 +261,13 @@ impl Registers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mqes_zero_gives_one_entry_and_no_depth() {
+        // A device breaking the spec's MQES >= 1: one entry, which holds no command.
+        assert_eq!(Cap::from_raw(0).max_queue_entries(), 1);
+        assert_eq!(Cap::from_raw(0xffff).max_queue_entries(), 65536);
+    }
 
     #[test]
     fn cap_fields_decode() {
