@@ -384,3 +384,45 @@ fn bounce_at_queue_depth_with_mixed_kinds() {
     assert_eq!(rig.in_use(), rig.baseline);
     rig.finish();
 }
+
+/// A namespace of 4 KiB blocks: the last block reads and writes, one block further is refused
+/// before the device with the data given back, and byte offsets map to blocks by `block_of`.
+#[test]
+fn a_4k_block_namespace_ends_where_it_says() {
+    let rig = Rig::with(
+        EmuNvmeConfig {
+            block_bytes: 4096,
+            namespace_bytes: 1 << 20,
+            ..emu_config()
+        },
+        ctrl_config(),
+    );
+    assert_eq!((rig.ns.block_bytes(), rig.ns.blocks()), (4096, 256));
+    assert_eq!(rig.ns.block_of(255 * 4096), (255, true));
+    assert_eq!(rig.ns.block_of(255 * 4096 + 512), (255, false));
+    let mut q = rig.queue(4);
+    let data = pattern(4096, 0x44);
+    q.write(&rig.ns, 255, &data).unwrap();
+    let mut back = vec![0u8; 4096];
+    q.read(&rig.ns, 255, &mut back).unwrap();
+    assert_eq!(back, data);
+    assert_eq!(rig.ns_bytes(255 * 4096, 4096), data);
+    let buf = rig.pool.try_alloc(8192).unwrap();
+    let refused = q.submit_read(&rig.ns, 255, buf, 1).unwrap_err();
+    assert!(
+        matches!(
+            refused.error,
+            NvmeError::LbaOutOfRange {
+                lba: 255,
+                end: 257,
+                ..
+            }
+        ),
+        "{}",
+        refused.error
+    );
+    assert!(refused.data.is_some(), "the buffer comes back");
+    drop(refused);
+    drop(q);
+    rig.finish();
+}
