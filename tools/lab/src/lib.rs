@@ -16,6 +16,8 @@
 //! cargo run --release -p tidepool-lab -- replay my-trace.csv --out target/lab-mine
 //! ```
 
+pub mod capture;
+pub mod demo;
 pub mod device;
 pub mod metrics;
 pub mod plot;
@@ -23,5 +25,6 @@ pub mod policy;
 pub mod report;
 pub mod rng;
 pub mod run;
+pub mod sweep;
 pub mod trace;
 pub mod workload;

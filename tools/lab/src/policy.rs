@@ -170,6 +170,113 @@ impl Base {
     }
 }
 
+/// Overrides of one policy's knobs, for the frontier sweep ([`crate::sweep`]). `None` keeps
+/// the policy's default (the table in the module doc). Only the knobs that policy has are
+/// meaningful: static has its size; dynamic its growth step (`chunk_bytes`); throttle its size
+/// and thresholds; tidepool its prefill, watermarks, shrink delay, peak half-life and reserve.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Knobs {
+    /// Bytes per chunk: the growth step (must stay a multiple of `max_buffer`).
+    pub chunk_bytes: Option<usize>,
+    /// Bytes made at creation (whole chunks).
+    pub prefill_bytes: Option<usize>,
+    /// Grow when free bytes fall below this.
+    pub low_watermark: Option<usize>,
+    /// Keep this much free when shrinking (raised to `low + chunk` if below).
+    pub high_watermark: Option<usize>,
+    /// Idle time before a chunk is given back, ms.
+    pub shrink_delay_ms: Option<u64>,
+    /// Half-life of the recent-peak floor, ms (0 disables it).
+    pub peak_half_life_ms: Option<u64>,
+    /// Immediate-path reserve, bytes.
+    pub reserve_bytes: Option<usize>,
+    /// Throttle thresholds, percent of the pool in use: (wait above, resume below).
+    pub throttle_percent: Option<(f64, f64)>,
+}
+
+impl Knobs {
+    /// A short label, `key=value` pairs of the knobs set (`default` when none is).
+    pub fn label(&self) -> String {
+        let mib = |b: usize| {
+            if b % (1 << 20) == 0 {
+                format!("{}M", b >> 20)
+            } else {
+                format!("{}K", b >> 10)
+            }
+        };
+        let mut parts = Vec::new();
+        if let Some(v) = self.chunk_bytes {
+            parts.push(format!("step={}", mib(v)));
+        }
+        if let Some(v) = self.prefill_bytes {
+            parts.push(format!("prefill={}", mib(v)));
+        }
+        if let Some(v) = self.low_watermark {
+            parts.push(format!("low={}", mib(v)));
+        }
+        if let Some(v) = self.high_watermark {
+            parts.push(format!("high={}", mib(v)));
+        }
+        if let Some(v) = self.shrink_delay_ms {
+            parts.push(format!("delay={v}ms"));
+        }
+        if let Some(v) = self.peak_half_life_ms {
+            parts.push(format!("halflife={v}ms"));
+        }
+        if let Some(v) = self.reserve_bytes {
+            parts.push(format!("reserve={}", mib(v)));
+        }
+        if let Some((h, l)) = self.throttle_percent {
+            parts.push(format!("throttle={h}/{l}%"));
+        }
+        if parts.is_empty() {
+            "default".into()
+        } else {
+            parts.join(",")
+        }
+    }
+
+    /// `cfg` with these knobs applied; watermarks are kept valid (`high ≥ low + chunk`) and
+    /// the prefill a whole number of chunks.
+    pub fn apply(&self, mut cfg: PoolConfig) -> PoolConfig {
+        if let Some(v) = self.chunk_bytes {
+            let fixed = cfg.max_bytes == cfg.prefill_bytes;
+            cfg.chunk_bytes = v.max(cfg.max_buffer);
+            cfg.prefill_bytes = cfg.prefill_bytes.div_ceil(cfg.chunk_bytes) * cfg.chunk_bytes;
+            if fixed {
+                cfg.max_bytes = cfg.prefill_bytes;
+            }
+            cfg.max_bytes = cfg.max_bytes.max(cfg.prefill_bytes).max(cfg.chunk_bytes);
+        }
+        if let Some(v) = self.prefill_bytes {
+            cfg.prefill_bytes = v.div_ceil(cfg.chunk_bytes) * cfg.chunk_bytes;
+        }
+        if let Some(v) = self.low_watermark {
+            cfg.low_watermark = v;
+        }
+        if let Some(v) = self.high_watermark {
+            cfg.high_watermark = v;
+        }
+        cfg.high_watermark = cfg.high_watermark.max(cfg.low_watermark + cfg.chunk_bytes);
+        if let Some(v) = self.shrink_delay_ms {
+            cfg.shrink_delay = Duration::from_millis(v);
+        }
+        if let Some(v) = self.peak_half_life_ms {
+            cfg.peak_half_life = Duration::from_millis(v);
+        }
+        if let Some(v) = self.reserve_bytes {
+            cfg.reserve_bytes = v;
+        }
+        if let Some((high, low)) = self.throttle_percent {
+            cfg.throttle = Some(Throttle {
+                high_percent: high,
+                low_percent: low,
+            });
+        }
+        cfg
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,5 +299,39 @@ mod tests {
         assert!(!s.waiting && !base.config(Policy::Dynamic, 0).waiting);
         assert!(base.config(Policy::Throttle, 0).throttle.is_some());
         assert!(base.config(Policy::Tidepool, 0).waiting);
+    }
+
+    #[test]
+    fn knobs_apply_and_keep_the_config_valid() {
+        let base = Base::for_trace(128 << 10, false);
+        assert_eq!(Knobs::default().label(), "default");
+        let k = Knobs {
+            low_watermark: Some(8 << 20),
+            shrink_delay_ms: Some(500),
+            ..Knobs::default()
+        };
+        let c = k.apply(base.config(Policy::Tidepool, 0));
+        c.validate().unwrap();
+        assert_eq!(c.low_watermark, 8 << 20);
+        assert_eq!(c.high_watermark, 10 << 20, "raised to low + chunk");
+        assert_eq!(c.shrink_delay, Duration::from_millis(500));
+        assert_eq!(k.label(), "low=8M,delay=500ms");
+        // A larger growth step keeps a fixed pool fixed and whole.
+        let step = Knobs {
+            chunk_bytes: Some(8 << 20),
+            ..Knobs::default()
+        };
+        let s = step.apply(base.config(Policy::Static, 10 << 20));
+        s.validate().unwrap();
+        assert_eq!((s.prefill_bytes, s.max_bytes), (16 << 20, 16 << 20));
+        let d = step.apply(base.config(Policy::Dynamic, 0));
+        d.validate().unwrap();
+        assert_eq!(d.chunk_bytes, 8 << 20);
+        let t = Knobs {
+            throttle_percent: Some((90.0, 85.0)),
+            ..Knobs::default()
+        }
+        .apply(base.config(Policy::Throttle, 6 << 20));
+        assert_eq!(t.throttle.unwrap().high_percent, 90.0);
     }
 }

@@ -526,7 +526,7 @@ pub fn report(opts: &ReportOptions, command: String) -> Result<Report, String> {
         let trace = workload::generate(name, opts.seed, opts.scale).ok_or_else(|| {
             format!(
                 "unknown workload {name:?}; built-in: {:?}",
-                workload::WORKLOADS
+                workload::ALL_WORKLOADS
             )
         })?;
         traces.push((name.clone(), trace));
