@@ -19,6 +19,7 @@
 pub mod capture;
 pub mod demo;
 pub mod device;
+pub mod growth;
 pub mod metrics;
 pub mod plot;
 pub mod policy;
@@ -27,4 +28,5 @@ pub mod rng;
 pub mod run;
 pub mod sweep;
 pub mod trace;
+pub mod vhost;
 pub mod workload;

@@ -4,10 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tidepool_lab::report::{report, report_traces, ReportOptions};
+use tidepool_lab::report::{
+    report, report_traces, report_traces_with, run_workload_with, Described, ReportOptions,
+};
 use tidepool_lab::run::RunOptions;
 use tidepool_lab::trace::Trace;
-use tidepool_lab::{capture, demo, sweep, workload};
+use tidepool_lab::{capture, demo, growth, sweep, vhost, workload};
 
 /// Tidepool's policy lab: static swiotlb vs SWIOTLB_DYNAMIC vs throttling vs Tidepool, on the
 /// real pool with an in-process device model.
@@ -78,6 +80,56 @@ enum Cmd {
         /// Load seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+    /// Replay workloads through the vhost-user-blk data plane against qemu-storage-daemon
+    /// (started per run) under every policy; the same table as `report`, with I/O latency.
+    VhostReplay {
+        /// Output directory.
+        #[arg(long, default_value = "target/lab-vhost")]
+        out: PathBuf,
+        /// Built-in workloads (repeatable); default bursty and multi.
+        #[arg(long = "workload")]
+        workloads: Vec<String>,
+        /// CSV traces to replay as well (repeatable).
+        #[arg(long = "trace")]
+        traces: Vec<PathBuf>,
+        /// Workload seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Workload length factor.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Throttle the daemon to this many MB/s (10^6 B/s), reads + writes; 0 = unthrottled.
+        #[arg(long, default_value_t = 400)]
+        mbps: u64,
+        /// Image size, MiB.
+        #[arg(long, default_value_t = 256)]
+        image_mib: u64,
+        /// Directory for the daemon's image, socket and log.
+        #[arg(long, default_value = "/tmp/tplab-vhost")]
+        dir: PathBuf,
+        /// Back chunks with 2 MiB hugepages.
+        #[arg(long)]
+        hugepages: bool,
+    },
+    /// Growth speed: low-watermark crossing → usable chunk, and a burst's new capacity per
+    /// second, per view, page size (4 KiB, 2 MiB, 1 GiB) and chunk size.
+    Growth {
+        /// Output directory (growth.md, growth.json).
+        #[arg(long, default_value = "target/lab-growth")]
+        out: PathBuf,
+        /// Rounds per combination.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Burst size, MiB.
+        #[arg(long, default_value_t = 64)]
+        burst_mib: u64,
+        /// Also through the vhost-user view against qemu-storage-daemon (ADD_MEM_REG included).
+        #[arg(long)]
+        vhost: bool,
+        /// Directory for the daemon's image, socket and log (with --vhost).
+        #[arg(long, default_value = "/tmp/tplab-growth")]
+        dir: PathBuf,
     },
     /// Write the built-in workloads as CSV traces (the replay format).
     Generate {
@@ -195,6 +247,140 @@ fn main() -> ExitCode {
                     out.join("demo.json").display()
                 ))
             }
+        })(),
+        Cmd::VhostReplay {
+            out,
+            workloads,
+            traces,
+            seed,
+            scale,
+            mbps,
+            image_mib,
+            dir,
+            hugepages,
+        } => (|| {
+            let mut named = Vec::new();
+            let builtin = if workloads.is_empty() && traces.is_empty() {
+                vec!["bursty".to_string(), "multi".to_string()]
+            } else {
+                workloads
+            };
+            for name in builtin {
+                let t = workload::generate(&name, seed, scale).ok_or_else(|| {
+                    format!(
+                        "unknown workload {name:?}; built-in: {:?}",
+                        workload::ALL_WORKLOADS
+                    )
+                })?;
+                named.push((name, t));
+            }
+            for path in traces {
+                let t = Trace::load(&path).map_err(|e| e.to_string())?;
+                named.push((stem(&path), t));
+            }
+            let backend = vhost::BackendOptions {
+                dir,
+                image_bytes: image_mib << 20,
+                bps: (mbps > 0).then_some(mbps * 1_000_000),
+            };
+            let opts = ReportOptions {
+                out: out.clone(),
+                seed,
+                scale,
+                hugepages,
+                workloads: named.iter().map(|n| n.0.clone()).collect(),
+                run: RunOptions::default(),
+            };
+            let how = Described {
+                devices: format!(
+                    "Devices are **real**: the vhost-user-blk driver against qemu-storage-daemon \
+                     (file image, io_uring{}), one fresh daemon per run; the pool is on the \
+                     driver's VhostUserView (chunks are ADD_MEM_REG regions).",
+                    if mbps > 0 {
+                        format!(", throttled to {mbps} MB/s")
+                    } else {
+                        String::new()
+                    }
+                ),
+                latency: "I/O (pool wait + device)".into(),
+            };
+            report_traces_with(&opts, named, command, how, |name, trace| {
+                run_workload_with(name, trace, hugepages, |t, config, stop| {
+                    vhost::replay(t, config, &backend, stop)
+                })
+            })
+            .map(|_| out.clone())
+        })(),
+        Cmd::Growth {
+            out,
+            rounds,
+            burst_mib,
+            vhost,
+            dir,
+        } => (|| {
+            use tidepool::memory::PageSize;
+            std::fs::create_dir_all(&out)
+                .map_err(|e| format!("creating {}: {e}", out.display()))?;
+            const M: usize = 1 << 20;
+            let mut combos: Vec<(PageSize, usize, u64)> = Vec::new();
+            for page in [PageSize::Small4K, PageSize::Huge2M] {
+                for chunk in [2 * M, 8 * M, 32 * M] {
+                    combos.push((page, chunk, burst_mib << 20));
+                }
+            }
+            combos.push((PageSize::Huge1G, 1 << 30, 1 << 30));
+            let mut rows = Vec::new();
+            for &(page, chunk, burst) in &combos {
+                let r = growth::measure(
+                    "identity",
+                    &mut growth::identity_view,
+                    page,
+                    chunk,
+                    burst,
+                    rounds,
+                );
+                eprintln!("{r:?}");
+                rows.push(r);
+            }
+            if vhost {
+                let mut daemons = Vec::new();
+                let mut n = 0;
+                let mut make =
+                    || -> Result<std::sync::Arc<dyn tidepool::share::DeviceView>, String> {
+                        n += 1;
+                        daemons.clear();
+                        let b = vhost::Backend::start(&vhost::BackendOptions {
+                            dir: dir.join(format!("d{n}")),
+                            image_bytes: 64 << 20,
+                            bps: None,
+                        })?;
+                        let conn = tidepool_vhost_user_blk::Connection::connect(
+                            b.socket(),
+                            &Default::default(),
+                        )
+                        .map_err(|e| e.to_string())?;
+                        daemons.push(b);
+                        Ok(std::sync::Arc::new(
+                            tidepool_vhost_user_blk::VhostUserView::new(
+                                conn,
+                                tidepool_vhost_user_blk::ViewOptions::new(),
+                            ),
+                        ))
+                    };
+                for &(page, chunk, burst) in combos.iter().filter(|c| c.1 < 1 << 30) {
+                    // 31 regions: keep the burst within them.
+                    let burst = burst.min(24 * chunk as u64);
+                    let r = growth::measure("vhost-user", &mut make, page, chunk, burst, rounds);
+                    eprintln!("{r:?}");
+                    rows.push(r);
+                }
+            }
+            let json = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+            std::fs::write(out.join("growth.json"), json).map_err(|e| e.to_string())?;
+            let md = growth::markdown(&rows, &command);
+            print!("{md}");
+            std::fs::write(out.join("growth.md"), md).map_err(|e| e.to_string())?;
+            Ok(out.clone())
         })(),
         Cmd::Generate { out, seed, scale } => (|| {
             std::fs::create_dir_all(&out)
