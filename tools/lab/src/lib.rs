@@ -17,6 +17,7 @@
 //! ```
 
 pub mod capture;
+pub mod coco;
 pub mod demo;
 pub mod device;
 pub mod growth;

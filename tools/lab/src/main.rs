@@ -7,9 +7,10 @@ use clap::{Parser, Subcommand};
 use tidepool_lab::report::{
     report, report_traces, report_traces_with, run_workload_with, Described, ReportOptions,
 };
+use tidepool_lab::policy::Base;
 use tidepool_lab::run::RunOptions;
 use tidepool_lab::trace::Trace;
-use tidepool_lab::{capture, demo, growth, sweep, vhost, workload};
+use tidepool_lab::{capture, coco, demo, growth, sweep, vhost, workload};
 
 /// Tidepool's policy lab: static swiotlb vs SWIOTLB_DYNAMIC vs throttling vs Tidepool, on the
 /// real pool with an in-process device model.
@@ -130,6 +131,22 @@ enum Cmd {
         /// Directory for the daemon's image, socket and log (with --vhost).
         #[arg(long, default_value = "/tmp/tplab-growth")]
         dir: PathBuf,
+    },
+    /// CoCo scale: Linux's confidential-VM swiotlb (6 % of memory, at most 1 GiB) against
+    /// tidepool on the `coco` multi-device workload.
+    Coco {
+        /// Output directory (coco.md, coco.json).
+        #[arg(long, default_value = "target/lab-coco")]
+        out: PathBuf,
+        /// Guest memory sizes, GiB (repeatable); default 4 and 16.
+        #[arg(long = "vm-gib")]
+        vm_gib: Vec<u64>,
+        /// Workload seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Workload length factor.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
     },
     /// Write the built-in workloads as CSV traces (the replay format).
     Generate {
@@ -305,7 +322,14 @@ fn main() -> ExitCode {
                 latency: "I/O (pool wait + device)".into(),
             };
             report_traces_with(&opts, named, command, how, |name, trace| {
-                run_workload_with(name, trace, hugepages, |t, config, stop| {
+                // The daemon takes 32 memory regions (one per chunk): 4 MiB chunks and a
+                // 30-chunk cap keep every policy within them.
+                let base = Base {
+                    chunk_bytes: 4 << 20,
+                    cap_bytes: 120 << 20,
+                    ..Base::for_trace(trace.max_size(), hugepages)
+                };
+                run_workload_with(name, trace, base, |t, config, stop| {
                     vhost::replay(t, config, &backend, stop)
                 })
             })
@@ -380,6 +404,26 @@ fn main() -> ExitCode {
             let md = growth::markdown(&rows, &command);
             print!("{md}");
             std::fs::write(out.join("growth.md"), md).map_err(|e| e.to_string())?;
+            Ok(out.clone())
+        })(),
+        Cmd::Coco {
+            out,
+            vm_gib,
+            seed,
+            scale,
+        } => (|| {
+            std::fs::create_dir_all(&out)
+                .map_err(|e| format!("creating {}: {e}", out.display()))?;
+            let vm_gib = if vm_gib.is_empty() { vec![4, 16] } else { vm_gib };
+            let t = workload::generate("coco", seed, scale).expect("built-in workload");
+            eprintln!("coco: {} requests", t.requests.len());
+            let rows =
+                coco::compare(&t, &vm_gib, &RunOptions::default()).map_err(|e| e.to_string())?;
+            let json = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+            std::fs::write(out.join("coco.json"), json).map_err(|e| e.to_string())?;
+            let md = coco::markdown(&rows, &command, t.requests.len());
+            print!("{md}");
+            std::fs::write(out.join("coco.md"), md).map_err(|e| e.to_string())?;
             Ok(out.clone())
         })(),
         Cmd::Generate { out, seed, scale } => (|| {

@@ -7,19 +7,23 @@
 //! | `static` | the size found by search | none (`max = prefill`) | none | fail when full (`waiting: false`) | classic swiotlb |
 //! | `dynamic` | 4 MiB | background + transient chunks | never (`shrink_delay` 1 day) | fail when full (`waiting: false`) | Linux SWIOTLB_DYNAMIC |
 //! | `throttle` | tidepool's peak | none | none | wait above 70 % until below 65 % | the 2024 throttling RFC |
-//! | `tidepool` | 4 MiB | background + transient chunks | after 100 ms idle | wait (FIFO), 1 MiB reserve for immediate maps | Tidepool |
+//! | `tidepool` | 4 MiB | background + transient chunks | after 100 ms idle, down to the recent peak (half-life 1 s) | wait (FIFO), 1 MiB reserve for immediate maps | Tidepool |
 //!
 //! Shared by all: 2 MiB chunks (one hugepage; one IOMMU mapping each), 4 KiB pages unless
 //! hugepages are asked for, `max_buffer` the trace's largest request rounded up to a power of
 //! two (at least 128 KiB: so a transient chunk is not a whole 2 MiB for a small request), and
 //! a 512 MiB cap for the growing policies.
 //!
-//! Tidepool's lab defaults were set once, from costs, not per workload:
-//! - `shrink_delay` 100 ms: making a 2 MiB chunk costs ≈ 0.3–1 ms here, so regrowing at most
-//!   once per 100 ms per chunk costs under 1 % of a core;
-//! - `low_watermark` 2 MiB (one chunk) and `high_watermark` 4 MiB (the smallest the pool
-//!   accepts: low + one chunk): grow one chunk ahead, give back down to two chunks of slack;
-//! - `reserve_bytes` 1 MiB (the pool's default) for immediate maps.
+//! Tidepool's lab defaults were **chosen from the frontier** (`tplab sweep`, see
+//! [`crate::sweep`] and BENCHMARKS.md, "Policy lab: the thesis"): `low_watermark` 8 MiB (grow
+//! when less than four chunks are free; `high_watermark` = low + one chunk), `peak_half_life`
+//! 1 s, `shrink_delay` 100 ms, `reserve_bytes` 1 MiB, prefill 4 MiB. Of the tidepool knob sets
+//! free of failed maps on every swept workload, it was the lowest-memory one on `bursty` whose
+//! p99 map latency stayed within 2x the search-sized static pool's, in two sweeps
+//! (12.7 / 12.2 MiB average against static's 24 / 26 MiB, p99 61 / 59 µs against 57 / 42 µs).
+//! The earlier defaults (low watermark one chunk, half-life 5 s) waited hundreds of times per
+//! run on `bursty` (p99 18–30 ms). What the choice costs: 8 MiB kept free at all times, so an
+//! idle pool holds 10 MiB and `multi` averages ~16 MiB against static's 10.
 //!
 //! Why the throttle pool is sized at tidepool's peak: the RFC keeps swiotlb fixed and makes
 //! may-block requests wait instead of failing, so its pitch is "a smaller fixed pool". Giving it
@@ -157,10 +161,11 @@ impl Base {
                 ..c
             },
             Policy::Tidepool => PoolConfig {
-                prefill_bytes: 2 * chunk,
-                low_watermark: chunk,
-                high_watermark: 2 * chunk,
+                prefill_bytes: (4usize << 20).div_ceil(chunk) * chunk,
+                low_watermark: 8 << 20,
+                high_watermark: (8 << 20) + chunk,
                 shrink_delay: Duration::from_millis(100),
+                peak_half_life: Duration::from_secs(1),
                 reserve_bytes: 1 << 20,
                 transient: true,
                 waiting: true,

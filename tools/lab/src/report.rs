@@ -299,7 +299,8 @@ pub fn run_workload(
     hugepages: bool,
     opts: &RunOptions,
 ) -> Result<WorkloadResult, RunError> {
-    run_workload_with(name, trace, hugepages, |t, config, stop_on_failure| {
+    let base = Base::for_trace(trace.max_size(), hugepages);
+    run_workload_with(name, trace, base, |t, config, stop_on_failure| {
         let o = RunOptions {
             stop_on_failure,
             ..opts.clone()
@@ -313,10 +314,9 @@ pub fn run_workload(
 pub fn run_workload_with<E>(
     name: &str,
     trace: &Trace,
-    hugepages: bool,
+    base: Base,
     mut replay: impl FnMut(&Trace, PoolConfig, bool) -> Result<RunResult, E>,
 ) -> Result<WorkloadResult, E> {
-    let base = Base::for_trace(trace.max_size(), hugepages);
     let log = |what: &str, m: &Metrics| {
         eprintln!(
             "  {name:8} {what:9} peak {:6.1} MiB avg {:6.1} MiB fail {}/{} map p99 {:8.1} us ({:.1} s)",
