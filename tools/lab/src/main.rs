@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tidepool_lab::policy::Base;
 use tidepool_lab::report::{
     report, report_traces, report_traces_with, run_workload_with, Described, ReportOptions,
 };
-use tidepool_lab::policy::Base;
 use tidepool_lab::run::RunOptions;
 use tidepool_lab::trace::Trace;
 use tidepool_lab::{capture, coco, demo, growth, sweep, vhost, workload};
@@ -147,6 +147,17 @@ enum Cmd {
         /// Workload length factor.
         #[arg(long, default_value_t = 1.0)]
         scale: f64,
+    },
+    /// Rewrite a sweep's sweep.md and frontier plots from its sweep.json.
+    SweepReplot {
+        /// The sweep.json.
+        json: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// The page size the sweep ran with, for the text.
+        #[arg(long, default_value = "4 KiB locked")]
+        pages: String,
     },
     /// Write the built-in workloads as CSV traces (the replay format).
     Generate {
@@ -414,7 +425,11 @@ fn main() -> ExitCode {
         } => (|| {
             std::fs::create_dir_all(&out)
                 .map_err(|e| format!("creating {}: {e}", out.display()))?;
-            let vm_gib = if vm_gib.is_empty() { vec![4, 16] } else { vm_gib };
+            let vm_gib = if vm_gib.is_empty() {
+                vec![4, 16]
+            } else {
+                vm_gib
+            };
             let t = workload::generate("coco", seed, scale).expect("built-in workload");
             eprintln!("coco: {} requests", t.requests.len());
             let rows =
@@ -426,6 +441,12 @@ fn main() -> ExitCode {
             std::fs::write(out.join("coco.md"), md).map_err(|e| e.to_string())?;
             Ok(out.clone())
         })(),
+        Cmd::SweepReplot { json, out, pages } => {
+            sweep::replot(&json, &out, command, &pages).map(|c| {
+                eprintln!("default chosen: {:?} ({})", c.chosen, c.why);
+                out.clone()
+            })
+        }
         Cmd::Generate { out, seed, scale } => (|| {
             std::fs::create_dir_all(&out)
                 .map_err(|e| format!("creating {}: {e}", out.display()))?;

@@ -198,7 +198,8 @@ pub fn latency_cdf(path: &Path, title: &str, lines: &[Line<'_>], text: bool) -> 
 
 /// The frontier plot: time-averaged memory (MiB) against p99 (left) and p99.9 (right) map
 /// latency (µs, log), one colour per policy; configurations with failed maps are crosses,
-/// clean ones dots, and each policy's frontier is joined by a line.
+/// clean ones dots, and each policy's frontier (on that panel's percentile) is joined by a
+/// line.
 pub fn frontier(
     path: &Path,
     title: &str,
@@ -249,9 +250,18 @@ pub fn frontier(
             let mine: Vec<&crate::sweep::SweepPoint> =
                 points.iter().filter(|p| p.policy == policy).collect();
             let at = |p: &crate::sweep::SweepPoint| (pick(p).max(xmin), p.avg_mib);
-            let mut front: Vec<(f64, f64)> = mine
+            // This panel's own frontier (memory against this percentile), clean points only.
+            let clean: Vec<&&crate::sweep::SweepPoint> =
+                mine.iter().filter(|p| p.failed == 0).collect();
+            let mut front: Vec<(f64, f64)> = clean
                 .iter()
-                .filter(|p| p.on_frontier)
+                .filter(|p| {
+                    !clean.iter().any(|q| {
+                        q.avg_mib <= p.avg_mib
+                            && pick(q) <= pick(p)
+                            && (q.avg_mib < p.avg_mib || pick(q) < pick(p))
+                    })
+                })
                 .map(|p| at(p))
                 .collect();
             front.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -37,7 +37,7 @@ use tidepool::memory::{MemoryConfig, PageSize};
 use tidepool::pool::{PoolConfig, Throttle};
 
 /// One of the policies compared.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// Classic swiotlb: one fixed pool, maps fail when it is full.
@@ -179,7 +179,7 @@ impl Base {
 /// the policy's default (the table in the module doc). Only the knobs that policy has are
 /// meaningful: static has its size; dynamic its growth step (`chunk_bytes`); throttle its size
 /// and thresholds; tidepool its prefill, watermarks, shrink delay, peak half-life and reserve.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Knobs {
     /// Bytes per chunk: the growth step (must stay a multiple of `max_buffer`).
     pub chunk_bytes: Option<usize>,

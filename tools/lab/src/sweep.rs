@@ -39,7 +39,7 @@ const MIB: f64 = (1 << 20) as f64;
 const M: usize = 1 << 20;
 
 /// One configuration's outcome on one workload.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SweepPoint {
     /// The policy.
     pub policy: Policy,
@@ -109,7 +109,7 @@ impl SweepPoint {
 }
 
 /// One workload's sweep.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct WorkloadSweep {
     /// Workload name.
     pub name: String,
@@ -503,6 +503,41 @@ pub fn sweep(
     )
     .map_err(|e| e.to_string())?;
     Ok((sweeps, choice))
+}
+
+/// Rewrites `sweep.md` and the plots in `out` from a `sweep.json` (after a change to the
+/// plots or the frontier rules; points run twice are kept once).
+pub fn replot(
+    json: &Path,
+    out: &Path,
+    command: String,
+    pages: &str,
+) -> Result<DefaultChoice, String> {
+    let text =
+        std::fs::read_to_string(json).map_err(|e| format!("reading {}: {e}", json.display()))?;
+    let mut sweeps: Vec<WorkloadSweep> =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", json.display()))?;
+    std::fs::create_dir_all(out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+    let font = plot::load_font();
+    for w in &mut sweeps {
+        let mut seen = std::collections::HashSet::new();
+        w.points
+            .retain(|p| seen.insert((p.policy, p.label.clone())));
+        mark_frontiers(&mut w.points);
+        plot::frontier(
+            &out.join(format!("frontier_{}.png", w.name)),
+            &w.name,
+            &w.points,
+            font,
+        )?;
+    }
+    let choice = choose_default(&sweeps);
+    std::fs::write(
+        out.join("sweep.md"),
+        markdown(&command, pages, &sweeps, &choice),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(choice)
 }
 
 #[cfg(test)]

@@ -32,7 +32,10 @@ fn the_captured_sample_converts_to_the_requests_it_holds() {
     // Four of the completed writes are 4 MiB (or just under): each became two pieces.
     assert_eq!(t.requests.len(), 104);
     assert_eq!(t.requests.iter().filter(|r| r.size == 2 << 20).count(), 7);
-    assert!(t.requests.iter().all(|r| r.size % 512 == 0 && r.hold_us > 0));
+    assert!(t
+        .requests
+        .iter()
+        .all(|r| r.size % 512 == 0 && r.hold_us > 0));
     assert!(t.requests.windows(2).all(|w| w[0].time_us <= w[1].time_us));
     // The CSV form is what `tplab replay` reads back.
     assert_eq!(Trace::from_csv(&t.to_csv()).unwrap(), t);
