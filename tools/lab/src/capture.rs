@@ -140,11 +140,13 @@ fn parse_line(line: &str) -> Option<Event> {
     None
 }
 
+/// An issue waiting for its completion: (time µs, rwbs, bytes), keyed by (device, sector).
+type Issued = (u64, String, u64);
+
 /// Converts a capture (see the module doc) into a trace, and what was found.
 pub fn convert(text: &str) -> Result<(Trace, ConvertStats), ConvertError> {
     let mut stats = ConvertStats::default();
-    // (dev, sector) → issues in order: (time, rwbs, bytes)
-    let mut open: HashMap<(String, u64), VecDeque<(u64, String, u64)>> = HashMap::new();
+    let mut open: HashMap<(String, u64), VecDeque<Issued>> = HashMap::new();
     // (issue time, dev, rwbs, bytes, hold)
     let mut pairs: Vec<(u64, String, String, u64, u64)> = Vec::new();
     for line in text.lines() {

@@ -86,9 +86,9 @@ pub fn compare(trace: &Trace, vm_gib: &[u64], opts: &RunOptions) -> Result<Vec<C
 }
 
 /// The comparison as markdown, with memory saved against each swiotlb row.
-pub fn markdown(rows: &[CocoRow], command: &str, requests: usize) -> String {
+pub fn markdown(rows: &[CocoRow], command: &str, workload: &str, requests: usize) -> String {
     let mut s = format!(
-        "Command: `{command}`  \n`coco` workload, {requests} requests; 4 KiB pages; device model.\n\n\
+        "Command: `{command}`  \n`{workload}` workload, {requests} requests; 4 KiB pages; device model.\n\n\
          | pool | fixed MiB | avg MiB | peak MiB | failed maps | map p50 / p99 / p99.9 µs | waits | arrival lag p99 µs |\n\
          |---|---|---|---|---|---|---|---|\n"
     );

@@ -71,7 +71,7 @@ fn page_name(p: PageSize) -> &'static str {
 
 /// The pool measured: one chunk, growth by the background grower only.
 fn config(page: PageSize, chunk: usize, max: usize) -> PoolConfig {
-    let max_buffer = chunk.min(128 << 10).max(4096);
+    let max_buffer = chunk.clamp(4096, 128 << 10);
     PoolConfig {
         memory: MemoryConfig {
             page_size: page,

@@ -141,6 +141,9 @@ enum Cmd {
         /// Guest memory sizes, GiB (repeatable); default 4 and 16.
         #[arg(long = "vm-gib")]
         vm_gib: Vec<u64>,
+        /// The workload (`coco` or `coco-cloud`, or any built-in).
+        #[arg(long, default_value = "coco")]
+        workload: String,
         /// Workload seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -422,6 +425,7 @@ fn main() -> ExitCode {
             vm_gib,
             seed,
             scale,
+            workload,
         } => (|| {
             std::fs::create_dir_all(&out)
                 .map_err(|e| format!("creating {}: {e}", out.display()))?;
@@ -430,13 +434,18 @@ fn main() -> ExitCode {
             } else {
                 vm_gib
             };
-            let t = workload::generate("coco", seed, scale).expect("built-in workload");
+            let t = workload::generate(&workload, seed, scale).ok_or_else(|| {
+                format!(
+                    "unknown workload {workload:?}; built-in: {:?}",
+                    workload::ALL_WORKLOADS
+                )
+            })?;
             eprintln!("coco: {} requests", t.requests.len());
             let rows =
                 coco::compare(&t, &vm_gib, &RunOptions::default()).map_err(|e| e.to_string())?;
             let json = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
             std::fs::write(out.join("coco.json"), json).map_err(|e| e.to_string())?;
-            let md = coco::markdown(&rows, &command, t.requests.len());
+            let md = coco::markdown(&rows, &command, &workload, t.requests.len());
             print!("{md}");
             std::fs::write(out.join("coco.md"), md).map_err(|e| e.to_string())?;
             Ok(out.clone())

@@ -18,6 +18,7 @@
 //! | `diurnal` | a day compressed into 120 s: the rate follows a raised cosine from 50 to 3 000 req/s and back, with 4x bursts about every 2 s; the `bursty` disk |
 //! | `shared` | 60 s of a NIC and a disk on one pool: the `network` mix at 4 000 pkt/s with 4x surges of 2 s every ~10 s, and the `bursty` disk at 300 req/s with 20x bursts |
 //! | `coco` | a confidential VM's devices on one pool for 20 s: four `bursty`-like disks (300 req/s, 20x bursts, each its own FIFO 400 MB/s) and two NICs (4 000 pkt/s each) |
+//! | `coco-cloud` | the same VM on slow cloud volumes: eight disks of 50 MB/s each (150 req/s, 20x bursts: each burst queues ~10–30 MB behind its disk) and two NICs |
 //!
 //! Holds (`hold_us`) are the device's service time for that request: how long the bounce
 //! buffer stays mapped. For `bursty` they come from a single-server FIFO model of the disk
@@ -35,11 +36,19 @@ const KIB: usize = 1024;
 pub const WORKLOADS: [&str; 4] = ["steady", "bursty", "network", "multi"];
 
 /// The production-like workloads (minutes long; see the module doc).
-pub const PRODUCTION: [&str; 4] = ["onoff", "diurnal", "shared", "coco"];
+pub const PRODUCTION: [&str; 5] = ["onoff", "diurnal", "shared", "coco", "coco-cloud"];
 
 /// Every built-in workload.
-pub const ALL_WORKLOADS: [&str; 8] = [
-    "steady", "bursty", "network", "multi", "onoff", "diurnal", "shared", "coco",
+pub const ALL_WORKLOADS: [&str; 9] = [
+    "steady",
+    "bursty",
+    "network",
+    "multi",
+    "onoff",
+    "diurnal",
+    "shared",
+    "coco",
+    "coco-cloud",
 ];
 
 /// A one-line description of a built-in workload, for reports.
@@ -53,6 +62,7 @@ pub fn describe(name: &str) -> &'static str {
         "diurnal" => "120 s day: raised cosine 50..3000..50 req/s with 4x bursts ~every 2 s, FIFO disk 400 MB/s",
         "shared" => "60 s: NIC 4000 pkt/s with 4x 2 s surges + bursty disk 300 req/s (20x bursts), one pool",
         "coco" => "20 s confidential VM: 4 bursty disks (300 req/s, 20x bursts, 400 MB/s each) + 2 NICs 4000 pkt/s",
+        "coco-cloud" => "20 s confidential VM: 8 cloud volumes (150 req/s, 20x bursts, 50 MB/s each) + 2 NICs 4000 pkt/s",
         _ => "user trace",
     }
 }
@@ -70,6 +80,7 @@ pub fn generate(name: &str, seed: u64, scale: f64) -> Option<Trace> {
         "diurnal" => diurnal(&mut rng, 120.0 * scale),
         "shared" => shared(&mut rng, 60.0 * scale),
         "coco" => coco(&mut rng, 20.0 * scale),
+        "coco-cloud" => coco_cloud(&mut rng, 20.0 * scale),
         _ => return None,
     };
     Some(t)
@@ -204,7 +215,18 @@ fn fifo_disk(
     rate_at: impl Fn(f64) -> f64,
     device: usize,
 ) -> Vec<Request> {
-    const BANDWIDTH: f64 = 400e6;
+    fifo_disk_at(rng, end, peak, rate_at, device, 400e6)
+}
+
+/// [`fifo_disk`] with the disk's bandwidth in B/s.
+fn fifo_disk_at(
+    rng: &mut Rng,
+    end: f64,
+    peak: f64,
+    rate_at: impl Fn(f64) -> f64,
+    device: usize,
+    bandwidth: f64,
+) -> Vec<Request> {
     let mut reqs = Vec::new();
     let mut t = 0.0;
     let mut disk_free_at = 0.0f64;
@@ -219,7 +241,7 @@ fn fifo_disk(
         let size = storage_size(rng, &[0.3, 0.15, 0.15, 0.15, 0.15, 0.1]);
         let latency = rng.lognormal(100.0, 0.5);
         let start = disk_free_at.max(t);
-        disk_free_at = start + size as f64 / BANDWIDTH * 1e6;
+        disk_free_at = start + size as f64 / bandwidth * 1e6;
         let done = disk_free_at + latency;
         reqs.push(Request {
             time_us: t as u64,
@@ -349,6 +371,35 @@ fn coco(rng: &mut Rng, secs: f64) -> Trace {
     }
     for n in 0..2 {
         reqs.extend(nic(rng, end, 4000.0, |_| 4000.0, 4 + n));
+        devices.push(DeviceSpec {
+            name: format!("nic{n}"),
+            queue_depth: None,
+        });
+    }
+    Trace::new(devices, reqs)
+}
+
+fn coco_cloud(rng: &mut Rng, secs: f64) -> Trace {
+    let end = secs * 1e6;
+    let mut reqs = Vec::new();
+    let mut devices = Vec::new();
+    for d in 0..8 {
+        let bursts = burst_windows(rng, end, 1e6, 20.0, 20.0);
+        reqs.extend(fifo_disk_at(
+            rng,
+            end,
+            3000.0,
+            |t| 150.0 * burst_factor(&bursts, t),
+            d,
+            50e6,
+        ));
+        devices.push(DeviceSpec {
+            name: format!("vol{d}"),
+            queue_depth: None,
+        });
+    }
+    for n in 0..2 {
+        reqs.extend(nic(rng, end, 4000.0, |_| 4000.0, 8 + n));
         devices.push(DeviceSpec {
             name: format!("nic{n}"),
             queue_depth: None,
