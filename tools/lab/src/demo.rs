@@ -5,7 +5,7 @@
 //! - **fixed 2 MiB**: the same pool with no growth and no waiting: a map that does not fit
 //!   fails at once, as SPDK's `spdk_dma_malloc` / a full swiotlb return -ENOMEM.
 //!
-//! The load ([`demo_trace`]): 10 s of a disk FIFO at 200 MB/s, 100 req/s at rest and three
+//! The load ([`demo_trace`]): 11 s of a disk FIFO at 200 MB/s, 100 req/s at rest and three
 //! 300 ms bursts of 8 000 req/s (4–128 KiB) at 1, 4 and 7 s: each burst offers more than the
 //! disk serves, so mapped bytes pile up to ~15 MiB and drain.
 //!
@@ -32,7 +32,9 @@ const BIN_US: u64 = 250_000;
 pub fn demo_trace(seed: u64) -> Trace {
     const BANDWIDTH: f64 = 200e6;
     let mut rng = Rng::new(seed ^ 0xde30);
-    let end = 10e6;
+    // A quiet second after the last burst's shrink-back (~2 s), so a loaded host still ends
+    // with the pool back at its start.
+    let end = 11e6;
     let bursts = [1e6, 4e6, 7e6];
     let rate = |t: f64| {
         if bursts.iter().any(|b| (*b..b + 300e3).contains(&t)) {
