@@ -275,9 +275,10 @@ async fn replay_on(
     sampling.store(false, Ordering::SeqCst);
     let mut samples = sampler.join().map_err(|_| "the sampler panicked")?;
     samples.push(sample(&pool, start));
-    let stats = pool.stats();
     let dev = Arc::try_unwrap(dev).map_err(|_| "a replay task still holds the device")?;
     dev.shutdown().await;
+    // After the shutdown, so that the rings' memory is back too: in use must be 0.
+    let stats = pool.stats();
     lags.sort_unstable();
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes lock"));
     Ok(RunResult {
