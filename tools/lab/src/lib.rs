@@ -16,12 +16,18 @@
 //! cargo run --release -p tidepool-lab -- replay my-trace.csv --out target/lab-mine
 //! ```
 
+pub mod capture;
+pub mod coco;
+pub mod demo;
 pub mod device;
+pub mod growth;
 pub mod metrics;
 pub mod plot;
 pub mod policy;
 pub mod report;
 pub mod rng;
 pub mod run;
+pub mod sweep;
 pub mod trace;
+pub mod vhost;
 pub mod workload;

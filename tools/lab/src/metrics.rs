@@ -249,6 +249,7 @@ mod tests {
             t_us,
             capacity_bytes: cap,
             in_use_bytes: 0,
+            waiters: 0,
         }
     }
 

@@ -195,3 +195,105 @@ pub fn latency_cdf(path: &Path, title: &str, lines: &[Line<'_>], text: bool) -> 
     }
     root.present().map_err(|x| e(&x))
 }
+
+/// The frontier plot: time-averaged memory (MiB) against p99 (left) and p99.9 (right) map
+/// latency (µs, log), one colour per policy; configurations with failed maps are crosses,
+/// clean ones dots, and each policy's frontier (on that panel's percentile) is joined by a
+/// line.
+pub fn frontier(
+    path: &Path,
+    title: &str,
+    points: &[crate::sweep::SweepPoint],
+    text: bool,
+) -> Result<(), String> {
+    let e = |e: &dyn std::fmt::Display| format!("plotting {}: {e}", path.display());
+    let root = BitMapBackend::new(path, (1400, 650)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let (left, right) = root.split_horizontally(700);
+    type Pick = fn(&crate::sweep::SweepPoint) -> f64;
+    let panels: [(
+        &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+        &str,
+        Pick,
+    ); 2] = [
+        (&left, "p99", |p| p.p99_us),
+        (&right, "p99.9", |p| p.p999_us),
+    ];
+    let ymax = max_of(points.iter().map(|p| p.avg_mib)).max(1.0) * 1.1;
+    for (area, which, pick) in panels {
+        let xs = points.iter().map(pick).filter(|x| *x > 0.0);
+        let xmin = xs.clone().fold(f64::INFINITY, f64::min).clamp(0.1, 1e9) / 1.5;
+        let xmax = max_of(xs).max(xmin * 10.0) * 1.5;
+        let mut b = ChartBuilder::on(area);
+        b.margin(10);
+        if text {
+            b.caption(
+                format!("{title}: avg memory vs {which} map latency (x = failed maps)"),
+                ("sans-serif", 18),
+            )
+            .x_label_area_size(40)
+            .y_label_area_size(60);
+        }
+        let mut c = b
+            .build_cartesian_2d((xmin..xmax).log_scale(), 0f64..ymax)
+            .map_err(|x| e(&x))?;
+        let mut mesh = c.configure_mesh();
+        if text {
+            mesh.x_desc(format!("{which} map latency (µs, log)"))
+                .y_desc("time-averaged MiB");
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw().map_err(|x| e(&x))?;
+        for policy in Policy::ALL {
+            let col = color(policy);
+            let mine: Vec<&crate::sweep::SweepPoint> =
+                points.iter().filter(|p| p.policy == policy).collect();
+            let at = |p: &crate::sweep::SweepPoint| (pick(p).max(xmin), p.avg_mib);
+            // This panel's own frontier (memory against this percentile), clean points only.
+            let clean: Vec<&&crate::sweep::SweepPoint> =
+                mine.iter().filter(|p| p.failed == 0).collect();
+            let mut front: Vec<(f64, f64)> = clean
+                .iter()
+                .filter(|p| {
+                    !clean.iter().any(|q| {
+                        q.avg_mib <= p.avg_mib
+                            && pick(q) <= pick(p)
+                            && (q.avg_mib < p.avg_mib || pick(q) < pick(p))
+                    })
+                })
+                .map(|p| at(p))
+                .collect();
+            front.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let s = c
+                .draw_series(LineSeries::new(front, col.stroke_width(2)))
+                .map_err(|x| e(&x))?;
+            if text {
+                s.label(policy.name()).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2))
+                });
+            }
+            c.draw_series(
+                mine.iter()
+                    .filter(|p| p.failed == 0)
+                    .map(|p| Circle::new(at(p), 5, col.filled())),
+            )
+            .map_err(|x| e(&x))?;
+            c.draw_series(
+                mine.iter()
+                    .filter(|p| p.failed > 0)
+                    .map(|p| Cross::new(at(p), 7, col.stroke_width(3))),
+            )
+            .map_err(|x| e(&x))?;
+        }
+        if text {
+            c.configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|x| e(&x))?;
+        }
+    }
+    root.present().map_err(|x| e(&x))
+}

@@ -7,19 +7,23 @@
 //! | `static` | the size found by search | none (`max = prefill`) | none | fail when full (`waiting: false`) | classic swiotlb |
 //! | `dynamic` | 4 MiB | background + transient chunks | never (`shrink_delay` 1 day) | fail when full (`waiting: false`) | Linux SWIOTLB_DYNAMIC |
 //! | `throttle` | tidepool's peak | none | none | wait above 70 % until below 65 % | the 2024 throttling RFC |
-//! | `tidepool` | 4 MiB | background + transient chunks | after 100 ms idle | wait (FIFO), 1 MiB reserve for immediate maps | Tidepool |
+//! | `tidepool` | 4 MiB | background + transient chunks | after 100 ms idle, down to the recent peak (half-life 1 s) | wait (FIFO), 1 MiB reserve for immediate maps | Tidepool |
 //!
 //! Shared by all: 2 MiB chunks (one hugepage; one IOMMU mapping each), 4 KiB pages unless
 //! hugepages are asked for, `max_buffer` the trace's largest request rounded up to a power of
 //! two (at least 128 KiB: so a transient chunk is not a whole 2 MiB for a small request), and
 //! a 512 MiB cap for the growing policies.
 //!
-//! Tidepool's lab defaults were set once, from costs, not per workload:
-//! - `shrink_delay` 100 ms: making a 2 MiB chunk costs ≈ 0.3–1 ms here, so regrowing at most
-//!   once per 100 ms per chunk costs under 1 % of a core;
-//! - `low_watermark` 2 MiB (one chunk) and `high_watermark` 4 MiB (the smallest the pool
-//!   accepts: low + one chunk): grow one chunk ahead, give back down to two chunks of slack;
-//! - `reserve_bytes` 1 MiB (the pool's default) for immediate maps.
+//! Tidepool's lab defaults were **chosen from the frontier** (`tplab sweep`, see
+//! [`crate::sweep`] and BENCHMARKS.md, "Policy lab: the thesis"): `low_watermark` 8 MiB (grow
+//! when less than four chunks are free; `high_watermark` = low + one chunk), `peak_half_life`
+//! 1 s, `shrink_delay` 100 ms, `reserve_bytes` 1 MiB, prefill 4 MiB. Of the tidepool knob sets
+//! free of failed maps on every swept workload, it was the lowest-memory one on `bursty` whose
+//! p99 map latency stayed within 2x the search-sized static pool's, in two sweeps
+//! (12.7 / 12.2 MiB average against static's 24 / 26 MiB, p99 61 / 59 µs against 57 / 42 µs).
+//! The earlier defaults (low watermark one chunk, half-life 5 s) waited hundreds of times per
+//! run on `bursty` (p99 18–30 ms). What the choice costs: 8 MiB kept free at all times, so an
+//! idle pool holds 10 MiB and `multi` averages ~16 MiB against static's 10.
 //!
 //! Why the throttle pool is sized at tidepool's peak: the RFC keeps swiotlb fixed and makes
 //! may-block requests wait instead of failing, so its pitch is "a smaller fixed pool". Giving it
@@ -33,7 +37,7 @@ use tidepool::memory::{MemoryConfig, PageSize};
 use tidepool::pool::{PoolConfig, Throttle};
 
 /// One of the policies compared.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
     /// Classic swiotlb: one fixed pool, maps fail when it is full.
@@ -157,16 +161,124 @@ impl Base {
                 ..c
             },
             Policy::Tidepool => PoolConfig {
-                prefill_bytes: 2 * chunk,
-                low_watermark: chunk,
-                high_watermark: 2 * chunk,
+                prefill_bytes: (4usize << 20).div_ceil(chunk) * chunk,
+                low_watermark: 8 << 20,
+                high_watermark: (8 << 20) + chunk,
                 shrink_delay: Duration::from_millis(100),
+                peak_half_life: Duration::from_secs(1),
                 reserve_bytes: 1 << 20,
                 transient: true,
                 waiting: true,
                 ..c
             },
         }
+    }
+}
+
+/// Overrides of one policy's knobs, for the frontier sweep ([`crate::sweep`]). `None` keeps
+/// the policy's default (the table in the module doc). Only the knobs that policy has are
+/// meaningful: static has its size; dynamic its growth step (`chunk_bytes`); throttle its size
+/// and thresholds; tidepool its prefill, watermarks, shrink delay, peak half-life and reserve.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Knobs {
+    /// Bytes per chunk: the growth step (must stay a multiple of `max_buffer`).
+    pub chunk_bytes: Option<usize>,
+    /// Bytes made at creation (whole chunks).
+    pub prefill_bytes: Option<usize>,
+    /// Grow when free bytes fall below this.
+    pub low_watermark: Option<usize>,
+    /// Keep this much free when shrinking (raised to `low + chunk` if below).
+    pub high_watermark: Option<usize>,
+    /// Idle time before a chunk is given back, ms.
+    pub shrink_delay_ms: Option<u64>,
+    /// Half-life of the recent-peak floor, ms (0 disables it).
+    pub peak_half_life_ms: Option<u64>,
+    /// Immediate-path reserve, bytes.
+    pub reserve_bytes: Option<usize>,
+    /// Throttle thresholds, percent of the pool in use: (wait above, resume below).
+    pub throttle_percent: Option<(f64, f64)>,
+}
+
+impl Knobs {
+    /// A short label, `key=value` pairs of the knobs set (`default` when none is).
+    pub fn label(&self) -> String {
+        let mib = |b: usize| {
+            if b % (1 << 20) == 0 {
+                format!("{}M", b >> 20)
+            } else {
+                format!("{}K", b >> 10)
+            }
+        };
+        let mut parts = Vec::new();
+        if let Some(v) = self.chunk_bytes {
+            parts.push(format!("step={}", mib(v)));
+        }
+        if let Some(v) = self.prefill_bytes {
+            parts.push(format!("prefill={}", mib(v)));
+        }
+        if let Some(v) = self.low_watermark {
+            parts.push(format!("low={}", mib(v)));
+        }
+        if let Some(v) = self.high_watermark {
+            parts.push(format!("high={}", mib(v)));
+        }
+        if let Some(v) = self.shrink_delay_ms {
+            parts.push(format!("delay={v}ms"));
+        }
+        if let Some(v) = self.peak_half_life_ms {
+            parts.push(format!("halflife={v}ms"));
+        }
+        if let Some(v) = self.reserve_bytes {
+            parts.push(format!("reserve={}", mib(v)));
+        }
+        if let Some((h, l)) = self.throttle_percent {
+            parts.push(format!("throttle={h}/{l}%"));
+        }
+        if parts.is_empty() {
+            "default".into()
+        } else {
+            parts.join(",")
+        }
+    }
+
+    /// `cfg` with these knobs applied; watermarks are kept valid (`high ≥ low + chunk`) and
+    /// the prefill a whole number of chunks.
+    pub fn apply(&self, mut cfg: PoolConfig) -> PoolConfig {
+        if let Some(v) = self.chunk_bytes {
+            let fixed = cfg.max_bytes == cfg.prefill_bytes;
+            cfg.chunk_bytes = v.max(cfg.max_buffer);
+            cfg.prefill_bytes = cfg.prefill_bytes.div_ceil(cfg.chunk_bytes) * cfg.chunk_bytes;
+            if fixed {
+                cfg.max_bytes = cfg.prefill_bytes;
+            }
+            cfg.max_bytes = cfg.max_bytes.max(cfg.prefill_bytes).max(cfg.chunk_bytes);
+        }
+        if let Some(v) = self.prefill_bytes {
+            cfg.prefill_bytes = v.div_ceil(cfg.chunk_bytes) * cfg.chunk_bytes;
+        }
+        if let Some(v) = self.low_watermark {
+            cfg.low_watermark = v;
+        }
+        if let Some(v) = self.high_watermark {
+            cfg.high_watermark = v;
+        }
+        cfg.high_watermark = cfg.high_watermark.max(cfg.low_watermark + cfg.chunk_bytes);
+        if let Some(v) = self.shrink_delay_ms {
+            cfg.shrink_delay = Duration::from_millis(v);
+        }
+        if let Some(v) = self.peak_half_life_ms {
+            cfg.peak_half_life = Duration::from_millis(v);
+        }
+        if let Some(v) = self.reserve_bytes {
+            cfg.reserve_bytes = v;
+        }
+        if let Some((high, low)) = self.throttle_percent {
+            cfg.throttle = Some(Throttle {
+                high_percent: high,
+                low_percent: low,
+            });
+        }
+        cfg
     }
 }
 
@@ -192,5 +304,39 @@ mod tests {
         assert!(!s.waiting && !base.config(Policy::Dynamic, 0).waiting);
         assert!(base.config(Policy::Throttle, 0).throttle.is_some());
         assert!(base.config(Policy::Tidepool, 0).waiting);
+    }
+
+    #[test]
+    fn knobs_apply_and_keep_the_config_valid() {
+        let base = Base::for_trace(128 << 10, false);
+        assert_eq!(Knobs::default().label(), "default");
+        let k = Knobs {
+            low_watermark: Some(8 << 20),
+            shrink_delay_ms: Some(500),
+            ..Knobs::default()
+        };
+        let c = k.apply(base.config(Policy::Tidepool, 0));
+        c.validate().unwrap();
+        assert_eq!(c.low_watermark, 8 << 20);
+        assert_eq!(c.high_watermark, 10 << 20, "raised to low + chunk");
+        assert_eq!(c.shrink_delay, Duration::from_millis(500));
+        assert_eq!(k.label(), "low=8M,delay=500ms");
+        // A larger growth step keeps a fixed pool fixed and whole.
+        let step = Knobs {
+            chunk_bytes: Some(8 << 20),
+            ..Knobs::default()
+        };
+        let s = step.apply(base.config(Policy::Static, 10 << 20));
+        s.validate().unwrap();
+        assert_eq!((s.prefill_bytes, s.max_bytes), (16 << 20, 16 << 20));
+        let d = step.apply(base.config(Policy::Dynamic, 0));
+        d.validate().unwrap();
+        assert_eq!(d.chunk_bytes, 8 << 20);
+        let t = Knobs {
+            throttle_percent: Some((90.0, 85.0)),
+            ..Knobs::default()
+        }
+        .apply(base.config(Policy::Throttle, 6 << 20));
+        assert_eq!(t.throttle.unwrap().high_percent, 90.0);
     }
 }

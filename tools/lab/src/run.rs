@@ -55,6 +55,8 @@ pub struct Sample {
     pub capacity_bytes: u64,
     /// `PoolStats::in_use_bytes`: bytes mapped.
     pub in_use_bytes: u64,
+    /// `PoolStats::waiters`: requests waiting for capacity.
+    pub waiters: u64,
 }
 
 /// How a request's map ended.
@@ -186,6 +188,7 @@ pub fn run(trace: &Trace, config: PoolConfig, opts: &RunOptions) -> Result<RunRe
         t_us: start.elapsed().as_micros() as u64,
         capacity_bytes: stats.capacity_bytes,
         in_use_bytes: stats.in_use_bytes,
+        waiters: stats.waiters,
     });
     drop(rt);
     let outcomes = std::mem::take(&mut *shared.outcomes.lock().expect("outcomes lock"));
@@ -259,6 +262,7 @@ fn sample(pool: &Pool, start: Instant) -> Sample {
         t_us: start.elapsed().as_micros() as u64,
         capacity_bytes: s.capacity_bytes,
         in_use_bytes: s.in_use_bytes,
+        waiters: s.waiters,
     }
 }
 

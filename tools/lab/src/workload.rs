@@ -10,6 +10,16 @@
 //! | `network` | a NIC: 8 000 pkt/s, 57.7 % ≤ 2 KiB and 91.3 % ≤ 4 KiB (cc-swiotlb's measurements, LKML 2023), TX may wait, RX refill may not |
 //! | `multi` | head of line: a slow device (128 KiB, ≈ 40 ms, queue depth 64) and a fast one (16 KiB, ≈ 1 ms, queue depth 8) share one pool; both are offered more than they can serve |
 //!
+//! Production-like workloads ([`PRODUCTION`]: minutes long, so not in the default report):
+//!
+//! | name | what it models |
+//! |------|----------------|
+//! | `onoff` | 90 s of a service that works 10 s and idles 20 s: 2 000 req/s with 5x bursts of 50–150 ms while on, 20 req/s while off; the `bursty` disk |
+//! | `diurnal` | a day compressed into 120 s: the rate follows a raised cosine from 50 to 3 000 req/s and back, with 4x bursts about every 2 s; the `bursty` disk |
+//! | `shared` | 60 s of a NIC and a disk on one pool: the `network` mix at 4 000 pkt/s with 4x surges of 2 s every ~10 s, and the `bursty` disk at 300 req/s with 20x bursts |
+//! | `coco` | a confidential VM's devices on one pool for 20 s: four `bursty`-like disks (300 req/s, 20x bursts, each its own FIFO 400 MB/s) and two NICs (4 000 pkt/s each) |
+//! | `coco-cloud` | the same VM on slow cloud volumes: eight disks of 50 MB/s each (150 req/s, 20x bursts: each burst queues ~10–30 MB behind its disk) and two NICs |
+//!
 //! Holds (`hold_us`) are the device's service time for that request: how long the bounce
 //! buffer stays mapped. For `bursty` they come from a single-server FIFO model of the disk
 //! (each request completes `latency + size / bandwidth` after the later of its arrival and the
@@ -25,6 +35,22 @@ const KIB: usize = 1024;
 /// Names of the built-in workloads, in report order.
 pub const WORKLOADS: [&str; 4] = ["steady", "bursty", "network", "multi"];
 
+/// The production-like workloads (minutes long; see the module doc).
+pub const PRODUCTION: [&str; 5] = ["onoff", "diurnal", "shared", "coco", "coco-cloud"];
+
+/// Every built-in workload.
+pub const ALL_WORKLOADS: [&str; 9] = [
+    "steady",
+    "bursty",
+    "network",
+    "multi",
+    "onoff",
+    "diurnal",
+    "shared",
+    "coco",
+    "coco-cloud",
+];
+
 /// A one-line description of a built-in workload, for reports.
 pub fn describe(name: &str) -> &'static str {
     match name {
@@ -32,6 +58,11 @@ pub fn describe(name: &str) -> &'static str {
         "bursty" => "on/off storage: 500 req/s with 10-50x bursts of 50-150 ms ~1/s, 4-128 KiB, FIFO disk 400 MB/s",
         "network" => "NIC mix 8000 pkt/s: 57.7% <= 2 KiB, 91.3% <= 4 KiB; TX may wait, RX may not",
         "multi" => "slow dev (128 KiB, ~40 ms, QD 64) + fast dev (16 KiB, ~1 ms, QD 8) share a pool",
+        "onoff" => "90 s: 10 s on (2000 req/s, 5x bursts) / 20 s off (20 req/s), FIFO disk 400 MB/s",
+        "diurnal" => "120 s day: raised cosine 50..3000..50 req/s with 4x bursts ~every 2 s, FIFO disk 400 MB/s",
+        "shared" => "60 s: NIC 4000 pkt/s with 4x 2 s surges + bursty disk 300 req/s (20x bursts), one pool",
+        "coco" => "20 s confidential VM: 4 bursty disks (300 req/s, 20x bursts, 400 MB/s each) + 2 NICs 4000 pkt/s",
+        "coco-cloud" => "20 s confidential VM: 8 cloud volumes (150 req/s, 20x bursts, 50 MB/s each) + 2 NICs 4000 pkt/s",
         _ => "user trace",
     }
 }
@@ -45,6 +76,11 @@ pub fn generate(name: &str, seed: u64, scale: f64) -> Option<Trace> {
         "bursty" => bursty(&mut rng, 8.0 * scale),
         "network" => network(&mut rng, 3.0 * scale),
         "multi" => multi(&mut rng, 3.0 * scale),
+        "onoff" => onoff(&mut rng, 90.0 * scale),
+        "diurnal" => diurnal(&mut rng, 120.0 * scale),
+        "shared" => shared(&mut rng, 60.0 * scale),
+        "coco" => coco(&mut rng, 20.0 * scale),
+        "coco-cloud" => coco_cloud(&mut rng, 20.0 * scale),
         _ => return None,
     };
     Some(t)
@@ -146,6 +182,230 @@ fn bursty(rng: &mut Rng, secs: f64) -> Trace {
         });
     }
     Trace::new(disk(), reqs)
+}
+
+/// Burst windows over `[0, end)` µs: gaps ~ exp(mean `gap_us`), lengths U[50, 150] ms,
+/// multipliers U[lo, hi].
+fn burst_windows(rng: &mut Rng, end: f64, gap_us: f64, lo: f64, hi: f64) -> Vec<(f64, f64, f64)> {
+    let mut bursts = Vec::new();
+    let mut at = rng.exponential(gap_us);
+    while at < end {
+        let len = rng.uniform(50e3, 150e3);
+        let mult = rng.uniform(lo, hi);
+        bursts.push((at, at + len, mult));
+        at += len + rng.exponential(gap_us);
+    }
+    bursts
+}
+
+/// The multiplier of the burst covering `t`, 1 outside bursts.
+fn burst_factor(bursts: &[(f64, f64, f64)], t: f64) -> f64 {
+    bursts
+        .iter()
+        .find(|(s, e, _)| *s <= t && t < *e)
+        .map_or(1.0, |(_, _, m)| *m)
+}
+
+/// Storage requests to one FIFO disk of 400 MB/s (as in `bursty`) arriving at `rate_at(t)`
+/// req/s (never above `peak`), by thinning; for `device`.
+fn fifo_disk(
+    rng: &mut Rng,
+    end: f64,
+    peak: f64,
+    rate_at: impl Fn(f64) -> f64,
+    device: usize,
+) -> Vec<Request> {
+    fifo_disk_at(rng, end, peak, rate_at, device, 400e6)
+}
+
+/// [`fifo_disk`] with the disk's bandwidth in B/s.
+fn fifo_disk_at(
+    rng: &mut Rng,
+    end: f64,
+    peak: f64,
+    rate_at: impl Fn(f64) -> f64,
+    device: usize,
+    bandwidth: f64,
+) -> Vec<Request> {
+    let mut reqs = Vec::new();
+    let mut t = 0.0;
+    let mut disk_free_at = 0.0f64;
+    loop {
+        t += rng.exponential(1e6 / peak);
+        if t >= end {
+            break;
+        }
+        if !rng.chance((rate_at(t) / peak).min(1.0)) {
+            continue;
+        }
+        let size = storage_size(rng, &[0.3, 0.15, 0.15, 0.15, 0.15, 0.1]);
+        let latency = rng.lognormal(100.0, 0.5);
+        let start = disk_free_at.max(t);
+        disk_free_at = start + size as f64 / bandwidth * 1e6;
+        let done = disk_free_at + latency;
+        reqs.push(Request {
+            time_us: t as u64,
+            size,
+            direction: storage_direction(rng),
+            hold_us: (done - t).max(1.0) as u64,
+            may_wait: rng.chance(0.95),
+            device,
+        });
+    }
+    reqs
+}
+
+/// NIC requests (the `network` mix) at `rate_at(t)` packets/s (never above `peak`).
+fn nic(
+    rng: &mut Rng,
+    end: f64,
+    peak: f64,
+    rate_at: impl Fn(f64) -> f64,
+    device: usize,
+) -> Vec<Request> {
+    let mut reqs = Vec::new();
+    let mut t = 0.0;
+    loop {
+        t += rng.exponential(1e6 / peak);
+        if t >= end {
+            break;
+        }
+        if !rng.chance((rate_at(t) / peak).min(1.0)) {
+            continue;
+        }
+        let size = match rng.weighted(&[30.0, 27.7, 33.6, 8.7]) {
+            0 => rng.range(64, 512),
+            1 => rng.range(513, 2048),
+            2 => rng.range(2049, 4096),
+            _ => rng.range(4097, 65536),
+        } as usize;
+        let tx = rng.chance(0.5);
+        reqs.push(Request {
+            time_us: t as u64,
+            size,
+            direction: if tx {
+                Direction::ToDevice
+            } else {
+                Direction::FromDevice
+            },
+            hold_us: rng.lognormal(100.0, 0.8).max(1.0) as u64,
+            may_wait: tx,
+            device,
+        });
+    }
+    reqs
+}
+
+fn onoff(rng: &mut Rng, secs: f64) -> Trace {
+    let end = secs * 1e6;
+    let bursts = burst_windows(rng, end, 1e6, 5.0, 5.0);
+    let rate = |t: f64| {
+        let on = (t / 1e6) % 30.0 < 10.0;
+        if on {
+            2000.0 * burst_factor(&bursts, t)
+        } else {
+            20.0
+        }
+    };
+    Trace::new(disk(), fifo_disk(rng, end, 10_000.0, rate, 0))
+}
+
+fn diurnal(rng: &mut Rng, secs: f64) -> Trace {
+    let end = secs * 1e6;
+    let bursts = burst_windows(rng, end, 2e6, 4.0, 4.0);
+    let rate = |t: f64| {
+        let phase = t / end * std::f64::consts::TAU;
+        (50.0 + 2950.0 * (1.0 - phase.cos()) / 2.0) * burst_factor(&bursts, t)
+    };
+    Trace::new(disk(), fifo_disk(rng, end, 12_000.0, rate, 0))
+}
+
+fn shared(rng: &mut Rng, secs: f64) -> Trace {
+    let end = secs * 1e6;
+    // NIC surges: 2 s long, gaps ~ exp(10 s).
+    let mut surges = Vec::new();
+    let mut at = rng.exponential(10e6);
+    while at < end {
+        surges.push((at, at + 2e6, 4.0));
+        at += 2e6 + rng.exponential(10e6);
+    }
+    let bursts = burst_windows(rng, end, 1e6, 20.0, 20.0);
+    let mut reqs = nic(rng, end, 16_000.0, |t| 4000.0 * burst_factor(&surges, t), 0);
+    reqs.extend(fifo_disk(
+        rng,
+        end,
+        6000.0,
+        |t| 300.0 * burst_factor(&bursts, t),
+        1,
+    ));
+    let devices = vec![
+        DeviceSpec {
+            name: "nic".into(),
+            queue_depth: None,
+        },
+        DeviceSpec {
+            name: "disk".into(),
+            queue_depth: None,
+        },
+    ];
+    Trace::new(devices, reqs)
+}
+
+fn coco(rng: &mut Rng, secs: f64) -> Trace {
+    let end = secs * 1e6;
+    let mut reqs = Vec::new();
+    let mut devices = Vec::new();
+    for d in 0..4 {
+        let bursts = burst_windows(rng, end, 1e6, 20.0, 20.0);
+        reqs.extend(fifo_disk(
+            rng,
+            end,
+            6000.0,
+            |t| 300.0 * burst_factor(&bursts, t),
+            d,
+        ));
+        devices.push(DeviceSpec {
+            name: format!("disk{d}"),
+            queue_depth: None,
+        });
+    }
+    for n in 0..2 {
+        reqs.extend(nic(rng, end, 4000.0, |_| 4000.0, 4 + n));
+        devices.push(DeviceSpec {
+            name: format!("nic{n}"),
+            queue_depth: None,
+        });
+    }
+    Trace::new(devices, reqs)
+}
+
+fn coco_cloud(rng: &mut Rng, secs: f64) -> Trace {
+    let end = secs * 1e6;
+    let mut reqs = Vec::new();
+    let mut devices = Vec::new();
+    for d in 0..8 {
+        let bursts = burst_windows(rng, end, 1e6, 20.0, 20.0);
+        reqs.extend(fifo_disk_at(
+            rng,
+            end,
+            3000.0,
+            |t| 150.0 * burst_factor(&bursts, t),
+            d,
+            50e6,
+        ));
+        devices.push(DeviceSpec {
+            name: format!("vol{d}"),
+            queue_depth: None,
+        });
+    }
+    for n in 0..2 {
+        reqs.extend(nic(rng, end, 4000.0, |_| 4000.0, 8 + n));
+        devices.push(DeviceSpec {
+            name: format!("nic{n}"),
+            queue_depth: None,
+        });
+    }
+    Trace::new(devices, reqs)
 }
 
 fn network(rng: &mut Rng, secs: f64) -> Trace {
@@ -318,6 +578,42 @@ mod tests {
             max > 5.0 * mean_per_10ms,
             "max {max} vs mean {mean_per_10ms}"
         );
+    }
+
+    #[test]
+    fn production_workloads_have_their_shape() {
+        for name in PRODUCTION {
+            let a = generate(name, 1, 0.05).unwrap();
+            assert_eq!(a, generate(name, 1, 0.05).unwrap(), "{name} reproducible");
+            assert!(!a.requests.is_empty(), "{name}");
+            assert!(a.requests.iter().all(|r| r.device < a.devices.len()));
+        }
+        // onoff: the first 10 s (on) carry far more requests than the next 20 s (off).
+        let t = generate("onoff", 1, 1.0).unwrap();
+        let count = |lo: u64, hi: u64| {
+            t.requests
+                .iter()
+                .filter(|r| (lo..hi).contains(&r.time_us))
+                .count()
+        };
+        assert!(count(0, 10_000_000) > 50 * count(10_000_000, 30_000_000));
+        assert!(t.span_us() > 80_000_000, "minutes, not seconds");
+        // diurnal: the middle of the day is busier than its ends.
+        let d = generate("diurnal", 1, 1.0).unwrap();
+        let n = |lo: u64, hi: u64| {
+            d.requests
+                .iter()
+                .filter(|r| (lo..hi).contains(&r.time_us))
+                .count()
+        };
+        assert!(n(55_000_000, 65_000_000) > 10 * n(0, 10_000_000));
+        // shared and coco: network and storage on one pool.
+        let s = generate("shared", 1, 0.2).unwrap();
+        assert_eq!(s.devices.len(), 2);
+        assert!(
+            s.requests.iter().any(|r| r.device == 0) && s.requests.iter().any(|r| r.device == 1)
+        );
+        assert_eq!(generate("coco", 1, 0.1).unwrap().devices.len(), 6);
     }
 
     #[test]
