@@ -44,6 +44,9 @@ pub enum CliError {
     /// A job could not be prepared (missing file, too small, wrong alignment).
     #[error(transparent)]
     Prepare(#[from] PrepareError),
+    /// The job process could not be started or waited for.
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionError),
     /// `tpio plot` failed.
     #[error("plot: {0}")]
     Plot(String),
@@ -249,6 +252,12 @@ pub fn run(argv: &[OsString]) -> Result<i32, CliError> {
     let (specs, output) = parse(argv)?;
     if output.parse_only {
         return Ok(0);
+    }
+    if crate::session::wanted(&specs) {
+        // Before anything is opened or any thread started: see `crate::session`.
+        if let crate::session::Role::Exit(status) = crate::session::enter_own_session()? {
+            return Ok(status);
+        }
     }
     let prepared = runner::prepare_jobs(&specs)?;
     let show_progress = runner::status_line_wanted(

@@ -20,6 +20,7 @@ pub mod options;
 pub mod plot;
 pub mod report;
 pub mod runner;
+pub mod session;
 pub mod stats;
 pub mod units;
 pub mod verify;

@@ -227,7 +227,9 @@ pub struct JobArgs {
     /// Start this job only once the job named here has finished.
     #[arg(long = "wait_for", alias = "wait-for", value_name = "JOB")]
     pub wait_for: Option<String>,
-    /// Run clones as threads (tpio always does; accepted for fio job files).
+    /// fio's `thread`: keep this job in the caller's session (tpio's clones are threads either
+    /// way; without it, as fio's job processes, the jobs run in a session of their own, see
+    /// `tpio::session`).
     #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "0",
           value_parser = parse_bool, action = ArgAction::Set)]
     pub thread: bool,
@@ -433,6 +435,8 @@ pub struct JobSpec {
     pub wait_for: Option<String>,
     /// Random offsets with replacement (fio's norandommap).
     pub norandommap: bool,
+    /// fio's `thread`: stay in the caller's session (see [`crate::session`]).
+    pub thread: bool,
     /// Bytes/s cap per clone: (read, write).
     pub rate: [Option<u64>; 2],
     /// IOPS cap per clone: (read, write).
@@ -652,6 +656,7 @@ impl JobArgs {
             new_group: self.new_group,
             wait_for: self.wait_for.clone(),
             norandommap: self.norandommap,
+            thread: self.thread,
             rate: self.rate.unwrap_or([None, None]),
             rate_iops: self.rate_iops.unwrap_or([None, None]),
             loops: self.loops,
