@@ -15,6 +15,7 @@
 pub mod cli;
 pub mod engine;
 pub mod jobfile;
+pub mod live_stats;
 pub mod options;
 #[cfg(feature = "plot")]
 pub mod plot;

@@ -74,6 +74,37 @@ pub struct CliArgs {
     /// Parse the options and job files, print nothing and run nothing (fio's --parse-only).
     #[arg(long = "parse-only", alias = "parse_only")]
     pub parse_only: bool,
+
+    /// Every TIME (seconds; ms/s/m suffixes), and once at the end, write live statistics: the
+    /// I/Os and bytes completed so far and the DMA pool of each job that has one, as Prometheus
+    /// text or JSON (--stats-format), to --stats-file or stderr.
+    #[arg(long = "stats-interval", alias = "stats_interval", value_parser = parse_duration,
+          value_name = "TIME")]
+    pub stats_interval: Option<Duration>,
+
+    /// Where --stats-interval writes: this file, replaced atomically at each interval (a
+    /// node_exporter textfile-collector `.prom` file works); stderr without it.
+    #[arg(long = "stats-file", alias = "stats_file", value_name = "FILE")]
+    pub stats_file: Option<PathBuf>,
+
+    /// How --stats-interval writes: prometheus (text exposition 0.0.4) or json (one document
+    /// per snapshot, one line each on stderr).
+    #[arg(
+        long = "stats-format",
+        alias = "stats_format",
+        value_enum,
+        default_value = "prometheus"
+    )]
+    pub stats_format: StatsFormat,
+}
+
+/// How live statistics are written (`--stats-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatsFormat {
+    /// Prometheus text exposition format 0.0.4.
+    Prometheus,
+    /// JSON: `{"elapsed_seconds", "metrics": [...]}` (see `tidepool_metrics::Exposition::to_json`).
+    Json,
 }
 
 /// How the report is written.
