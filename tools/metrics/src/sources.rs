@@ -80,10 +80,10 @@ pub fn pool(
             limit,
         )?;
     }
-    let counters: [(&str, &str, u64); 11] = [
+    let counters: [(&str, &str, u64); 10] = [
         (
             "tidepool_pool_waits_total",
-            "Awaitable requests that waited for capacity and got it or gave up.",
+            "Awaitable requests that waited for capacity and got it (timeouts: tidepool_pool_wait_timeouts_total).",
             stats.waits,
         ),
         (
@@ -131,11 +131,6 @@ pub fn pool(
             "Per-core cache refills from the shared allocator.",
             stats.cache_refills,
         ),
-        (
-            "tidepool_pool_wait_records_total",
-            "Waits recorded in the wait-time distribution.",
-            stats.wait.count,
-        ),
     ];
     for (name, help, value) in counters {
         metrics.counter(name, help, labels, value)?;
@@ -143,7 +138,7 @@ pub fn pool(
     let seconds = |ns: u64| ns as f64 / NS_PER_SECOND;
     metrics.summary(
         "tidepool_pool_wait_seconds",
-        "How long awaitable requests waited for capacity (quantiles since the pool was made).",
+        "How long awaitable requests that got capacity waited for it (quantiles since the pool was made).",
         labels,
         &[
             (0.5, seconds(stats.wait.p50_ns)),
