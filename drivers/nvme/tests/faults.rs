@@ -293,3 +293,64 @@ fn a_flooded_admin_queue_does_not_pin_the_admin_lock() {
     recover_and_check_io(&rig);
     rig.finish();
 }
+
+/// Captures the message and fields of every tracing event on the current thread.
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Fields(String);
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                use std::fmt::Write as _;
+                let _ = write!(self.0, " {}={:?}", field.name(), value);
+            }
+        }
+        let mut fields = Fields(event.metadata().level().to_string());
+        event.record(&mut fields);
+        self.0.lock().unwrap().push(fields.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[test]
+fn a_timeout_logs_the_reset_with_its_reason_and_the_recovery() {
+    let capture = Capture::default();
+    let rig = Rig::new();
+    tracing::subscriber::with_default(capture.clone(), || {
+        let mut q = rig.queue(4);
+        rig.nvme.faults().drop_completions(1);
+        q.submit_flush(&rig.ns, 1).unwrap();
+        let (err, done) = poll_until_error(&mut q, Duration::from_secs(3));
+        assert!(matches!(err, NvmeError::CommandTimeout { .. }), "{err}");
+        drop((done, q));
+        rig.ctrl.recover().expect("recover");
+    });
+    let events = capture.0.lock().unwrap().clone();
+    let reset = events
+        .iter()
+        .find(|e| e.contains("resetting the NVMe controller"))
+        .unwrap_or_else(|| panic!("no reset event in {events:?}"));
+    assert!(reset.starts_with("WARN"), "{reset}");
+    assert!(
+        reset.contains("reason=queue 1: ") && reset.contains("timed out"),
+        "{reset}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("INFO") && e.contains("recovered after a reset")),
+        "{events:?}"
+    );
+    rig.finish();
+}
