@@ -16,7 +16,8 @@
 //! session too), tpio forks once, before anything is opened or any thread started: the child calls
 //! `setsid()` and runs the jobs; the parent waits for it, forwards SIGINT, SIGTERM, SIGHUP and
 //! SIGQUIT (a terminal's Ctrl-C reaches only the terminal's foreground process group, which the
-//! child has left), and exits as the child did (with its status, or by the same signal). Nothing is
+//! child has left), and exits as the child did (with its status, or by the same signal); if the
+//! parent is killed outright, the child gets SIGTERM (`PR_SET_PDEATHSIG`). Nothing is
 //! forked when tpio already leads its session, when autogroups are off, or when the process is not
 //! single-threaded (forking a multi-threaded process is unsound).
 
@@ -85,15 +86,26 @@ pub fn enter_own_session() -> Result<Role, SessionError> {
     if thread_count() != Some(1) {
         return Ok(Role::RunJobs);
     }
+    // SAFETY: getpid takes no pointers.
+    let parent = unsafe { libc::getpid() };
     // SAFETY: the process has exactly one thread (checked above), so the child is a complete
     // copy of it and may go on running ordinary Rust code.
     let pid = unsafe { libc::fork() };
     match pid {
         -1 => Err(SessionError::Fork(io::Error::last_os_error())),
         0 => {
-            // SAFETY: no pointers. A fresh child is never a process-group leader, so this cannot
-            // fail; if it somehow did, the jobs would just run in the caller's session.
-            unsafe { libc::setsid() };
+            // SAFETY: no pointers. A fresh child is never a process-group leader, so setsid
+            // cannot fail; if it somehow did, the jobs would just run in the caller's session.
+            // PR_SET_PDEATHSIG: should the parent be killed outright (SIGKILL, which it cannot
+            // forward), the job process gets SIGTERM instead of running on unseen; the getppid
+            // check covers a parent that died before prctl.
+            unsafe {
+                libc::setsid();
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                if libc::getppid() != parent {
+                    libc::raise(libc::SIGTERM);
+                }
+            }
             Ok(Role::RunJobs)
         }
         child => {

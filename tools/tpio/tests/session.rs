@@ -127,3 +127,33 @@ fn thread_keeps_the_jobs_in_the_callers_session() {
         "no job process with --thread: {children:?}"
     );
 }
+
+#[test]
+fn killing_the_parent_outright_ends_the_job_process_too() {
+    if !autogroups() {
+        return;
+    }
+    let mut parent = long_null_job(&[]);
+    let children = children_of(parent.id() as i32);
+    assert_eq!(children.len(), 1, "one job process: {children:?}");
+    let child = children[0].0;
+    parent.kill().expect("SIGKILL the parent");
+    let _ = parent.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{child}")).exists() {
+        // The orphan is reparented and reaped by init (or a subreaper) once it has exited;
+        // a zombie counts as gone.
+        let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        if state
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job process outlived its parent by 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
