@@ -233,6 +233,9 @@ impl Hw {
         if self.generation() != seen {
             return;
         }
+        // The one event for every reset: command timeouts, invalid completion entries, a fatal
+        // controller status and resets asked for by the caller all come through here.
+        tracing::warn!(reason = %reason, generation = seen, "resetting the NVMe controller");
         match self.set_bus_master(false) {
             Ok(()) => st.reason = Some(reason),
             // Cannot switch DMA off: reset the whole function instead (FLR also stops DMA).
@@ -679,6 +682,10 @@ impl Controller {
         drop(admin);
         self.shared.configure_shadow_doorbells()?;
         self.shared.set_queue_count()?;
+        tracing::info!(
+            generation = hw.generation(),
+            "NVMe controller recovered after a reset"
+        );
         Ok(())
     }
 }

@@ -357,6 +357,16 @@ impl Shared {
     fn fail(&self, why: Failure) {
         let why = {
             let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            if f.is_none() {
+                match &why {
+                    Failure::Disconnected(reason) => {
+                        tracing::warn!(%reason, "vhost-user-blk backend disconnected: failing outstanding requests")
+                    }
+                    Failure::Misbehaved(error) => {
+                        tracing::error!(%error, "vhost-user-blk backend broke the virtqueue protocol: closing the connection")
+                    }
+                }
+            }
             f.get_or_insert(why).clone()
         };
         if matches!(why, Failure::Misbehaved(_)) {

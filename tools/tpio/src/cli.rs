@@ -44,6 +44,12 @@ pub enum CliError {
     /// A job could not be prepared (missing file, too small, wrong alignment).
     #[error(transparent)]
     Prepare(#[from] PrepareError),
+    /// The job process could not be started or waited for.
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionError),
+    /// `--stats-interval`'s settings are unusable.
+    #[error(transparent)]
+    Stats(#[from] crate::live_stats::StatsError),
     /// `tpio plot` failed.
     #[error("plot: {0}")]
     Plot(String),
@@ -66,6 +72,8 @@ pub struct OutputSettings {
     pub path: Option<PathBuf>,
     /// `--parse-only`: stop after parsing.
     pub parse_only: bool,
+    /// `--stats-interval` and its file and format.
+    pub stats: Option<crate::live_stats::StatsSettings>,
 }
 
 /// Turns a clap error into a [`CliError`] (help/version are not errors) of one line: an unknown
@@ -114,7 +122,15 @@ fn clap_error(error: clap::Error) -> CliError {
 /// The long names (and aliases) of every job option: the keys a job file may use.
 pub fn job_option_names() -> Vec<String> {
     let command = CliArgs::command();
-    let outputs = ["output-format", "output", "section", "parse-only"];
+    let outputs = [
+        "output-format",
+        "output",
+        "section",
+        "parse-only",
+        "stats-interval",
+        "stats-file",
+        "stats-format",
+    ];
     command
         .get_arguments()
         .filter(|arg| arg.get_long().is_some_and(|long| !outputs.contains(&long)))
@@ -141,6 +157,9 @@ fn given_on_command_line(matches: &clap::ArgMatches, argv: &[OsString]) -> Vec<(
         "output",
         "section",
         "parse-only",
+        "stats_interval",
+        "stats_file",
+        "stats_format",
         "job_files",
     ];
     command
@@ -185,6 +204,13 @@ pub fn parse(argv: &[OsString]) -> Result<(Vec<JobSpec>, OutputSettings), CliErr
         formats: cli.output_format.clone(),
         path: cli.output.clone(),
         parse_only: cli.parse_only,
+        stats: cli
+            .stats_interval
+            .map(|interval| crate::live_stats::StatsSettings {
+                interval,
+                file: cli.stats_file.clone(),
+                format: cli.stats_format,
+            }),
     };
     let on_command_line = given_on_command_line(&matches, argv);
     if cli.job_files.is_empty() {
@@ -250,13 +276,24 @@ pub fn run(argv: &[OsString]) -> Result<i32, CliError> {
     if output.parse_only {
         return Ok(0);
     }
+    if crate::session::wanted(&specs) {
+        // Before anything is opened or any thread started: see `crate::session`.
+        if let crate::session::Role::Exit(status) = crate::session::enter_own_session()? {
+            return Ok(status);
+        }
+    }
     let prepared = runner::prepare_jobs(&specs)?;
     let show_progress = runner::status_line_wanted(
         &output.formats,
         output.path.is_some(),
         std::io::stdout().is_terminal() && std::io::stderr().is_terminal(),
     );
-    let results = runner::run_jobs(prepared, show_progress);
+    let stats = output
+        .stats
+        .clone()
+        .map(|settings| crate::live_stats::StatsWriter::new(settings, &prepared))
+        .transpose()?;
+    let results = runner::run_jobs(prepared, show_progress, stats.as_ref());
     let mut text = String::new();
     for format in &output.formats {
         match format {

@@ -17,11 +17,13 @@ pub mod blockdev;
 pub mod cli;
 pub mod engine;
 pub mod jobfile;
+pub mod live_stats;
 pub mod options;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod report;
 pub mod runner;
+pub mod session;
 pub mod stats;
 pub mod units;
 pub mod uring;

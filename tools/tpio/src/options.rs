@@ -74,6 +74,37 @@ pub struct CliArgs {
     /// Parse the options and job files, print nothing and run nothing (fio's --parse-only).
     #[arg(long = "parse-only", alias = "parse_only")]
     pub parse_only: bool,
+
+    /// Every TIME (seconds; ms/s/m suffixes), and once at the end, write live statistics: the
+    /// I/Os and bytes completed so far and the DMA pool of each job that has one, as Prometheus
+    /// text or JSON (--stats-format), to --stats-file or stderr.
+    #[arg(long = "stats-interval", alias = "stats_interval", value_parser = parse_duration,
+          value_name = "TIME")]
+    pub stats_interval: Option<Duration>,
+
+    /// Where --stats-interval writes: this file, replaced atomically at each interval (a
+    /// node_exporter textfile-collector `.prom` file works); stderr without it.
+    #[arg(long = "stats-file", alias = "stats_file", value_name = "FILE")]
+    pub stats_file: Option<PathBuf>,
+
+    /// How --stats-interval writes: prometheus (text exposition 0.0.4) or json (one document
+    /// per snapshot, one line each on stderr).
+    #[arg(
+        long = "stats-format",
+        alias = "stats_format",
+        value_enum,
+        default_value = "prometheus"
+    )]
+    pub stats_format: StatsFormat,
+}
+
+/// How live statistics are written (`--stats-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatsFormat {
+    /// Prometheus text exposition format 0.0.4.
+    Prometheus,
+    /// JSON: `{"elapsed_seconds", "metrics": [...]}` (see `tidepool_metrics::Exposition::to_json`).
+    Json,
 }
 
 /// How the report is written.
@@ -227,7 +258,9 @@ pub struct JobArgs {
     /// Start this job only once the job named here has finished.
     #[arg(long = "wait_for", alias = "wait-for", value_name = "JOB")]
     pub wait_for: Option<String>,
-    /// Run clones as threads (tpio always does; accepted for fio job files).
+    /// fio's `thread`: keep this job in the caller's session (tpio's clones are threads either
+    /// way; without it, as fio's job processes, the jobs run in a session of their own, see
+    /// `tpio::session`).
     #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "0",
           value_parser = parse_bool, action = ArgAction::Set)]
     pub thread: bool,
@@ -450,6 +483,8 @@ pub struct JobSpec {
     pub cpus_allowed: Option<crate::affinity::CpuList>,
     /// How clones share `cpus_allowed`.
     pub cpus_allowed_policy: crate::affinity::CpuPolicy,
+    /// fio's `thread`: stay in the caller's session (see [`crate::session`]).
+    pub thread: bool,
     /// Bytes/s cap per clone: (read, write).
     pub rate: [Option<u64>; 2],
     /// IOPS cap per clone: (read, write).
@@ -676,6 +711,7 @@ impl JobArgs {
             norandommap: self.norandommap,
             cpus_allowed: self.cpus_allowed.clone(),
             cpus_allowed_policy: self.cpus_allowed_policy,
+            thread: self.thread,
             rate: self.rate.unwrap_or([None, None]),
             rate_iops: self.rate_iops.unwrap_or([None, None]),
             loops: self.loops,

@@ -458,7 +458,13 @@ impl Finished {
 
 /// Runs the jobs, together unless `stonewall`/`wait_for` order them, the clones of each job
 /// together; returns results in job order.
-pub fn run_jobs(jobs: Vec<Vec<PreparedClone>>, show_progress: bool) -> Vec<CloneResult> {
+///
+/// With `stats`, a writer thread writes live statistics until the jobs end (`--stats-interval`).
+pub fn run_jobs(
+    jobs: Vec<Vec<PreparedClone>>,
+    show_progress: bool,
+    stats: Option<&crate::live_stats::StatsWriter>,
+) -> Vec<CloneResult> {
     let specs: Vec<&JobSpec> = jobs
         .iter()
         .filter_map(|clones| clones.first().map(|clone| &clone.spec))
@@ -490,6 +496,11 @@ pub fn run_jobs(jobs: Vec<Vec<PreparedClone>>, show_progress: bool) -> Vec<Clone
             let all_done = &all_done;
             let modes = modes.clone();
             scope.spawn(move || show_progress_line(&modes, expected, &progress, all_done))
+        });
+        let stats_writer = stats.map(|writer| {
+            let progress = Arc::clone(&progress);
+            let all_done = &all_done;
+            scope.spawn(move || writer.run(&progress, run_start, all_done))
         });
         let handles: Vec<_> = jobs
             .into_iter()
@@ -543,6 +554,9 @@ pub fn run_jobs(jobs: Vec<Vec<PreparedClone>>, show_progress: bool) -> Vec<Clone
         all_done.store(true, Ordering::Relaxed);
         if let Some(reporter) = reporter {
             let _ = reporter.join();
+        }
+        if let Some(writer) = stats_writer {
+            let _ = writer.join();
         }
         results
     });

@@ -254,6 +254,69 @@ fn randread_with_two_clones_reports_parseable_json() {
     daemon.assert_quiet_log();
 }
 
+#[test]
+fn stats_interval_exports_the_vhost_pool_as_prometheus_text() {
+    if !have_daemon("stats_interval_exports_the_vhost_pool_as_prometheus_text") {
+        return;
+    }
+    let daemon = Daemon::start(32 << 20);
+    let socket = daemon.socket();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stats = dir.path().join("tpio.prom");
+    let stats_arg = format!("--stats-file={}", stats.display());
+    let json = json_of(&tpio(&[
+        "--name=vhost-stats",
+        "--ioengine=vhost-user-blk",
+        "--filename",
+        &socket,
+        "--rw=randread",
+        "--bs=4k",
+        "--iodepth=8",
+        "--runtime=400ms",
+        "--time_based",
+        "--stats-interval=100ms",
+        &stats_arg,
+        "--output-format=json",
+    ]));
+    let text = std::fs::read_to_string(&stats).expect("the last snapshot");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("prometheus text");
+    let find = |metric: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == metric
+                    && s.labels.get("job") == Some("vhost-stats")
+                    && s.labels.get("clone") == Some("0")
+            })
+            .unwrap_or_else(|| panic!("no {metric} for the job in:\n{text}"))
+            .value
+            .clone()
+    };
+    let pool = &json["jobs"][0]["tidepool"]["pool"];
+    assert_eq!(
+        find("tidepool_pool_capacity_bytes"),
+        prometheus_parse::Value::Gauge(pool["capacity_bytes"].as_f64().unwrap()),
+        "the last snapshot is taken after the job, as the report's"
+    );
+    assert_eq!(
+        find("tidepool_pool_in_use_bytes"),
+        prometheus_parse::Value::Gauge(0.0),
+        "every buffer is back once the job is done"
+    );
+    let reads = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "tpio_read_ios_total")
+        .expect("tpio's own counter");
+    assert_eq!(
+        reads.value,
+        prometheus_parse::Value::Counter(json["jobs"][0]["read"]["total_ios"].as_f64().unwrap())
+    );
+    daemon.assert_quiet_log();
+}
+
 /// Asserts a bad-input failure: status 1, `needle` on stderr, nothing on stdout.
 fn assert_bad_input(output: &Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -156,6 +156,12 @@ pub trait Engine: Send {
     fn stats(&self) -> Option<serde_json::Value> {
         None
     }
+
+    /// The DMA pool this engine's I/O goes through, if it has one: a shared handle whose
+    /// `stats()` `--stats-interval` reads from its own thread while the job runs.
+    fn pool(&self) -> Option<::tidepool::pool::Pool> {
+        None
+    }
 }
 
 /// Opens the engine a job asks for on the job's target, checking the target covers the job's region.

@@ -693,6 +693,11 @@ impl Engine for TidepoolEngine {
     fn stats(&self) -> Option<serde_json::Value> {
         Some(self.final_stats.clone().unwrap_or_else(|| self.snapshot()))
     }
+
+    /// The controller's pool, for `--stats-interval`.
+    fn pool(&self) -> Option<Pool> {
+        Some(self.ctrl.pool().clone())
+    }
 }
 
 impl Drop for TidepoolEngine {

@@ -532,6 +532,13 @@ impl Engine for VhostUserBlkEngine {
     fn stats(&self) -> Option<serde_json::Value> {
         Some(self.final_stats.clone().unwrap_or_else(|| self.snapshot()))
     }
+
+    fn pool(&self) -> Option<Pool> {
+        self.backend
+            .device
+            .as_ref()
+            .map(|device| device.pool().clone())
+    }
 }
 
 impl Drop for VhostUserBlkEngine {
