@@ -298,12 +298,12 @@ impl Pool {
     /// An owned, zeroed device-visible buffer of at least `len` bytes, waiting for capacity if
     /// there is none. Cancel-safe: dropping the future at any point loses nothing.
     pub fn alloc(&self, len: usize) -> Alloc<'_> {
-        Alloc::new(self, len, None)
+        Alloc::new(self, len, None, true)
     }
 
     /// As [`Pool::alloc`], failing with [`PoolError::Timeout`] after `timeout`.
     pub fn alloc_timeout(&self, len: usize, timeout: Duration) -> Alloc<'_> {
-        Alloc::new(self, len, Some(timeout))
+        Alloc::new(self, len, Some(timeout), true)
     }
 
     /// An owned buffer holding a copy of `src` (the rest of its block zeroed), waiting for
@@ -314,7 +314,7 @@ impl Pool {
     /// caller's memory. Read the device's answer back with [`DmaBuf::read_at`] (one copy).
     pub fn alloc_from<'p, 's>(&'p self, src: &'s [u8]) -> AllocFrom<'p, 's> {
         AllocFrom {
-            alloc: Alloc::new(self, src.len(), None),
+            alloc: Alloc::new(self, src.len(), None, false),
             src,
         }
     }
@@ -323,7 +323,7 @@ impl Pool {
     #[inline(always)]
     pub fn try_alloc_from(&self, src: &[u8]) -> Result<DmaBuf, PoolError> {
         let order = self.check_len(src.len())?;
-        let claim = Shared::alloc_immediate(&self.shared, order, src.len())?;
+        let claim = Shared::alloc_immediate(&self.shared, order, src.len(), false)?;
         Ok(DmaBuf::new_filled(claim, src))
     }
 
@@ -332,7 +332,7 @@ impl Pool {
     #[inline(always)]
     pub fn try_alloc(&self, len: usize) -> Result<DmaBuf, PoolError> {
         let order = self.check_len(len)?;
-        let claim = Shared::alloc_immediate(&self.shared, order, len)?;
+        let claim = Shared::alloc_immediate(&self.shared, order, len, true)?;
         Ok(DmaBuf::new_zeroed(claim, len))
     }
 
@@ -494,8 +494,17 @@ impl Shared {
     /// Hot path: a block from this CPU's cache, with a pool reference from the same cache's
     /// credits (topped up with a batch of clones when it has none). Awaitable callers skip it
     /// while anyone waits (no barging past the queue). Takes the cache lock.
+    ///
+    /// `want_zero` (the caller hands the device a zero block: `alloc`, `FromDevice`) takes a
+    /// pre-zeroed block first and counts the hit or miss; other callers overwrite the block
+    /// and take a released one first, leaving the zeroed ones for those who need them.
     #[inline(always)]
-    fn alloc_cached(this: &Arc<Self>, order: u32, caller: Caller) -> Option<Claim> {
+    fn alloc_cached(
+        this: &Arc<Self>,
+        order: u32,
+        caller: Caller,
+        want_zero: bool,
+    ) -> Option<Claim> {
         if caller == Caller::Awaitable && this.waiting.load(Ordering::Relaxed) > 0 {
             return None;
         }
@@ -504,7 +513,24 @@ impl Shared {
         }
         let mut c = this.caches.local();
         let class = this.caches.class(order);
-        let block = c.classes[class].pop()?;
+        let block = if want_zero {
+            match c.zeroed[class].pop() {
+                Some(b) => {
+                    c.zero_hits += 1;
+                    b
+                }
+                None => {
+                    let b = c.classes[class].pop()?;
+                    c.zero_misses += 1;
+                    b
+                }
+            }
+        } else {
+            match c.classes[class].pop() {
+                Some(b) => b,
+                None => c.zeroed[class].pop()?,
+            }
+        };
         c.in_use += block.size() as i64;
         let pool = match c.credits.pop() {
             Some(p) => p,
@@ -589,15 +615,15 @@ impl Shared {
     }
 
     /// One awaitable attempt without waiting: cache, then arena. Counts the block as in use.
-    fn alloc_now(this: &Arc<Self>, order: u32) -> Option<Claim> {
-        if let Some(c) = Shared::alloc_cached(this, order, Caller::Awaitable) {
+    fn alloc_now(this: &Arc<Self>, order: u32, want_zero: bool) -> Option<Claim> {
+        if let Some(c) = Shared::alloc_cached(this, order, Caller::Awaitable, want_zero) {
             return Some(c);
         }
         let b = {
             let mut g = this.global.lock().unwrap();
             this.alloc_arena(&mut g, order, Caller::Awaitable)?
         };
-        this.count_in_use(b.size() as i64);
+        this.count_alloc(b.size() as i64, want_zero);
         this.refill(order);
         Some(Shared::claim(this, b))
     }
@@ -612,17 +638,27 @@ impl Shared {
 
     /// The immediate path: cache, arena with reserve, transient chunk, error.
     #[inline(always)]
-    fn alloc_immediate(this: &Arc<Self>, order: u32, len: usize) -> Result<Claim, PoolError> {
-        match Shared::alloc_cached(this, order, Caller::Immediate) {
+    fn alloc_immediate(
+        this: &Arc<Self>,
+        order: u32,
+        len: usize,
+        want_zero: bool,
+    ) -> Result<Claim, PoolError> {
+        match Shared::alloc_cached(this, order, Caller::Immediate, want_zero) {
             Some(c) => Ok(c),
-            None => Shared::alloc_immediate_slow(this, order, len),
+            None => Shared::alloc_immediate_slow(this, order, len, want_zero),
         }
     }
 
     /// [`Shared::alloc_immediate`] after a cache miss: arena with reserve, other CPUs' caches,
     /// transient chunk, error. Takes the pool lock (never held across a system call).
     #[inline(never)]
-    fn alloc_immediate_slow(this: &Arc<Self>, order: u32, len: usize) -> Result<Claim, PoolError> {
+    fn alloc_immediate_slow(
+        this: &Arc<Self>,
+        order: u32,
+        len: usize,
+        want_zero: bool,
+    ) -> Result<Claim, PoolError> {
         let mut got = {
             let mut g = this.global.lock().unwrap();
             this.alloc_arena(&mut g, order, Caller::Immediate)
@@ -633,7 +669,7 @@ impl Shared {
             got = this.alloc_arena(&mut g, order, Caller::Immediate);
         }
         if let Some(b) = got {
-            this.count_in_use(b.size() as i64);
+            this.count_alloc(b.size() as i64, want_zero);
             if this.waiting.load(Ordering::Relaxed) == 0 {
                 this.refill(order);
             }
@@ -642,7 +678,7 @@ impl Shared {
         this.grower.wake();
         let (mut why, mut cause) = match this.alloc_transient(order) {
             Ok(b) => {
-                this.count_in_use(b.size() as i64);
+                this.count_alloc(b.size() as i64, want_zero);
                 return Ok(Shared::claim(this, b));
             }
             Err(e) => e,
@@ -711,9 +747,12 @@ impl Shared {
         b
     }
 
-    /// Adds `bytes` to this CPU's in-use count.
-    fn count_in_use(&self, bytes: i64) {
-        self.caches.local().in_use += bytes;
+    /// Counts a block of `bytes` taken outside the cache (never pre-zeroed) as in use, and as
+    /// a pre-zeroing miss if the caller wanted a zero block.
+    fn count_alloc(&self, bytes: i64, want_zero: bool) {
+        let mut c = self.caches.local();
+        c.in_use += bytes;
+        c.zero_misses += u64::from(want_zero);
     }
 
     /// Gives a buffer's claim back: the block to this CPU's cache when nobody waits and the
@@ -723,6 +762,7 @@ impl Shared {
     #[inline(always)]
     pub(crate) fn release(claim: Claim) {
         let Claim { block, pool } = claim;
+        debug_assert!(!block.zeroed(), "a released block may have been written");
         // SAFETY: `this` is used only while `pool` is still ours, or while we hold the local
         // cache's lock with `pool` among that (open) cache's credits. A credit leaves a cache
         // only under its lock: taken by an allocation (which holds a pool handle) or by
@@ -738,7 +778,7 @@ impl Shared {
         if cacheable {
             let mut c = this.caches.local();
             let class = this.caches.class(order);
-            if !c.closed && c.classes[class].len() < limit {
+            if !c.closed && c.classes[class].len() + c.zeroed[class].len() < limit {
                 c.in_use -= block.size() as i64;
                 c.classes[class].push(block);
                 if c.credits.len() < CREDITS_MAX {
@@ -769,10 +809,13 @@ impl Shared {
             if cacheable {
                 let class = self.caches.class(order);
                 let limit = self.caches.limit(order);
-                let list = &mut c.classes[class];
-                list.push(block);
-                if list.len() > limit {
-                    back.extend(list.drain(limit / 2..));
+                c.classes[class].push(block);
+                let held = c.classes[class].len() + c.zeroed[class].len();
+                if held > limit {
+                    // Give back released blocks first: zeroed ones are worth keeping.
+                    let keep = (limit / 2).saturating_sub(c.zeroed[class].len());
+                    let list = &mut c.classes[class];
+                    back.extend(list.drain(keep.min(list.len())..));
                 }
             } else {
                 back.push(block);
@@ -871,7 +914,8 @@ impl Shared {
         let mut back = Vec::new();
         for c in self.caches.each() {
             let mut c = c.lock();
-            for class in c.classes.iter_mut() {
+            let c = &mut *c;
+            for class in c.classes.iter_mut().chain(c.zeroed.iter_mut()) {
                 back.append(class);
             }
         }
@@ -882,10 +926,16 @@ impl Shared {
         n
     }
 
-    /// Bytes in use: the sum of every CPU's count.
-    fn in_use_bytes(&self) -> u64 {
-        let sum: i64 = self.caches.each().map(|c| c.lock().in_use).sum();
-        sum.max(0) as u64
+    /// Bytes in use, pre-zeroing hits and misses: the sums of every CPU's counts.
+    fn cache_counts(&self) -> (u64, u64, u64) {
+        let (mut in_use, mut hits, mut misses) = (0i64, 0u64, 0u64);
+        for c in self.caches.each() {
+            let c = c.lock();
+            in_use += c.in_use;
+            hits += c.zero_hits;
+            misses += c.zero_misses;
+        }
+        (in_use.max(0) as u64, hits, misses)
     }
 
     fn stats(&self) -> PoolStats {
@@ -896,9 +946,10 @@ impl Shared {
             (g.queue.waiting() as u64, g.queue.waiting_bytes())
         };
         let wait = PoolStats::percentiles(&c.wait_ns.lock().unwrap());
+        let (in_use_bytes, prezero_hits, prezero_misses) = self.cache_counts();
         PoolStats {
             capacity_bytes: r(&c.capacity_bytes),
-            in_use_bytes: self.in_use_bytes(),
+            in_use_bytes,
             peak_allocated_bytes: r(&c.peak_allocated_bytes),
             chunks: r(&c.chunks),
             waiters,
@@ -914,6 +965,9 @@ impl Shared {
             reserve_allocs: r(&c.reserve_allocs),
             immediate_failures: r(&c.immediate_failures),
             cache_refills: r(&c.cache_refills),
+            prezero_hits,
+            prezero_misses,
+            prezeroed_bytes: r(&c.prezeroed_bytes),
             wait,
             mappings: self.view.usage(),
         }
@@ -947,6 +1001,8 @@ pub struct Alloc<'p> {
     pool: &'p Pool,
     len: usize,
     timeout: Option<Duration>,
+    /// The result must be a zero block (prefer a pre-zeroed one).
+    want_zero: bool,
     state: AllocState,
 }
 
@@ -967,11 +1023,12 @@ enum AllocState {
 }
 
 impl<'p> Alloc<'p> {
-    fn new(pool: &'p Pool, len: usize, timeout: Option<Duration>) -> Alloc<'p> {
+    fn new(pool: &'p Pool, len: usize, timeout: Option<Duration>, want_zero: bool) -> Alloc<'p> {
         Alloc {
             pool,
             len,
             timeout,
+            want_zero,
             state: AllocState::Start,
         }
     }
@@ -991,9 +1048,14 @@ impl<'p> Alloc<'p> {
                 };
                 if !shared.cfg.waiting {
                     self.state = AllocState::Done;
-                    return Poll::Ready(Shared::alloc_immediate(shared, order, self.len));
+                    return Poll::Ready(Shared::alloc_immediate(
+                        shared,
+                        order,
+                        self.len,
+                        self.want_zero,
+                    ));
                 }
-                if let Some(c) = Shared::alloc_now(shared, order) {
+                if let Some(c) = Shared::alloc_now(shared, order, self.want_zero) {
                     self.state = AllocState::Done;
                     return Poll::Ready(Ok(c));
                 }
@@ -1004,7 +1066,7 @@ impl<'p> Alloc<'p> {
                 // Recheck under the lock: space may have come back since alloc_now looked.
                 if let Some(b) = shared.alloc_arena(&mut g, order, Caller::Awaitable) {
                     drop(g);
-                    shared.count_in_use(b.size() as i64);
+                    shared.count_alloc(b.size() as i64, self.want_zero);
                     self.state = AllocState::Done;
                     return Poll::Ready(Ok(Shared::claim(shared, b)));
                 }
@@ -1126,7 +1188,7 @@ impl<'p> Alloc<'p> {
                 self.state = AllocState::Done;
                 match outcome {
                     Ok(b) => {
-                        shared.count_in_use(b.size() as i64);
+                        shared.count_alloc(b.size() as i64, self.want_zero);
                         shared.counters.record_wait(now - since);
                         Poll::Ready(Ok(Shared::claim(shared, b)))
                     }
