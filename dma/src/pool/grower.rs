@@ -369,7 +369,7 @@ impl Shared {
                     g.growth.failed(attempt, e);
                     // Every waiter checks whether this failure ends it (the growth-failure
                     // rule); the space the failed attempt counted on is not coming.
-                    for w in g.watchers.values() {
+                    for w in g.queue.wakers() {
                         wakes.push(w.clone());
                     }
                     self.publish_capacity(&g);

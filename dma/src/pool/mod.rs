@@ -174,9 +174,6 @@ pub(crate) struct Global {
     /// (deadline, waiter id) → waker. The grower wakes them when the deadline passes so that
     /// they can give up.
     pub deadlines: std::collections::BTreeMap<(Instant, u64), std::task::Waker>,
-    /// Every queued waiter: waiter id → waker. A failed growth attempt wakes them all, so that
-    /// those it was made for can end with its cause (the growth-failure rule).
-    pub watchers: std::collections::BTreeMap<u64, std::task::Waker>,
     /// The next waiter id.
     pub next_waiter_id: u64,
     /// Growth attempts and whether the latest failed.
@@ -244,7 +241,6 @@ impl Pool {
                 arena: Arena::default(),
                 queue: WaitQueue::new(cfg.fairness),
                 deadlines: Default::default(),
-                watchers: Default::default(),
                 next_waiter_id: 0,
                 growth: Default::default(),
                 growing_bytes: 0,
@@ -802,11 +798,18 @@ impl Shared {
     fn release_slow(&self, block: Block, cacheable: bool) {
         let size = block.size() as i64;
         let order = block.order();
+        if !cacheable {
+            // A waiter's hand-off takes this path: no vector, and the block may go straight
+            // to the waiter.
+            self.caches.local().in_use -= size;
+            self.give_back_one(block);
+            return;
+        }
         let mut back = Vec::new();
         {
             let mut c = self.caches.local();
             c.in_use -= size;
-            if cacheable {
+            {
                 let class = self.caches.class(order);
                 let limit = self.caches.limit(order);
                 c.classes[class].push(block);
@@ -817,8 +820,6 @@ impl Shared {
                     let list = &mut c.classes[class];
                     back.extend(list.drain(keep.min(list.len())..));
                 }
-            } else {
-                back.push(block);
             }
         }
         if !back.is_empty() {
@@ -836,6 +837,31 @@ impl Shared {
             }
             None => false,
         }
+    }
+
+    /// Returns one block to the pool and serves waiters: if the first waiter offered space
+    /// wants exactly this block's size, it is handed over as it is (no buddy free and
+    /// allocation); otherwise it is freed into the arena first, as [`Shared::give_back`]
+    /// does. Takes the pool lock; wakes after releasing it.
+    #[inline(never)]
+    fn give_back_one(&self, block: Block) {
+        let mut wakes = WakeList::new();
+        {
+            let mut g = self.global.lock().unwrap();
+            let now = Instant::now();
+            // The throttle is judged on the arena's counts before the walk: keep the plain
+            // free-then-dispatch order there.
+            if block.transient() || !g.queue.has_waiters() || self.cfg.throttle.is_some() {
+                let retired = Shared::free_locked(&mut g, block, now);
+                self.dispatch(&mut g, now, &mut wakes);
+                if retired {
+                    self.grower.wake();
+                }
+            } else {
+                self.dispatch_with(&mut g, now, &mut wakes, Some(block));
+            }
+        }
+        wakes.wake_all();
     }
 
     /// Returns blocks to the arena and serves waiters. Takes the pool lock; wakes after
@@ -876,6 +902,22 @@ impl Shared {
     /// throttle, if configured), and refreshes [`Shared::waiting`]. Call with the pool lock
     /// held; wake `wakes` after releasing it.
     fn dispatch(&self, g: &mut Global, now: Instant, wakes: &mut WakeList) {
+        self.dispatch_with(g, now, wakes, None);
+    }
+
+    /// [`Shared::dispatch`] with a just-released, non-transient block still out of the arena
+    /// (`fresh`): the first waiter offered space gets it as it is if it wants exactly its size
+    /// and the arena alone keeps the reserve (what freeing then allocating it would have
+    /// checked); otherwise the block is freed into the arena before anything else is
+    /// allocated, so the walk sees the same space as after a plain free.
+    fn dispatch_with(
+        &self,
+        g: &mut Global,
+        now: Instant,
+        wakes: &mut WakeList,
+        mut fresh: Option<Block>,
+    ) {
+        debug_assert!(fresh.as_ref().is_none_or(|b| !b.transient()));
         let reserve = self.cfg.reserve_bytes as u64;
         self.update_throttle(g);
         let throttle = self.cfg.throttle;
@@ -886,15 +928,32 @@ impl Shared {
             ..
         } = g;
         if !queue.has_waiters() {
+            if let Some(b) = fresh {
+                // Non-transient: never retires a chunk.
+                arena.free(b, now);
+                self.publish_capacity(g);
+            }
             // Keep the hot path's mirror right after the last waiter left (cancel, timeout).
             self.waiting.store(0, Ordering::Relaxed);
             return;
         }
         queue.dispatch(now, wakes, |size| {
-            if *throttled || arena.free_bytes < size + reserve {
-                return None;
-            }
-            let b = arena.alloc(size.trailing_zeros(), false)?;
+            let b = match fresh.take() {
+                Some(b) if b.size() as u64 == size && !*throttled && arena.free_bytes >= reserve => {
+                    // Handed over as it is: the arena's counts are what a free then an
+                    // allocation of it would leave.
+                    b
+                }
+                other => {
+                    if let Some(b) = other {
+                        arena.free(b, now);
+                    }
+                    if *throttled || arena.free_bytes < size + reserve {
+                        return None;
+                    }
+                    arena.alloc(size.trailing_zeros(), false)?
+                }
+            };
             if let Some(t) = throttle {
                 let share =
                     100.0 * arena.allocated_bytes as f64 / arena.capacity_bytes.max(1) as f64;
@@ -902,6 +961,10 @@ impl Shared {
             }
             Some(b)
         });
+        if let Some(b) = fresh {
+            // No waiter was offered space (a starving barrier ahead wants more): free it.
+            arena.free(b, now);
+        }
         self.waiting.store(queue.waiting(), Ordering::Relaxed);
         self.publish_capacity(g);
     }
@@ -1012,7 +1075,8 @@ enum AllocState {
     Queued {
         ticket: Ticket,
         since: Instant,
-        /// Keys this waiter in `Global::watchers` and `Global::deadlines`.
+        /// Keys this waiter in `Global::deadlines`. (A failed growth wakes every waiter
+        /// through the wakers the queue keeps: [`WaitQueue::wakers`].)
         id: u64,
         /// Growth attempts begun before it queued: later ones were made on its behalf.
         attempts_before: u64,
@@ -1074,7 +1138,6 @@ impl<'p> Alloc<'p> {
                 shared.waiting.store(g.queue.waiting(), Ordering::Relaxed);
                 let id = g.next_waiter_id;
                 g.next_waiter_id += 1;
-                g.watchers.insert(id, cx.waker().clone());
                 let attempts_before = g.growth.attempts;
                 let deadline = shared.next_deadline(&g, self.timeout, now, now, None);
                 if let Some(at) = deadline {
@@ -1137,12 +1200,8 @@ impl<'p> Alloc<'p> {
                         }),
                 };
                 let Some(outcome) = outcome else {
-                    // Keep waiting: keep the wakers current and the deadline due.
-                    if let Some(w) = g.watchers.get_mut(&id) {
-                        if !w.will_wake(cx.waker()) {
-                            *w = cx.waker().clone();
-                        }
-                    }
+                    // Keep waiting: keep the wakers current (the queue's, in `poll` above) and
+                    // the deadline due.
                     let at = shared.next_deadline(&g, self.timeout, since, now, deadline);
                     if at != deadline {
                         if let Some(old) = deadline {
@@ -1165,7 +1224,6 @@ impl<'p> Alloc<'p> {
                     }
                     return Poll::Pending;
                 };
-                g.watchers.remove(&id);
                 if let Some(at) = deadline {
                     g.deadlines.remove(&(at, id));
                 }
@@ -1253,7 +1311,6 @@ impl Drop for Alloc<'_> {
             let mut wakes = WakeList::new();
             {
                 let mut g = shared.global.lock().unwrap();
-                g.watchers.remove(&id);
                 if let Some(at) = deadline {
                     g.deadlines.remove(&(at, id));
                 }
