@@ -483,8 +483,12 @@ impl Shared {
         c.capacity_bytes
             .store(g.arena.capacity_bytes, Ordering::Relaxed);
         c.chunks.store(g.arena.chunks, Ordering::Relaxed);
-        c.peak_allocated_bytes
-            .fetch_max(g.arena.allocated_bytes, Ordering::Relaxed);
+        // Only writers hold the pool lock, so a plain load tells whether the peak moved: no
+        // read-modify-write on every release and dispatch.
+        if g.arena.allocated_bytes > c.peak_allocated_bytes.load(Ordering::Relaxed) {
+            c.peak_allocated_bytes
+                .store(g.arena.allocated_bytes, Ordering::Relaxed);
+        }
     }
 
     /// Hot path: a block from this CPU's cache, with a pool reference from the same cache's
@@ -939,7 +943,9 @@ impl Shared {
         }
         queue.dispatch(now, wakes, |size| {
             let b = match fresh.take() {
-                Some(b) if b.size() as u64 == size && !*throttled && arena.free_bytes >= reserve => {
+                Some(b)
+                    if b.size() as u64 == size && !*throttled && arena.free_bytes >= reserve =>
+                {
                     // Handed over as it is: the arena's counts are what a free then an
                     // allocation of it would leave.
                     b
