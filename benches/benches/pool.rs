@@ -3,12 +3,13 @@
 //!
 //! 1. 4 KiB bounce `try_map` + `unmap` (ToDevice, FromDevice) vs a bare 4 KiB
 //!    [`tidepool::copy::copy_to_device`] into a preallocated buffer. Targets: ToDevice ≤ copy +
-//!    15 ns; FromDevice after idle time (the grower pre-zeroed the released blocks: one
-//!    untimed `maintain` before each batch of 48 maps, fewer than a cache holds) ≤ 1.2 × copy +
-//!    15 ns, with the pre-zeroed hit rate printed; FromDevice with no idle time (zero at map,
-//!    copy out at unmap: two passes) is printed for comparison. The allocator operation alone
-//!    (target ≤ 15 ns) is derived two ways: `try_alloc(4096)` + drop minus a bare 4 KiB
-//!    zeroing, and map ToDevice minus the bare copy.
+//!    15 ns; FromDevice after idle time ≤ 1.2 × copy + 15 ns, with the pre-zeroed hit rate
+//!    printed (the idle time: one untimed `maintain`, whose pass zeroes the released blocks,
+//!    before each batch of 24 maps, fewer than the 32 blocks a cache refill leaves in this
+//!    CPU's cache); FromDevice with no idle time (zero at map, copy out at unmap: two passes)
+//!    is printed for comparison. The allocator operation alone (target ≤ 15 ns) is derived two
+//!    ways: `try_alloc(4096)` + drop minus a bare 4 KiB zeroing, and map ToDevice minus the
+//!    bare copy.
 //! 2. Allocation throughput (`try_alloc` + drop of mixed sizes) at 1 and 2 threads, and the
 //!    same loop over a swiotlb-style baseline (one global `Mutex` over a bitmap of 2 KiB
 //!    slots, first fit from a moving hint). Both zero what they hand out (the pool always does).
@@ -146,7 +147,7 @@ fn bounce_4k(c: &mut Criterion) {
     });
     g.bench_function("map_unmap_from_device_prezeroed", |b| {
         b.iter_custom(|n| {
-            const BATCH: u64 = 48;
+            const BATCH: u64 = 24;
             let before = pool.stats();
             let mut took = Duration::ZERO;
             let mut left = n;

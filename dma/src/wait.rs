@@ -63,6 +63,14 @@
 //! pool's cap or largest block) must be refused before it is enqueued: once starving it would
 //! block everything behind it forever.
 //!
+//! ## Cost
+//! A wait allocates nothing once the queue has grown to its working size: entries sit in a
+//! deque in arrival order (found by binary search on their sequence number), the per-size
+//! counts in a short sorted vector, unclaimed grants in a map keyed by the sequence number
+//! with a one-multiplication hash, and a [`WakeList`] holds its first waker inline. The
+//! entries are not intrusive nodes inside the waiting futures (tokio's `batch_semaphore`
+//! shape): that would make the pool's futures `!Unpin`, a change to their public API.
+//!
 //! ## Cancel safety
 //! A waiting future may be dropped at any point. Its `Drop` calls [`WaitQueue::cancel`] under the
 //! lock:

@@ -23,7 +23,16 @@
 //!   see [`crate::wait`]), the grower is woken, and the future parks. Released space goes to
 //!   the oldest waiter it fits. A dropped future loses nothing: a grant it never took goes back
 //!   and to the next waiter. While anyone waits, newcomers queue behind them (no barging) and
-//!   releases bypass the per-core caches so waiters see the space.
+//!   releases bypass the per-core caches so waiters see the space. A released block whose
+//!   size is what the first waiter offered space wants goes to it as it is (no buddy free and
+//!   allocation in between: `Shared::give_back_one`).
+//! - **Pre-zeroed blocks**: the grower zeroes released blocks in the per-core caches ahead of
+//!   time, within a budget, while the pool is idle enough, and marks them
+//!   (`Block::zeroed`); requests that hand the device a zero block (`alloc`,
+//!   `FromDevice` maps) take a marked block first and skip their zeroing pass, so a bounced
+//!   read does one pass over the memory (the copy out), not two. Requests that overwrite
+//!   their block take an unmarked one first. [`PoolStats::prezero_hits`] and
+//!   [`PoolStats::prezero_misses`] count how often it worked.
 //! - **Immediate path** ([`Pool::try_alloc`], [`Pool::try_map`]): for pollers and completion
 //!   reapers, which must never wait. Cache, then the arena including the **reserve**
 //!   (`reserve_bytes` kept back from awaitable requests), then, if enabled, a **transient** chunk
@@ -65,6 +74,11 @@
 //! # Security
 //! Every buffer handed out is zeroed, or fully overwritten by the caller's data for this
 //! mapping, before its device address is returned: a device never sees another mapping's bytes.
+//! A block counts as zeroed without a pass on the hot path only if it carries the pre-zeroed
+//! mark, which only the grower sets, right after zeroing a block it took out of a cache's list
+//! of free blocks (owned by it alone: no buffer, no device address), and which every buffer
+//! clears as it takes its block: a block a caller or device may have written never carries it
+//! (loom model (j) and the `prezero_props` property test).
 
 pub mod arena;
 pub mod buddy;
