@@ -179,11 +179,19 @@ pub(crate) struct Shared {
     pub grower: Arc<grower::Signal>,
 }
 
+/// What a waiter is granted: a block, and when (the end of its wait, for the wait-time
+/// histogram: the waiter needs no clock read of its own to take it).
+#[derive(Debug)]
+pub(crate) struct Grant {
+    pub block: Block,
+    pub at: Instant,
+}
+
 /// State behind [`Shared::global`].
 #[derive(Debug)]
 pub(crate) struct Global {
     pub arena: Arena,
-    pub queue: WaitQueue<Block>,
+    pub queue: WaitQueue<Grant>,
     /// Waiters with a deadline (timeouts, `AtCap::Fail`, the growth-failure bound):
     /// (deadline, waiter id) → waker. The grower wakes them when the deadline passes so that
     /// they can give up.
@@ -979,7 +987,7 @@ impl Shared {
                     100.0 * arena.allocated_bytes as f64 / arena.capacity_bytes.max(1) as f64;
                 *throttled = share > t.high_percent;
             }
-            Some(b)
+            Some(Grant { block: b, at: now })
         });
         if let Some(b) = fresh {
             // No waiter was offered space (a starving barrier ahead wants more): free it.
@@ -1182,7 +1190,23 @@ impl<'p> Alloc<'p> {
                 deadline,
             } => {
                 let mut g = shared.global.lock().unwrap();
-                let polled = g.queue.poll(ticket, cx.waker());
+                let polled = match g.queue.poll(ticket, cx.waker()) {
+                    Poll::Ready(Ok(grant)) => {
+                        // Served. The queue was walked, and the hot path's waiter count
+                        // refreshed, when the grant was made: nothing else changes here.
+                        if let Some(at) = deadline {
+                            g.deadlines.remove(&(at, id));
+                        }
+                        drop(g);
+                        self.state = AllocState::Done;
+                        shared.count_alloc(grant.block.size() as i64, self.want_zero);
+                        shared
+                            .counters
+                            .record_wait(grant.at.saturating_duration_since(since));
+                        return Poll::Ready(Ok(Shared::claim(shared, grant.block)));
+                    }
+                    other => other,
+                };
                 let now = Instant::now();
                 let waited = now.saturating_duration_since(since);
                 let outcome = match polled {
@@ -1248,11 +1272,11 @@ impl<'p> Alloc<'p> {
                     g.deadlines.remove(&(at, id));
                 }
                 let outcome = match outcome {
-                    Ok(b) => Ok(b),
+                    Ok(grant) => Ok(grant.block),
                     Err(e) => {
                         // Giving up: a grant may have arrived since the poll above; take it.
                         match g.queue.cancel(ticket) {
-                            Some(b) => Ok(b),
+                            Some(grant) => Ok(grant.block),
                             None => Err(e),
                         }
                     }
@@ -1338,7 +1362,7 @@ impl Drop for Alloc<'_> {
                 let retired = g
                     .queue
                     .cancel(ticket)
-                    .is_some_and(|b| Shared::free_locked(&mut g, b, now));
+                    .is_some_and(|grant| Shared::free_locked(&mut g, grant.block, now));
                 shared.dispatch(&mut g, now, &mut wakes);
                 if retired {
                     shared.grower.wake();
