@@ -110,8 +110,9 @@ pub struct PoolConfig {
     /// zeroes in one pass, so that a later `FromDevice` map or `alloc` finds a block already
     /// zero and does one pass over the memory instead of two. The grower makes a pass every
     /// `prezero_interval`, only while nobody waits and the arena holds at least the low
-    /// watermark plus the reserve plus the bytes it takes out: this budget caps the CPU time
-    /// it spends (1 MiB per 5 ms is ≤ 200 MB/s, a few percent of a core). `0` disables it.
+    /// watermark plus the reserve plus the bytes it takes out (64 KiB of blocks at a time,
+    /// out of their cache only while being zeroed): this budget caps the CPU time it spends
+    /// (1 MiB per 5 ms is ≤ 200 MB/s, a few percent of a core). `0` disables it.
     pub prezero_bytes_per_pass: usize,
     /// How often the grower makes a pre-zeroing pass (see `prezero_bytes_per_pass`).
     pub prezero_interval: Duration,

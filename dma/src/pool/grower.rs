@@ -107,6 +107,9 @@ impl GrowthRecord {
     }
 }
 
+/// The most bytes a pre-zeroing pass takes out of one cache at a time (one batch).
+pub(crate) const PREZERO_BATCH: usize = 64 << 10;
+
 /// What one [`super::Pool::maintain`] step did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MaintainReport {
@@ -500,39 +503,70 @@ impl Shared {
     /// someone started waiting meanwhile, back in the arena). Returns the bytes zeroed.
     pub(crate) fn prezero(&self, budget: usize) -> usize {
         let mut done = 0;
-        for cache in self.caches.each() {
-            if done >= budget {
-                break;
+        'caches: for cache in self.caches.each() {
+            // In batches of at most `PREZERO_BATCH` bytes: a block is out of its cache only
+            // for the few microseconds its batch takes to zero.
+            loop {
+                if done >= budget {
+                    break 'caches;
+                }
+                match self.prezero_batch(cache, budget - done) {
+                    Some(0) | None => continue 'caches,
+                    Some(bytes) => done += bytes,
+                }
             }
+        }
+        self.counters
+            .prezeroed_bytes
+            .fetch_add(done as u64, Ordering::Relaxed);
+        done
+    }
+
+    /// One batch of [`Shared::prezero`] on one cache: at most `budget` (and
+    /// [`PREZERO_BATCH`]) bytes. Returns the bytes zeroed, or None if the pool is not idle
+    /// enough or the cache is closed.
+    fn prezero_batch(
+        &self,
+        cache: &crate::sync::SpinLock<super::cache::CoreCache>,
+        budget: usize,
+    ) -> Option<usize> {
+        let mut done = 0;
+        {
             // Idle enough: nobody waits, and the arena keeps enough free that no request needs
-            // the blocks this pass holds for a moment.
+            // the blocks this batch holds for a moment.
             let room = {
                 let g = self.global.lock().unwrap();
                 if g.queue.has_waiters() {
-                    break;
+                    return None;
                 }
                 let keep = (self.cfg.low_watermark + self.cfg.reserve_bytes) as u64;
                 g.arena.free_bytes.saturating_sub(keep)
             };
-            let mut left = (budget - done).min(usize::try_from(room).unwrap_or(usize::MAX));
+            let cap = budget.min(usize::try_from(room).unwrap_or(usize::MAX));
             let mut taken = Vec::new();
             {
                 let mut c = cache.lock();
                 if c.closed {
-                    continue;
+                    return None;
                 }
+                // Up to `PREZERO_BATCH` bytes (or one block, if larger) within `cap`.
+                let mut took = 0;
                 for class in 0..c.classes.len() {
                     let size = 1usize << self.caches.order(class);
-                    let n = (left / size).min(c.classes[class].len());
+                    let list = &mut c.classes[class];
+                    let mut n = 0;
+                    while n < list.len() && took < PREZERO_BATCH && took + size <= cap {
+                        n += 1;
+                        took += size;
+                    }
                     if n > 0 {
                         // The oldest: the hot path pops the newest, which may still be warm.
-                        taken.extend(c.classes[class].drain(..n));
-                        left -= n * size;
+                        taken.extend(list.drain(..n));
                     }
                 }
             }
             if taken.is_empty() {
-                continue;
+                return Some(0);
             }
             for b in &mut taken {
                 // SAFETY: the block was taken out of its cache's free list under the cache's
@@ -567,10 +601,7 @@ impl Shared {
                 self.give_back(back);
             }
         }
-        self.counters
-            .prezeroed_bytes
-            .fetch_add(done as u64, Ordering::Relaxed);
-        done
+        Some(done)
     }
 
     /// Unshares and frees chunks that left the arena. A chunk the view refuses to unshare is

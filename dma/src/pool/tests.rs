@@ -1362,3 +1362,30 @@ mod prezero_props {
         }
     }
 }
+
+#[test]
+fn prezeroing_reaches_the_largest_and_smallest_classes() {
+    let _pin = Pinned::here();
+    let p = pool(PoolConfig {
+        prezero_bytes_per_pass: 1 << 20,
+        cache_bytes_per_class: 64 << 10,
+        ..small_config()
+    });
+    // A 64 KiB block (a whole batch by itself) and a 512 B one, written and released.
+    for len in [64 << 10, 512] {
+        let mut b = p.try_alloc(len).unwrap();
+        b.write_at(0, &vec![0x99; len]).unwrap();
+        drop(b);
+    }
+    let before = assert_zeroed_lists_hold_zero_blocks(&p);
+    assert_eq!(before, 0);
+    let zeroed = p.maintain().prezeroed;
+    assert!(zeroed >= (64 << 10) + 512, "{zeroed}");
+    let mut big = vec![1u8; 64 << 10];
+    let m = p.try_map(&mut big[..], Direction::FromDevice).unwrap();
+    assert!(bytes(m.buffer()).iter().all(|&x| x == 0));
+    m.unmap();
+    let s = p.stats();
+    assert_eq!(s.prezero_hits, 1, "{s:?}");
+    assert_zeroed_lists_hold_zero_blocks(&p);
+}
