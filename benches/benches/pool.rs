@@ -2,9 +2,14 @@
 //! baseline in the same run, then summarised as ratios:
 //!
 //! 1. 4 KiB bounce `try_map` + `unmap` (ToDevice, FromDevice) vs a bare 4 KiB
-//!    [`tidepool::copy::copy_to_device`] into a preallocated buffer. Target: ≤ 1.2 × copy + 25 ns.
-//!    The allocator operation alone (target ≤ 25 ns) is derived two ways: `try_alloc(4096)` +
-//!    drop minus a bare 4 KiB zeroing, and map ToDevice minus the bare copy.
+//!    [`tidepool::copy::copy_to_device`] into a preallocated buffer. Targets: ToDevice ≤ copy +
+//!    15 ns; FromDevice after idle time ≤ 1.2 × copy + 15 ns, with the pre-zeroed hit rate
+//!    printed (the idle time: one untimed `maintain`, whose pass zeroes the released blocks,
+//!    before each batch of 24 maps, fewer than the 32 blocks a cache refill leaves in this
+//!    CPU's cache); FromDevice with no idle time (zero at map, copy out at unmap: two passes)
+//!    is printed for comparison. The allocator operation alone (target ≤ 15 ns) is derived two
+//!    ways: `try_alloc(4096)` + drop minus a bare 4 KiB zeroing, and map ToDevice minus the
+//!    bare copy.
 //! 2. Allocation throughput (`try_alloc` + drop of mixed sizes) at 1 and 2 threads, and the
 //!    same loop over a swiotlb-style baseline (one global `Mutex` over a bitmap of 2 KiB
 //!    slots, first fit from a moving hint). Both zero what they hand out (the pool always does).
@@ -12,7 +17,8 @@
 //! 3. 128 KiB bounce map + unmap vs a 128 KiB memcpy. Target: ≥ 90 % of memcpy bandwidth.
 //! 4. Wake-up latency of a waiter after a release (release → wake → completion), p50/p99/p999
 //!    via hdrhistogram, against a tokio `Semaphore` hand-off in the same run, on a
-//!    current-thread and a 2-worker runtime.
+//!    current-thread and a 2-worker runtime. Target: pool p99 ≤ 1.5 × the semaphore's, on
+//!    both.
 //!
 //! Run: `cargo bench -p tidepool-benches --bench pool` (about two minutes). Pools use locked
 //! 4 KiB pages so that it runs without hugepages.
@@ -36,6 +42,12 @@ use tidepool::share::identity::Identity;
 /// Nanoseconds per iteration of every criterion sample, by benchmark name, for the ratio
 /// summary printed at the end (criterion's own report has no cross-benchmark ratios).
 static SAMPLES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
+
+/// Wake-up p99 ratios (pool / tokio Semaphore) by runtime, for the summary.
+static WAKE_RATIOS: Mutex<Vec<(&'static str, f64)>> = Mutex::new(Vec::new());
+
+/// Pre-zeroed hits and misses seen by the pre-zeroed FromDevice benchmark.
+static PREZERO_HITS: Mutex<(u64, u64)> = Mutex::new((0, 0));
 
 fn record(name: &str, iters: u64, took: Duration) -> Duration {
     let ns = took.as_nanos() as f64 / iters.max(1) as f64;
@@ -131,6 +143,32 @@ fn bounce_4k(c: &mut Criterion) {
                     .unwrap()
                     .unmap()
             })
+        })
+    });
+    g.bench_function("map_unmap_from_device_prezeroed", |b| {
+        b.iter_custom(|n| {
+            const BATCH: u64 = 24;
+            let before = pool.stats();
+            let mut took = Duration::ZERO;
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(BATCH);
+                // The idle time: the grower's pass zeroes the blocks released so far.
+                pool.maintain();
+                let start = Instant::now();
+                for _ in 0..k {
+                    pool.try_map(black_box(&mut dst[..]), Direction::FromDevice)
+                        .unwrap()
+                        .unmap();
+                }
+                took += start.elapsed();
+                left -= k;
+            }
+            let after = pool.stats();
+            let mut hm = PREZERO_HITS.lock().unwrap();
+            hm.0 += after.prezero_hits - before.prezero_hits;
+            hm.1 += after.prezero_misses - before.prezero_misses;
+            record("map_from_4k_prezeroed", n, took)
         })
     });
     g.bench_function("try_alloc_drop_4k", |b| {
@@ -431,10 +469,9 @@ fn wake_latency() {
                 h.value_at_quantile(0.999)
             );
         }
-        println!(
-            "  {label:16} pool/semaphore p99 ratio {:.2}",
-            hp.value_at_quantile(0.99) as f64 / hs.value_at_quantile(0.99).max(1) as f64
-        );
+        let ratio = hp.value_at_quantile(0.99) as f64 / hs.value_at_quantile(0.99).max(1) as f64;
+        println!("  {label:16} pool/semaphore p99 ratio {ratio:.2}");
+        WAKE_RATIOS.lock().unwrap().push((label, ratio));
     }
     assert_eq!(pool.stats().in_use_bytes, 0);
 }
@@ -448,39 +485,56 @@ fn summary() {
             if met { "MET" } else { "MISSED" }
         );
     };
-    if let (Some(copy), Some(to), Some(from), Some(zero), Some(alloc), Some(alloc512)) = (
+    if let (
+        Some(copy),
+        Some(to),
+        Some(from),
+        Some(prezeroed),
+        Some(zero),
+        Some(alloc),
+        Some(alloc512),
+    ) = (
         median("copy_4k"),
         median("map_to_4k"),
         median("map_from_4k"),
+        median("map_from_4k_prezeroed"),
         median("zero_4k"),
         median("alloc_4k"),
         median("alloc_512"),
     ) {
-        let bound = 1.2 * copy + 25.0;
         println!("  (bare 4 KiB copy {copy:.1} ns, bare 4 KiB zero {zero:.1} ns)");
         line(
             "4 KiB map+unmap ToDevice",
             format!("{to:.1} ns = {:.2}x copy", to / copy),
-            format!("<= {bound:.1} ns"),
-            to <= bound,
+            format!("<= {:.1} ns", copy + 15.0),
+            to <= copy + 15.0,
         );
+        let (hits, misses) = *PREZERO_HITS.lock().unwrap();
+        let bound = 1.2 * copy + 15.0;
         line(
-            "4 KiB map+unmap FromDevice (zero + copy out)",
-            format!("{from:.1} ns = {:.2}x copy", from / copy),
+            "4 KiB map+unmap FromDevice, pre-zeroed",
+            format!("{prezeroed:.1} ns = {:.2}x copy", prezeroed / copy),
             format!("<= {bound:.1} ns"),
-            from <= bound,
+            prezeroed <= bound,
+        );
+        println!(
+            "  (pre-zeroed hits {:.1}% of {} FromDevice maps; FromDevice with no idle time, \
+             zero + copy out: {from:.1} ns = {:.2}x copy)",
+            100.0 * hits as f64 / (hits + misses).max(1) as f64,
+            hits + misses,
+            from / copy
         );
         line(
             "try_alloc(4096)+drop minus 4 KiB zero",
             format!("{:.1} ns", alloc - zero),
-            "<= 25 ns".into(),
-            alloc - zero <= 25.0,
+            "<= 15 ns".into(),
+            alloc - zero <= 15.0,
         );
         line(
             "map ToDevice minus 4 KiB copy",
             format!("{:.1} ns", to - copy),
-            "<= 25 ns".into(),
-            to - copy <= 25.0,
+            "<= 15 ns".into(),
+            to - copy <= 15.0,
         );
         println!("  (try_alloc(4096)+drop {alloc:.1} ns; try_alloc(512)+drop {alloc512:.1} ns)");
     }
@@ -530,6 +584,14 @@ fn summary() {
             format!("{:.0}% ({:.1} GB/s)", 100.0 * mc / from, gbs(from)),
             ">= 90%".into(),
             mc / from >= 0.9,
+        );
+    }
+    for (label, ratio) in WAKE_RATIOS.lock().unwrap().iter() {
+        line(
+            &format!("wake-up p99 pool / tokio Semaphore, {label}"),
+            format!("{ratio:.2}x"),
+            "<= 1.5x".into(),
+            *ratio <= 1.5,
         );
     }
 }

@@ -63,6 +63,14 @@
 //! pool's cap or largest block) must be refused before it is enqueued: once starving it would
 //! block everything behind it forever.
 //!
+//! ## Cost
+//! A wait allocates nothing once the queue has grown to its working size: entries sit in a
+//! deque in arrival order (found by binary search on their sequence number), the per-size
+//! counts in a short sorted vector, unclaimed grants in a map keyed by the sequence number
+//! with a one-multiplication hash, and a [`WakeList`] holds its first waker inline. The
+//! entries are not intrusive nodes inside the waiting futures (tokio's `batch_semaphore`
+//! shape): that would make the pool's futures `!Unpin`, a change to their public API.
+//!
 //! ## Cancel safety
 //! A waiting future may be dropped at any point. Its `Drop` calls [`WaitQueue::cancel`] under the
 //! lock:
@@ -123,7 +131,8 @@
 //! assert!(guard.queue.is_empty());
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -184,9 +193,13 @@ pub enum WaitError {
 ///
 /// If it is dropped without [`WakeList::wake_all`], its drop wakes them anyway (a late wake is
 /// better than a lost one), but then possibly under the lock: call `wake_all` after unlocking.
+///
+/// The first waker is held inline: the common hand-off (one release, one waiter) wakes without
+/// a heap allocation.
 #[derive(Debug, Default)]
 pub struct WakeList {
-    wakers: Vec<Waker>,
+    first: Option<Waker>,
+    rest: Vec<Waker>,
 }
 
 impl WakeList {
@@ -197,23 +210,34 @@ impl WakeList {
 
     /// Adds a waker to wake later. Call it under the lock, like `dispatch`.
     pub fn push(&mut self, waker: Waker) {
-        self.wakers.push(waker);
+        if self.first.is_none() {
+            self.first = Some(waker);
+        } else {
+            self.rest.push(waker);
+        }
     }
 
     /// Number of wakers held.
     pub fn len(&self) -> usize {
-        self.wakers.len()
+        usize::from(self.first.is_some()) + self.rest.len()
     }
 
     /// `true` if no waker is held.
     pub fn is_empty(&self) -> bool {
-        self.wakers.is_empty()
+        self.first.is_none()
     }
 
     /// Wakes every waker once, in the order the entries were granted. Call it **without** the
     /// pool's lock held.
     pub fn wake_all(mut self) {
-        for waker in self.wakers.drain(..) {
+        self.wake_held();
+    }
+
+    fn wake_held(&mut self) {
+        if let Some(w) = self.first.take() {
+            w.wake();
+        }
+        for waker in self.rest.drain(..) {
             waker.wake();
         }
     }
@@ -222,9 +246,30 @@ impl WakeList {
 impl Drop for WakeList {
     /// Wakes whatever `wake_all` did not, so that no granted waiter is left asleep.
     fn drop(&mut self) {
-        for waker in self.wakers.drain(..) {
-            waker.wake();
+        self.wake_held();
+    }
+}
+
+/// Hashes a ticket's sequence number as itself: the keys of [`WaitQueue::granted`] are
+/// distinct counters chosen by the queue, not by an adversary, so SipHash's cost buys nothing.
+#[derive(Debug, Default, Clone, Copy)]
+struct SeqHasher(u64);
+
+impl Hasher for SeqHasher {
+    fn finish(&self) -> u64 {
+        // Spread the low bits (hashbrown uses the top 7 bits as a tag, the low ones as the
+        // bucket): one multiplication by an odd constant (Fibonacci hashing).
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
         }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
@@ -270,24 +315,27 @@ pub struct WaitQueue<G> {
     /// # Safety
     /// Guarded by the caller's pool lock (`&mut self`).
     next_seq: u64,
-    /// Entries waiting for a grant, oldest (lowest sequence number) first.
+    /// Entries waiting for a grant with their sequence numbers, oldest (lowest) first: sorted,
+    /// since tickets are issued in order and appended. A deque keeps its capacity, so a
+    /// steady stream of waits allocates nothing.
     ///
     /// # Safety
     /// Guarded by the caller's pool lock (`&mut self`). Wakers stored here are only cloned or
     /// moved out under the lock, never woken here.
-    waiting: BTreeMap<u64, Waiter>,
+    waiting: VecDeque<(u64, Waiter)>,
     /// Grants handed to entries that have not polled yet: owned by the queue until
     /// [`WaitQueue::poll`] moves them out or [`WaitQueue::cancel`] returns them.
     ///
     /// # Safety
     /// Guarded by the caller's pool lock (`&mut self`).
-    granted: HashMap<u64, G>,
-    /// How many entries of each size are waiting: its smallest key lets `dispatch` stop as
-    /// soon as nothing behind can fit, instead of walking a long queue on every release.
+    granted: HashMap<u64, G, BuildHasherDefault<SeqHasher>>,
+    /// How many entries of each size are waiting, by increasing size (few distinct sizes: a
+    /// short vector): the smallest lets `dispatch` stop as soon as nothing behind can fit,
+    /// instead of walking a long queue on every release.
     ///
     /// # Safety
     /// Guarded by the caller's pool lock (`&mut self`).
-    sizes: BTreeMap<u64, usize>,
+    sizes: Vec<(u64, usize)>,
     /// Sum of the sizes in `waiting` (u128: a sum of u64 sizes cannot overflow it).
     ///
     /// # Safety
@@ -303,25 +351,28 @@ impl<G> WaitQueue<G> {
             id,
             cfg,
             next_seq: 0,
-            waiting: BTreeMap::new(),
-            granted: HashMap::new(),
-            sizes: BTreeMap::new(),
+            waiting: VecDeque::new(),
+            granted: HashMap::default(),
+            sizes: Vec::new(),
             waiting_bytes: 0,
         }
     }
 
     /// Counts a waiting entry of `size` in `sizes` and `waiting_bytes`. Lock: the pool lock.
     fn count_in(&mut self, size: u64) {
-        *self.sizes.entry(size).or_insert(0) += 1;
+        match self.sizes.binary_search_by_key(&size, |&(s, _)| s) {
+            Ok(i) => self.sizes[i].1 += 1,
+            Err(i) => self.sizes.insert(i, (size, 1)),
+        }
         self.waiting_bytes += u128::from(size);
     }
 
     /// Uncounts a waiting entry of `size` that left `waiting`. Lock: the pool lock.
     fn count_out(&mut self, size: u64) {
-        if let std::collections::btree_map::Entry::Occupied(mut e) = self.sizes.entry(size) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
+        if let Ok(i) = self.sizes.binary_search_by_key(&size, |&(s, _)| s) {
+            self.sizes[i].1 -= 1;
+            if self.sizes[i].1 == 0 {
+                self.sizes.remove(i);
             }
         }
         self.waiting_bytes -= u128::from(size);
@@ -342,7 +393,7 @@ impl<G> WaitQueue<G> {
     pub fn enqueue(&mut self, size: u64, now: Instant, waker: &Waker) -> Ticket {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.waiting.insert(
+        self.waiting.push_back((
             seq,
             Waiter {
                 size,
@@ -350,7 +401,7 @@ impl<G> WaitQueue<G> {
                 waker: waker.clone(),
                 bypassed: 0,
             },
-        );
+        ));
         self.count_in(size);
         Ticket {
             queue: self.id,
@@ -374,7 +425,7 @@ impl<G> WaitQueue<G> {
         if let Some(grant) = self.granted.remove(&ticket.seq) {
             return Poll::Ready(Ok(grant));
         }
-        match self.waiting.get_mut(&ticket.seq) {
+        match self.find(ticket.seq).map(|i| &mut self.waiting[i].1) {
             Some(waiter) => {
                 if !waiter.waker.will_wake(waker) {
                     waiter.waker = waker.clone();
@@ -398,11 +449,26 @@ impl<G> WaitQueue<G> {
         if ticket.queue != self.id {
             return None;
         }
-        if let Some(waiter) = self.waiting.remove(&ticket.seq) {
+        if let Some((_, waiter)) = self.find(ticket.seq).and_then(|i| self.waiting.remove(i)) {
             self.count_out(waiter.size);
             return None;
         }
         self.granted.remove(&ticket.seq)
+    }
+
+    /// The index in `waiting` of the entry with sequence number `seq`, if it is waiting.
+    fn find(&self, seq: u64) -> Option<usize> {
+        // The newest entries are polled most (a fresh waiter polls right after enqueueing).
+        if self.waiting.back().is_some_and(|&(s, _)| s == seq) {
+            return Some(self.waiting.len() - 1);
+        }
+        self.waiting.binary_search_by_key(&seq, |&(s, _)| s).ok()
+    }
+
+    /// The wakers of every waiting entry (a failed growth wakes them all: see the pool's
+    /// growth-failure rule). Lock: the pool lock must be held.
+    pub fn wakers(&self) -> impl Iterator<Item = &Waker> {
+        self.waiting.iter().map(|(_, w)| &w.waker)
     }
 
     /// Hands grants to waiting entries by the fairness rule of the module documentation and
@@ -427,13 +493,15 @@ impl<G> WaitQueue<G> {
         mut grant: impl FnMut(u64) -> Option<G>,
     ) -> usize {
         let mut granted = 0;
-        // Entries passed over in this walk, oldest first: each is bypassed by every later grant.
-        let mut passed_over: Vec<u64> = Vec::new();
+        // Entries passed over in this walk, oldest first, by index in `waiting` (entries are
+        // removed only at the walk's position, behind them, so their indices hold): each is
+        // bypassed by every later grant.
+        let mut passed_over: Vec<usize> = Vec::new();
         // The smallest size refused so far in this walk: larger entries cannot fit.
         let mut smallest_refused = u64::MAX;
-        let mut cursor = 0;
-        while let Some((&seq, waiter)) = self.waiting.range(cursor..).next() {
-            cursor = seq + 1;
+        let mut at = 0;
+        while let Some((seq, waiter)) = self.waiting.get(at) {
+            let seq = *seq;
             let size = waiter.size;
             let offered = if size < smallest_refused {
                 grant(size)
@@ -447,24 +515,24 @@ impl<G> WaitQueue<G> {
                 }
                 if self
                     .sizes
-                    .keys()
-                    .next()
-                    .is_some_and(|&min| smallest_refused <= min)
+                    .first()
+                    .is_some_and(|&(min, _)| smallest_refused <= min)
                 {
                     break; // No waiting entry is smaller than a refused size: none can fit.
                 }
-                passed_over.push(seq);
+                passed_over.push(at);
+                at += 1;
                 continue;
             };
-            if let Some(waiter) = self.waiting.remove(&seq) {
+            if let Some((_, waiter)) = self.waiting.remove(at) {
                 self.count_out(waiter.size);
                 wakes.push(waiter.waker);
                 self.granted.insert(seq, handed);
                 granted += 1;
             }
             let mut barrier_reached = false;
-            for older in &passed_over {
-                if let Some(waiter) = self.waiting.get_mut(older) {
+            for &older in &passed_over {
+                if let Some((_, waiter)) = self.waiting.get_mut(older) {
                     waiter.bypassed = waiter.bypassed.saturating_add(1);
                     barrier_reached |= waiter.bypassed >= self.cfg.max_bypass;
                 }
@@ -509,7 +577,7 @@ impl<G> WaitQueue<G> {
     /// The oldest waiting entry: its ticket, size and arrival time, for the bounded-wait rule
     /// (grow synchronously when it has waited too long). Lock: the pool lock must be held.
     pub fn oldest(&self) -> Option<(Ticket, u64, Instant)> {
-        self.waiting.iter().next().map(|(&seq, waiter)| {
+        self.waiting.front().map(|&(seq, ref waiter)| {
             (
                 Ticket {
                     queue: self.id,
@@ -531,7 +599,7 @@ impl<G> WaitQueue<G> {
     /// `aging`): if it does not fit, nothing behind it will be granted. For stats and the
     /// grower's urgency. Lock: the pool lock must be held.
     pub fn has_starving(&self, now: Instant) -> bool {
-        self.waiting.values().any(|w| self.is_starving(w, now))
+        self.waiting.iter().any(|(_, w)| self.is_starving(w, now))
     }
 }
 

@@ -30,8 +30,10 @@ pub(crate) struct Block {
     pub ptr: NonNull<u8>,
     /// First byte, for the device.
     pub dev: DeviceAddr,
-    /// The chunk's slot in the arena (bits 0–31), log2 of the block size (bits 32–39), and
-    /// whether the chunk is transient (bit 40: never cached, it must drain promptly).
+    /// The chunk's slot in the arena (bits 0–31), log2 of the block size (bits 32–39),
+    /// whether the chunk is transient (bit 40: never cached, it must drain promptly), and
+    /// whether the block is known to be all zero (bit 41: the pre-zeroed mark, see
+    /// [`Block::mark_zeroed`]).
     meta: u64,
 }
 
@@ -46,6 +48,7 @@ const _: () = assert!(std::mem::size_of::<Option<Block>>() == 24);
 
 impl Block {
     const TRANSIENT: u64 = 1 << 40;
+    const ZEROED: u64 = 1 << 41;
 
     fn new(slot: u32, order: u32, ptr: NonNull<u8>, dev: DeviceAddr, transient: bool) -> Block {
         debug_assert!(order < 64);
@@ -78,6 +81,37 @@ impl Block {
     #[inline]
     pub fn size(&self) -> usize {
         1usize << self.order()
+    }
+
+    /// Whether the block carries the pre-zeroed mark: every one of its bytes is zero.
+    ///
+    /// Only free blocks carry it (in a per-CPU cache's zeroed list), and only after
+    /// [`Block::mark_zeroed`]; the arena mints blocks without it, and a buffer clears it as it
+    /// takes the block ([`Block::take_zeroed`]), so a block a caller or device may have
+    /// written never has it.
+    #[inline]
+    pub fn zeroed(&self) -> bool {
+        self.meta & Block::ZEROED != 0
+    }
+
+    /// Marks the block as all zero.
+    ///
+    /// # Safety
+    /// Every byte of the block must be zero, written by the caller (the grower's pre-zeroing
+    /// pass) while it owned the block, and nobody else (no buffer, no device) may have the
+    /// block's address until it is handed out again.
+    #[inline]
+    pub unsafe fn mark_zeroed(&mut self) {
+        self.meta |= Block::ZEROED;
+    }
+
+    /// Clears the pre-zeroed mark (the block is about to be handed to a caller, who may write
+    /// it) and returns whether it was set.
+    #[inline(always)]
+    pub fn take_zeroed(&mut self) -> bool {
+        let was = self.zeroed();
+        self.meta &= !Block::ZEROED;
+        was
     }
 }
 

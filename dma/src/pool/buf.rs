@@ -30,12 +30,14 @@ pub struct DmaBuf {
 
 impl DmaBuf {
     /// Wraps a block just taken from the pool, zeroing the whole block (the rounded-up tail
-    /// too: the device may see it).
+    /// too: the device may see it) unless it carries the pre-zeroed mark.
     #[inline(always)]
     pub(crate) fn new_zeroed(claim: Claim, len: usize) -> DmaBuf {
         let block = &claim.block;
-        // SAFETY: we own the block exclusively and no device has its address yet.
-        unsafe { copy::zero_device(block.ptr.as_ptr(), block.size()) };
+        if !block.zeroed() {
+            // SAFETY: we own the block exclusively and no device has its address yet.
+            unsafe { copy::zero_device(block.ptr.as_ptr(), block.size()) };
+        }
         DmaBuf::new_unzeroed(claim, len)
     }
 
@@ -49,17 +51,23 @@ impl DmaBuf {
         // most the block's size, checked by the pool) is private memory.
         unsafe {
             copy::copy_to_device(src, block.ptr.as_ptr());
-            copy::zero_device(block.ptr.as_ptr().add(src.len()), block.size() - src.len());
+            if !block.zeroed() {
+                copy::zero_device(block.ptr.as_ptr().add(src.len()), block.size() - src.len());
+            }
         }
         DmaBuf::new_unzeroed(claim, src.len())
     }
 
     /// Wraps a block without zeroing. The caller must overwrite all of it before a device
-    /// can see it (the bounce paths copy the caller's data in and zero the tail).
+    /// can see it (the bounce paths copy the caller's data in and zero the tail), except what
+    /// the pre-zeroed mark, read before this call, says is zero. Clears the mark: from here on
+    /// the caller and the device may write the block.
     #[inline(always)]
     pub(crate) fn new_unzeroed(claim: Claim, len: usize) -> DmaBuf {
+        let mut block = claim.block;
+        block.take_zeroed();
         DmaBuf {
-            block: claim.block,
+            block,
             len,
             pool: ManuallyDrop::new(claim.pool),
         }

@@ -26,8 +26,18 @@ use super::Shared;
 /// A free-block cache for one CPU.
 #[derive(Default)]
 pub(crate) struct CoreCache {
-    /// Free blocks per size class (index = order - min order).
+    /// Free blocks per size class (index = order - min order) that a caller or device may
+    /// have written: released blocks land here. Never carry the pre-zeroed mark.
     pub classes: Vec<Vec<Block>>,
+    /// Free blocks per size class that the grower zeroed ahead of time, each carrying the
+    /// pre-zeroed mark ([`Block::zeroed`]); only the grower's pre-zeroing pass pushes here.
+    /// `classes[c].len() + zeroed[c].len()` stays within the class's limit.
+    pub zeroed: Vec<Vec<Block>>,
+    /// Requests that wanted a zero block (`alloc`, `FromDevice` maps) and got a pre-zeroed
+    /// one through this CPU (no zeroing pass on the hot path).
+    pub zero_hits: u64,
+    /// Requests that wanted a zero block and had to zero one themselves.
+    pub zero_misses: u64,
     /// Bytes handed out minus bytes taken back through this cache's CPU.
     pub in_use: i64,
     /// Strong references to the pool, ready for new buffers to take (every `DmaBuf` owns one).
@@ -53,6 +63,10 @@ impl fmt::Debug for CoreCache {
             .field(
                 "cached_blocks",
                 &self.classes.iter().map(Vec::len).sum::<usize>(),
+            )
+            .field(
+                "zeroed_blocks",
+                &self.zeroed.iter().map(Vec::len).sum::<usize>(),
             )
             .field("in_use", &self.in_use)
             .field("credits", &self.credits.len())
@@ -93,6 +107,7 @@ impl Caches {
             .map(|_| {
                 Padded(SpinLock::new(CoreCache {
                     classes: (0..classes).map(|_| Vec::new()).collect(),
+                    zeroed: (0..classes).map(|_| Vec::new()).collect(),
                     ..CoreCache::default()
                 }))
             })
@@ -177,6 +192,12 @@ impl Caches {
     #[inline]
     pub fn class(&self, order: u32) -> usize {
         (order - self.min_order) as usize
+    }
+
+    /// The order of class index `class`.
+    #[inline]
+    pub fn order(&self, class: usize) -> u32 {
+        self.min_order + class as u32
     }
 
     /// How many blocks of `order` a cache may hold.

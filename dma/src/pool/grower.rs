@@ -22,6 +22,17 @@
 //!    also kept at the recent peak of allocated bytes, which decays by half every
 //!    `peak_half_life`, so a lull between bursts does not give back what the next burst needs.
 //!
+//! 5. **Pre-zero**: when the pool is idle enough (nobody waits, and the arena keeps the low
+//!    watermark plus the reserve plus what the pass takes out), zero up to
+//!    `prezero_bytes_per_pass` of released blocks in the per-CPU caches, oldest first, and
+//!    put them on their cache's zeroed list with the pre-zeroed mark, so that `FromDevice`
+//!    maps and `alloc` find a zero block and do one pass over the memory, not two. A pass is
+//!    made every `prezero_interval` while it finds blocks to zero (else at the grower's next
+//!    wake-up, at most a second later). The blocks are out of their cache only while being
+//!    zeroed, owned by the grower: no buffer or device has their address, so the mark is
+//!    true when set, and a released block (which its caller or device may have written) goes
+//!    to the released list, never to the zeroed one.
+//!
 //! Waiters left waiting while space sits in other CPUs' caches: when the oldest waiter has
 //! waited `grow_after`, the grower drains every cache back to the arena first.
 //!
@@ -96,6 +107,9 @@ impl GrowthRecord {
     }
 }
 
+/// The most bytes a pre-zeroing pass takes out of one cache at a time (one batch).
+pub(crate) const PREZERO_BATCH: usize = 64 << 10;
+
 /// What one [`super::Pool::maintain`] step did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MaintainReport {
@@ -109,6 +123,8 @@ pub struct MaintainReport {
     pub retired: usize,
     /// Waiters woken because their deadline passed.
     pub expired: usize,
+    /// Bytes of released blocks zeroed ahead of time (see `PoolConfig::prezero_bytes_per_pass`).
+    pub prezeroed: usize,
     /// Growth attempts that failed.
     pub failed: usize,
     /// When the grower should look again even if nobody signals it.
@@ -356,7 +372,7 @@ impl Shared {
                     g.growth.failed(attempt, e);
                     // Every waiter checks whether this failure ends it (the growth-failure
                     // rule); the space the failed attempt counted on is not coming.
-                    for w in g.watchers.values() {
+                    for w in g.queue.wakers() {
                         wakes.push(w.clone());
                     }
                     self.publish_capacity(&g);
@@ -372,6 +388,7 @@ impl Shared {
         }
 
         report.shrank = self.shrink(now);
+        report.prezeroed = self.prezero(cfg.prezero_bytes_per_pass);
 
         // When to look again without being asked.
         let g = self.global.lock().unwrap();
@@ -384,6 +401,10 @@ impl Shared {
         // works, and looking again at once for it would busy-loop the grower.
         if let Some(t) = g.backoff_until.filter(|&t| t > now) {
             consider(t);
+        }
+        if report.prezeroed > 0 {
+            // Blocks were released since the last pass: look again soon for more.
+            consider(now + cfg.prezero_interval);
         }
         if g.arena.capacity_bytes > cfg.prefill_bytes as u64 || !g.retired.is_empty() {
             let tick =
@@ -474,6 +495,113 @@ impl Shared {
         }
         self.unshare_all(gone);
         n
+    }
+
+    /// One pre-zeroing pass (step 5 of the module doc): takes up to `budget` bytes of released
+    /// blocks out of the per-CPU caches, oldest first, zeroes them outside every lock, marks
+    /// them and puts them on their cache's zeroed list (or, if the cache filled up, closed or
+    /// someone started waiting meanwhile, back in the arena). Returns the bytes zeroed.
+    pub(crate) fn prezero(&self, budget: usize) -> usize {
+        let mut done = 0;
+        'caches: for cache in self.caches.each() {
+            // In batches of at most `PREZERO_BATCH` bytes: a block is out of its cache only
+            // for the few microseconds its batch takes to zero.
+            loop {
+                if done >= budget {
+                    break 'caches;
+                }
+                match self.prezero_batch(cache, budget - done) {
+                    Some(0) | None => continue 'caches,
+                    Some(bytes) => done += bytes,
+                }
+            }
+        }
+        self.counters
+            .prezeroed_bytes
+            .fetch_add(done as u64, Ordering::Relaxed);
+        done
+    }
+
+    /// One batch of [`Shared::prezero`] on one cache: at most `budget` (and
+    /// [`PREZERO_BATCH`]) bytes. Returns the bytes zeroed, or None if the pool is not idle
+    /// enough or the cache is closed.
+    fn prezero_batch(
+        &self,
+        cache: &crate::sync::SpinLock<super::cache::CoreCache>,
+        budget: usize,
+    ) -> Option<usize> {
+        let mut done = 0;
+        {
+            // Idle enough: nobody waits, and the arena keeps enough free that no request needs
+            // the blocks this batch holds for a moment.
+            let room = {
+                let g = self.global.lock().unwrap();
+                if g.queue.has_waiters() {
+                    return None;
+                }
+                let keep = (self.cfg.low_watermark + self.cfg.reserve_bytes) as u64;
+                g.arena.free_bytes.saturating_sub(keep)
+            };
+            let cap = budget.min(usize::try_from(room).unwrap_or(usize::MAX));
+            let mut taken = Vec::new();
+            {
+                let mut c = cache.lock();
+                if c.closed {
+                    return None;
+                }
+                // Up to `PREZERO_BATCH` bytes (or one block, if larger) within `cap`.
+                let mut took = 0;
+                for class in 0..c.classes.len() {
+                    let size = 1usize << self.caches.order(class);
+                    let list = &mut c.classes[class];
+                    let mut n = 0;
+                    while n < list.len() && took < PREZERO_BATCH && took + size <= cap {
+                        n += 1;
+                        took += size;
+                    }
+                    if n > 0 {
+                        // The oldest: the hot path pops the newest, which may still be warm.
+                        taken.extend(list.drain(..n));
+                    }
+                }
+            }
+            if taken.is_empty() {
+                return Some(0);
+            }
+            for b in &mut taken {
+                // SAFETY: the block was taken out of its cache's free list under the cache's
+                // lock, so this thread owns it alone: no buffer holds it and no device has its
+                // address (a buffer's block reaches the list only when the buffer is dropped,
+                // after its device is done with it). It is zeroed here, then marked.
+                unsafe {
+                    crate::copy::zero_device(b.ptr.as_ptr(), b.size());
+                    b.mark_zeroed();
+                }
+                done += b.size();
+            }
+            let mut back = Vec::new();
+            {
+                let mut c = cache.lock();
+                // Blocks come back to the cache (publishing the zeroes with the lock's release)
+                // unless it is closed or someone waits: waiters must see the space.
+                let open = !c.closed && self.waiting.load(Ordering::Relaxed) == 0;
+                for b in taken {
+                    let class = self.caches.class(b.order());
+                    if open
+                        && c.classes[class].len() + c.zeroed[class].len()
+                            < self.caches.limit(b.order())
+                    {
+                        c.zeroed[class].push(b);
+                    } else {
+                        back.push(b);
+                    }
+                }
+            }
+            if !back.is_empty() {
+                self.give_back(back);
+            }
+        }
+        Some(done)
     }
 
     /// Unshares and frees chunks that left the arena. A chunk the view refuses to unshare is

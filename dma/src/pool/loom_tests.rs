@@ -57,6 +57,11 @@
 //! - (i) `loom_growth_serves_waiters_in_fifo_order`: growth completes while a second waiter
 //!   (CPU 1) arrives behind the first: the new chunk goes to the first (FIFO, no barging),
 //!   woken once; the second is served by the next release.
+//! - (j) `loom_prezero_racing_from_device_maps_hands_out_only_zero_blocks`: the grower's
+//!   pre-zeroing pass races two `FromDevice` maps (each written by the "device", then
+//!   released) on the same CPU's cache: every map hands out an all-zero block, a released
+//!   block never carries the pre-zeroed mark, every marked block is zero, hits plus misses
+//!   count the maps, nothing is lost.
 //!
 //! # What is not modelled
 //! - Real time: `Instant::now()` is not loom's. Models make it irrelevant (`grow_after` zero,
@@ -145,6 +150,9 @@ fn config(max_chunks: usize, cache: bool) -> PoolConfig {
         transient: false,
         grow_after: Duration::ZERO,
         cache_bytes_per_class: if cache { BLOCK } else { 0 },
+        // Off except in the pre-zeroing model: a pass in every `maintain` would multiply the
+        // other models' interleavings without exploring anything they are about.
+        prezero_bytes_per_pass: 0,
         background: false,
         ..PoolConfig::default()
     }
@@ -468,7 +476,6 @@ fn loom_growth_failure_ends_both_waiters() {
         theirs.join().unwrap();
         {
             let g = p.shared.global.lock().unwrap();
-            assert!(g.watchers.is_empty(), "{} watchers left", g.watchers.len());
             assert!(
                 g.deadlines.is_empty(),
                 "{} deadlines left",
@@ -760,6 +767,72 @@ fn loom_growth_serves_waiters_in_fifo_order() {
         let s = p.stats();
         assert_eq!(s.chunks, 2, "{s:?}");
         assert_eq!(p.view().usage().mappings, 2, "every chunk shared once");
+        assert_quiescent(&p);
+    });
+}
+
+/// Every block on a cache's zeroed list carries the mark and is all zero; no block on a
+/// released list carries it.
+fn assert_zeroed_lists_hold_zero_blocks(p: &Pool) {
+    for c in p.shared.caches.each() {
+        let c = c.lock();
+        for b in c.zeroed.iter().flatten() {
+            assert!(b.zeroed(), "unmarked block on a zeroed list: {b:?}");
+            let mut bytes = vec![0xEEu8; b.size()];
+            // SAFETY: the block is free and in the cache whose lock we hold; nobody writes it.
+            unsafe { crate::copy::copy_from_device(b.ptr.as_ptr(), &mut bytes) };
+            assert!(bytes.iter().all(|&x| x == 0), "a marked block is not zero");
+        }
+        for b in c.classes.iter().flatten() {
+            assert!(!b.zeroed(), "a released block carries the pre-zeroed mark");
+        }
+    }
+}
+
+/// (j) Pre-zeroing racing the hot path: the grower's pass (taking a released, written block
+/// out of CPU 0's cache, zeroing it outside the lock, marking it and putting it back) runs
+/// while the owner of CPU 0 maps `FromDevice` twice, letting its "device" write the buffer
+/// and releasing it in between. Whatever the interleaving, each map hands the device an all
+/// zero block (a pre-zeroed one, one it zeroed itself, or a fresh one from the arena), a
+/// released block is never marked, every marked block is zero, the hits and misses add up,
+/// and nothing is lost. (Two threads: the full preemption bound.)
+#[test]
+fn loom_prezero_racing_from_device_maps_hands_out_only_zero_blocks() {
+    model(|| {
+        let cfg = PoolConfig {
+            chunk_bytes: 2 * BLOCK,
+            prefill_bytes: 2 * BLOCK,
+            max_bytes: 2 * BLOCK,
+            high_watermark: 2 * BLOCK,
+            prezero_bytes_per_pass: BLOCK,
+            ..config(1, true)
+        };
+        let p = pool(cfg);
+        // A written block in CPU 0's cache; the arena keeps the other one (room for the pass).
+        let mut b = p.try_alloc(BLOCK).unwrap();
+        b.write_at(0, &vec![0xAB; BLOCK]).unwrap();
+        drop(b);
+        let p1 = p.clone();
+        let grower = thread::spawn(move || p1.shared.prezero(BLOCK));
+        let mut dst = vec![0u8; BLOCK];
+        for junk in [0xCDu8, 0xEF] {
+            let m = p.try_map(&mut dst[..], Direction::FromDevice).unwrap();
+            let mut seen = vec![0xEEu8; BLOCK];
+            m.buffer().read_at(0, &mut seen).unwrap();
+            assert!(seen.iter().all(|&x| x == 0), "the device saw stale data");
+            // The device writes the whole buffer.
+            // SAFETY: the mapping's block is ours, `BLOCK` bytes long.
+            unsafe { crate::copy::copy_to_device(&vec![junk; BLOCK], m.buffer().as_ptr()) };
+            m.unmap();
+            assert!(dst.iter().all(|&x| x == junk));
+        }
+        let zeroed = grower.join().unwrap();
+        assert!(zeroed == 0 || zeroed == BLOCK);
+        assert_zeroed_lists_hold_zero_blocks(&p);
+        let s = p.stats();
+        // The setup's `try_alloc` (from the arena: a miss) and the two maps.
+        assert_eq!(s.prezero_hits + s.prezero_misses, 3, "{s:?}");
+        assert_eq!(s.prezeroed_bytes, zeroed as u64);
         assert_quiescent(&p);
     });
 }

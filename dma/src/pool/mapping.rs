@@ -141,9 +141,10 @@ pub struct Mapping<'a> {
 }
 
 impl<'a> Mapping<'a> {
-    /// Fills a fresh (unzeroed) pool buffer per `dir`: caller bytes in, the rest zeroed.
+    /// Fills a fresh pool buffer per `dir`: caller bytes in, the rest zeroed, unless `zeroed`
+    /// (its block carried the pre-zeroed mark: already all zero).
     #[inline(always)]
-    fn new(mut buf: DmaBuf, segments: Segments<'a>, dir: Direction) -> Mapping<'a> {
+    fn new(mut buf: DmaBuf, segments: Segments<'a>, dir: Direction, zeroed: bool) -> Mapping<'a> {
         let mut at = 0;
         if dir.copies_in() {
             for s in segments.as_slice() {
@@ -153,7 +154,7 @@ impl<'a> Mapping<'a> {
                 at += s.len();
             }
         }
-        if at < buf.capacity() {
+        if at < buf.capacity() && !zeroed {
             // SAFETY: zeroes [at, capacity) of our own block.
             unsafe { copy::zero_device(buf.as_ptr().add(at), buf.capacity() - at) };
         }
@@ -247,8 +248,9 @@ impl<'a> Future for MapFuture<'_, 'a> {
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
                 Poll::Ready(Ok(claim)) => {
                     let len = segs.as_slice().iter().map(UserBuf::len).sum();
+                    let zeroed = claim.block.zeroed();
                     let buf = DmaBuf::new_unzeroed(claim, len);
-                    Poll::Ready(Ok(Mapping::new(buf, std::mem::take(segs), dir)))
+                    Poll::Ready(Ok(Mapping::new(buf, std::mem::take(segs), dir, zeroed)))
                 }
             },
         }
@@ -273,7 +275,10 @@ impl Pool {
         timeout: Option<Duration>,
     ) -> MapFuture<'p, 'a> {
         let inner = match self.check_segments(segs.as_slice(), dir) {
-            Ok(len) => Ok((Alloc::new(self, len, timeout), segs)),
+            Ok(len) => Ok((
+                Alloc::new(self, len, timeout, dir == Direction::FromDevice),
+                segs,
+            )),
             Err(e) => Err(Some(e)),
         };
         MapFuture { inner, dir }
@@ -338,8 +343,10 @@ impl Pool {
     ) -> Result<Mapping<'a>, PoolError> {
         let len = self.check_segments(segs.as_slice(), dir)?;
         let order = self.check_len(len)?;
-        let claim = Shared::alloc_immediate(&self.shared, order, len)?;
+        let claim =
+            Shared::alloc_immediate(&self.shared, order, len, dir == Direction::FromDevice)?;
+        let zeroed = claim.block.zeroed();
         let buf = DmaBuf::new_unzeroed(claim, len);
-        Ok(Mapping::new(buf, segs, dir))
+        Ok(Mapping::new(buf, segs, dir, zeroed))
     }
 }

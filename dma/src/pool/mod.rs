@@ -23,7 +23,16 @@
 //!   see [`crate::wait`]), the grower is woken, and the future parks. Released space goes to
 //!   the oldest waiter it fits. A dropped future loses nothing: a grant it never took goes back
 //!   and to the next waiter. While anyone waits, newcomers queue behind them (no barging) and
-//!   releases bypass the per-core caches so waiters see the space.
+//!   releases bypass the per-core caches so waiters see the space. A released block whose
+//!   size is what the first waiter offered space wants goes to it as it is (no buddy free and
+//!   allocation in between: `Shared::give_back_one`).
+//! - **Pre-zeroed blocks**: the grower zeroes released blocks in the per-core caches ahead of
+//!   time, within a budget, while the pool is idle enough, and marks them
+//!   (`Block::zeroed`); requests that hand the device a zero block (`alloc`,
+//!   `FromDevice` maps) take a marked block first and skip their zeroing pass, so a bounced
+//!   read does one pass over the memory (the copy out), not two. Requests that overwrite
+//!   their block take an unmarked one first. [`PoolStats::prezero_hits`] and
+//!   [`PoolStats::prezero_misses`] count how often it worked.
 //! - **Immediate path** ([`Pool::try_alloc`], [`Pool::try_map`]): for pollers and completion
 //!   reapers, which must never wait. Cache, then the arena including the **reserve**
 //!   (`reserve_bytes` kept back from awaitable requests), then, if enabled, a **transient** chunk
@@ -65,6 +74,11 @@
 //! # Security
 //! Every buffer handed out is zeroed, or fully overwritten by the caller's data for this
 //! mapping, before its device address is returned: a device never sees another mapping's bytes.
+//! A block counts as zeroed without a pass on the hot path only if it carries the pre-zeroed
+//! mark, which only the grower sets, right after zeroing a block it took out of a cache's list
+//! of free blocks (owned by it alone: no buffer, no device address), and which every buffer
+//! clears as it takes its block: a block a caller or device may have written never carries it
+//! (loom model (j) and the `prezero_props` property test).
 
 pub mod arena;
 pub mod buddy;
@@ -165,18 +179,23 @@ pub(crate) struct Shared {
     pub grower: Arc<grower::Signal>,
 }
 
+/// What a waiter is granted: a block, and when (the end of its wait, for the wait-time
+/// histogram: the waiter needs no clock read of its own to take it).
+#[derive(Debug)]
+pub(crate) struct Grant {
+    pub block: Block,
+    pub at: Instant,
+}
+
 /// State behind [`Shared::global`].
 #[derive(Debug)]
 pub(crate) struct Global {
     pub arena: Arena,
-    pub queue: WaitQueue<Block>,
+    pub queue: WaitQueue<Grant>,
     /// Waiters with a deadline (timeouts, `AtCap::Fail`, the growth-failure bound):
     /// (deadline, waiter id) → waker. The grower wakes them when the deadline passes so that
     /// they can give up.
     pub deadlines: std::collections::BTreeMap<(Instant, u64), std::task::Waker>,
-    /// Every queued waiter: waiter id → waker. A failed growth attempt wakes them all, so that
-    /// those it was made for can end with its cause (the growth-failure rule).
-    pub watchers: std::collections::BTreeMap<u64, std::task::Waker>,
     /// The next waiter id.
     pub next_waiter_id: u64,
     /// Growth attempts and whether the latest failed.
@@ -244,7 +263,6 @@ impl Pool {
                 arena: Arena::default(),
                 queue: WaitQueue::new(cfg.fairness),
                 deadlines: Default::default(),
-                watchers: Default::default(),
                 next_waiter_id: 0,
                 growth: Default::default(),
                 growing_bytes: 0,
@@ -298,12 +316,12 @@ impl Pool {
     /// An owned, zeroed device-visible buffer of at least `len` bytes, waiting for capacity if
     /// there is none. Cancel-safe: dropping the future at any point loses nothing.
     pub fn alloc(&self, len: usize) -> Alloc<'_> {
-        Alloc::new(self, len, None)
+        Alloc::new(self, len, None, true)
     }
 
     /// As [`Pool::alloc`], failing with [`PoolError::Timeout`] after `timeout`.
     pub fn alloc_timeout(&self, len: usize, timeout: Duration) -> Alloc<'_> {
-        Alloc::new(self, len, Some(timeout))
+        Alloc::new(self, len, Some(timeout), true)
     }
 
     /// An owned buffer holding a copy of `src` (the rest of its block zeroed), waiting for
@@ -314,7 +332,7 @@ impl Pool {
     /// caller's memory. Read the device's answer back with [`DmaBuf::read_at`] (one copy).
     pub fn alloc_from<'p, 's>(&'p self, src: &'s [u8]) -> AllocFrom<'p, 's> {
         AllocFrom {
-            alloc: Alloc::new(self, src.len(), None),
+            alloc: Alloc::new(self, src.len(), None, false),
             src,
         }
     }
@@ -323,7 +341,7 @@ impl Pool {
     #[inline(always)]
     pub fn try_alloc_from(&self, src: &[u8]) -> Result<DmaBuf, PoolError> {
         let order = self.check_len(src.len())?;
-        let claim = Shared::alloc_immediate(&self.shared, order, src.len())?;
+        let claim = Shared::alloc_immediate(&self.shared, order, src.len(), false)?;
         Ok(DmaBuf::new_filled(claim, src))
     }
 
@@ -332,7 +350,7 @@ impl Pool {
     #[inline(always)]
     pub fn try_alloc(&self, len: usize) -> Result<DmaBuf, PoolError> {
         let order = self.check_len(len)?;
-        let claim = Shared::alloc_immediate(&self.shared, order, len)?;
+        let claim = Shared::alloc_immediate(&self.shared, order, len, true)?;
         Ok(DmaBuf::new_zeroed(claim, len))
     }
 
@@ -487,15 +505,28 @@ impl Shared {
         c.capacity_bytes
             .store(g.arena.capacity_bytes, Ordering::Relaxed);
         c.chunks.store(g.arena.chunks, Ordering::Relaxed);
-        c.peak_allocated_bytes
-            .fetch_max(g.arena.allocated_bytes, Ordering::Relaxed);
+        // Only writers hold the pool lock, so a plain load tells whether the peak moved: no
+        // read-modify-write on every release and dispatch.
+        if g.arena.allocated_bytes > c.peak_allocated_bytes.load(Ordering::Relaxed) {
+            c.peak_allocated_bytes
+                .store(g.arena.allocated_bytes, Ordering::Relaxed);
+        }
     }
 
     /// Hot path: a block from this CPU's cache, with a pool reference from the same cache's
     /// credits (topped up with a batch of clones when it has none). Awaitable callers skip it
     /// while anyone waits (no barging past the queue). Takes the cache lock.
+    ///
+    /// `want_zero` (the caller hands the device a zero block: `alloc`, `FromDevice`) takes a
+    /// pre-zeroed block first and counts the hit or miss; other callers overwrite the block
+    /// and take a released one first, leaving the zeroed ones for those who need them.
     #[inline(always)]
-    fn alloc_cached(this: &Arc<Self>, order: u32, caller: Caller) -> Option<Claim> {
+    fn alloc_cached(
+        this: &Arc<Self>,
+        order: u32,
+        caller: Caller,
+        want_zero: bool,
+    ) -> Option<Claim> {
         if caller == Caller::Awaitable && this.waiting.load(Ordering::Relaxed) > 0 {
             return None;
         }
@@ -504,7 +535,24 @@ impl Shared {
         }
         let mut c = this.caches.local();
         let class = this.caches.class(order);
-        let block = c.classes[class].pop()?;
+        let block = if want_zero {
+            match c.zeroed[class].pop() {
+                Some(b) => {
+                    c.zero_hits += 1;
+                    b
+                }
+                None => {
+                    let b = c.classes[class].pop()?;
+                    c.zero_misses += 1;
+                    b
+                }
+            }
+        } else {
+            match c.classes[class].pop() {
+                Some(b) => b,
+                None => c.zeroed[class].pop()?,
+            }
+        };
         c.in_use += block.size() as i64;
         let pool = match c.credits.pop() {
             Some(p) => p,
@@ -589,15 +637,15 @@ impl Shared {
     }
 
     /// One awaitable attempt without waiting: cache, then arena. Counts the block as in use.
-    fn alloc_now(this: &Arc<Self>, order: u32) -> Option<Claim> {
-        if let Some(c) = Shared::alloc_cached(this, order, Caller::Awaitable) {
+    fn alloc_now(this: &Arc<Self>, order: u32, want_zero: bool) -> Option<Claim> {
+        if let Some(c) = Shared::alloc_cached(this, order, Caller::Awaitable, want_zero) {
             return Some(c);
         }
         let b = {
             let mut g = this.global.lock().unwrap();
             this.alloc_arena(&mut g, order, Caller::Awaitable)?
         };
-        this.count_in_use(b.size() as i64);
+        this.count_alloc(b.size() as i64, want_zero);
         this.refill(order);
         Some(Shared::claim(this, b))
     }
@@ -612,17 +660,27 @@ impl Shared {
 
     /// The immediate path: cache, arena with reserve, transient chunk, error.
     #[inline(always)]
-    fn alloc_immediate(this: &Arc<Self>, order: u32, len: usize) -> Result<Claim, PoolError> {
-        match Shared::alloc_cached(this, order, Caller::Immediate) {
+    fn alloc_immediate(
+        this: &Arc<Self>,
+        order: u32,
+        len: usize,
+        want_zero: bool,
+    ) -> Result<Claim, PoolError> {
+        match Shared::alloc_cached(this, order, Caller::Immediate, want_zero) {
             Some(c) => Ok(c),
-            None => Shared::alloc_immediate_slow(this, order, len),
+            None => Shared::alloc_immediate_slow(this, order, len, want_zero),
         }
     }
 
     /// [`Shared::alloc_immediate`] after a cache miss: arena with reserve, other CPUs' caches,
     /// transient chunk, error. Takes the pool lock (never held across a system call).
     #[inline(never)]
-    fn alloc_immediate_slow(this: &Arc<Self>, order: u32, len: usize) -> Result<Claim, PoolError> {
+    fn alloc_immediate_slow(
+        this: &Arc<Self>,
+        order: u32,
+        len: usize,
+        want_zero: bool,
+    ) -> Result<Claim, PoolError> {
         let mut got = {
             let mut g = this.global.lock().unwrap();
             this.alloc_arena(&mut g, order, Caller::Immediate)
@@ -633,7 +691,7 @@ impl Shared {
             got = this.alloc_arena(&mut g, order, Caller::Immediate);
         }
         if let Some(b) = got {
-            this.count_in_use(b.size() as i64);
+            this.count_alloc(b.size() as i64, want_zero);
             if this.waiting.load(Ordering::Relaxed) == 0 {
                 this.refill(order);
             }
@@ -642,7 +700,7 @@ impl Shared {
         this.grower.wake();
         let (mut why, mut cause) = match this.alloc_transient(order) {
             Ok(b) => {
-                this.count_in_use(b.size() as i64);
+                this.count_alloc(b.size() as i64, want_zero);
                 return Ok(Shared::claim(this, b));
             }
             Err(e) => e,
@@ -711,9 +769,12 @@ impl Shared {
         b
     }
 
-    /// Adds `bytes` to this CPU's in-use count.
-    fn count_in_use(&self, bytes: i64) {
-        self.caches.local().in_use += bytes;
+    /// Counts a block of `bytes` taken outside the cache (never pre-zeroed) as in use, and as
+    /// a pre-zeroing miss if the caller wanted a zero block.
+    fn count_alloc(&self, bytes: i64, want_zero: bool) {
+        let mut c = self.caches.local();
+        c.in_use += bytes;
+        c.zero_misses += u64::from(want_zero);
     }
 
     /// Gives a buffer's claim back: the block to this CPU's cache when nobody waits and the
@@ -723,6 +784,7 @@ impl Shared {
     #[inline(always)]
     pub(crate) fn release(claim: Claim) {
         let Claim { block, pool } = claim;
+        debug_assert!(!block.zeroed(), "a released block may have been written");
         // SAFETY: `this` is used only while `pool` is still ours, or while we hold the local
         // cache's lock with `pool` among that (open) cache's credits. A credit leaves a cache
         // only under its lock: taken by an allocation (which holds a pool handle) or by
@@ -738,7 +800,7 @@ impl Shared {
         if cacheable {
             let mut c = this.caches.local();
             let class = this.caches.class(order);
-            if !c.closed && c.classes[class].len() < limit {
+            if !c.closed && c.classes[class].len() + c.zeroed[class].len() < limit {
                 c.in_use -= block.size() as i64;
                 c.classes[class].push(block);
                 if c.credits.len() < CREDITS_MAX {
@@ -762,20 +824,28 @@ impl Shared {
     fn release_slow(&self, block: Block, cacheable: bool) {
         let size = block.size() as i64;
         let order = block.order();
+        if !cacheable {
+            // A waiter's hand-off takes this path: no vector, and the block may go straight
+            // to the waiter.
+            self.caches.local().in_use -= size;
+            self.give_back_one(block);
+            return;
+        }
         let mut back = Vec::new();
         {
             let mut c = self.caches.local();
             c.in_use -= size;
-            if cacheable {
+            {
                 let class = self.caches.class(order);
                 let limit = self.caches.limit(order);
-                let list = &mut c.classes[class];
-                list.push(block);
-                if list.len() > limit {
-                    back.extend(list.drain(limit / 2..));
+                c.classes[class].push(block);
+                let held = c.classes[class].len() + c.zeroed[class].len();
+                if held > limit {
+                    // Give back released blocks first: zeroed ones are worth keeping.
+                    let keep = (limit / 2).saturating_sub(c.zeroed[class].len());
+                    let list = &mut c.classes[class];
+                    back.extend(list.drain(keep.min(list.len())..));
                 }
-            } else {
-                back.push(block);
             }
         }
         if !back.is_empty() {
@@ -793,6 +863,31 @@ impl Shared {
             }
             None => false,
         }
+    }
+
+    /// Returns one block to the pool and serves waiters: if the first waiter offered space
+    /// wants exactly this block's size, it is handed over as it is (no buddy free and
+    /// allocation); otherwise it is freed into the arena first, as [`Shared::give_back`]
+    /// does. Takes the pool lock; wakes after releasing it.
+    #[inline(never)]
+    fn give_back_one(&self, block: Block) {
+        let mut wakes = WakeList::new();
+        {
+            let mut g = self.global.lock().unwrap();
+            let now = Instant::now();
+            // The throttle is judged on the arena's counts before the walk: keep the plain
+            // free-then-dispatch order there.
+            if block.transient() || !g.queue.has_waiters() || self.cfg.throttle.is_some() {
+                let retired = Shared::free_locked(&mut g, block, now);
+                self.dispatch(&mut g, now, &mut wakes);
+                if retired {
+                    self.grower.wake();
+                }
+            } else {
+                self.dispatch_with(&mut g, now, &mut wakes, Some(block));
+            }
+        }
+        wakes.wake_all();
     }
 
     /// Returns blocks to the arena and serves waiters. Takes the pool lock; wakes after
@@ -833,6 +928,22 @@ impl Shared {
     /// throttle, if configured), and refreshes [`Shared::waiting`]. Call with the pool lock
     /// held; wake `wakes` after releasing it.
     fn dispatch(&self, g: &mut Global, now: Instant, wakes: &mut WakeList) {
+        self.dispatch_with(g, now, wakes, None);
+    }
+
+    /// [`Shared::dispatch`] with a just-released, non-transient block still out of the arena
+    /// (`fresh`): the first waiter offered space gets it as it is if it wants exactly its size
+    /// and the arena alone keeps the reserve (what freeing then allocating it would have
+    /// checked); otherwise the block is freed into the arena before anything else is
+    /// allocated, so the walk sees the same space as after a plain free.
+    fn dispatch_with(
+        &self,
+        g: &mut Global,
+        now: Instant,
+        wakes: &mut WakeList,
+        mut fresh: Option<Block>,
+    ) {
+        debug_assert!(fresh.as_ref().is_none_or(|b| !b.transient()));
         let reserve = self.cfg.reserve_bytes as u64;
         self.update_throttle(g);
         let throttle = self.cfg.throttle;
@@ -843,22 +954,45 @@ impl Shared {
             ..
         } = g;
         if !queue.has_waiters() {
+            if let Some(b) = fresh {
+                // Non-transient: never retires a chunk.
+                arena.free(b, now);
+                self.publish_capacity(g);
+            }
             // Keep the hot path's mirror right after the last waiter left (cancel, timeout).
             self.waiting.store(0, Ordering::Relaxed);
             return;
         }
         queue.dispatch(now, wakes, |size| {
-            if *throttled || arena.free_bytes < size + reserve {
-                return None;
-            }
-            let b = arena.alloc(size.trailing_zeros(), false)?;
+            let b = match fresh.take() {
+                Some(b)
+                    if b.size() as u64 == size && !*throttled && arena.free_bytes >= reserve =>
+                {
+                    // Handed over as it is: the arena's counts are what a free then an
+                    // allocation of it would leave.
+                    b
+                }
+                other => {
+                    if let Some(b) = other {
+                        arena.free(b, now);
+                    }
+                    if *throttled || arena.free_bytes < size + reserve {
+                        return None;
+                    }
+                    arena.alloc(size.trailing_zeros(), false)?
+                }
+            };
             if let Some(t) = throttle {
                 let share =
                     100.0 * arena.allocated_bytes as f64 / arena.capacity_bytes.max(1) as f64;
                 *throttled = share > t.high_percent;
             }
-            Some(b)
+            Some(Grant { block: b, at: now })
         });
+        if let Some(b) = fresh {
+            // No waiter was offered space (a starving barrier ahead wants more): free it.
+            arena.free(b, now);
+        }
         self.waiting.store(queue.waiting(), Ordering::Relaxed);
         self.publish_capacity(g);
     }
@@ -871,7 +1005,8 @@ impl Shared {
         let mut back = Vec::new();
         for c in self.caches.each() {
             let mut c = c.lock();
-            for class in c.classes.iter_mut() {
+            let c = &mut *c;
+            for class in c.classes.iter_mut().chain(c.zeroed.iter_mut()) {
                 back.append(class);
             }
         }
@@ -882,10 +1017,16 @@ impl Shared {
         n
     }
 
-    /// Bytes in use: the sum of every CPU's count.
-    fn in_use_bytes(&self) -> u64 {
-        let sum: i64 = self.caches.each().map(|c| c.lock().in_use).sum();
-        sum.max(0) as u64
+    /// Bytes in use, pre-zeroing hits and misses: the sums of every CPU's counts.
+    fn cache_counts(&self) -> (u64, u64, u64) {
+        let (mut in_use, mut hits, mut misses) = (0i64, 0u64, 0u64);
+        for c in self.caches.each() {
+            let c = c.lock();
+            in_use += c.in_use;
+            hits += c.zero_hits;
+            misses += c.zero_misses;
+        }
+        (in_use.max(0) as u64, hits, misses)
     }
 
     fn stats(&self) -> PoolStats {
@@ -896,9 +1037,10 @@ impl Shared {
             (g.queue.waiting() as u64, g.queue.waiting_bytes())
         };
         let wait = PoolStats::percentiles(&c.wait_ns.lock().unwrap());
+        let (in_use_bytes, prezero_hits, prezero_misses) = self.cache_counts();
         PoolStats {
             capacity_bytes: r(&c.capacity_bytes),
-            in_use_bytes: self.in_use_bytes(),
+            in_use_bytes,
             peak_allocated_bytes: r(&c.peak_allocated_bytes),
             chunks: r(&c.chunks),
             waiters,
@@ -914,6 +1056,9 @@ impl Shared {
             reserve_allocs: r(&c.reserve_allocs),
             immediate_failures: r(&c.immediate_failures),
             cache_refills: r(&c.cache_refills),
+            prezero_hits,
+            prezero_misses,
+            prezeroed_bytes: r(&c.prezeroed_bytes),
             wait,
             mappings: self.view.usage(),
         }
@@ -947,6 +1092,8 @@ pub struct Alloc<'p> {
     pool: &'p Pool,
     len: usize,
     timeout: Option<Duration>,
+    /// The result must be a zero block (prefer a pre-zeroed one).
+    want_zero: bool,
     state: AllocState,
 }
 
@@ -956,7 +1103,8 @@ enum AllocState {
     Queued {
         ticket: Ticket,
         since: Instant,
-        /// Keys this waiter in `Global::watchers` and `Global::deadlines`.
+        /// Keys this waiter in `Global::deadlines`. (A failed growth wakes every waiter
+        /// through the wakers the queue keeps: [`WaitQueue::wakers`].)
         id: u64,
         /// Growth attempts begun before it queued: later ones were made on its behalf.
         attempts_before: u64,
@@ -967,11 +1115,12 @@ enum AllocState {
 }
 
 impl<'p> Alloc<'p> {
-    fn new(pool: &'p Pool, len: usize, timeout: Option<Duration>) -> Alloc<'p> {
+    fn new(pool: &'p Pool, len: usize, timeout: Option<Duration>, want_zero: bool) -> Alloc<'p> {
         Alloc {
             pool,
             len,
             timeout,
+            want_zero,
             state: AllocState::Start,
         }
     }
@@ -991,9 +1140,14 @@ impl<'p> Alloc<'p> {
                 };
                 if !shared.cfg.waiting {
                     self.state = AllocState::Done;
-                    return Poll::Ready(Shared::alloc_immediate(shared, order, self.len));
+                    return Poll::Ready(Shared::alloc_immediate(
+                        shared,
+                        order,
+                        self.len,
+                        self.want_zero,
+                    ));
                 }
-                if let Some(c) = Shared::alloc_now(shared, order) {
+                if let Some(c) = Shared::alloc_now(shared, order, self.want_zero) {
                     self.state = AllocState::Done;
                     return Poll::Ready(Ok(c));
                 }
@@ -1004,7 +1158,7 @@ impl<'p> Alloc<'p> {
                 // Recheck under the lock: space may have come back since alloc_now looked.
                 if let Some(b) = shared.alloc_arena(&mut g, order, Caller::Awaitable) {
                     drop(g);
-                    shared.count_in_use(b.size() as i64);
+                    shared.count_alloc(b.size() as i64, self.want_zero);
                     self.state = AllocState::Done;
                     return Poll::Ready(Ok(Shared::claim(shared, b)));
                 }
@@ -1012,7 +1166,6 @@ impl<'p> Alloc<'p> {
                 shared.waiting.store(g.queue.waiting(), Ordering::Relaxed);
                 let id = g.next_waiter_id;
                 g.next_waiter_id += 1;
-                g.watchers.insert(id, cx.waker().clone());
                 let attempts_before = g.growth.attempts;
                 let deadline = shared.next_deadline(&g, self.timeout, now, now, None);
                 if let Some(at) = deadline {
@@ -1037,7 +1190,23 @@ impl<'p> Alloc<'p> {
                 deadline,
             } => {
                 let mut g = shared.global.lock().unwrap();
-                let polled = g.queue.poll(ticket, cx.waker());
+                let polled = match g.queue.poll(ticket, cx.waker()) {
+                    Poll::Ready(Ok(grant)) => {
+                        // Served. The queue was walked, and the hot path's waiter count
+                        // refreshed, when the grant was made: nothing else changes here.
+                        if let Some(at) = deadline {
+                            g.deadlines.remove(&(at, id));
+                        }
+                        drop(g);
+                        self.state = AllocState::Done;
+                        shared.count_alloc(grant.block.size() as i64, self.want_zero);
+                        shared
+                            .counters
+                            .record_wait(grant.at.saturating_duration_since(since));
+                        return Poll::Ready(Ok(Shared::claim(shared, grant.block)));
+                    }
+                    other => other,
+                };
                 let now = Instant::now();
                 let waited = now.saturating_duration_since(since);
                 let outcome = match polled {
@@ -1075,12 +1244,8 @@ impl<'p> Alloc<'p> {
                         }),
                 };
                 let Some(outcome) = outcome else {
-                    // Keep waiting: keep the wakers current and the deadline due.
-                    if let Some(w) = g.watchers.get_mut(&id) {
-                        if !w.will_wake(cx.waker()) {
-                            *w = cx.waker().clone();
-                        }
-                    }
+                    // Keep waiting: keep the wakers current (the queue's, in `poll` above) and
+                    // the deadline due.
                     let at = shared.next_deadline(&g, self.timeout, since, now, deadline);
                     if at != deadline {
                         if let Some(old) = deadline {
@@ -1103,16 +1268,15 @@ impl<'p> Alloc<'p> {
                     }
                     return Poll::Pending;
                 };
-                g.watchers.remove(&id);
                 if let Some(at) = deadline {
                     g.deadlines.remove(&(at, id));
                 }
                 let outcome = match outcome {
-                    Ok(b) => Ok(b),
+                    Ok(grant) => Ok(grant.block),
                     Err(e) => {
                         // Giving up: a grant may have arrived since the poll above; take it.
                         match g.queue.cancel(ticket) {
-                            Some(b) => Ok(b),
+                            Some(grant) => Ok(grant.block),
                             None => Err(e),
                         }
                     }
@@ -1126,7 +1290,7 @@ impl<'p> Alloc<'p> {
                 self.state = AllocState::Done;
                 match outcome {
                     Ok(b) => {
-                        shared.count_in_use(b.size() as i64);
+                        shared.count_alloc(b.size() as i64, self.want_zero);
                         shared.counters.record_wait(now - since);
                         Poll::Ready(Ok(Shared::claim(shared, b)))
                     }
@@ -1191,7 +1355,6 @@ impl Drop for Alloc<'_> {
             let mut wakes = WakeList::new();
             {
                 let mut g = shared.global.lock().unwrap();
-                g.watchers.remove(&id);
                 if let Some(at) = deadline {
                     g.deadlines.remove(&(at, id));
                 }
@@ -1199,7 +1362,7 @@ impl Drop for Alloc<'_> {
                 let retired = g
                     .queue
                     .cancel(ticket)
-                    .is_some_and(|b| Shared::free_locked(&mut g, b, now));
+                    .is_some_and(|grant| Shared::free_locked(&mut g, grant.block, now));
                 shared.dispatch(&mut g, now, &mut wakes);
                 if retired {
                     shared.grower.wake();

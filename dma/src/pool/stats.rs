@@ -29,6 +29,8 @@ pub(crate) struct Counters {
     pub reserve_allocs: AtomicU64,
     pub immediate_failures: AtomicU64,
     pub cache_refills: AtomicU64,
+    /// Bytes the grower zeroed ahead of time.
+    pub prezeroed_bytes: AtomicU64,
     /// The last growth failure's message. Guarded by its own mutex (slow path only).
     pub last_growth_error: Mutex<Option<String>>,
     /// Wait times in nanoseconds. Guarded by its own mutex; recorded once per completed wait.
@@ -51,6 +53,7 @@ impl Counters {
             reserve_allocs: AtomicU64::new(0),
             immediate_failures: AtomicU64::new(0),
             cache_refills: AtomicU64::new(0),
+            prezeroed_bytes: AtomicU64::new(0),
             last_growth_error: Mutex::new(None),
             wait_ns: Mutex::new(
                 Histogram::new_with_bounds(1, histogram_max_ns, 3)
@@ -125,6 +128,13 @@ pub struct PoolStats {
     pub immediate_failures: u64,
     /// Per-core cache refills from the shared allocator.
     pub cache_refills: u64,
+    /// Requests that hand the device a zero block (`alloc`, `FromDevice` maps) and found one
+    /// the grower had zeroed ahead of time: no zeroing pass on their path.
+    pub prezero_hits: u64,
+    /// Such requests that found none and zeroed their block themselves.
+    pub prezero_misses: u64,
+    /// Bytes the grower zeroed ahead of time (`PoolConfig::prezero_bytes_per_pass`).
+    pub prezeroed_bytes: u64,
     /// Wait times.
     pub wait: WaitPercentiles,
     /// The device view's mapping budget.

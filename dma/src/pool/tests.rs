@@ -1138,3 +1138,254 @@ fn a_grower_that_cannot_start_fails_pool_new_and_leaks_nothing() {
     drop(p);
     assert_eq!(view.usage().mappings, 0);
 }
+
+/// Pins the calling thread to the CPU it runs on, so that a test's releases and allocations
+/// meet the same per-CPU cache (unpinned when dropped).
+struct Pinned(nix::sched::CpuSet);
+
+impl Pinned {
+    fn here() -> Pinned {
+        use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+        use nix::unistd::Pid;
+        let before = sched_getaffinity(Pid::from_raw(0)).unwrap();
+        let mut one = CpuSet::new();
+        // SAFETY: sched_getcpu has no memory effects.
+        one.set(unsafe { libc::sched_getcpu() }.max(0) as usize)
+            .unwrap();
+        sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+        Pinned(before)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &self.0);
+    }
+}
+
+/// Every block on a cache's zeroed list carries the mark and is all zero; no released block
+/// carries the mark.
+fn assert_zeroed_lists_hold_zero_blocks(p: &Pool) -> usize {
+    let mut marked = 0;
+    for c in p.shared.caches.each() {
+        let c = c.lock();
+        for b in c.zeroed.iter().flatten() {
+            assert!(b.zeroed(), "unmarked block on a zeroed list");
+            let mut v = vec![0xEEu8; b.size()];
+            // SAFETY: a free block in the cache whose lock we hold: nobody writes it.
+            unsafe { crate::copy::copy_from_device(b.ptr.as_ptr(), &mut v) };
+            assert!(v.iter().all(|&x| x == 0), "a block marked zero is not zero");
+            marked += 1;
+        }
+        for b in c.classes.iter().flatten() {
+            assert!(!b.zeroed(), "a released block carries the pre-zeroed mark");
+        }
+    }
+    marked
+}
+
+#[test]
+fn prezeroed_blocks_serve_from_device_maps_and_allocs_without_zeroing() {
+    let _pin = Pinned::here();
+    let p = pool(PoolConfig {
+        prezero_bytes_per_pass: 1 << 20,
+        cache_bytes_per_class: 64 << 10,
+        ..small_config()
+    });
+    // Four written 4 KiB buffers released into this CPU's cache (its limit: 64 KiB).
+    let bufs: Vec<_> = (0..4)
+        .map(|i| {
+            let mut b = p.try_alloc(4096).unwrap();
+            b.write_at(0, &[0x11 * (i + 1); 4096]).unwrap();
+            b
+        })
+        .collect();
+    drop(bufs);
+    assert_eq!(assert_zeroed_lists_hold_zero_blocks(&p), 0);
+    let report = p.maintain();
+    // The four released ones and the rest of the cache's refill, all of this CPU's cache.
+    let n = report.prezeroed / 4096;
+    assert!(n >= 4 && report.prezeroed % 4096 == 0, "{report:?}");
+    assert_eq!(assert_zeroed_lists_hold_zero_blocks(&p), n);
+    assert!(report.next_wake.is_some(), "looks again for more soon");
+    assert_eq!(p.maintain().prezeroed, 0, "nothing left to zero");
+
+    let mut dst = vec![0xFFu8; 4096];
+    let m = p.try_map(&mut dst[..], Direction::FromDevice).unwrap();
+    assert!(bytes(m.buffer()).iter().all(|&x| x == 0));
+    // SAFETY: the mapping's block is ours; the "device" writes it.
+    unsafe { crate::copy::copy_to_device(&[7u8; 100], m.buffer().as_ptr()) };
+    m.unmap();
+    assert_eq!(&dst[..100], &[7u8; 100][..]);
+    assert!(dst[100..].iter().all(|&x| x == 0));
+    let b = p.try_alloc(4000).unwrap();
+    assert!(bytes(&b).iter().all(|&x| x == 0));
+    drop(b);
+    // A ToDevice map prefers a released block and leaves the zeroed ones alone.
+    let src = vec![3u8; 4096];
+    p.try_map(&src[..], Direction::ToDevice).unwrap().unmap();
+    let s = p.stats();
+    assert_eq!((s.prezero_hits, s.prezero_misses), (2, 4), "{s:?}");
+    assert_eq!(s.prezeroed_bytes, n as u64 * 4096);
+    // The two buffers released after use went to the released list (one of them then
+    // served the ToDevice map).
+    assert_eq!(assert_zeroed_lists_hold_zero_blocks(&p), n - 2);
+    // Zeroed blocks are free space: a drain takes them back like any other.
+    assert_eq!(p.shared.drain_caches(), n);
+    assert_eq!(p.stats().in_use_bytes, 0);
+}
+
+#[test]
+fn prezeroing_waits_for_an_idle_pool() {
+    let _pin = Pinned::here();
+    // The low watermark is the whole pool: the arena never has room beyond it.
+    let p = pool(PoolConfig {
+        prezero_bytes_per_pass: 1 << 20,
+        low_watermark: 256 << 10,
+        high_watermark: (256 << 10) * 2,
+        ..small_config()
+    });
+    drop(p.try_alloc(4096).unwrap());
+    assert_eq!(p.shared.prezero(1 << 20), 0);
+    // Nor with a budget of nothing.
+    let p = pool(PoolConfig {
+        prezero_bytes_per_pass: 0,
+        ..small_config()
+    });
+    drop(p.try_alloc(4096).unwrap());
+    assert_eq!(p.maintain().prezeroed, 0);
+    assert_eq!(assert_zeroed_lists_hold_zero_blocks(&p), 0);
+}
+
+#[test]
+fn prezeroing_with_no_interval_is_a_config_error() {
+    let cfg = PoolConfig {
+        prezero_interval: Duration::ZERO,
+        ..small_config()
+    };
+    match Pool::new(Arc::new(Identity::new()), cfg) {
+        Err(PoolError::Config { field, .. }) => assert_eq!(field, "prezero_interval"),
+        other => panic!("{other:?}"),
+    }
+}
+
+mod prezero_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// `alloc` a buffer of this size, check it is zero, let the caller write it.
+        Alloc(usize),
+        /// `FromDevice` map of this length: check zero, the device writes it, unmap.
+        FromDevice(usize),
+        /// `ToDevice` map of this length: caller bytes then a zero tail.
+        ToDevice(usize),
+        /// Release the held buffer at this index.
+        Release(usize),
+        /// A pre-zeroing pass of this many KiB.
+        Prezero(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let len = prop_oneof![1usize..=512, 513usize..=4096, 4097usize..=(16 << 10)];
+        prop_oneof![
+            3 => len.clone().prop_map(Op::Alloc),
+            3 => len.clone().prop_map(Op::FromDevice),
+            2 => len.prop_map(Op::ToDevice),
+            3 => any::<usize>().prop_map(Op::Release),
+            2 => (0usize..64).prop_map(Op::Prezero),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// A block marked zero is all zero when handed out (every zero-wanting request sees
+        /// zeroes; every marked block in a cache is zero), and a block a caller or device
+        /// wrote is never marked (each is scribbled over before release, so a marked one
+        /// would fail the all-zero check).
+        #[test]
+        fn marked_blocks_are_zero_and_written_blocks_are_never_marked(
+            ops in prop::collection::vec(op(), 1..80),
+        ) {
+            let p = pool(PoolConfig {
+                prezero_bytes_per_pass: 1 << 20,
+                ..small_config()
+            });
+            let mut held: Vec<DmaBuf> = Vec::new();
+            let mut requests = 0u64;
+            for op in ops {
+                match op {
+                    Op::Alloc(len) => {
+                        let mut b = p.try_alloc(len).unwrap();
+                        requests += 1;
+                        prop_assert!(bytes(&b).iter().all(|&x| x == 0), "alloc not zero");
+                        let cap = b.capacity();
+                        b.write_at(0, &vec![0xA5; cap]).unwrap();
+                        held.push(b);
+                    }
+                    Op::FromDevice(len) => {
+                        let mut dst = vec![0x5Au8; len];
+                        let m = p.try_map(&mut dst[..], Direction::FromDevice).unwrap();
+                        requests += 1;
+                        prop_assert!(bytes(m.buffer()).iter().all(|&x| x == 0), "stale data");
+                        let cap = m.buffer().capacity();
+                        // SAFETY: our mapping's block; the "device" writes all of it.
+                        unsafe { crate::copy::copy_to_device(&vec![0xC3; cap], m.buffer().as_ptr()) };
+                        m.unmap();
+                        prop_assert!(dst.iter().all(|&x| x == 0xC3));
+                    }
+                    Op::ToDevice(len) => {
+                        let src = vec![0x77u8; len];
+                        let m = p.try_map(&src[..], Direction::ToDevice).unwrap();
+                        let seen = bytes(m.buffer());
+                        prop_assert!(seen[..len].iter().all(|&x| x == 0x77));
+                        prop_assert!(seen[len..].iter().all(|&x| x == 0), "stale tail");
+                        m.unmap();
+                    }
+                    Op::Release(i) if !held.is_empty() => {
+                        let i = i % held.len();
+                        drop(held.swap_remove(i));
+                    }
+                    Op::Prezero(kib) => {
+                        p.shared.prezero(kib << 10);
+                    }
+                    Op::Release(_) => {}
+                }
+                assert_zeroed_lists_hold_zero_blocks(&p);
+            }
+            drop(held);
+            let s = p.stats();
+            prop_assert_eq!(s.prezero_hits + s.prezero_misses, requests);
+            prop_assert_eq!(s.in_use_bytes, 0);
+        }
+    }
+}
+
+#[test]
+fn prezeroing_reaches_the_largest_and_smallest_classes() {
+    let _pin = Pinned::here();
+    let p = pool(PoolConfig {
+        prezero_bytes_per_pass: 1 << 20,
+        cache_bytes_per_class: 64 << 10,
+        ..small_config()
+    });
+    // A 64 KiB block (a whole batch by itself) and a 512 B one, written and released.
+    for len in [64 << 10, 512] {
+        let mut b = p.try_alloc(len).unwrap();
+        b.write_at(0, &vec![0x99; len]).unwrap();
+        drop(b);
+    }
+    let before = assert_zeroed_lists_hold_zero_blocks(&p);
+    assert_eq!(before, 0);
+    let zeroed = p.maintain().prezeroed;
+    assert!(zeroed >= (64 << 10) + 512, "{zeroed}");
+    let mut big = vec![1u8; 64 << 10];
+    let m = p.try_map(&mut big[..], Direction::FromDevice).unwrap();
+    assert!(bytes(m.buffer()).iter().all(|&x| x == 0));
+    m.unmap();
+    let s = p.stats();
+    assert_eq!(s.prezero_hits, 1, "{s:?}");
+    assert_zeroed_lists_hold_zero_blocks(&p);
+}
