@@ -286,6 +286,26 @@ impl Ioas {
         query_iova_ranges(&self.iommufd, self.ioas.id())
     }
 
+    /// Unmaps **everything** in the IOAS (`IOMMU_IOAS_UNMAP` of iova 0, length 0) and returns
+    /// the bytes the kernel unmapped. For teardown checks and leak hunting: after every view
+    /// user is gone it must return 0. Calling it while the view has live mappings takes them
+    /// away from the devices; the view's records stay, and their later unshare fails (the
+    /// IOVA then stays reserved), so only use it when nothing is shared.
+    pub fn unmap_all(&self) -> Result<u64, ShareError> {
+        let mut unmap = iommu_ioas_unmap {
+            size: std::mem::size_of::<iommu_ioas_unmap>() as u32,
+            ioas_id: self.ioas.id(),
+            iova: 0,
+            length: 0,
+        };
+        match self.iommufd.unmap_iommu_ioas(&mut unmap) {
+            Ok(()) => Ok(unmap.length),
+            // Nothing mapped at all.
+            Err(e) if errno_of(&e) == Some(libc::ENOENT) => Ok(0),
+            Err(e) => Err(iommufd_error("IOMMU_IOAS_UNMAP (all)", e)),
+        }
+    }
+
     /// What the IOMMU behind the device bound as `dev_id` reports (`IOMMU_GET_HW_INFO`).
     pub fn hw_info(&self, dev_id: u32) -> Result<IommuHwInfo, ShareError> {
         let mut vtd = iommu_hw_info_vtd::default();
