@@ -20,7 +20,6 @@ use tidepool::device::iommufd::CdevDevice;
 use tidepool::device::vfio::{Bar, VfioDevice};
 use tidepool::device::PciDevice;
 use tidepool::memory::{Chunk, PageSize};
-use tidepool::share::DeviceView;
 use tidepool_vmtests::HarnessEnv;
 
 fn main() -> ExitCode {
@@ -72,7 +71,13 @@ fn run() -> Result<(), String> {
     }
 
     tidepool_vmtests::expect_iommu_fault();
-    let c = admin_identify::identify_controller(dev.as_ref(), &bar, queues.as_ptr(), q_iova.0, d_iova.0)?;
+    let c = admin_identify::identify_controller(
+        dev.as_ref(),
+        &bar,
+        queues.as_ptr(),
+        q_iova.0,
+        d_iova.0,
+    )?;
     let written = admin_identify::read_device_bytes(data.as_ptr(), 4096);
     let changed = written.iter().filter(|&&b| b != 0).count();
     println!(

@@ -16,7 +16,6 @@
 //! Every transfer is verified byte for byte; the harness fails the test on any IOMMU fault.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tidepool::data::DmaData;
@@ -192,8 +191,7 @@ fn shared_container_attached_later(a: &str, b: &str) -> Res<()> {
     // A buffer carved from the prefilled chunk, mapped while only A is in the container.
     let early_data = pattern(0xe0);
     let early = filled(&pool, &early_data)?;
-    let ctrl_a =
-        Controller::new(dev_a, pool.clone(), cfg()).map_err(|e| e.to_string())?;
+    let ctrl_a = Controller::new(dev_a, pool.clone(), cfg()).map_err(|e| e.to_string())?;
     let dev_b = domain.open(b).map_err(|e| e.to_string())?;
     let ctrl_b = Controller::new(dev_b, pool.clone(), cfg()).map_err(|e| e.to_string())?;
     let ns_a = ctrl_a.namespace(1).map_err(|e| e.to_string())?;

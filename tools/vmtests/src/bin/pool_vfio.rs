@@ -95,8 +95,7 @@ fn run() -> Res<()> {
         interrupts: false,
         ..ControllerConfig::default()
     };
-    let ctrl =
-        Controller::new(device, pool.clone(), ctrl_cfg).map_err(|e| e.to_string())?;
+    let ctrl = Controller::new(device, pool.clone(), ctrl_cfg).map_err(|e| e.to_string())?;
     let ns = ctrl.namespace(1).map_err(|e| e.to_string())?;
     // In use now: the admin queue. The I/O queue adds its rings and, as it goes, one PRP list
     // page per command slot (kept for reuse); all of it returns when the queue is dropped.

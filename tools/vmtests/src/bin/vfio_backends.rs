@@ -25,9 +25,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use tidepool::data::DmaData;
-use tidepool::device::backend::{
-    choose, BackendChoice, KernelSupport, VfioBackend, VfioDomain,
-};
+use tidepool::device::backend::{choose, BackendChoice, KernelSupport, VfioBackend, VfioDomain};
 use tidepool::device::iommufd::CdevDevice;
 use tidepool::device::vfio::Bdf;
 use tidepool::memory::{Chunk, PageSize};
@@ -140,10 +138,7 @@ fn iommufd_facts(bdf: &str, iommu: &str) -> Res<()> {
             ));
         }
         if hw.kind != "intel-vt-d" {
-            return Err(format!(
-                "hardware info says {:?}, not intel-vt-d",
-                hw.kind
-            ));
+            return Err(format!("hardware info says {:?}, not intel-vt-d", hw.kind));
         }
     }
     Ok(())
@@ -246,9 +241,8 @@ fn cross_backend_domains(a: &str, b: &str) -> Res<()> {
     println!("phase 4: {a} on type1, {b} on iommufd");
     let ctrl_a = Controller::open_with_backend(a, BackendChoice::Only(VfioBackend::Type1), cfg())
         .map_err(|e| format!("open {a}: {e}"))?;
-    let ctrl_b =
-        Controller::open_with_backend(b, BackendChoice::Only(VfioBackend::Iommufd), cfg())
-            .map_err(|e| format!("open {b}: {e}"))?;
+    let ctrl_b = Controller::open_with_backend(b, BackendChoice::Only(VfioBackend::Iommufd), cfg())
+        .map_err(|e| format!("open {b}: {e}"))?;
     let (pool_a, pool_b) = (ctrl_a.pool().clone(), ctrl_b.pool().clone());
     if pool_a.domain() == pool_b.domain() {
         return Err("a type1 container and an IOAS reported the same domain".into());
@@ -257,8 +251,18 @@ fn cross_backend_domains(a: &str, b: &str) -> Res<()> {
     let ns_b = ctrl_b.namespace(1).map_err(|e| e.to_string())?;
     let mut qa = ctrl_a.create_io_queue::<()>(8).map_err(|e| e.to_string())?;
     let mut qb = ctrl_b.create_io_queue::<()>(8).map_err(|e| e.to_string())?;
-    expect_foreign(&mut qa, &ns_a, &pool_b, "iommufd buffer on the type1 controller")?;
-    expect_foreign(&mut qb, &ns_b, &pool_a, "type1 buffer on the iommufd controller")?;
+    expect_foreign(
+        &mut qa,
+        &ns_a,
+        &pool_b,
+        "iommufd buffer on the type1 controller",
+    )?;
+    expect_foreign(
+        &mut qb,
+        &ns_b,
+        &pool_a,
+        "type1 buffer on the iommufd controller",
+    )?;
     Ok(())
 }
 
@@ -271,7 +275,7 @@ fn median_us(v: &mut [Duration]) -> f64 {
 /// Times `PAIRS` share+unshare pairs of `chunk` through `view`; returns the median in µs.
 fn time_pairs(view: &dyn DeviceView, chunk: &Chunk) -> Res<f64> {
     let region = chunk.region();
-    let mut one = || -> Res<Duration> {
+    let one = || -> Res<Duration> {
         let t = Instant::now();
         let addr = view.share(&region).map_err(|e| format!("share: {e}"))?;
         view.unshare(&region, addr)
@@ -303,25 +307,35 @@ fn map_cost(bdf: &str) -> Res<()> {
         let view = domain.view(u64::MAX).map_err(|e| e.to_string())?;
         let s = time_pairs(view.as_ref(), &small)?;
         let h = time_pairs(view.as_ref(), &huge)?;
-        println!("  round {}: {backend:>7}: 4 KiB {s:8.2} µs   2 MiB {h:8.2} µs", i + 1);
+        println!(
+            "  round {}: {backend:>7}: 4 KiB {s:8.2} µs   2 MiB {h:8.2} µs",
+            i + 1
+        );
         rounds.push((backend, s, h));
     }
     let summary = |backend: VfioBackend| {
-        let mut s: Vec<f64> = rounds.iter().filter(|r| r.0 == backend).map(|r| r.1).collect();
-        let mut h: Vec<f64> = rounds.iter().filter(|r| r.0 == backend).map(|r| r.2).collect();
+        let mut s: Vec<f64> = rounds
+            .iter()
+            .filter(|r| r.0 == backend)
+            .map(|r| r.1)
+            .collect();
+        let mut h: Vec<f64> = rounds
+            .iter()
+            .filter(|r| r.0 == backend)
+            .map(|r| r.2)
+            .collect();
         s.sort_by(f64::total_cmp);
         h.sort_by(f64::total_cmp);
         // Two rounds each: the mean of the two round medians.
-        (s.iter().sum::<f64>() / s.len() as f64, h.iter().sum::<f64>() / h.len() as f64)
+        (
+            s.iter().sum::<f64>() / s.len() as f64,
+            h.iter().sum::<f64>() / h.len() as f64,
+        )
     };
     let (t1s, t1h) = summary(VfioBackend::Type1);
     let (fds, fdh) = summary(VfioBackend::Iommufd);
-    println!(
-        "  MAP-COST type1   4KiB {t1s:.2} us  2MiB {t1h:.2} us (mean of its 2 round medians)"
-    );
-    println!(
-        "  MAP-COST iommufd 4KiB {fds:.2} us  2MiB {fdh:.2} us (mean of its 2 round medians)"
-    );
+    println!("  MAP-COST type1   4KiB {t1s:.2} us  2MiB {t1h:.2} us (mean of its 2 round medians)");
+    println!("  MAP-COST iommufd 4KiB {fds:.2} us  2MiB {fdh:.2} us (mean of its 2 round medians)");
     println!(
         "  MAP-COST ratio iommufd/type1: 4KiB {:.2}  2MiB {:.2}",
         fds / t1s,
