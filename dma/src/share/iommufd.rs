@@ -286,7 +286,8 @@ impl Ioas {
         query_iova_ranges(&self.iommufd, self.ioas.id())
     }
 
-    /// Unmaps **everything** in the IOAS (`IOMMU_IOAS_UNMAP` of iova 0, length 0) and returns
+    /// Unmaps **everything** in the IOAS (`IOMMU_IOAS_UNMAP` of iova 0, length `u64::MAX`: the
+    /// kernel's "all" form; iova 0 with length 0 is EINVAL) and returns
     /// the bytes the kernel unmapped. For teardown checks and leak hunting: after every view
     /// user is gone it must return 0. Calling it while the view has live mappings takes them
     /// away from the devices; the view's records stay, and their later unshare fails (the
@@ -296,7 +297,7 @@ impl Ioas {
             size: std::mem::size_of::<iommu_ioas_unmap>() as u32,
             ioas_id: self.ioas.id(),
             iova: 0,
-            length: 0,
+            length: u64::MAX,
         };
         match self.iommufd.unmap_iommu_ioas(&mut unmap) {
             Ok(()) => Ok(unmap.length),

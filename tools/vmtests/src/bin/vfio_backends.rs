@@ -8,7 +8,8 @@
 //! 2. **What iommufd reports**: the IOAS's allowed ranges after the attach
 //!    (`IOMMU_IOAS_IOVA_RANGES`), the reserved ranges between them (under the Intel IOMMU the
 //!    MSI window 0xfee00000 must be reserved), the IOVA alignment, and `IOMMU_GET_HW_INFO`
-//!    (`intel-vt-d` under the Intel IOMMU).
+//!    (`intel-vt-d` under the Intel IOMMU). An unmap-all of the IOAS reports the 2 MiB just
+//!    shared, and the view's later unshare of it fails and keeps the record (IOVA reserved).
 //! 3. **The NVMe driver on each backend**: `Controller::open_with_backend` with type1, then
 //!    iommufd: the pool's view is `vfio-type1` / `iommufd`, and 8 KiB written and read back
 //!    match byte for byte.
@@ -126,6 +127,25 @@ fn iommufd_facts(bdf: &str, iommu: &str) -> Res<()> {
     }
     let hw = dev.iommu_hw_info().map_err(|e| e.to_string())?;
     println!("  IOMMU_GET_HW_INFO: {hw:?}");
+    // The teardown check pool_vfio relies on is not vacuous: unmap-all reports what is
+    // mapped, and an unshare the kernel can no longer do fails and keeps the IOVA reserved.
+    let view = ioas.view(u64::MAX).map_err(|e| e.to_string())?;
+    let chunk = Chunk::with_page_size(2 << 20, PageSize::Huge2M).map_err(|e| e.to_string())?;
+    let iova = view.share(&chunk.region()).map_err(|e| e.to_string())?;
+    let all = ioas.unmap_all().map_err(|e| e.to_string())?;
+    if all != chunk.len() as u64 {
+        return Err(format!(
+            "unmap-all found {all} B mapped, not the {} B chunk",
+            chunk.len()
+        ));
+    }
+    match view.unshare(&chunk.region(), iova) {
+        Ok(()) => return Err("unshare of an already unmapped range succeeded".into()),
+        Err(e) => println!("  unmap-all took {all} B; the stale unshare then fails: {e}"),
+    }
+    if view.usage().mappings != 1 {
+        return Err("the failed unshare did not keep its record (IOVA reserved)".into());
+    }
     if iommu == "intel" {
         let msi = 0xfee0_0000u64;
         if !ranges
