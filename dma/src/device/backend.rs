@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::iommufd::{cdev_path, CdevDevice};
-use super::vfio::{Bdf, VfioDevice};
+use super::vfio::{current_driver, Bdf, VfioDevice};
 use super::{DeviceError, PciDevice};
 use crate::share::iommufd::Ioas;
 use crate::share::vfio::VfioContainer;
@@ -98,6 +98,8 @@ pub struct KernelSupport {
     pub iommufd: bool,
     /// The device has a VFIO cdev (`<sysfs>/vfio-dev/vfioN`, `CONFIG_VFIO_DEVICE_CDEV`).
     pub cdev: bool,
+    /// The device is bound to `vfio-pci` (without it there is no cdev whatever the kernel has).
+    pub vfio_pci: bool,
 }
 
 impl KernelSupport {
@@ -106,6 +108,7 @@ impl KernelSupport {
         KernelSupport {
             iommufd: Path::new("/dev/iommu").exists(),
             cdev: cdev_path(sysfs).is_some_and(|p| p.exists()),
+            vfio_pci: current_driver(sysfs).as_deref() == Some("vfio-pci"),
         }
     }
 }
@@ -122,6 +125,14 @@ pub fn choose(
         BackendChoice::Auto => Ok(VfioBackend::Type1),
         BackendChoice::Only(VfioBackend::Type1) => Ok(VfioBackend::Type1),
         BackendChoice::Only(VfioBackend::Iommufd) if iommufd_ok => Ok(VfioBackend::Iommufd),
+        // No cdev because the device is not vfio-pci's: say that, not "the kernel lacks it".
+        BackendChoice::Only(VfioBackend::Iommufd) if !support.vfio_pci => Err(DeviceError::Pci {
+            bdf: bdf.to_string(),
+            problem: format!(
+                "not bound to vfio-pci, so it has no VFIO cdev for the iommufd backend; bind \
+                 it with `tpsetup bind {bdf}` (as root)"
+            ),
+        }),
         BackendChoice::Only(VfioBackend::Iommufd) => {
             let missing = match (support.iommufd, support.cdev) {
                 (false, false) => "/dev/iommu and the device's VFIO cdev are missing",
@@ -234,6 +245,7 @@ mod tests {
     const BOTH: KernelSupport = KernelSupport {
         iommufd: true,
         cdev: true,
+        vfio_pci: true,
     };
 
     #[test]
@@ -258,7 +270,11 @@ mod tests {
 
     #[test]
     fn auto_takes_iommufd_only_when_both_parts_exist() {
-        let s = |iommufd, cdev| KernelSupport { iommufd, cdev };
+        let s = |iommufd, cdev| KernelSupport {
+            iommufd,
+            cdev,
+            vfio_pci: true,
+        };
         assert_eq!(
             choose(BackendChoice::Auto, BOTH, "x").unwrap(),
             VfioBackend::Iommufd
@@ -283,6 +299,7 @@ mod tests {
                 KernelSupport {
                     iommufd: false,
                     cdev: false,
+                    vfio_pci: true,
                 },
                 "/dev/iommu and the device's VFIO cdev are missing",
             ),
@@ -290,6 +307,7 @@ mod tests {
                 KernelSupport {
                     iommufd: false,
                     cdev: true,
+                    vfio_pci: true,
                 },
                 "/dev/iommu is missing",
             ),
@@ -297,6 +315,7 @@ mod tests {
                 KernelSupport {
                     iommufd: true,
                     cdev: false,
+                    vfio_pci: true,
                 },
                 "has no VFIO cdev",
             ),
@@ -313,8 +332,34 @@ mod tests {
     }
 
     #[test]
+    fn a_device_not_bound_to_vfio_pci_is_named_as_such() {
+        let unbound = KernelSupport {
+            iommufd: true,
+            cdev: false,
+            vfio_pci: false,
+        };
+        match choose(
+            BackendChoice::Only(VfioBackend::Iommufd),
+            unbound,
+            "0000:00:00.0",
+        ) {
+            Err(DeviceError::Pci { problem, .. }) => {
+                assert!(problem.contains("not bound to vfio-pci"), "{problem}");
+                assert!(problem.contains("tpsetup bind 0000:00:00.0"), "{problem}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Auto goes to type1, whose open names the driver the device has.
+        assert_eq!(
+            choose(BackendChoice::Auto, unbound, "x").unwrap(),
+            VfioBackend::Type1
+        );
+    }
+
+    #[test]
     fn probing_a_missing_device_finds_no_cdev() {
         let s = KernelSupport::probe(Path::new("/nonexistent/0000:ff:1f.7"));
         assert!(!s.cdev);
+        assert!(!s.vfio_pci);
     }
 }
