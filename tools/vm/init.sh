@@ -81,7 +81,9 @@ for bdf in $TP_VFIO_BDFS $TP_VNET_VFIO_BDFS; do
     [ -e "$dev/iommu_group" ] || setup_fail "$bdf has no IOMMU group: is the IOMMU on (intel_iommu=on / virtio-iommu driver)?"
     group=$(basename "$(readlink "$dev/iommu_group")")
     [ -c "/dev/vfio/$group" ] || setup_fail "/dev/vfio/$group missing for $bdf"
-    say "VFIO $bdf group=$group"
+    # The VFIO cdev (iommufd backend), on kernels with CONFIG_VFIO_DEVICE_CDEV.
+    cdev=$(ls "$dev/vfio-dev" 2>/dev/null | head -n1)
+    say "VFIO $bdf group=$group${cdev:+ cdev=/dev/vfio/devices/$cdev}"
 done
 
 # The controller left to the kernel's nvme driver: find its namespace block device.

@@ -9,6 +9,9 @@
 //! Implementations:
 //! - [`vfio::VfioDevice`]: a PCI function bound to `vfio-pci` (real hardware, or QEMU's devices in
 //!   the test VM), in a [`crate::share::vfio::VfioContainer`] whose view is its DMA view.
+//! - [`iommufd::CdevDevice`]: the same function opened through its VFIO cdev and attached to an
+//!   iommufd IOAS ([`crate::share::iommufd::Ioas`]) whose view is its DMA view.
+//!   [`backend`] picks one of the two (automatically, or as asked: `TIDEPOOL_VFIO_BACKEND`).
 //! - The emulated devices of the dev-only `tidepool-emu` crate: an NVMe controller and a
 //!   virtio-net device on their own threads, reaching memory only through their DMA view as
 //!   hardware would, with faults injectable on every path (`cargo test`, no VM).
@@ -28,6 +31,8 @@
 //! and a driver that could not stop a device's DMA must not reuse memory the device might still
 //! write: it quarantines that memory instead (see the NVMe driver's reset).
 
+pub mod backend;
+pub mod iommufd;
 pub mod vfio;
 
 use std::sync::Arc;

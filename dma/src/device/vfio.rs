@@ -28,7 +28,7 @@ use crate::share::vfio::{borrow_fd, vfio_error, VfioContainer, VfioType1, HINT_N
 use crate::share::{DeviceView, ShareError};
 
 /// `VFIO_DEVICE_RESET` = `_IO(VFIO_TYPE, VFIO_BASE + 11)`.
-const VFIO_DEVICE_RESET: u64 = ((VFIO_TYPE as u64) << 8) | (VFIO_BASE as u64 + 11);
+pub(super) const VFIO_DEVICE_RESET: u64 = ((VFIO_TYPE as u64) << 8) | (VFIO_BASE as u64 + 11);
 
 /// A PCI address `domain:bus:device.function`, e.g. `0000:00:04.0`, validated.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -89,19 +89,19 @@ impl std::fmt::Display for Bdf {
 }
 
 /// The name of the driver bound to the device at `sysfs`, if any.
-fn current_driver(sysfs: &Path) -> Option<String> {
+pub(super) fn current_driver(sysfs: &Path) -> Option<String> {
     let link = std::fs::read_link(sysfs.join("driver")).ok()?;
     Some(link.file_name()?.to_string_lossy().into_owned())
 }
 
 /// The IOMMU group number of the device at `sysfs`, if it has one.
-fn iommu_group(sysfs: &Path) -> Option<u32> {
+pub(super) fn iommu_group(sysfs: &Path) -> Option<u32> {
     let link = std::fs::read_link(sysfs.join("iommu_group")).ok()?;
     link.file_name()?.to_str()?.parse().ok()
 }
 
 /// "0000:00:04.0 (vfio-pci), 0000:00:04.1 (nvme)" for the devices in an IOMMU group.
-fn group_members(group: u32) -> String {
+pub(super) fn group_members(group: u32) -> String {
     let dir = format!("/sys/kernel/iommu_groups/{group}/devices");
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return format!("(cannot list {dir})");
@@ -259,26 +259,20 @@ impl VfioDevice {
     /// Maps BAR `index` (0-5) into this process. The BAR must be memory (not I/O ports) and
     /// mmappable; the mapping stays valid after the device is dropped, until the [`Bar`] is.
     pub fn bar(&self, index: u32) -> Result<Bar, DeviceError> {
-        let bad = |why: &str| {
-            DeviceError::Unsupported(format!("BAR{index} of {}: {why}", self.bdf.as_str()))
-        };
         if index > VFIO_PCI_BAR5_REGION_INDEX {
-            return Err(bad("BAR index must be 0-5"));
+            return Err(DeviceError::Unsupported(format!(
+                "BAR{index} of {}: BAR index must be 0-5",
+                self.bdf
+            )));
         }
-        let size = self.raw.get_region_size(index);
-        if size == 0 {
-            return Err(bad("not implemented by the device"));
-        }
-        if self.raw.get_region_flags(index) & VFIO_REGION_INFO_FLAG_MMAP == 0 {
-            return Err(bad("VFIO does not allow mmap of it (I/O port BAR?)"));
-        }
-        let len = usize::try_from(size).map_err(|_| bad("too large to map"))?;
-        let offset = self.raw.get_region_offset(index);
-        let ptr = mmap_region(self.device_fd(), len, offset).map_err(|e| DeviceError::Os {
-            what: "mmap of a BAR",
-            source: e,
-        })?;
-        Ok(Bar { ptr, len, index })
+        Bar::map(
+            self.device_fd(),
+            self.bdf.as_str(),
+            index,
+            self.raw.get_region_size(index),
+            self.raw.get_region_flags(index),
+            self.raw.get_region_offset(index),
+        )
     }
 
     /// The underlying vfio-ioctls device, for what this wrapper does not cover.
@@ -392,7 +386,7 @@ fn vfio_device_error(what: &'static str, e: VfioError) -> DeviceError {
 }
 
 /// Checks a `pread`/`pwrite` moved every byte.
-fn short_io(done: usize, wanted: usize, what: &'static str) -> Result<(), DeviceError> {
+pub(super) fn short_io(done: usize, wanted: usize, what: &'static str) -> Result<(), DeviceError> {
     if done == wanted {
         return Ok(());
     }
@@ -406,7 +400,7 @@ fn short_io(done: usize, wanted: usize, what: &'static str) -> Result<(), Device
 }
 
 /// The raw `VFIO_DEVICE_RESET` ioctl.
-fn ioctl_device_reset(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub(super) fn ioctl_device_reset(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: VFIO_DEVICE_RESET takes no argument and touches no memory of ours.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), VFIO_DEVICE_RESET as _) };
     if r < 0 {
@@ -416,7 +410,7 @@ fn ioctl_device_reset(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// Maps `len` bytes of a device-fd region at file offset `offset`, shared, read-write.
-fn mmap_region(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<NonNull<u8>> {
+pub(super) fn mmap_region(fd: BorrowedFd<'_>, len: usize, offset: u64) -> io::Result<NonNull<u8>> {
     let offset = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY: a fresh mapping (addr NULL) of a device region; no existing memory is affected.
     let p = unsafe {
@@ -455,6 +449,35 @@ unsafe impl Send for Bar {}
 unsafe impl Sync for Bar {}
 
 impl Bar {
+    /// Maps region `index` of a VFIO device fd (size, flags and file offset from
+    /// `VFIO_DEVICE_GET_REGION_INFO`) as a BAR; `name` is the device for errors. Both VFIO
+    /// backends map BARs this way.
+    pub(super) fn map(
+        fd: BorrowedFd<'_>,
+        name: &str,
+        index: u32,
+        size: u64,
+        flags: u32,
+        offset: u64,
+    ) -> Result<Bar, DeviceError> {
+        let bad = |why: &str| DeviceError::Unsupported(format!("BAR{index} of {name}: {why}"));
+        if index > VFIO_PCI_BAR5_REGION_INDEX {
+            return Err(bad("BAR index must be 0-5"));
+        }
+        if size == 0 {
+            return Err(bad("not implemented by the device"));
+        }
+        if flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
+            return Err(bad("VFIO does not allow mmap of it (I/O port BAR?)"));
+        }
+        let len = usize::try_from(size).map_err(|_| bad("too large to map"))?;
+        let ptr = mmap_region(fd, len, offset).map_err(|e| DeviceError::Os {
+            what: "mmap of a BAR",
+            source: e,
+        })?;
+        Ok(Bar { ptr, len, index })
+    }
+
     /// The BAR's index (0-5).
     pub fn index(&self) -> u32 {
         self.index

@@ -9,8 +9,10 @@
 //! - vhost-user regions (`SET_MEM_TABLE` / `ADD_MEM_REG`) live in `drivers/vhost-user-blk`, which
 //!   implements this same trait.
 //!
-//! An iommufd backend (kernel ≥ 6.6: `/dev/iommu`, IOAS map/unmap) is the next one to add; it fits
-//! this trait unchanged: `share` becomes `IOMMU_IOAS_MAP` with a fixed IOVA.
+//! - [`iommufd::IommufdView`]: an IOMMU mapping in an iommufd IOAS (`/dev/iommu`, kernel ≥ 6.6,
+//!   devices opened through their VFIO cdevs); `IOMMU_IOAS_MAP` at an IOVA we allocate inside
+//!   the IOAS's allowed ranges. Which of the two VFIO backends a device gets is chosen in
+//!   [`crate::device::backend`].
 //!
 //! ## Contract
 //! - [`DeviceView::share`] is called once per chunk (one IOMMU mapping, one region); it may block
@@ -21,6 +23,7 @@
 
 pub mod direct;
 pub mod identity;
+pub mod iommufd;
 pub mod noiommu;
 pub mod vfio;
 
@@ -55,7 +58,8 @@ pub trait DeviceView: Send + Sync + std::fmt::Debug {
     /// error reporting: keep it cheap and free of locks held across system calls.
     fn usage(&self) -> ShareUsage;
 
-    /// A short name for logs and stats ("vfio-type1", "no-iommu", "identity", "vhost-user").
+    /// A short name for logs and stats ("vfio-type1", "iommufd", "no-iommu", "identity",
+    /// "vhost-user").
     fn kind(&self) -> &'static str;
 
     /// The address space this view's device addresses belong to. Two views with the same

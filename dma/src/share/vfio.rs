@@ -334,11 +334,11 @@ pub(crate) fn borrow_fd<T: ?Sized>(fd: RawFd, _owner: &T) -> BorrowedFd<'_> {
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
-/// One live IOMMU mapping made by [`VfioType1::share`].
+/// One live IOMMU mapping made by [`VfioType1::share`] (or the iommufd view's).
 #[derive(Copy, Clone, Debug)]
-struct Mapping {
-    vaddr: usize,
-    len: usize,
+pub(super) struct Mapping {
+    pub(super) vaddr: usize,
+    pub(super) len: usize,
 }
 
 /// The view's bookkeeping, behind its one lock.
@@ -417,7 +417,7 @@ impl VfioType1 {
 }
 
 /// Checks a region can be mapped as one IOMMU mapping.
-fn check_region(region: &HostRegion<'_>) -> Result<(), ShareError> {
+pub(super) fn check_region(region: &HostRegion<'_>) -> Result<(), ShareError> {
     let page = region.page_size;
     if region.len == 0
         || !page.is_power_of_two()
@@ -554,20 +554,24 @@ impl DeviceView for VfioType1 {
     }
 }
 
-/// The seam between this view and [`crate::iova`]: keeps the allocator's API in one place.
-mod iova_adapter {
+/// The seam between the IOMMU views (type1, iommufd) and [`crate::iova`]: keeps the
+/// allocator's API in one place.
+pub(super) mod iova_adapter {
     use super::{IovaRange, ShareError};
 
     /// The container's IOVA space.
     #[derive(Debug)]
-    pub(super) struct IovaSpace {
+    pub(in crate::share) struct IovaSpace {
         mask: u64,
         inner: crate::iova::IovaAllocator,
     }
 
     impl IovaSpace {
         /// An allocator over `ranges` (inclusive ends) clipped to `mask`.
-        pub(super) fn new(ranges: &[IovaRange], mask: u64) -> Result<IovaSpace, ShareError> {
+        pub(in crate::share) fn new(
+            ranges: &[IovaRange],
+            mask: u64,
+        ) -> Result<IovaSpace, ShareError> {
             let inner = crate::iova::IovaAllocator::new(ranges, mask).map_err(|e| {
                 ShareError::AddressSpace {
                     len: 0,
@@ -579,7 +583,7 @@ mod iova_adapter {
         }
 
         /// `len` bytes aligned to `align`, all at or below the mask.
-        pub(super) fn alloc(&mut self, len: u64, align: u64) -> Result<u64, ShareError> {
+        pub(in crate::share) fn alloc(&mut self, len: u64, align: u64) -> Result<u64, ShareError> {
             self.inner
                 .alloc(len, align)
                 .map_err(|e| ShareError::AddressSpace {
@@ -590,7 +594,7 @@ mod iova_adapter {
         }
 
         /// Gives back an extent from [`IovaSpace::alloc`].
-        pub(super) fn free(&mut self, iova: u64, len: u64) {
+        pub(in crate::share) fn free(&mut self, iova: u64, len: u64) {
             // A failed free means our own bookkeeping is wrong; the address stays reserved,
             // which is the safe outcome.
             let _ = self.inner.free(iova, len);

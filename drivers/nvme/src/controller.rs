@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use tidepool::data::DmaData;
-use tidepool::device::vfio::VfioDevice;
+use tidepool::device::backend::{open_vfio, BackendChoice};
 use tidepool::device::PciDevice;
 use tidepool::pool::{Pool, PoolConfig, PoolStats};
 use tidepool::share::DomainId;
@@ -355,11 +355,22 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Opens the NVMe controller at PCI address `bdf` (bound to `vfio-pci`) in a new VFIO
-    /// container, makes a pool over it with `cfg.pool`, and brings it up.
+    /// Opens the NVMe controller at PCI address `bdf` (bound to `vfio-pci`) in a new IOMMU
+    /// domain, makes a pool over it with `cfg.pool`, and brings it up. The VFIO backend is
+    /// the one `TIDEPOOL_VFIO_BACKEND` asks for (`auto` when unset: iommufd where the kernel
+    /// has it, the type1 container otherwise; see [`tidepool::device::backend`]).
     pub fn open(bdf: &str, cfg: ControllerConfig) -> Result<Controller, NvmeError> {
-        let (device, _view) = VfioDevice::open(bdf, u64::MAX)?;
-        Controller::with_device(Arc::new(device), cfg)
+        Controller::open_with_backend(bdf, BackendChoice::from_env()?, cfg)
+    }
+
+    /// [`Controller::open`] with the VFIO backend chosen by the caller.
+    pub fn open_with_backend(
+        bdf: &str,
+        backend: BackendChoice,
+        cfg: ControllerConfig,
+    ) -> Result<Controller, NvmeError> {
+        let opened = open_vfio(bdf, u64::MAX, backend)?;
+        Controller::with_device(opened.device, cfg)
     }
 
     /// Brings up the controller behind `device` (any [`PciDevice`]: VFIO, or an emulated

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use tidepool::device::vfio::{Bar, VfioDevice};
+use tidepool::device::vfio::Bar;
 use tidepool::device::{Mmio, PciDevice};
 
 /// Controller registers (NVMe base specification, "Controller Registers").
@@ -38,7 +38,7 @@ pub struct Completion {
 /// `queues` must point at `QUEUE_BYTES` of memory mapped for the device at `queues_iova`, owned
 /// by the caller and touched by nothing else meanwhile.
 pub fn identify_controller(
-    dev: &VfioDevice,
+    dev: &dyn PciDevice,
     bar: &Bar,
     queues: *mut u8,
     queues_iova: u64,

@@ -1,7 +1,8 @@
 //! # iommu_fault: DMA to an unmapped IOVA is blocked by the IOMMU
 //!
 //! Maps a chunk for the NVMe admin queues and a second chunk for Identify data through
-//! `tidepool::share::vfio::VfioType1`, **unmaps the data chunk**, declares the expected fault to
+//! the device's view (VFIO type1, or iommufd with `TIDEPOOL_VFIO_BACKEND=iommufd`), **unmaps the
+//! data chunk**, declares the expected fault to
 //! the harness (`TIDEPOOL-EXPECT-IOMMU-FAULT`), then submits Identify Controller with its data
 //! pointer at the unmapped IOVA. The harness then requires a DMAR fault in the guest's dmesg.
 //! This test checks its side: the command completes (QEMU reports success even when the IOMMU
@@ -12,9 +13,13 @@ mod admin_identify;
 
 use std::process::ExitCode;
 
-use tidepool::device::vfio::VfioDevice;
+use std::sync::Arc;
+
+use tidepool::device::backend::{BackendChoice, VfioDomain};
+use tidepool::device::iommufd::CdevDevice;
+use tidepool::device::vfio::{Bar, VfioDevice};
+use tidepool::device::PciDevice;
 use tidepool::memory::{Chunk, PageSize};
-use tidepool::share::DeviceView;
 use tidepool_vmtests::HarnessEnv;
 
 fn main() -> ExitCode {
@@ -32,7 +37,23 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), String> {
     let env = HarnessEnv::from_env().map_err(|e| e.to_string())?;
-    let (dev, view) = VfioDevice::open(env.nvme_bdf(), u64::MAX).map_err(|e| e.to_string())?;
+    let bdf = env.nvme_bdf();
+    let choice = BackendChoice::from_env().map_err(|e| e.to_string())?;
+    let domain = VfioDomain::for_device(choice, bdf).map_err(|e| e.to_string())?;
+    let (dev, bar): (Arc<dyn PciDevice>, Bar) = match &domain {
+        VfioDomain::Type1(c) => {
+            let d = VfioDevice::open_in(c, bdf).map_err(|e| e.to_string())?;
+            let bar = d.bar(0).map_err(|e| e.to_string())?;
+            (Arc::new(d), bar)
+        }
+        VfioDomain::Iommufd(i) => {
+            let d = CdevDevice::open_in(i, bdf).map_err(|e| e.to_string())?;
+            let bar = d.bar(0).map_err(|e| e.to_string())?;
+            (Arc::new(d), bar)
+        }
+    };
+    let view = domain.view(u64::MAX).map_err(|e| e.to_string())?;
+    println!("backend {} ({})", domain.backend(), view.kind());
     let chunk = || Chunk::with_page_size(2 << 20, PageSize::Huge2M).map_err(|e| e.to_string());
     let queues = chunk()?;
     let data = chunk()?;
@@ -50,8 +71,13 @@ fn run() -> Result<(), String> {
     }
 
     tidepool_vmtests::expect_iommu_fault();
-    let bar = dev.bar(0).map_err(|e| e.to_string())?;
-    let c = admin_identify::identify_controller(&dev, &bar, queues.as_ptr(), q_iova.0, d_iova.0)?;
+    let c = admin_identify::identify_controller(
+        dev.as_ref(),
+        &bar,
+        queues.as_ptr(),
+        q_iova.0,
+        d_iova.0,
+    )?;
     let written = admin_identify::read_device_bytes(data.as_ptr(), 4096);
     let changed = written.iter().filter(|&&b| b != 0).count();
     println!(

@@ -22,8 +22,11 @@
 //! a timed run in a shared TCG guest is no pass/fail criterion).
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tidepool::device::backend::{BackendChoice, VfioDomain};
+use tidepool::device::iommufd::CdevDevice;
 use tidepool::device::vfio::{Bar, VfioDevice};
 use tidepool::device::{Mmio, PciDevice};
 use tidepool::pool::{DmaBuf, Pool, PoolConfig};
@@ -423,9 +426,23 @@ fn wait_ready(bar: &Bar, ready: bool) -> Res<()> {
 
 /// The minimal polled loop: its own bring-up, one I/O queue of 64 entries, QD32, fixed buffers.
 fn reference_loop(bdf: &str, size: usize, random: bool, limit: Duration) -> Res<Measured> {
-    let (device, view) = VfioDevice::open(bdf, u64::MAX).map_err(|e| e.to_string())?;
+    // The backend TIDEPOOL_VFIO_BACKEND asks for; the concrete device for its `Bar`.
+    let choice = BackendChoice::from_env().map_err(|e| e.to_string())?;
+    let domain = VfioDomain::for_device(choice, bdf).map_err(|e| e.to_string())?;
+    let (device, bar): (Arc<dyn PciDevice>, Bar) = match &domain {
+        VfioDomain::Type1(c) => {
+            let d = VfioDevice::open_in(c, bdf).map_err(|e| e.to_string())?;
+            let bar = d.bar(0).map_err(|e| e.to_string())?;
+            (Arc::new(d), bar)
+        }
+        VfioDomain::Iommufd(i) => {
+            let d = CdevDevice::open_in(i, bdf).map_err(|e| e.to_string())?;
+            let bar = d.bar(0).map_err(|e| e.to_string())?;
+            (Arc::new(d), bar)
+        }
+    };
+    let view = domain.view(u64::MAX).map_err(|e| e.to_string())?;
     device.set_bus_master(true).map_err(|e| e.to_string())?;
-    let bar = device.bar(0).map_err(|e| e.to_string())?;
     let pool = Pool::new(view, PoolConfig::default()).map_err(|e| e.to_string())?;
     let cap = Cap::from_raw(bar.read64(offset::CAP).map_err(|e| e.to_string())?);
     let stride = cap.doorbell_stride();

@@ -7,8 +7,8 @@
 //!    submitted on controller A is refused with `NvmeError::ForeignBuffer` and given back
 //!    unchanged (before the fix the device DMAed into whatever A had at that address). The
 //!    same buffer then works on B, and A's own buffers work on A.
-//! 2. **One container, one pool, a device attached later** (the SPDK model): controller A is
-//!    opened into a container and a pool over its view prefills a chunk; only then is
+//! 2. **One container (or IOAS), one pool, a device attached later** (the SPDK model): controller
+//!    A is opened into a container (an IOAS with `TIDEPOOL_VFIO_BACKEND=iommufd`) and a pool over its view prefills a chunk; only then is
 //!    controller B opened into the same container. B is brought up on the same pool, and a
 //!    buffer from the chunk mapped before B existed is written and read back through B: the
 //!    kernel replays the container's mappings into the group attached later.
@@ -16,13 +16,11 @@
 //! Every transfer is verified byte for byte; the harness fails the test on any IOMMU fault.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tidepool::data::DmaData;
-use tidepool::device::vfio::VfioDevice;
+use tidepool::device::backend::{BackendChoice, VfioDomain};
 use tidepool::pool::{DmaBuf, Pool, PoolConfig};
-use tidepool::share::vfio::VfioContainer;
 use tidepool_nvme::{Controller, ControllerConfig, IoQueue, Namespace, NvmeError};
 use tidepool_vmtests::HarnessEnv;
 
@@ -183,18 +181,19 @@ fn separate_containers(a: &str, b: &str) -> Res<()> {
 
 fn shared_container_attached_later(a: &str, b: &str) -> Res<()> {
     println!("phase 2: {a} first, a pool over its container, then {b} attached later");
-    let container = VfioContainer::new().map_err(|e| e.to_string())?;
-    let dev_a = VfioDevice::open_in(&container, a).map_err(|e| e.to_string())?;
-    let view = container.view(u64::MAX).map_err(|e| e.to_string())?;
+    // The backend TIDEPOOL_VFIO_BACKEND asks for (a type1 container or an iommufd IOAS).
+    let choice = BackendChoice::from_env().map_err(|e| e.to_string())?;
+    let domain = VfioDomain::for_device(choice, a).map_err(|e| e.to_string())?;
+    println!("  backend: {}", domain.backend());
+    let dev_a = domain.open(a).map_err(|e| e.to_string())?;
+    let view = domain.view(u64::MAX).map_err(|e| e.to_string())?;
     let pool = Pool::new(view, PoolConfig::default()).map_err(|e| e.to_string())?;
     // A buffer carved from the prefilled chunk, mapped while only A is in the container.
     let early_data = pattern(0xe0);
     let early = filled(&pool, &early_data)?;
-    let ctrl_a =
-        Controller::new(Arc::new(dev_a), pool.clone(), cfg()).map_err(|e| e.to_string())?;
-    let dev_b = VfioDevice::open_in(&container, b).map_err(|e| e.to_string())?;
-    let ctrl_b =
-        Controller::new(Arc::new(dev_b), pool.clone(), cfg()).map_err(|e| e.to_string())?;
+    let ctrl_a = Controller::new(dev_a, pool.clone(), cfg()).map_err(|e| e.to_string())?;
+    let dev_b = domain.open(b).map_err(|e| e.to_string())?;
+    let ctrl_b = Controller::new(dev_b, pool.clone(), cfg()).map_err(|e| e.to_string())?;
     let ns_a = ctrl_a.namespace(1).map_err(|e| e.to_string())?;
     let ns_b = ctrl_b.namespace(1).map_err(|e| e.to_string())?;
     let mut qa = ctrl_a.create_io_queue::<()>(8).map_err(|e| e.to_string())?;

@@ -1,14 +1,16 @@
 //! # pool_vfio: the pool against real VFIO — growth maps, shrink unmaps, the device DMAs
 //!
 //! The pool issue's VM check, on QEMU's NVMe behind the emulated Intel IOMMU:
-//! 1. a pool over the device's `VfioType1` view starts with one 2 MiB hugepage chunk;
+//! 1. a pool over the device's view (VFIO type1 or iommufd, as `TIDEPOOL_VFIO_BACKEND` asks)
+//!    starts with one 2 MiB hugepage chunk;
 //! 2. awaiting allocations beyond it make the background grower add chunks, each one
-//!    `VFIO_IOMMU_MAP_DMA`: the kernel's `dma_avail` drops by exactly the pool's chunk count;
+//!    `VFIO_IOMMU_MAP_DMA` (type1: the kernel's `dma_avail` drops by exactly the pool's chunk
+//!    count) or `IOMMU_IOAS_MAP` (iommufd: the kernel keeps no count; the view's own is checked);
 //! 3. the NVMe controller writes from and reads into buffers in those grown chunks (zero copy),
 //!    and every byte read back is checked;
 //! 4. once everything is released and idle past the shrink delay, the grower gives chunks back:
 //!    `dma_avail` rises by exactly the chunks unmapped, and nothing is left in use; at teardown
-//!    every chunk is unshared.
+//!    every chunk is unshared (iommufd: an unmap-all of the IOAS then finds 0 bytes mapped).
 //!
 //! The harness fails the test if the IOMMU blocked any of that DMA (dmesg), which is how a
 //! wrong IOVA in a grown chunk would show: QEMU's NVMe completes such commands with success.
@@ -17,10 +19,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidepool::device::vfio::VfioDevice;
+use tidepool::device::backend::{BackendChoice, VfioDomain};
 use tidepool::memory::{MemoryConfig, PageSize};
 use tidepool::pool::{DmaBuf, Pool, PoolConfig};
-use tidepool::share::vfio::VfioType1;
 use tidepool::share::DeviceView;
 use tidepool_nvme::{Controller, ControllerConfig, Done};
 use tidepool_vmtests::HarnessEnv;
@@ -46,17 +47,33 @@ fn main() -> ExitCode {
     }
 }
 
-fn dma_avail(view: &VfioType1) -> Res<u64> {
-    let info = view.iommu_info().map_err(|e| e.to_string())?;
-    info.dma_avail
-        .map(u64::from)
-        .ok_or_else(|| "the kernel reports no dma_avail".to_string())
+/// `dma_avail` for printing ("-" for iommufd).
+fn fmt_avail(n: Option<u64>) -> String {
+    n.map_or_else(|| "-".to_string(), |n| n.to_string())
+}
+
+/// The kernel's count of mappings still available: type1's `dma_avail`; `None` for iommufd,
+/// which has no such count.
+fn dma_avail(domain: &VfioDomain) -> Res<Option<u64>> {
+    match domain {
+        VfioDomain::Type1(c) => {
+            let info = c.iommu_info().map_err(|e| e.to_string())?;
+            info.dma_avail
+                .map(|n| Some(u64::from(n)))
+                .ok_or_else(|| "the kernel reports no dma_avail".to_string())
+        }
+        VfioDomain::Iommufd(_) => Ok(None),
+    }
 }
 
 fn run() -> Res<()> {
     let env = HarnessEnv::from_env().map_err(|e| e.to_string())?;
-    let (device, view) = VfioDevice::open(env.nvme_bdf(), u64::MAX).map_err(|e| e.to_string())?;
-    let before = dma_avail(&view)?;
+    let choice = BackendChoice::from_env().map_err(|e| e.to_string())?;
+    let domain = VfioDomain::for_device(choice, env.nvme_bdf()).map_err(|e| e.to_string())?;
+    let device = domain.open(env.nvme_bdf()).map_err(|e| e.to_string())?;
+    let view = domain.view(u64::MAX).map_err(|e| e.to_string())?;
+    println!("pool_vfio: backend {} ({})", domain.backend(), view.kind());
+    let before = dma_avail(&domain)?;
     let cfg = PoolConfig {
         memory: MemoryConfig {
             page_size: PageSize::Huge2M,
@@ -78,8 +95,7 @@ fn run() -> Res<()> {
         interrupts: false,
         ..ControllerConfig::default()
     };
-    let ctrl =
-        Controller::new(Arc::new(device), pool.clone(), ctrl_cfg).map_err(|e| e.to_string())?;
+    let ctrl = Controller::new(device, pool.clone(), ctrl_cfg).map_err(|e| e.to_string())?;
     let ns = ctrl.namespace(1).map_err(|e| e.to_string())?;
     // In use now: the admin queue. The I/O queue adds its rings and, as it goes, one PRP list
     // page per command slot (kept for reuse); all of it returns when the queue is dropped.
@@ -92,10 +108,10 @@ fn run() -> Res<()> {
         "pool_vfio: start: {} chunk(s), {} B in use (controller queues), dma_avail {} -> {}",
         base.chunks,
         base.in_use_bytes,
-        before,
-        dma_avail(&view)?
+        fmt_avail(before),
+        fmt_avail(dma_avail(&domain)?)
     );
-    check_mappings(&pool, &view, before)?;
+    check_mappings(&pool, &domain, &view, before)?;
 
     // 1. Awaiting allocations beyond the prefill: the grower must add chunks.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -122,12 +138,12 @@ fn run() -> Res<()> {
         grown.grows,
         grown.sync_grows,
         grown.waits,
-        dma_avail(&view)?
+        fmt_avail(dma_avail(&domain)?)
     );
     if grown.grows == 0 {
         return Err("the pool never grew".into());
     }
-    check_mappings(&pool, &view, before)?;
+    check_mappings(&pool, &domain, &view, before)?;
 
     // 2. The device reads every grown buffer (write to disk), then writes fresh pool buffers
     //    (read back), all zero copy.
@@ -185,9 +201,9 @@ fn run() -> Res<()> {
         end.chunks,
         end.shrinks,
         end.in_use_bytes,
-        dma_avail(&view)?
+        fmt_avail(dma_avail(&domain)?)
     );
-    check_mappings(&pool, &view, before)?;
+    check_mappings(&pool, &domain, &view, before)?;
     drop(q);
     let in_use = pool.stats().in_use_bytes;
     if in_use != before_queue {
@@ -212,15 +228,34 @@ fn run() -> Res<()> {
         "pool_vfio: teardown unshared every chunk ({:?})",
         view.usage()
     );
+    // iommufd's IOAS outlives its devices: ask the kernel itself that nothing is left mapped.
+    if let VfioDomain::Iommufd(ioas) = &domain {
+        let left = ioas.unmap_all().map_err(|e| e.to_string())?;
+        if left != 0 {
+            return Err(format!(
+                "the IOAS still had {left} B mapped after the pool was dropped"
+            ));
+        }
+        println!("pool_vfio: the kernel confirms the IOAS is empty (unmap-all found 0 B)");
+    }
     Ok(())
 }
 
 /// The kernel's count of mappings used equals the pool's chunks (the pool is this
 /// container's only user) and the view's own count.
-fn check_mappings(pool: &Pool, view: &Arc<VfioType1>, before: u64) -> Res<()> {
-    let used = before - dma_avail(view)?;
+fn check_mappings(
+    pool: &Pool,
+    domain: &VfioDomain,
+    view: &Arc<dyn DeviceView>,
+    before: Option<u64>,
+) -> Res<()> {
     let chunks = pool.stats().chunks;
     let view_count = view.usage().mappings;
+    // iommufd keeps no count the kernel reports: the view's own count stands in for it.
+    let used = match (before, dma_avail(domain)?) {
+        (Some(before), Some(now)) => before - now,
+        _ => view_count,
+    };
     if used != chunks || view_count != chunks {
         return Err(format!(
             "kernel counts {used} mappings, view {view_count}, pool {chunks} chunks"
