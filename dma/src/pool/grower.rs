@@ -341,6 +341,7 @@ impl Shared {
         self.unshare_all(retired);
 
         report.forced = forced;
+        let growth_started = Instant::now();
         for i in 0..grow_chunks {
             let made = self.make_chunk(chunk as usize);
             let mut wakes = WakeList::new();
@@ -360,6 +361,13 @@ impl Shared {
                     if forced {
                         Counters::bump(&self.counters.sync_grows);
                     }
+                    tracing::info!(
+                        chunk_bytes = chunk,
+                        capacity_bytes = g.arena.capacity_bytes,
+                        forced_by_waiter = forced,
+                        took_us = growth_started.elapsed().as_micros() as u64,
+                        "pool grew by a chunk"
+                    );
                     self.dispatch(&mut g, Instant::now(), &mut wakes);
                     drop(g);
                     wakes.wake_all();
@@ -369,6 +377,13 @@ impl Shared {
                     g.backoff_until = Some(Instant::now() + g.backoff);
                     g.backoff = (g.backoff * 2).min(MAX_BACKOFF);
                     let text = e.to_string();
+                    tracing::warn!(
+                        error = %text,
+                        chunk_bytes = chunk,
+                        capacity_bytes = g.arena.capacity_bytes,
+                        next_try_ms = g.backoff.as_millis() as u64,
+                        "pool growth failed"
+                    );
                     g.growth.failed(attempt, e);
                     // Every waiter checks whether this failure ends it (the growth-failure
                     // rule); the space the failed attempt counted on is not coming.
@@ -492,6 +507,13 @@ impl Shared {
         let n = gone.len();
         for _ in 0..n {
             Counters::bump(&self.counters.shrinks);
+        }
+        if n > 0 {
+            tracing::info!(
+                chunks = n,
+                capacity_bytes = self.counters.capacity_bytes.load(Ordering::Relaxed),
+                "pool shrank"
+            );
         }
         self.unshare_all(gone);
         n

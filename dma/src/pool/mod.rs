@@ -100,7 +100,7 @@ pub use config::{AtCap, PoolConfig, Throttle, MIN_BUFFER};
 pub use error::PoolError;
 pub use grower::MaintainReport;
 pub use mapping::{Direction, MapFuture, Mapping, UserBuf};
-pub use stats::{PoolStats, WaitPercentiles};
+pub use stats::{PoolStats, WaitBucket, WaitPercentiles, LONG_WAIT, WAIT_BUCKET_BOUNDS_NS};
 
 use crate::memory::Chunk;
 use crate::share::DeviceView;
@@ -1036,7 +1036,10 @@ impl Shared {
             let g = self.global.lock().unwrap();
             (g.queue.waiting() as u64, g.queue.waiting_bytes())
         };
-        let wait = PoolStats::percentiles(&c.wait_ns.lock().unwrap());
+        let wait = PoolStats::percentiles(
+            &c.wait_ns.lock().unwrap(),
+            c.wait_ns_sum.load(Ordering::Relaxed),
+        );
         let (in_use_bytes, prezero_hits, prezero_misses) = self.cache_counts();
         PoolStats {
             capacity_bytes: r(&c.capacity_bytes),
@@ -1297,6 +1300,11 @@ impl<'p> Alloc<'p> {
                     Err(e) => {
                         if matches!(e, PoolError::Timeout { .. }) {
                             Counters::bump(&shared.counters.timeouts);
+                            tracing::warn!(
+                                waited_ms = (now - since).as_millis() as u64,
+                                error = %e,
+                                "a request for pool capacity timed out"
+                            );
                         }
                         Poll::Ready(Err(e))
                     }

@@ -13,6 +13,9 @@ use hdrhistogram::Histogram;
 use crate::share::ShareUsage;
 use crate::sync::{AtomicU64, Mutex, Ordering};
 
+/// A completed wait at least this long is logged (`tracing` info).
+pub const LONG_WAIT: Duration = Duration::from_millis(10);
+
 /// Slow-path counters. All relaxed: each is an independent monotonic count or gauge.
 #[derive(Debug)]
 pub(crate) struct Counters {
@@ -20,6 +23,8 @@ pub(crate) struct Counters {
     pub peak_allocated_bytes: AtomicU64,
     pub chunks: AtomicU64,
     pub waits: AtomicU64,
+    /// Completed waits' total, nanoseconds.
+    pub wait_ns_sum: AtomicU64,
     pub timeouts: AtomicU64,
     pub grows: AtomicU64,
     pub sync_grows: AtomicU64,
@@ -44,6 +49,7 @@ impl Counters {
             peak_allocated_bytes: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
             waits: AtomicU64::new(0),
+            wait_ns_sum: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             grows: AtomicU64::new(0),
             sync_grows: AtomicU64::new(0),
@@ -71,6 +77,13 @@ impl Counters {
     pub fn record_wait(&self, waited: Duration) {
         Counters::bump(&self.waits);
         let ns = (waited.as_nanos() as u64).max(1);
+        self.wait_ns_sum.fetch_add(ns, Ordering::Relaxed);
+        if waited >= LONG_WAIT {
+            tracing::info!(
+                waited_ms = waited.as_millis() as u64,
+                "a request waited long for pool capacity"
+            );
+        }
         let mut h = self.wait_ns.lock().unwrap();
         h.saturating_record(ns);
     }
@@ -89,7 +102,34 @@ pub struct WaitPercentiles {
     pub p999_ns: u64,
     /// Longest.
     pub max_ns: u64,
+    /// The waits' total, in nanoseconds (exact: summed as they complete).
+    pub sum_ns: u64,
+    /// Cumulative counts: waits of at most each bound of [`WAIT_BUCKET_BOUNDS_NS`], in that
+    /// order (a Prometheus histogram's buckets; waits past the last bound are in `count`
+    /// only). Empty when nothing waited.
+    pub buckets: Vec<WaitBucket>,
 }
+
+/// One cumulative bucket of [`WaitPercentiles::buckets`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct WaitBucket {
+    /// Upper bound, nanoseconds (inclusive).
+    pub le_ns: u64,
+    /// Waits of at most `le_ns`.
+    pub count: u64,
+}
+
+/// The wait histogram's bucket bounds: 1 µs to 10 s, by decades.
+pub const WAIT_BUCKET_BOUNDS_NS: [u64; 8] = [
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    100_000_000,
+    1_000_000_000,
+    10_000_000_000,
+];
 
 /// A snapshot of a pool's state and history. Cheap to take (no lock held across anything slow).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -147,16 +187,36 @@ impl PoolStats {
         serde_json::to_string(self).expect("stats serialize")
     }
 
-    pub(crate) fn percentiles(h: &Histogram<u64>) -> WaitPercentiles {
+    /// Percentiles and cumulative buckets of `h`, with the exact total `sum_ns`. The buckets
+    /// have the histogram's precision (3 significant digits): a wait within 0.1 % of a bound
+    /// may be counted on either side of it.
+    pub(crate) fn percentiles(h: &Histogram<u64>, sum_ns: u64) -> WaitPercentiles {
         if h.is_empty() {
             return WaitPercentiles::default();
         }
+        let mut cumulative = 0;
+        let mut low = 0;
+        let buckets = WAIT_BUCKET_BOUNDS_NS
+            .iter()
+            .map(|&le_ns| {
+                if low <= h.max() {
+                    cumulative += h.count_between(low, le_ns);
+                }
+                low = le_ns + 1;
+                WaitBucket {
+                    le_ns,
+                    count: cumulative.min(h.len()),
+                }
+            })
+            .collect();
         WaitPercentiles {
             count: h.len(),
             p50_ns: h.value_at_quantile(0.5),
             p99_ns: h.value_at_quantile(0.99),
             p999_ns: h.value_at_quantile(0.999),
             max_ns: h.max(),
+            sum_ns,
+            buckets,
         }
     }
 }

@@ -5,11 +5,9 @@
 //! Names: `tidepool_pool_*` ([`PoolStats`]), `tidepool_direct_*` ([`DirectStats`]),
 //! `tidepool_nvme_queue_*` ([`QueueCounters`]), `tidepool_net_*` ([`NetStats`]).
 //!
-//! The pool's wait times are a Prometheus *summary* (`tidepool_pool_wait_seconds` with quantiles
-//! 0.5, 0.99, 0.999 and `_count`) plus `tidepool_pool_wait_max_seconds`: [`PoolStats`] exposes
-//! percentiles, not bucket counts or a sum, so neither a histogram nor `_sum` can be rendered from
-//! it. When the pool exposes cumulative bucket counts and a sum, [`Exposition::histogram`] renders
-//! them as `tidepool_pool_wait_seconds` histogram unchanged for scrapers (same name).
+//! The pool's wait times are a Prometheus *histogram* (`tidepool_pool_wait_seconds`: the pool's
+//! cumulative buckets, 1 µs to 10 s by decades, with `_sum` and `_count`) plus
+//! `tidepool_pool_wait_max_seconds`.
 
 use tidepool::pool::PoolStats;
 use tidepool::share::direct::DirectStats;
@@ -136,17 +134,26 @@ pub fn pool(
         metrics.counter(name, help, labels, value)?;
     }
     let seconds = |ns: u64| ns as f64 / NS_PER_SECOND;
-    metrics.summary(
+    // Every bound always, so the series are the same whether or not anything waited yet.
+    let buckets: Vec<(f64, u64)> = tidepool::pool::WAIT_BUCKET_BOUNDS_NS
+        .iter()
+        .map(|&le_ns| {
+            let count = stats
+                .wait
+                .buckets
+                .iter()
+                .find(|b| b.le_ns == le_ns)
+                .map_or(0, |b| b.count);
+            (seconds(le_ns), count)
+        })
+        .collect();
+    metrics.histogram(
         "tidepool_pool_wait_seconds",
-        "How long awaitable requests that got capacity waited for it (quantiles since the pool was made).",
+        "How long awaitable requests that got capacity waited for it (since the pool was made).",
         labels,
-        &[
-            (0.5, seconds(stats.wait.p50_ns)),
-            (0.99, seconds(stats.wait.p99_ns)),
-            (0.999, seconds(stats.wait.p999_ns)),
-        ],
+        &buckets,
         stats.wait.count,
-        None,
+        seconds(stats.wait.sum_ns),
     )?;
     metrics.gauge(
         "tidepool_pool_wait_max_seconds",

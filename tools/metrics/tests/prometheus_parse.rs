@@ -193,7 +193,7 @@ fn a_live_pool_and_driver_counters_parse_as_prometheus_text() {
     let types = check_grammar(&text);
     assert_eq!(types["tidepool_pool_capacity_bytes"], "gauge");
     assert_eq!(types["tidepool_pool_wait_timeouts_total"], "counter");
-    assert_eq!(types["tidepool_pool_wait_seconds"], "summary");
+    assert_eq!(types["tidepool_pool_wait_seconds"], "histogram");
     assert_eq!(types["tpio_completion_latency_seconds"], "histogram");
 
     let scrape = scrape(&text);
@@ -222,13 +222,23 @@ fn a_live_pool_and_driver_counters_parse_as_prometheus_text() {
         &Value::Gauge(0.0)
     );
     match value_of(&scrape, "tidepool_pool_wait_seconds", ("pool", "identity")) {
-        Value::Summary(quantiles) => {
-            let qs: Vec<f64> = quantiles.iter().map(|q| q.quantile).collect();
-            assert_eq!(qs, [0.5, 0.99, 0.999]);
-            let p50 = stats.wait.p50_ns as f64 / 1e9;
-            assert!((quantiles[0].count - p50).abs() < 1e-12, "{quantiles:?}");
+        Value::Histogram(buckets) => {
+            let bounds: Vec<f64> = buckets.iter().map(|b| b.less_than).collect();
+            assert_eq!(
+                bounds,
+                [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, f64::INFINITY]
+            );
+            // Cumulative, and the +Inf bucket is every completed wait.
+            assert!(buckets.windows(2).all(|w| w[0].count <= w[1].count));
+            assert_eq!(buckets[8].count, stats.wait.count as f64);
+            let pool_buckets: Vec<f64> =
+                stats.wait.buckets.iter().map(|b| b.count as f64).collect();
+            let scraped: Vec<f64> = buckets[..8].iter().map(|b| b.count).collect();
+            if stats.wait.count > 0 {
+                assert_eq!(scraped, pool_buckets);
+            }
         }
-        other => panic!("wait is a summary, got {other:?}"),
+        other => panic!("wait is a histogram, got {other:?}"),
     }
     assert_eq!(
         value_of(
@@ -281,11 +291,11 @@ fn json_carries_the_same_families_and_values() {
         .iter()
         .find(|f| f["name"] == "tidepool_pool_wait_seconds")
         .unwrap();
-    assert_eq!(wait["type"], "summary");
-    assert_eq!(wait["series"][0]["quantiles"][1]["quantile"], 0.99);
+    assert_eq!(wait["type"], "histogram");
+    assert_eq!(wait["series"][0]["count"], stats.wait.count);
     assert!(
-        wait["series"][0].get("sum").is_none(),
-        "the pool keeps no sum"
+        wait["series"][0].get("sum").is_some(),
+        "the pool keeps the sum"
     );
 }
 
