@@ -7,7 +7,8 @@
 //! 1. **Retire** transient chunks that went idle (unshare, free).
 //! 2. **Expire** waiters' deadlines (wake them so they can time out).
 //! 3. **Grow** by whole chunks when anyone waits (enough for the waiting bytes plus the
-//!    reserve) or when free space is below `low_watermark`, up to `max_bytes`; growth for a
+//!    reserve) or when free space is below `low_watermark` while something is allocated (a
+//!    wholly idle pool rests at its prefill), up to `max_bytes`; growth for a
 //!    waiter that has waited `grow_after` counts as synchronous. After a failure (no
 //!    hugepages, mapping refused, memlock) it backs off exponentially (1 ms, doubling, at most
 //!    [`MAX_BACKOFF`] = 1 s; a success resets it), records the typed cause in
@@ -16,7 +17,8 @@
 //!    ends with the cause instead, so failure cannot spin and no waiter hangs.
 //! 4. **Shrink**: chunks wholly idle for `shrink_delay`, while nobody waits and the pool has not
 //!    grown for `shrink_delay`, are unshared and freed — newest first, never below the prefill,
-//!    and only while at least `high_watermark` stays free. Since `high_watermark ≥
+//!    and, while anything is allocated, only while at least `high_watermark` stays free (a
+//!    wholly idle pool goes back to its prefill). Since `high_watermark ≥
 //!    low_watermark + chunk_bytes`, a chunk given back cannot by itself push free space under the
 //!    growth threshold: a steady load does not oscillate. Nor does a bursty one: capacity is
 //!    also kept at the recent peak of allocated bytes, which decays by half every
@@ -325,7 +327,10 @@ impl Shared {
                 } else {
                     short.max(chunk)
                 }
-            } else if free < cfg.low_watermark as u64 && !in_backoff {
+            } else if free < cfg.low_watermark as u64 && !in_backoff && g.arena.allocated_bytes > 0
+            {
+                // The watermark anticipates demand while there is some: a wholly idle pool
+                // rests at its prefill (and shrinks back to it) instead of growing for nobody.
                 chunk
             } else {
                 0
@@ -491,10 +496,13 @@ impl Shared {
                 return 0;
             };
             let mut gone = Vec::new();
+            // Nothing allocated (the caches were just drained): the free-space floor is for
+            // a pool in use; an idle one goes back to its prefill.
+            let idle = g.arena.allocated_bytes == 0;
             for slot in g.arena.idle_candidates(before) {
                 let len = g.arena.chunk_len(slot).unwrap_or(0);
                 if g.arena.capacity_bytes < cfg.prefill_bytes as u64 + len
-                    || g.arena.free_bytes < cfg.high_watermark as u64 + len
+                    || (!idle && g.arena.free_bytes < cfg.high_watermark as u64 + len)
                     || ((g.arena.capacity_bytes - len) as f64) < g.recent_peak
                 {
                     break;

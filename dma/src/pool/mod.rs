@@ -410,9 +410,16 @@ impl Shared {
                 mask: self.cfg.dma_mask,
             });
         }
-        let max_order = self.cfg.max_order();
-        let buddy = Buddy::new(len as u64, PoolConfig::min_order(), max_order)
-            .expect("chunk length is a multiple of max_buffer (validated)");
+        // Growth chunks are whole max_buffers (validated); a transient chunk may be one smaller
+        // block, a power of two or whole pages: its top order is what its length allows.
+        let max_order = self
+            .cfg
+            .max_order()
+            .min(len.trailing_zeros())
+            .max(PoolConfig::min_order());
+        let buddy = Buddy::new(len as u64, PoolConfig::min_order(), max_order).expect(
+            "a chunk is whole blocks of its top order (growth: max_buffers; transient: its block)",
+        );
         Ok((chunk, dev, buddy))
     }
 
@@ -734,9 +741,10 @@ impl Shared {
                 None,
             ));
         }
+        // Sized to the request (its block, in whole pages), not to `max_buffer`: a transient
+        // chunk serves the one caller that found the pool empty.
         let page = self.cfg.memory.page_size.bytes();
         let len = (1usize << order).div_ceil(page) * page;
-        let len = len.div_ceil(self.cfg.max_buffer) * self.cfg.max_buffer;
         {
             let mut g = self.global.lock().unwrap();
             if g.arena.capacity_bytes + g.growing_bytes + len as u64 > self.cfg.max_bytes as u64 {

@@ -315,7 +315,7 @@ fn immediate_path_uses_reserve_then_transient_then_fails_clearly() {
     // ...then a transient chunk...
     held.push(p.try_alloc(64 << 10).unwrap());
     let s = p.stats();
-    // (a 64 KiB request makes a 64 KiB transient chunk: pages of 4 KiB, whole max_buffers)
+    // (a 64 KiB request makes a 64 KiB transient chunk: its block, in whole 4 KiB pages)
     assert_eq!((s.transient_allocs, s.capacity_bytes), (1, 320 << 10));
     // ...then the cap stops the next one with a clear error.
     let err = p.try_alloc(64 << 10).unwrap_err();
@@ -1388,4 +1388,67 @@ fn prezeroing_reaches_the_largest_and_smallest_classes() {
     let s = p.stats();
     assert_eq!(s.prezero_hits, 1, "{s:?}");
     assert_zeroed_lists_hold_zero_blocks(&p);
+}
+
+/// The idle floor: watermarks apply while something is allocated. A fresh pool does not grow
+/// for nobody, a used one grows to its low watermark, and once wholly idle it shrinks back to
+/// its prefill although that leaves less than `high_watermark` free.
+#[test]
+fn a_wholly_idle_pool_rests_at_its_prefill() {
+    let p = pool(PoolConfig {
+        low_watermark: 512 << 10,
+        high_watermark: 768 << 10,
+        max_bytes: 2 << 20,
+        shrink_delay: Duration::from_millis(20),
+        ..small_config()
+    });
+    assert_eq!(
+        p.maintain().grew,
+        0,
+        "nothing allocated: no watermark growth"
+    );
+    assert_eq!(p.stats().capacity_bytes, 256 << 10);
+    let b = p.try_alloc(64 << 10).unwrap();
+    let grew: usize = (0..4).map(|_| p.maintain().grew).sum();
+    assert_eq!(grew, 2, "in use: grown until the low watermark is free");
+    assert_eq!(p.stats().capacity_bytes, 768 << 10);
+    drop(b);
+    std::thread::sleep(Duration::from_millis(30));
+    let shrank: usize = (0..4).map(|_| p.maintain().shrank).sum();
+    assert_eq!(shrank, 2);
+    assert_eq!(p.stats().capacity_bytes, 256 << 10, "back to the prefill");
+    assert_eq!(p.maintain().grew, 0, "and it stays there while idle");
+}
+
+/// A transient chunk is sized to its request (its block in whole pages), not to `max_buffer`.
+#[test]
+fn a_transient_chunk_is_sized_to_its_request() {
+    let p = pool(PoolConfig {
+        transient: true,
+        max_bytes: 512 << 10,
+        ..small_config()
+    });
+    let held: Vec<_> = (0..4).map(|_| p.try_alloc(64 << 10).unwrap()).collect();
+    let small = p.try_alloc(4096).unwrap();
+    let s = p.stats();
+    assert_eq!(s.transient_allocs, 1);
+    assert_eq!(
+        s.capacity_bytes,
+        (256 << 10) + 4096,
+        "one 4 KiB page, not 64 KiB"
+    );
+    let odd = p.try_alloc(12 << 10).unwrap();
+    assert_eq!(
+        p.stats().capacity_bytes,
+        (256 << 10) + 4096 + (16 << 10),
+        "its 16 KiB block"
+    );
+    drop((small, odd));
+    p.maintain();
+    assert_eq!(
+        p.stats().capacity_bytes,
+        256 << 10,
+        "idle transient chunks go back"
+    );
+    drop(held);
 }
