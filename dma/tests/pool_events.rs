@@ -1,4 +1,4 @@
-//! The pool's tracing events (growth, a long wait, shrink) and its wait histogram's buckets
+//! The pool's tracing span (growth) and events (growth, a long wait, shrink) and its wait histogram's buckets
 //! and sum. In a test binary of its own: tracing caches each callsite's interest
 //! process-wide, and a scoped subscriber can miss callsites other test threads registered.
 
@@ -25,7 +25,11 @@ impl tracing::Subscriber for Capture {
     fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
         true
     }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+    fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("SPAN {}", span.metadata().name()));
         tracing::span::Id::from_u64(1)
     }
     fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
@@ -118,6 +122,7 @@ fn growth_a_long_wait_and_shrink_are_logged_and_the_wait_is_in_its_bucket() {
             .iter()
             .any(|e| e.starts_with(level) && e.contains(message))
     };
+    assert!(has("SPAN", "pool_growth"), "{events:?}");
     assert!(has("INFO", "pool grew by a chunk"), "{events:?}");
     assert!(
         has("INFO", "a request waited long for pool capacity"),

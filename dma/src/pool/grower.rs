@@ -347,6 +347,9 @@ impl Shared {
 
         report.forced = forced;
         let growth_started = Instant::now();
+        let _growth_span = (grow_chunks > 0).then(|| {
+            tracing::info_span!("pool_growth", chunks = grow_chunks, chunk_bytes = chunk).entered()
+        });
         for i in 0..grow_chunks {
             let made = self.make_chunk(chunk as usize);
             let mut wakes = WakeList::new();
@@ -407,6 +410,7 @@ impl Shared {
             }
         }
 
+        drop(_growth_span);
         report.shrank = self.shrink(now);
         report.prezeroed = self.prezero(cfg.prezero_bytes_per_pass);
 

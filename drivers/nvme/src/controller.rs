@@ -681,6 +681,8 @@ impl Controller {
     /// mastering leaves commands the device never finished (a wedged DMA engine) able to
     /// resume their DMA, into memory that went back to the pool, once bus mastering is back.
     pub fn recover(&self) -> Result<(), NvmeError> {
+        let _span =
+            tracing::info_span!("nvme_recover", device = self.shared.hw.device.name()).entered();
         let hw = &self.shared.hw;
         hw.check_usable()?;
         let mut admin = lock(&self.shared.admin);
