@@ -1182,7 +1182,6 @@ fn run_phase(
         }
         completions.clear();
         if let Err(error) = engine.reap(1, &mut completions) {
-            account(&finished, finished_at, settings, state, progress);
             state.fail(libc::EIO, error.to_string());
             return issued;
         }

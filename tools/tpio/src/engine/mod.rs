@@ -24,6 +24,8 @@
 //!
 //! An engine is used by one thread at a time (`Send`, not `Sync`); `numjobs` clones each open their own.
 
+use ::tidepool::data::PageBuf;
+
 use crate::options::{EngineKind, JobSpec};
 
 pub mod io_uring;
@@ -201,4 +203,44 @@ pub fn target_label(spec: &JobSpec) -> String {
         .as_ref()
         .map(|path| path.display().to_string())
         .unwrap_or_else(|| "(null)".into())
+}
+
+/// Idle slot `slot` of an engine whose slot table holds `None` while a slot is in flight; a
+/// slot in flight or out of range is the harness's misuse.
+pub(crate) fn idle_slot<T>(slots: &mut [Option<T>], slot: u32) -> Result<&mut T, EngineError> {
+    match slots.get_mut(slot as usize) {
+        Some(Some(memory)) => Ok(memory),
+        Some(None) => Err(EngineError::Misuse(format!("slot {slot} is in flight"))),
+        None => Err(EngineError::Misuse(format!("slot {slot} out of range"))),
+    }
+}
+
+/// [`idle_slot`], read-only.
+pub(crate) fn idle_slot_ref<T>(slots: &[Option<T>], slot: u32) -> Result<&T, EngineError> {
+    match slots.get(slot as usize) {
+        Some(Some(memory)) => Ok(memory),
+        Some(None) => Err(EngineError::Misuse(format!("slot {slot} is in flight"))),
+        None => Err(EngineError::Misuse(format!("slot {slot} out of range"))),
+    }
+}
+
+/// Copies `data` into slot `slot`'s private page, which becomes `data.len()` long.
+pub(crate) fn fill_page(page: &mut PageBuf, slot: u32, data: &[u8]) -> Result<(), EngineError> {
+    if !page.set_len(data.len()) {
+        return Err(EngineError::Misuse(format!(
+            "slot {slot}: {} bytes do not fit",
+            data.len()
+        )));
+    }
+    page.as_mut_slice().copy_from_slice(data);
+    Ok(())
+}
+
+/// Copies the start of slot `slot`'s private page into `out`.
+pub(crate) fn read_page(page: &PageBuf, slot: u32, out: &mut [u8]) -> Result<(), EngineError> {
+    let bytes = page.as_slice().get(..out.len()).ok_or_else(|| {
+        EngineError::Misuse(format!("slot {slot} holds fewer than {} bytes", out.len()))
+    })?;
+    out.copy_from_slice(bytes);
+    Ok(())
 }

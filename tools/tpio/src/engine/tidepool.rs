@@ -53,7 +53,10 @@ use tidepool::pool::{Direction, DmaBuf, Pool, PoolConfig};
 use tidepool::share::direct::DirectMapper;
 use tidepool_nvme::{Controller, ControllerConfig, Done, IoQueue, Namespace, NvmeError};
 
-use super::{target_label, Engine, EngineError, Geometry, IoCompletion, IoDirection, IoRequest};
+use super::{
+    fill_page, idle_slot, idle_slot_ref, read_page, target_label, Engine, EngineError, Geometry,
+    IoCompletion, IoDirection, IoRequest,
+};
 use crate::options::{CompletionMode, DmaMode, JobSpec, PoolSettings};
 
 /// The namespace the engine works on.
@@ -568,40 +571,21 @@ impl Engine for TidepoolEngine {
     }
 
     fn fill_slot(&mut self, slot: u32, data: &[u8]) -> Result<(), EngineError> {
-        let misuse = |e: String| EngineError::Misuse(format!("slot {slot}: {e}"));
-        match self.slots.get_mut(slot as usize) {
-            Some(Some(SlotMemory::Pool(buf))) => {
-                buf.set_len(data.len()).map_err(|e| misuse(e.to_string()))?;
-                buf.write_at(0, data).map_err(|e| misuse(e.to_string()))
-            }
-            Some(Some(SlotMemory::Host(page))) => {
-                if !page.set_len(data.len()) {
-                    return Err(misuse(format!("{} bytes do not fit", data.len())));
-                }
-                page.as_mut_slice().copy_from_slice(data);
-                Ok(())
-            }
-            Some(None) => Err(misuse("in flight".into())),
-            None => Err(misuse("out of range".into())),
+        match idle_slot(&mut self.slots, slot)? {
+            SlotMemory::Pool(buf) => buf
+                .set_len(data.len())
+                .and_then(|()| buf.write_at(0, data))
+                .map_err(|e| EngineError::Misuse(format!("slot {slot}: {e}"))),
+            SlotMemory::Host(page) => fill_page(page, slot, data),
         }
     }
 
     fn read_slot(&self, slot: u32, out: &mut [u8]) -> Result<(), EngineError> {
-        let misuse = |e: String| EngineError::Misuse(format!("slot {slot}: {e}"));
-        match self.slots.get(slot as usize) {
-            Some(Some(SlotMemory::Pool(buf))) => {
-                buf.read_at(0, out).map_err(|e| misuse(e.to_string()))
-            }
-            Some(Some(SlotMemory::Host(page))) => {
-                let bytes = page
-                    .as_slice()
-                    .get(..out.len())
-                    .ok_or_else(|| misuse(format!("holds fewer than {} bytes", out.len())))?;
-                out.copy_from_slice(bytes);
-                Ok(())
-            }
-            Some(None) => Err(misuse("in flight".into())),
-            None => Err(misuse("out of range".into())),
+        match idle_slot_ref(&self.slots, slot)? {
+            SlotMemory::Pool(buf) => buf
+                .read_at(0, out)
+                .map_err(|e| EngineError::Misuse(format!("slot {slot}: {e}"))),
+            SlotMemory::Host(page) => read_page(page, slot, out),
         }
     }
 

@@ -62,7 +62,10 @@ use tidepool_vhost_user_blk::{
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 
-use super::{target_label, Engine, EngineError, Geometry, IoCompletion, IoDirection, IoRequest};
+use super::{
+    fill_page, idle_slot, idle_slot_ref, read_page, target_label, Engine, EngineError, Geometry,
+    IoCompletion, IoDirection, IoRequest,
+};
 use crate::options::{CompletionMode, JobSpec};
 
 /// Largest virtqueue `qemu-storage-daemon` (libvhost-user) accepts.
@@ -262,15 +265,6 @@ pub struct VhostUserBlkEngine {
 }
 
 impl VhostUserBlkEngine {
-    /// The memory of idle slot `slot`; in flight or out of range is the harness's misuse.
-    fn idle_slot(&mut self, slot: u32) -> Result<&mut PageBuf, EngineError> {
-        match self.slots.get_mut(slot as usize) {
-            Some(Some(page)) => Ok(page),
-            Some(None) => Err(EngineError::Misuse(format!("slot {slot} is in flight"))),
-            None => Err(EngineError::Misuse(format!("slot {slot} out of range"))),
-        }
-    }
-
     /// Connects to (or shares, see the module doc) the backend on the socket `spec.filename`.
     /// A missing path, a path that is not a socket, or a peer that does not speak vhost-user
     /// is an [`EngineError::Open`] naming the socket.
@@ -427,28 +421,11 @@ impl Engine for VhostUserBlkEngine {
 
     /// Only while the slot is idle (its memory is here, not with a task).
     fn fill_slot(&mut self, slot: u32, data: &[u8]) -> Result<(), EngineError> {
-        let page = self.idle_slot(slot)?;
-        if !page.set_len(data.len()) {
-            return Err(EngineError::Misuse(format!(
-                "slot {slot}: {} bytes do not fit",
-                data.len()
-            )));
-        }
-        page.as_mut_slice().copy_from_slice(data);
-        Ok(())
+        fill_page(idle_slot(&mut self.slots, slot)?, slot, data)
     }
 
     fn read_slot(&self, slot: u32, out: &mut [u8]) -> Result<(), EngineError> {
-        let page = match self.slots.get(slot as usize) {
-            Some(Some(page)) => page,
-            Some(None) => return Err(EngineError::Misuse(format!("slot {slot} is in flight"))),
-            None => return Err(EngineError::Misuse(format!("slot {slot} out of range"))),
-        };
-        let bytes = page.as_slice().get(..out.len()).ok_or_else(|| {
-            EngineError::Misuse(format!("slot {slot} holds fewer than {} bytes", out.len()))
-        })?;
-        out.copy_from_slice(bytes);
-        Ok(())
+        read_page(idle_slot_ref(&self.slots, slot)?, slot, out)
     }
 
     fn queue(&mut self, request: IoRequest) -> Result<(), EngineError> {
