@@ -328,6 +328,7 @@ pub enum Completed {
 
 impl Completed {
     /// The pool buffer, if the data was owned.
+    #[inline]
     pub fn into_buf(self) -> Option<DmaBuf> {
         match self {
             Completed::Buf(b) => Some(b),
@@ -354,6 +355,7 @@ impl From<DmaBuf> for DmaData {
 impl DmaData {
     /// A pool buffer the caller filled (or will read) in place: zero-copy, in either
     /// direction. Its first `buf.len()` bytes are the transfer.
+    #[inline]
     pub fn owned(buf: DmaBuf) -> DmaData {
         DmaData {
             inner: Inner::Owned(buf),
@@ -526,6 +528,7 @@ impl DmaData {
 
     /// [`DmaData::complete`] for owned data: the pool buffer back (`None` for caller memory,
     /// which is then completed and dropped).
+    #[inline]
     pub fn into_buf(self) -> Option<DmaBuf> {
         self.complete().into_buf()
     }
@@ -537,8 +540,18 @@ impl DmaData {
     /// Call it only once the device can no longer access the data: drivers do that, handing
     /// data back in their completions only after the command completed or the device was
     /// stopped.
+    #[inline]
     pub fn complete(self) -> Completed {
         match self.inner {
+            Inner::Owned(b) => Completed::Buf(b),
+            other => Self::complete_caller_memory(other),
+        }
+    }
+
+    /// [`DmaData::complete`] of bounced or directly mapped caller memory (out of line: the
+    /// owned-buffer hot path stays small where it is inlined).
+    fn complete_caller_memory(inner: Inner) -> Completed {
+        match inner {
             Inner::Owned(b) => Completed::Buf(b),
             Inner::Bounce(b) => {
                 let Bounced {

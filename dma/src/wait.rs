@@ -250,6 +250,31 @@ impl Drop for WakeList {
     }
 }
 
+/// The current time, read from the clock at most once, and only if someone asks for it.
+///
+/// The release path hands one to [`WaitQueue::dispatch_lazy`] and to the arena: most releases
+/// (nobody waiting, no chunk going idle, the head waiter fits) then read no clock at all.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LazyNow(Option<Instant>);
+
+impl LazyNow {
+    /// No time read yet: the first [`LazyNow::get`] reads the clock.
+    pub fn new() -> Self {
+        Self(None)
+    }
+
+    /// A time already known.
+    pub fn at(now: Instant) -> Self {
+        Self(Some(now))
+    }
+
+    /// The time: the one given or read before, else `Instant::now()` (kept for later calls).
+    #[inline]
+    pub fn get(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
+    }
+}
+
 /// Hashes a ticket's sequence number as itself: the keys of [`WaitQueue::granted`] are
 /// distinct counters chosen by the queue, not by an adversary, so SipHash's cost buys nothing.
 #[derive(Debug, Default, Clone, Copy)]
@@ -492,6 +517,19 @@ impl<G> WaitQueue<G> {
         wakes: &mut WakeList,
         mut grant: impl FnMut(u64) -> Option<G>,
     ) -> usize {
+        self.dispatch_lazy(&mut LazyNow::at(now), wakes, |size, _| grant(size))
+    }
+
+    /// [`WaitQueue::dispatch`] reading the clock only if it must: the aging rule needs the
+    /// time only for an entry that does not fit, and `grant` gets `now` to read it only if it
+    /// needs it too (for instance to time-stamp the grant). A release that serves the head of
+    /// the queue at once, or finds nobody waiting, reads no clock here.
+    pub fn dispatch_lazy(
+        &mut self,
+        now: &mut LazyNow,
+        wakes: &mut WakeList,
+        mut grant: impl FnMut(u64, &mut LazyNow) -> Option<G>,
+    ) -> usize {
         let mut granted = 0;
         // Entries passed over in this walk, oldest first, by index in `waiting` (entries are
         // removed only at the walk's position, behind them, so their indices hold): each is
@@ -504,13 +542,13 @@ impl<G> WaitQueue<G> {
             let seq = *seq;
             let size = waiter.size;
             let offered = if size < smallest_refused {
-                grant(size)
+                grant(size, now)
             } else {
                 None
             };
             let Some(handed) = offered else {
                 smallest_refused = smallest_refused.min(size);
-                if self.is_starving(waiter, now) {
+                if self.is_starving(waiter, now.get()) {
                     break; // Space is kept for it: nothing behind it is served.
                 }
                 if self
@@ -811,6 +849,39 @@ mod tests {
         assert_eq!(dispatch_from(&mut q, &mut free, now), 1);
         assert_eq!((first.count(), second.count()), (0, 1));
         assert_eq!(q.poll(t, &second_waker), Poll::Ready(Ok(1)));
+    }
+
+    #[test]
+    fn dispatch_lazy_reads_the_clock_only_when_it_must() {
+        let mut q = WaitQueue::new(cfg(4, 1000));
+        let t0 = Instant::now();
+        let (_, w) = Counter::new();
+        let mut wakes = WakeList::new();
+        // Nobody waiting: no clock read.
+        let mut now = LazyNow::new();
+        assert_eq!(q.dispatch_lazy(&mut now, &mut wakes, |_, _| Some(())), 0);
+        assert_eq!(now.0, None);
+        // The head fits and the grant does not ask for the time: no clock read either.
+        q.enqueue(1, t0, &w);
+        assert_eq!(q.dispatch_lazy(&mut now, &mut wakes, |_, _| Some(())), 1);
+        assert_eq!(now.0, None);
+        // An entry that does not fit: the aging rule reads the clock, once.
+        q.enqueue(8, t0, &w);
+        assert_eq!(q.dispatch_lazy(&mut now, &mut wakes, |_, _| None), 0);
+        let read = now.0.expect("aging needed the time");
+        assert!(read >= t0);
+        assert_eq!(now.get(), read, "read once, then kept");
+        // A grant that asks for the time gets the one already read.
+        let mut stamped = None;
+        assert_eq!(
+            q.dispatch_lazy(&mut now, &mut wakes, |_, now| {
+                stamped = Some(now.get());
+                Some(())
+            }),
+            1
+        );
+        assert_eq!(stamped, Some(read));
+        wakes.wake_all();
     }
 
     #[test]

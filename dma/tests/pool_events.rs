@@ -130,3 +130,93 @@ fn growth_a_long_wait_and_shrink_are_logged_and_the_wait_is_in_its_bucket() {
     );
     assert!(has("INFO", "pool shrank"), "{events:?}");
 }
+
+/// An identity view that takes 20 ms per share (so a batch's threads overlap) and shares
+/// only while its allowance lasts, then refuses with ENOMEM.
+#[derive(Debug)]
+struct SlowAllowance {
+    inner: Identity,
+    left: std::sync::atomic::AtomicI64,
+}
+
+impl tidepool::share::DeviceView for SlowAllowance {
+    fn share(
+        &self,
+        region: &tidepool::memory::HostRegion<'_>,
+    ) -> Result<tidepool::DeviceAddr, tidepool::share::ShareError> {
+        std::thread::sleep(Duration::from_millis(20));
+        if self.left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) <= 0 {
+            return Err(tidepool::share::ShareError::Os {
+                what: "VFIO_IOMMU_MAP_DMA",
+                source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            });
+        }
+        self.inner.share(region)
+    }
+
+    fn unshare(
+        &self,
+        region: &tidepool::memory::HostRegion<'_>,
+        addr: tidepool::DeviceAddr,
+    ) -> Result<(), tidepool::share::ShareError> {
+        self.inner.unshare(region, addr)
+    }
+
+    fn usage(&self) -> tidepool::share::ShareUsage {
+        self.inner.usage()
+    }
+
+    fn kind(&self) -> &'static str {
+        "slow-allowance"
+    }
+}
+
+#[test]
+fn a_batch_logs_each_chunk_from_every_thread_and_its_failure_once() {
+    let capture = Capture::default();
+    let events = capture.0.clone();
+    tracing::subscriber::with_default(capture, || {
+        let view = Arc::new(SlowAllowance {
+            inner: Identity::new(),
+            left: std::sync::atomic::AtomicI64::new(i64::MAX / 2),
+        });
+        let pool = Pool::new(
+            view.clone(),
+            PoolConfig {
+                growth_threads: 2,
+                ..config()
+            },
+        )
+        .unwrap();
+        // Two more shares succeed (one on each thread: they overlap), the third is refused.
+        view.left.store(2, std::sync::atomic::Ordering::SeqCst);
+        let held: Vec<_> = (0..4).map(|_| pool.try_alloc(64 << 10).unwrap()).collect();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut waiting: Vec<_> = (0..12).map(|_| Box::pin(pool.alloc(64 << 10))).collect();
+        for w in &mut waiting {
+            assert!(w.as_mut().poll(&mut cx).is_pending());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        let r = pool.maintain();
+        assert_eq!((r.grew, r.failed), (2, 1), "{r:?}");
+        drop((held, waiting));
+    });
+    let events = events.lock().unwrap();
+    let count = |level: &str, message: &str| {
+        events
+            .iter()
+            .filter(|e| e.starts_with(level) && e.contains(message))
+            .count()
+    };
+    assert_eq!(count("INFO", "pool grew by a chunk"), 2, "{events:?}");
+    assert_eq!(count("WARN", "pool growth failed"), 1, "{events:?}");
+    let failed = events
+        .iter()
+        .find(|e| e.contains("pool growth failed"))
+        .unwrap();
+    assert!(
+        failed.contains("chunks_made=2") && failed.contains("chunks_asked=3"),
+        "{failed}"
+    );
+    assert!(failed.contains("VFIO_IOMMU_MAP_DMA"), "{failed}");
+}

@@ -10,6 +10,9 @@ use super::PoolError;
 /// The smallest buffer the pool hands out: 512 B (one disk sector). Smaller requests round up.
 pub const MIN_BUFFER: usize = 512;
 
+/// The most threads a growth attempt uses (see [`PoolConfig::growth_threads`]).
+pub const MAX_GROWTH_THREADS: usize = 8;
+
 /// What an awaitable allocation does when the pool is at its hard cap and nothing is free.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default, serde::Serialize)]
 pub enum AtCap {
@@ -61,10 +64,16 @@ pub struct PoolConfig {
     /// The largest single buffer (a power of two ≥ 4 KiB, ≤ `chunk_bytes`). Larger transfers use
     /// scatter-gather.
     pub max_buffer: usize,
-    /// Background growth starts when free bytes fall below this.
+    /// Background growth starts when free bytes fall below this. Such an attempt grows by
+    /// what brings free space back to the watermark plus the rise of allocated bytes since the
+    /// grower last looked (demand rising fast is met by several chunks at once), at least one
+    /// chunk.
     pub low_watermark: usize,
-    /// A chunk is given back only if at least this much stays free afterwards (hysteresis: must
-    /// exceed `low_watermark + chunk_bytes`).
+    /// A chunk is given back only if at least this much stays free afterwards (hysteresis: at
+    /// least `low_watermark`, so a chunk given back cannot by itself push free space under the
+    /// growth threshold, and a chunk grown from below it cannot by itself be given back; more
+    /// widens the band where neither happens, at the price of that much more memory kept
+    /// free).
     pub high_watermark: usize,
     /// A chunk must be wholly idle this long before it is given back; growth also blocks
     /// shrinking for this long.
@@ -116,6 +125,12 @@ pub struct PoolConfig {
     pub prezero_bytes_per_pass: usize,
     /// How often the grower makes a pre-zeroing pass (see `prezero_bytes_per_pass`).
     pub prezero_interval: Duration,
+    /// How many chunks one growth attempt makes at once (each on its own thread: faulting
+    /// pages in is the kernel zeroing them, one core's memory bandwidth per thread). `0` (the
+    /// default) means one per CPU this process may run on, at most [`MAX_GROWTH_THREADS`]; `1`
+    /// makes them one after the other on the grower thread. An attempt of one chunk always
+    /// runs on the grower thread alone.
+    pub growth_threads: usize,
     /// Run the background grower/shrinker thread. Off only for deterministic tests and models,
     /// which then call [`super::Pool::maintain`] themselves.
     pub background: bool,
@@ -150,6 +165,7 @@ impl Default for PoolConfig {
             cache_bytes_per_class: 256 << 10,
             prezero_bytes_per_pass: 1 << 20,
             prezero_interval: Duration::from_millis(5),
+            growth_threads: 0,
             background: true,
             dma_mask: u64::MAX,
             histogram_max_ns: 60_000_000_000,
@@ -213,13 +229,12 @@ impl PoolConfig {
                 ),
             );
         }
-        if self.high_watermark < self.low_watermark + self.chunk_bytes {
+        if self.high_watermark < self.low_watermark {
             return bad(
                 "high_watermark",
                 format!(
-                    "{} must be ≥ low_watermark + chunk_bytes = {} so growth and shrinking cannot oscillate",
-                    self.high_watermark,
-                    self.low_watermark + self.chunk_bytes
+                    "{} must be ≥ low_watermark {} so growth and shrinking cannot oscillate",
+                    self.high_watermark, self.low_watermark
                 ),
             );
         }
@@ -258,6 +273,17 @@ impl PoolConfig {
     /// log2 of [`MIN_BUFFER`].
     pub(crate) const fn min_order() -> u32 {
         MIN_BUFFER.trailing_zeros()
+    }
+
+    /// The threads a growth attempt of `chunks` chunks uses: `growth_threads` (or the CPUs
+    /// this process may use, when 0), at most [`MAX_GROWTH_THREADS`] and `chunks`, at least 1.
+    pub fn growth_workers(&self, chunks: u64) -> usize {
+        let threads = match self.growth_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let chunks = usize::try_from(chunks).unwrap_or(usize::MAX);
+        threads.min(MAX_GROWTH_THREADS).min(chunks).max(1)
     }
 
     /// log2 of `max_buffer`.

@@ -1,6 +1,7 @@
 //! The grower: the one thread where the pool's blocking work happens.
 //!
-//! Making a chunk faults hugepages in (≈0.3–2.6 ms per 2 MiB page here) and sharing it is an
+//! Making a chunk faults hugepages in (≈0.2–0.5 ms per 2 MiB page on the dev box once its host
+//! backs the page, several times that the first time) and sharing it is an
 //! ioctl; unsharing and unmapping likewise. None of that may run on an async worker or a
 //! poller, so a dedicated thread does it, woken through [`Signal`]:
 //!
@@ -8,9 +9,20 @@
 //! 2. **Expire** waiters' deadlines (wake them so they can time out).
 //! 3. **Grow** by whole chunks when anyone waits (enough for the waiting bytes plus the
 //!    reserve) or when free space is below `low_watermark` while something is allocated (a
-//!    wholly idle pool rests at its prefill), up to `max_bytes`; growth for a
-//!    waiter that has waited `grow_after` counts as synchronous. After a failure (no
-//!    hugepages, mapping refused, memlock) it backs off exponentially (1 ms, doubling, at most
+//!    wholly idle pool rests at its prefill: enough to bring free space back to the
+//!    watermark), up to `max_bytes` and the view's mapping slots; growth for a
+//!    waiter that has waited `grow_after` counts as synchronous. Either way an attempt also
+//!    grows by what demand, rising at the rate seen since the grower's last look, will take
+//!    while it runs (the rise times the latest attempt's duration over the time since that
+//!    look, at most the whole rise): a burst is met by several chunks at once, a slow rise
+//!    by the deficit alone. The chunks of one attempt are made `PoolConfig::growth_threads`
+//!    at a time, on scoped threads the grower starts for the attempt (faulting hugepages in
+//!    is the kernel zeroing them: one core's worth of memory bandwidth per thread), each
+//!    added to the arena and handed to waiters as soon as it is made; the grower waits for
+//!    all of them before its next step, so the pool's blocking work stays on its thread and
+//!    the threads it owns. After a failure (no
+//!    hugepages, mapping refused, memlock) the attempt stops beginning chunks (those being
+//!    made are finished and kept) and it backs off exponentially (1 ms, doubling, at most
 //!    [`MAX_BACKOFF`] = 1 s; a success resets it), records the typed cause in
 //!    [`GrowthRecord`] and wakes every waiter, which ends or keeps waiting by the
 //!    growth-failure rule ([`super`]). Nothing cuts a backoff short: a waiter past its bound
@@ -18,9 +30,10 @@
 //! 4. **Shrink**: chunks wholly idle for `shrink_delay`, while nobody waits and the pool has not
 //!    grown for `shrink_delay`, are unshared and freed — newest first, never below the prefill,
 //!    and, while anything is allocated, only while at least `high_watermark` stays free (a
-//!    wholly idle pool goes back to its prefill). Since `high_watermark ≥
-//!    low_watermark + chunk_bytes`, a chunk given back cannot by itself push free space under the
-//!    growth threshold: a steady load does not oscillate. Nor does a bursty one: capacity is
+//!    wholly idle pool goes back to its prefill). Since `high_watermark ≥ low_watermark`, a
+//!    chunk given back cannot by itself push free space under the growth threshold, and a
+//!    chunk grown from below it leaves less than `low_watermark` free without it, so it is not
+//!    given back at once: a steady load does not oscillate. Nor does a bursty one: capacity is
 //!    also kept at the recent peak of allocated bytes, which decays by half every
 //!    `peak_half_life`, so a lull between bursts does not give back what the next burst needs.
 //!
@@ -108,6 +121,10 @@ impl GrowthRecord {
         });
     }
 }
+
+/// The shortest interval a rate of rising demand is measured over (see `maintain`): a look
+/// right after another does not make a few allocations a steep rise.
+const RISE_MIN_INTERVAL: Duration = Duration::from_millis(1);
 
 /// The most bytes a pre-zeroing pass takes out of one cache at a time (one batch).
 pub(crate) const PREZERO_BATCH: usize = 64 << 10;
@@ -312,6 +329,19 @@ impl Shared {
             let room =
                 (cfg.max_bytes as u64).saturating_sub(g.arena.capacity_bytes + g.growing_bytes);
             let chunk = self.growth_chunk_bytes(room);
+            // Demand rising fast keeps rising while the pool grows: an attempt also grows by
+            // what the rise since the last look, at its rate, takes in the time the latest
+            // attempt took (at most the whole rise: the last look was at least that long ago,
+            // or it was the start), so a fast rise is met by several chunks at once.
+            let rise = g.arena.allocated_bytes.saturating_sub(g.allocated_seen);
+            let since = now
+                .saturating_duration_since(g.seen_at)
+                .max(RISE_MIN_INTERVAL);
+            let ahead = (rise as f64
+                * (g.last_growth_took.as_secs_f64() / since.as_secs_f64()).min(1.0))
+                as u64;
+            g.allocated_seen = g.arena.allocated_bytes;
+            g.seen_at = now;
             let in_backoff = g.backoff_until.is_some_and(|t| t > now);
             let oldest = g.queue.oldest();
             // A waiter past grow_after makes this a synchronous growth, but never cuts a
@@ -325,17 +355,22 @@ impl Shared {
                 if in_backoff && !forced {
                     0
                 } else {
-                    short.max(chunk)
+                    (short + ahead).max(chunk)
                 }
             } else if free < cfg.low_watermark as u64 && !in_backoff && g.arena.allocated_bytes > 0
             {
                 // The watermark anticipates demand while there is some: a wholly idle pool
                 // rests at its prefill (and shrinks back to it) instead of growing for nobody.
-                chunk
+                (cfg.low_watermark as u64 - free + ahead).max(chunk)
             } else {
                 0
             };
-            let n = want.div_ceil(chunk).min(room / chunk);
+            let n = want
+                .div_ceil(chunk)
+                .min(room / chunk)
+                // With no slot left one chunk is still tried: its failure (the view's
+                // `MappingLimit`) is what the waiters are told.
+                .min(self.free_mapping_slots().max(1));
             g.growing_bytes += n * chunk;
             let attempt = if n > 0 { g.growth.begin() } else { 0 };
             self.publish_capacity(&g);
@@ -346,70 +381,12 @@ impl Shared {
         self.unshare_all(retired);
 
         report.forced = forced;
-        let growth_started = Instant::now();
         let _growth_span = (grow_chunks > 0).then(|| {
             tracing::info_span!("pool_growth", chunks = grow_chunks, chunk_bytes = chunk).entered()
         });
-        for i in 0..grow_chunks {
-            let made = self.make_chunk(chunk as usize);
-            let mut wakes = WakeList::new();
-            let mut g = self.global.lock().unwrap();
-            match made {
-                Ok((c, dev, buddy)) => {
-                    g.growing_bytes -= chunk;
-                    g.arena.insert(c, dev, buddy, false);
-                    // dispatch publishes only when someone waits: publish the new chunk here.
-                    self.publish_capacity(&g);
-                    g.last_grow = Some(Instant::now());
-                    g.backoff = MIN_BACKOFF;
-                    g.backoff_until = None;
-                    g.growth.succeeded(attempt);
-                    report.grew += 1;
-                    Counters::bump(&self.counters.grows);
-                    if forced {
-                        Counters::bump(&self.counters.sync_grows);
-                    }
-                    tracing::info!(
-                        chunk_bytes = chunk,
-                        capacity_bytes = g.arena.capacity_bytes,
-                        forced_by_waiter = forced,
-                        took_us = growth_started.elapsed().as_micros() as u64,
-                        "pool grew by a chunk"
-                    );
-                    self.dispatch(&mut g, Instant::now(), &mut wakes);
-                    drop(g);
-                    wakes.wake_all();
-                }
-                Err(e) => {
-                    g.growing_bytes -= (grow_chunks - i) * chunk;
-                    g.backoff_until = Some(Instant::now() + g.backoff);
-                    g.backoff = (g.backoff * 2).min(MAX_BACKOFF);
-                    let text = e.to_string();
-                    tracing::warn!(
-                        error = %text,
-                        chunk_bytes = chunk,
-                        capacity_bytes = g.arena.capacity_bytes,
-                        next_try_ms = g.backoff.as_millis() as u64,
-                        "pool growth failed"
-                    );
-                    g.growth.failed(attempt, e);
-                    // Every waiter checks whether this failure ends it (the growth-failure
-                    // rule); the space the failed attempt counted on is not coming.
-                    for w in g.queue.wakers() {
-                        wakes.push(w.clone());
-                    }
-                    self.publish_capacity(&g);
-                    drop(g);
-                    // Counted before anyone is told, so the stats a woken waiter reads agree.
-                    report.failed += 1;
-                    Counters::bump(&self.counters.growth_failures);
-                    *self.counters.last_growth_error.lock().unwrap() = Some(text);
-                    wakes.wake_all();
-                    break;
-                }
-            }
+        if grow_chunks > 0 {
+            self.grow(grow_chunks, chunk, attempt, forced, &mut report);
         }
-
         drop(_growth_span);
         report.shrank = self.shrink(now);
         report.prezeroed = self.prezero(cfg.prezero_bytes_per_pass);
@@ -437,6 +414,149 @@ impl Shared {
         }
         report.next_wake = next.map(|t| t.saturating_duration_since(Instant::now()));
         report
+    }
+
+    /// Growth attempt `attempt`: makes `n` chunks of `chunk` bytes (counted in
+    /// `growing_bytes` by the caller) on up to `PoolConfig::growth_workers` threads at once,
+    /// each chunk added to the arena and handed to waiters as soon as it is made. The first
+    /// failure stops the attempt: chunks already being made are finished and kept, the rest
+    /// are not begun, and once every thread is done the attempt is recorded as failed once
+    /// (backoff, the growth-failure rule, one tracing event), whatever else it made.
+    fn grow(&self, n: u64, chunk: u64, attempt: u64, forced: bool, report: &mut MaintainReport) {
+        use std::sync::atomic::{AtomicBool as Stop, AtomicU64 as Next, Ordering as O};
+        let started = Instant::now();
+        let next = Next::new(0);
+        let stop = Stop::new(false);
+        // One thread's share: chunks until none is left or one has failed. Returns what it
+        // made and its failure.
+        let work = || -> (u64, Option<super::PoolError>) {
+            let mut made = 0;
+            while !stop.load(O::Acquire) && next.fetch_add(1, O::AcqRel) < n {
+                match self.make_chunk(chunk as usize) {
+                    Ok(parts) => {
+                        self.add_grown(parts, chunk, attempt, forced, started);
+                        made += 1;
+                    }
+                    Err(e) => {
+                        stop.store(true, O::Release);
+                        return (made, Some(e));
+                    }
+                }
+            }
+            (made, None)
+        };
+        let workers = if cfg!(loom) {
+            1
+        } else {
+            self.cfg.growth_workers(n)
+        };
+        let results: Vec<(u64, Option<super::PoolError>)> = if workers == 1 {
+            vec![work()]
+        } else {
+            // The helpers log to the grower's subscriber, inside its `pool_growth` span.
+            let dispatch = tracing::dispatcher::get_default(|d| d.clone());
+            let span = tracing::Span::current();
+            let helper = || tracing::dispatcher::with_default(&dispatch, || span.in_scope(work));
+            std::thread::scope(|s| {
+                // A thread that cannot be started leaves its share to the others: the grower
+                // itself always works.
+                let helpers: Vec<_> = (1..workers)
+                    .filter_map(|i| {
+                        std::thread::Builder::new()
+                            .name(format!("tidepool-grow{i}"))
+                            .spawn_scoped(s, helper)
+                            .ok()
+                    })
+                    .collect();
+                let mut results = vec![work()];
+                for h in helpers {
+                    match h.join() {
+                        Ok(r) => results.push(r),
+                        Err(p) => std::panic::resume_unwind(p),
+                    }
+                }
+                results
+            })
+        };
+        let made: u64 = results.iter().map(|r| r.0).sum();
+        report.grew += made as usize;
+        self.global.lock().unwrap().last_growth_took = started.elapsed();
+        let Some(e) = results.into_iter().find_map(|r| r.1) else {
+            return;
+        };
+        let mut wakes = WakeList::new();
+        let mut g = self.global.lock().unwrap();
+        // Every chunk of the attempt not added is not coming.
+        g.growing_bytes -= (n - made) * chunk;
+        g.backoff_until = Some(Instant::now() + g.backoff);
+        g.backoff = (g.backoff * 2).min(MAX_BACKOFF);
+        let text = e.to_string();
+        tracing::warn!(
+            error = %text,
+            chunk_bytes = chunk,
+            chunks_made = made,
+            chunks_asked = n,
+            capacity_bytes = g.arena.capacity_bytes,
+            next_try_ms = g.backoff.as_millis() as u64,
+            "pool growth failed"
+        );
+        g.growth.failed(attempt, e);
+        // Every waiter checks whether this failure ends it (the growth-failure rule); the
+        // space the failed attempt counted on is not coming.
+        for w in g.queue.wakers() {
+            wakes.push(w.clone());
+        }
+        self.publish_capacity(&g);
+        drop(g);
+        // Counted before anyone is told, so the stats a woken waiter reads agree.
+        report.failed += 1;
+        Counters::bump(&self.counters.growth_failures);
+        *self.counters.last_growth_error.lock().unwrap() = Some(text);
+        wakes.wake_all();
+    }
+
+    /// Adds a chunk made by growth attempt `attempt` to the arena and hands it to waiters.
+    fn add_grown(
+        &self,
+        (c, dev, buddy): (crate::memory::Chunk, crate::DeviceAddr, super::buddy::Buddy),
+        chunk: u64,
+        attempt: u64,
+        forced: bool,
+        started: Instant,
+    ) {
+        let mut wakes = WakeList::new();
+        let mut g = self.global.lock().unwrap();
+        g.growing_bytes -= chunk;
+        g.arena.insert(c, dev, buddy, false);
+        // dispatch publishes only when someone waits: publish the new chunk here.
+        self.publish_capacity(&g);
+        g.last_grow = Some(Instant::now());
+        g.backoff = MIN_BACKOFF;
+        g.backoff_until = None;
+        g.growth.succeeded(attempt);
+        Counters::bump(&self.counters.grows);
+        if forced {
+            Counters::bump(&self.counters.sync_grows);
+        }
+        tracing::info!(
+            chunk_bytes = chunk,
+            capacity_bytes = g.arena.capacity_bytes,
+            forced_by_waiter = forced,
+            took_us = started.elapsed().as_micros() as u64,
+            "pool grew by a chunk"
+        );
+        self.dispatch(&mut g, Instant::now(), &mut wakes);
+        drop(g);
+        wakes.wake_all();
+    }
+
+    /// Mapping slots the view has left (`u64::MAX` without a limit): an attempt never asks
+    /// for more chunks than that (VFIO type1's 65,535 mappings, vhost-user's regions).
+    fn free_mapping_slots(&self) -> u64 {
+        let usage = self.view.usage();
+        usage
+            .mapping_limit
+            .map_or(u64::MAX, |limit| limit.saturating_sub(usage.mappings))
     }
 
     /// The size of the next growth chunk: `chunk_bytes`, or more when the view has few mapping

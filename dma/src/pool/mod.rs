@@ -96,7 +96,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 pub use buf::DmaBuf;
-pub use config::{AtCap, PoolConfig, Throttle, MIN_BUFFER};
+pub use config::{AtCap, PoolConfig, Throttle, MAX_GROWTH_THREADS, MIN_BUFFER};
 pub use error::PoolError;
 pub use grower::MaintainReport;
 pub use mapping::{Direction, MapFuture, Mapping, UserBuf};
@@ -105,12 +105,12 @@ pub use stats::{PoolStats, WaitBucket, WaitPercentiles, LONG_WAIT, WAIT_BUCKET_B
 use crate::memory::Chunk;
 use crate::share::DeviceView;
 use crate::sync::{Arc, AtomicUsize, Mutex, Ordering};
-use crate::wait::{Ticket, WaitQueue, WakeList};
+use crate::wait::{LazyNow, Ticket, WaitQueue, WakeList};
 
 use arena::{Arena, Block};
 use buddy::Buddy;
 use cache::{Caches, CoreCache, CREDITS_BATCH, CREDITS_MAX};
-use stats::Counters;
+use stats::{Counters, WaitTimes};
 
 /// A pool of device-visible DMA buffers. Cheap to clone (all clones share one pool).
 ///
@@ -202,6 +202,12 @@ pub(crate) struct Global {
     pub growth: grower::GrowthRecord,
     /// Bytes the grower is making right now (not yet in the arena), counted against the cap.
     pub growing_bytes: u64,
+    /// Allocated bytes when the grower last looked, and when: the rate at which demand rises
+    /// (see `grower`, "Grow").
+    pub allocated_seen: u64,
+    pub seen_at: Instant,
+    /// How long the latest growth attempt took, from its start to its last chunk.
+    pub last_growth_took: Duration,
     /// Transient chunks that went idle, for the grower to unshare and free.
     pub retired: Vec<u32>,
     /// When the pool last grew (shrinking waits `shrink_delay` after it).
@@ -216,6 +222,14 @@ pub(crate) struct Global {
     /// when it was last decayed.
     pub recent_peak: f64,
     pub peak_updated: Instant,
+    /// Bytes handed out minus bytes taken back by the slow paths, which hold this lock anyway
+    /// (a waiter's grant, arena allocations, releases that go to the arena); the per-CPU
+    /// caches count the fast path's. [`PoolStats::in_use_bytes`] is the sum.
+    pub in_use: i64,
+    /// Requests wanting a zero block that the slow paths served (never pre-zeroed).
+    pub zero_misses: u64,
+    /// Completed waits (count, total, histogram).
+    pub wait_times: WaitTimes,
 }
 
 /// Which path a request came from, for the reserve rule.
@@ -266,6 +280,9 @@ impl Pool {
                 next_waiter_id: 0,
                 growth: Default::default(),
                 growing_bytes: 0,
+                allocated_seen: 0,
+                seen_at: Instant::now(),
+                last_growth_took: Duration::ZERO,
                 retired: Vec::new(),
                 last_grow: None,
                 backoff_until: None,
@@ -273,9 +290,12 @@ impl Pool {
                 throttled: false,
                 recent_peak: 0.0,
                 peak_updated: Instant::now(),
+                in_use: 0,
+                zero_misses: 0,
+                wait_times: WaitTimes::new(cfg.histogram_max_ns),
             }),
             waiting: AtomicUsize::new(0),
-            counters: Counters::new(cfg.histogram_max_ns),
+            counters: Counters::new(),
             grower: Arc::new(grower::Signal::default()),
             view,
             cfg,
@@ -650,9 +670,10 @@ impl Shared {
         }
         let b = {
             let mut g = this.global.lock().unwrap();
-            this.alloc_arena(&mut g, order, Caller::Awaitable)?
+            let b = this.alloc_arena(&mut g, order, Caller::Awaitable)?;
+            Shared::count_alloc(&mut g, &b, want_zero);
+            b
         };
-        this.count_alloc(b.size() as i64, want_zero);
         this.refill(order);
         Some(Shared::claim(this, b))
     }
@@ -688,26 +709,26 @@ impl Shared {
         len: usize,
         want_zero: bool,
     ) -> Result<Claim, PoolError> {
-        let mut got = {
+        let take = || {
             let mut g = this.global.lock().unwrap();
-            this.alloc_arena(&mut g, order, Caller::Immediate)
+            let b = this.alloc_arena(&mut g, order, Caller::Immediate)?;
+            Shared::count_alloc(&mut g, &b, want_zero);
+            Some(b)
         };
+        let mut got = take();
         // Free blocks may sit in other CPUs' caches: bring them back before giving up.
         if got.is_none() && this.drain_caches() > 0 {
-            let mut g = this.global.lock().unwrap();
-            got = this.alloc_arena(&mut g, order, Caller::Immediate);
+            got = take();
         }
         if let Some(b) = got {
-            this.count_alloc(b.size() as i64, want_zero);
             if this.waiting.load(Ordering::Relaxed) == 0 {
                 this.refill(order);
             }
             return Ok(Shared::claim(this, b));
         }
         this.grower.wake();
-        let (mut why, mut cause) = match this.alloc_transient(order) {
+        let (mut why, mut cause) = match this.alloc_transient(order, want_zero) {
             Ok(b) => {
-                this.count_alloc(b.size() as i64, want_zero);
                 return Ok(Shared::claim(this, b));
             }
             Err(e) => e,
@@ -734,6 +755,7 @@ impl Shared {
     fn alloc_transient(
         &self,
         order: u32,
+        want_zero: bool,
     ) -> Result<Block, (String, Option<std::sync::Arc<PoolError>>)> {
         if !self.cfg.transient {
             return Err((
@@ -770,19 +792,20 @@ impl Shared {
             .arena
             .alloc(order, true)
             .ok_or_else(|| ("transient chunk taken by others".to_string(), None));
-        if b.is_err() {
-            g.retired.push(slot);
+        match &b {
+            Ok(b) => Shared::count_alloc(&mut g, b, want_zero),
+            Err(_) => g.retired.push(slot),
         }
         self.publish_capacity(&g);
         b
     }
 
-    /// Counts a block of `bytes` taken outside the cache (never pre-zeroed) as in use, and as
-    /// a pre-zeroing miss if the caller wanted a zero block.
-    fn count_alloc(&self, bytes: i64, want_zero: bool) {
-        let mut c = self.caches.local();
-        c.in_use += bytes;
-        c.zero_misses += u64::from(want_zero);
+    /// Counts `block`, taken outside the caches (never pre-zeroed), as in use, and as a
+    /// pre-zeroing miss if the caller wanted a zero block. Call with the pool lock held.
+    #[inline]
+    fn count_alloc(g: &mut Global, block: &Block, want_zero: bool) {
+        g.in_use += block.size() as i64;
+        g.zero_misses += u64::from(want_zero);
     }
 
     /// Gives a buffer's claim back: the block to this CPU's cache when nobody waits and the
@@ -833,9 +856,8 @@ impl Shared {
         let size = block.size() as i64;
         let order = block.order();
         if !cacheable {
-            // A waiter's hand-off takes this path: no vector, and the block may go straight
-            // to the waiter.
-            self.caches.local().in_use -= size;
+            // A waiter's hand-off takes this path: no vector, no cache lock (the block is
+            // counted out under the pool lock), and the block may go straight to the waiter.
             self.give_back_one(block);
             return;
         }
@@ -863,7 +885,7 @@ impl Shared {
 
     /// Frees `block` into the arena; a transient chunk it leaves idle is queued for the grower
     /// to retire. Returns whether one was (wake the grower then). Call with the pool lock held.
-    fn free_locked(g: &mut Global, block: Block, now: Instant) -> bool {
+    fn free_locked(g: &mut Global, block: Block, now: &mut LazyNow) -> bool {
         match g.arena.free(block, now) {
             Some(slot) => {
                 g.retired.push(slot);
@@ -876,23 +898,26 @@ impl Shared {
     /// Returns one block to the pool and serves waiters: if the first waiter offered space
     /// wants exactly this block's size, it is handed over as it is (no buddy free and
     /// allocation); otherwise it is freed into the arena first, as [`Shared::give_back`]
-    /// does. Takes the pool lock; wakes after releasing it.
+    /// does. Counts the block out of the bytes in use. Takes the pool lock; wakes after
+    /// releasing it. Reads the clock only if a chunk goes idle, a waiter is served (the
+    /// grant's time, for the wait histogram) or a waiter that does not fit may have aged.
     #[inline(never)]
     fn give_back_one(&self, block: Block) {
         let mut wakes = WakeList::new();
         {
             let mut g = self.global.lock().unwrap();
-            let now = Instant::now();
+            let mut now = LazyNow::new();
+            g.in_use -= block.size() as i64;
             // The throttle is judged on the arena's counts before the walk: keep the plain
             // free-then-dispatch order there.
             if block.transient() || !g.queue.has_waiters() || self.cfg.throttle.is_some() {
-                let retired = Shared::free_locked(&mut g, block, now);
-                self.dispatch(&mut g, now, &mut wakes);
+                let retired = Shared::free_locked(&mut g, block, &mut now);
+                self.dispatch_with(&mut g, &mut now, &mut wakes, None);
                 if retired {
                     self.grower.wake();
                 }
             } else {
-                self.dispatch_with(&mut g, now, &mut wakes, Some(block));
+                self.dispatch_with(&mut g, &mut now, &mut wakes, Some(block));
             }
         }
         wakes.wake_all();
@@ -905,12 +930,12 @@ impl Shared {
         let mut wakes = WakeList::new();
         {
             let mut g = self.global.lock().unwrap();
-            let now = Instant::now();
+            let mut now = LazyNow::new();
             let mut retired = false;
             for b in blocks {
-                retired |= Shared::free_locked(&mut g, b, now);
+                retired |= Shared::free_locked(&mut g, b, &mut now);
             }
-            self.dispatch(&mut g, now, &mut wakes);
+            self.dispatch_with(&mut g, &mut now, &mut wakes, None);
             if retired {
                 self.grower.wake();
             }
@@ -936,7 +961,7 @@ impl Shared {
     /// throttle, if configured), and refreshes [`Shared::waiting`]. Call with the pool lock
     /// held; wake `wakes` after releasing it.
     fn dispatch(&self, g: &mut Global, now: Instant, wakes: &mut WakeList) {
-        self.dispatch_with(g, now, wakes, None);
+        self.dispatch_with(g, &mut LazyNow::at(now), wakes, None);
     }
 
     /// [`Shared::dispatch`] with a just-released, non-transient block still out of the arena
@@ -947,7 +972,7 @@ impl Shared {
     fn dispatch_with(
         &self,
         g: &mut Global,
-        now: Instant,
+        now: &mut LazyNow,
         wakes: &mut WakeList,
         mut fresh: Option<Block>,
     ) {
@@ -971,7 +996,7 @@ impl Shared {
             self.waiting.store(0, Ordering::Relaxed);
             return;
         }
-        queue.dispatch(now, wakes, |size| {
+        queue.dispatch_lazy(now, wakes, |size, now| {
             let b = match fresh.take() {
                 Some(b)
                     if b.size() as u64 == size && !*throttled && arena.free_bytes >= reserve =>
@@ -995,7 +1020,10 @@ impl Shared {
                     100.0 * arena.allocated_bytes as f64 / arena.capacity_bytes.max(1) as f64;
                 *throttled = share > t.high_percent;
             }
-            Some(Grant { block: b, at: now })
+            Some(Grant {
+                block: b,
+                at: now.get(),
+            })
         });
         if let Some(b) = fresh {
             // No waiter was offered space (a starving barrier ahead wants more): free it.
@@ -1025,8 +1053,9 @@ impl Shared {
         n
     }
 
-    /// Bytes in use, pre-zeroing hits and misses: the sums of every CPU's counts.
-    fn cache_counts(&self) -> (u64, u64, u64) {
+    /// Bytes in use, pre-zeroing hits and misses: the sums of every CPU's counts (the fast
+    /// path's; the slow paths count in [`Global`]).
+    fn cache_counts(&self) -> (i64, u64, u64) {
         let (mut in_use, mut hits, mut misses) = (0i64, 0u64, 0u64);
         for c in self.caches.each() {
             let c = c.lock();
@@ -1034,29 +1063,33 @@ impl Shared {
             hits += c.zero_hits;
             misses += c.zero_misses;
         }
-        (in_use.max(0) as u64, hits, misses)
+        (in_use, hits, misses)
     }
 
     fn stats(&self) -> PoolStats {
         let c = &self.counters;
         let r = |a: &crate::sync::AtomicU64| a.load(Ordering::Relaxed);
-        let (waiters, waiting_bytes) = {
+        let (waiters, waiting_bytes, wait, slow_in_use, slow_zero_misses) = {
             let g = self.global.lock().unwrap();
-            (g.queue.waiting() as u64, g.queue.waiting_bytes())
+            (
+                g.queue.waiting() as u64,
+                g.queue.waiting_bytes(),
+                g.wait_times.percentiles(),
+                g.in_use,
+                g.zero_misses,
+            )
         };
-        let wait = PoolStats::percentiles(
-            &c.wait_ns.lock().unwrap(),
-            c.wait_ns_sum.load(Ordering::Relaxed),
-        );
-        let (in_use_bytes, prezero_hits, prezero_misses) = self.cache_counts();
+        let (in_use, prezero_hits, prezero_misses) = self.cache_counts();
         PoolStats {
             capacity_bytes: r(&c.capacity_bytes),
-            in_use_bytes,
+            // The caches' sum and the slow paths' may each be off while a buffer moves
+            // between them, never their total (once every release has returned).
+            in_use_bytes: (in_use + slow_in_use).max(0) as u64,
             peak_allocated_bytes: r(&c.peak_allocated_bytes),
             chunks: r(&c.chunks),
             waiters,
             waiting_bytes,
-            waits: r(&c.waits),
+            waits: wait.count,
             timeouts: r(&c.timeouts),
             grows: r(&c.grows),
             sync_grows: r(&c.sync_grows),
@@ -1068,7 +1101,7 @@ impl Shared {
             immediate_failures: r(&c.immediate_failures),
             cache_refills: r(&c.cache_refills),
             prezero_hits,
-            prezero_misses,
+            prezero_misses: prezero_misses + slow_zero_misses,
             prezeroed_bytes: r(&c.prezeroed_bytes),
             wait,
             mappings: self.view.usage(),
@@ -1168,8 +1201,8 @@ impl<'p> Alloc<'p> {
                 let mut g = shared.global.lock().unwrap();
                 // Recheck under the lock: space may have come back since alloc_now looked.
                 if let Some(b) = shared.alloc_arena(&mut g, order, Caller::Awaitable) {
+                    Shared::count_alloc(&mut g, &b, self.want_zero);
                     drop(g);
-                    shared.count_alloc(b.size() as i64, self.want_zero);
                     self.state = AllocState::Done;
                     return Poll::Ready(Ok(Shared::claim(shared, b)));
                 }
@@ -1204,16 +1237,19 @@ impl<'p> Alloc<'p> {
                 let polled = match g.queue.poll(ticket, cx.waker()) {
                     Poll::Ready(Ok(grant)) => {
                         // Served. The queue was walked, and the hot path's waiter count
-                        // refreshed, when the grant was made: nothing else changes here.
+                        // refreshed, when the grant was made: nothing else changes here but
+                        // the counts, kept under this lock.
                         if let Some(at) = deadline {
                             g.deadlines.remove(&(at, id));
                         }
+                        Shared::count_alloc(&mut g, &grant.block, self.want_zero);
+                        let waited = grant.at.saturating_duration_since(since);
+                        let long = g.wait_times.record(waited);
                         drop(g);
+                        if long {
+                            stats::log_long_wait(waited);
+                        }
                         self.state = AllocState::Done;
-                        shared.count_alloc(grant.block.size() as i64, self.want_zero);
-                        shared
-                            .counters
-                            .record_wait(grant.at.saturating_duration_since(since));
                         return Poll::Ready(Ok(Shared::claim(shared, grant.block)));
                     }
                     other => other,
@@ -1296,15 +1332,21 @@ impl<'p> Alloc<'p> {
                 // The head may have changed: others may now be served (and the hot path's
                 // waiter count is refreshed).
                 shared.dispatch(&mut g, now, &mut wakes);
+                let long = match &outcome {
+                    Ok(b) => {
+                        Shared::count_alloc(&mut g, b, self.want_zero);
+                        g.wait_times.record(now - since)
+                    }
+                    Err(_) => false,
+                };
                 drop(g);
                 wakes.wake_all();
+                if long {
+                    stats::log_long_wait(now - since);
+                }
                 self.state = AllocState::Done;
                 match outcome {
-                    Ok(b) => {
-                        shared.count_alloc(b.size() as i64, self.want_zero);
-                        shared.counters.record_wait(now - since);
-                        Poll::Ready(Ok(Shared::claim(shared, b)))
-                    }
+                    Ok(b) => Poll::Ready(Ok(Shared::claim(shared, b))),
                     Err(e) => {
                         if matches!(e, PoolError::Timeout { .. }) {
                             Counters::bump(&shared.counters.timeouts);
@@ -1374,12 +1416,12 @@ impl Drop for Alloc<'_> {
                 if let Some(at) = deadline {
                     g.deadlines.remove(&(at, id));
                 }
-                let now = Instant::now();
+                let mut now = LazyNow::new();
                 let retired = g
                     .queue
                     .cancel(ticket)
-                    .is_some_and(|grant| Shared::free_locked(&mut g, grant.block, now));
-                shared.dispatch(&mut g, now, &mut wakes);
+                    .is_some_and(|grant| Shared::free_locked(&mut g, grant.block, &mut now));
+                shared.dispatch_with(&mut g, &mut now, &mut wakes, None);
                 if retired {
                     shared.grower.wake();
                 }
@@ -1392,6 +1434,9 @@ impl Drop for Alloc<'_> {
 // The unit tests run on std's primitives; the loom models need loom's (`--cfg loom`).
 #[cfg(all(test, not(loom)))]
 pub(crate) mod tests;
+
+#[cfg(all(test, not(loom)))]
+mod growth_tests;
 
 #[cfg(all(test, loom))]
 mod loom_tests;

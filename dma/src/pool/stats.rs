@@ -3,8 +3,9 @@
 //! Counters that change on the hot path (bytes in use) live in the per-core caches, under the
 //! cache's own lock, and are summed on [`super::Pool::stats`]; everything else changes only on
 //! the slow path and is kept here in relaxed atomics (monotonic counters: no ordering with other
-//! memory is needed to read them). The wait-time histogram is behind its own mutex and touched
-//! once per completed wait.
+//! memory is needed to read them). The wait-time histogram ([`WaitTimes`]) and the bytes that
+//! the slow paths hand out and take back live in the pool's `Global`, under the pool lock that
+//! those paths hold anyway: recording them costs no lock or atomic of its own.
 
 use std::time::Duration;
 
@@ -22,9 +23,6 @@ pub(crate) struct Counters {
     pub capacity_bytes: AtomicU64,
     pub peak_allocated_bytes: AtomicU64,
     pub chunks: AtomicU64,
-    pub waits: AtomicU64,
-    /// Completed waits' total, nanoseconds.
-    pub wait_ns_sum: AtomicU64,
     pub timeouts: AtomicU64,
     pub grows: AtomicU64,
     pub sync_grows: AtomicU64,
@@ -38,18 +36,14 @@ pub(crate) struct Counters {
     pub prezeroed_bytes: AtomicU64,
     /// The last growth failure's message. Guarded by its own mutex (slow path only).
     pub last_growth_error: Mutex<Option<String>>,
-    /// Wait times in nanoseconds. Guarded by its own mutex; recorded once per completed wait.
-    pub wait_ns: Mutex<Histogram<u64>>,
 }
 
 impl Counters {
-    pub fn new(histogram_max_ns: u64) -> Counters {
+    pub fn new() -> Counters {
         Counters {
             capacity_bytes: AtomicU64::new(0),
             peak_allocated_bytes: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
-            waits: AtomicU64::new(0),
-            wait_ns_sum: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             grows: AtomicU64::new(0),
             sync_grows: AtomicU64::new(0),
@@ -61,10 +55,6 @@ impl Counters {
             cache_refills: AtomicU64::new(0),
             prezeroed_bytes: AtomicU64::new(0),
             last_growth_error: Mutex::new(None),
-            wait_ns: Mutex::new(
-                Histogram::new_with_bounds(1, histogram_max_ns, 3)
-                    .expect("bounds validated by PoolConfig::validate"),
-            ),
         }
     }
 
@@ -72,21 +62,58 @@ impl Counters {
     pub fn bump(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+}
 
-    /// Records one completed wait.
-    pub fn record_wait(&self, waited: Duration) {
-        Counters::bump(&self.waits);
-        let ns = (waited.as_nanos() as u64).max(1);
-        self.wait_ns_sum.fetch_add(ns, Ordering::Relaxed);
-        if waited >= LONG_WAIT {
-            tracing::info!(
-                waited_ms = waited.as_millis() as u64,
-                "a request waited long for pool capacity"
-            );
+/// Completed waits: how many, their total and their histogram, in nanoseconds.
+///
+/// # Safety
+/// Kept in the pool's `Global`: read and written only under the pool lock, which every path
+/// that ends a wait holds when it ends it (no lock or atomic of its own).
+#[derive(Debug)]
+pub(crate) struct WaitTimes {
+    /// Completed waits.
+    pub count: u64,
+    /// Their total, nanoseconds.
+    pub sum_ns: u64,
+    /// Their histogram, nanoseconds (3 significant digits).
+    pub hist: Histogram<u64>,
+}
+
+impl WaitTimes {
+    pub fn new(histogram_max_ns: u64) -> WaitTimes {
+        WaitTimes {
+            count: 0,
+            sum_ns: 0,
+            hist: Histogram::new_with_bounds(1, histogram_max_ns, 3)
+                .expect("bounds validated by PoolConfig::validate"),
         }
-        let mut h = self.wait_ns.lock().unwrap();
-        h.saturating_record(ns);
     }
+
+    /// Records one completed wait. Returns whether it was long ([`LONG_WAIT`]): the caller
+    /// logs it after releasing the pool lock ([`log_long_wait`]).
+    #[inline]
+    pub fn record(&mut self, waited: Duration) -> bool {
+        let ns = (waited.as_nanos() as u64).max(1);
+        self.count += 1;
+        self.sum_ns = self.sum_ns.saturating_add(ns);
+        self.hist.saturating_record(ns);
+        waited >= LONG_WAIT
+    }
+
+    /// The snapshot's percentiles and buckets.
+    pub fn percentiles(&self) -> WaitPercentiles {
+        PoolStats::percentiles(&self.hist, self.sum_ns)
+    }
+}
+
+/// Logs a wait that [`WaitTimes::record`] found long (`tracing` info). Call without the pool
+/// lock.
+#[cold]
+pub(crate) fn log_long_wait(waited: Duration) {
+    tracing::info!(
+        waited_ms = waited.as_millis() as u64,
+        "a request waited long for pool capacity"
+    );
 }
 
 /// Wait-time percentiles, in nanoseconds.

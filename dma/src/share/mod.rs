@@ -45,7 +45,9 @@ pub struct ShareUsage {
 /// Makes host memory reachable by one device and says at which device address.
 ///
 /// Implementations must be thread-safe; the pool calls `share`/`unshare` only from setup and its
-/// grower thread, and [`crate::pool`]'s direct-mapping path from the caller's thread.
+/// grower thread (and the threads the grower starts to make one growth attempt's chunks at
+/// once: `share` may be called concurrently), and [`crate::pool`]'s direct-mapping path from
+/// the caller's thread.
 pub trait DeviceView: Send + Sync + std::fmt::Debug {
     /// Makes `region` device-visible as one contiguous range of device addresses and returns the
     /// address of its first byte. May block.
