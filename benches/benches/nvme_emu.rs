@@ -4,7 +4,8 @@
 //!
 //! `cargo bench -p tidepool-benches --bench nvme_emu` (env `NVME_EMU_IOS` = I/Os per run,
 //! default 100000; `NVME_EMU_ROUNDS` = A/B pairs, default 2, run in ABBA order;
-//! `NVME_EMU_ONLY=inline|threaded` and `NVME_EMU_QD=N` run one regime or queue depth).
+//! `NVME_EMU_ONLY=inline|threaded`, `NVME_EMU_QD=N` and `NVME_EMU_PATH=zero-copy|bounce` run one
+//! regime, queue depth or path).
 //!
 //! What is measured: 4 KiB reads on one polled queue at QD 1, 8, 32 and 128, each I/O resubmitted
 //! as soon as it completes (one SQ doorbell per batch of resubmissions). The figure is the
@@ -364,14 +365,19 @@ fn main() {
         "path", "regime", "QD", "driver ns", "minimal ns", "ratio", "kIOPS"
     );
     let mut verdicts = Vec::new();
-    // NVME_EMU_ONLY=inline|threaded and NVME_EMU_QD=N narrow the run (for profiling).
+    // NVME_EMU_ONLY, NVME_EMU_QD and NVME_EMU_PATH narrow the run (for profiling).
     let only = std::env::var("NVME_EMU_ONLY").unwrap_or_default();
     let only_qd = env_usize("NVME_EMU_QD", 0);
+    let only_path = std::env::var("NVME_EMU_PATH").unwrap_or_default();
     for inline in [true, false] {
         if !only.is_empty() && only != if inline { "inline" } else { "threaded" } {
             continue;
         }
         for bounce in [false, true] {
+            let path = if bounce { "bounce" } else { "zero-copy" };
+            if !only_path.is_empty() && only_path != path {
+                continue;
+            }
             for qd in QDS.into_iter().filter(|&q| only_qd == 0 || q == only_qd) {
                 let (mut a, mut b, mut iops) = (Vec::new(), Vec::new(), Vec::new());
                 for _ in 0..rounds {
@@ -390,7 +396,6 @@ fn main() {
                     .map(|(x, y)| format!("{x:.0}/{y:.0}"))
                     .collect();
                 let (ma, mb) = (median(&mut a.clone()), median(&mut b.clone()));
-                let path = if bounce { "bounce" } else { "zero-copy" };
                 let regime = if inline { "inline" } else { "threaded" };
                 println!(
                     "{:<10} {:<9} {:>4} {:>10.0} {:>10.0} {:>7.2} {:>10.1}  {}",

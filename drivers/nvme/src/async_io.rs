@@ -11,8 +11,11 @@
 //!   round trip at high rates).
 //! - Capacity is awaited, never failed: a task waits for a queue slot (a semaphore of `depth`
 //!   permits, the permit travels with the command and is released when the reaper drops the
-//!   completed command) and for pool memory (`pool.alloc(..).await`, the pool's fair, bounded
-//!   wait). The **reaper never awaits the pool** (it only frees): the pool's reaper rule.
+//!   completed command) and then for pool memory (`pool.alloc(..).await`, the pool's fair,
+//!   bounded wait). Slot first: a request waiting behind a full queue holds no pool memory, so
+//!   the pool holds what the device can use (at most `depth` transfers), not the backlog; a
+//!   slot holder waiting for memory cannot block the in-flight commands whose completions free
+//!   it. The **reaper never awaits the pool** (it only frees): the pool's reaper rule.
 //!
 //! # Why the bounce buffer is owned, not a borrowed `Mapping`
 //! A future can be dropped at any `.await`. If the device were still writing into a buffer the
@@ -186,15 +189,20 @@ impl AsyncQueue {
     }
 
     /// Reads `dst.len()` bytes at `lba`. Splits at [`Namespace::max_transfer`]; waits for
-    /// queue slots and pool memory rather than failing.
+    /// queue slots and pool memory rather than failing. Each command first waits for its queue
+    /// slot and only then for its bounce buffer, so a request queued behind a full queue holds
+    /// no pool memory: the pool holds what the device can use, not the backlog.
     pub async fn read(&self, ns: &Namespace, lba: u64, dst: &mut [u8]) -> Result<(), NvmeError> {
         ns.check(lba, dst.len())?;
         let block = ns.block_bytes() as usize;
         for (i, part) in dst.chunks_mut(ns.max_transfer()).enumerate() {
             let at = lba + (i * ns.max_transfer() / block) as u64;
-            let buf = self.inner.ctrl.pool().alloc(part.len()).await?;
             let cmd = ns.rw_command(IoOpcode::Read, at, part.len())?;
-            let (result, buf) = self.run(cmd, Some(buf.into()), part.len()).await;
+            let slot = self.slot().await?;
+            let buf = self.inner.ctrl.pool().alloc(part.len()).await?;
+            let (result, buf) = self
+                .submit_and_wait(slot, cmd, Some(buf.into()), part.len())
+                .await;
             result?;
             if let Some(buf) = buf.and_then(DmaData::into_buf) {
                 buf.read_at(0, part)?;
@@ -203,15 +211,19 @@ impl AsyncQueue {
         Ok(())
     }
 
-    /// Writes `src` at `lba`; splits and waits like [`AsyncQueue::read`].
+    /// Writes `src` at `lba`; splits and waits like [`AsyncQueue::read`] (queue slot first,
+    /// then the buffer).
     pub async fn write(&self, ns: &Namespace, lba: u64, src: &[u8]) -> Result<(), NvmeError> {
         ns.check(lba, src.len())?;
         let block = ns.block_bytes() as usize;
         for (i, part) in src.chunks(ns.max_transfer()).enumerate() {
             let at = lba + (i * ns.max_transfer() / block) as u64;
-            let buf = self.inner.ctrl.pool().alloc_from(part).await?;
             let cmd = ns.rw_command(IoOpcode::Write, at, part.len())?;
-            self.run(cmd, Some(buf.into()), part.len()).await.0?;
+            let slot = self.slot().await?;
+            let buf = self.inner.ctrl.pool().alloc_from(part).await?;
+            self.submit_and_wait(slot, cmd, Some(buf.into()), part.len())
+                .await
+                .0?;
         }
         Ok(())
     }
@@ -286,18 +298,33 @@ impl AsyncQueue {
         data: Option<DmaData>,
         len: usize,
     ) -> (Result<u32, NvmeError>, Option<DmaData>) {
-        let permit = match self.inner.slots.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => {
-                return (
-                    Err(NvmeError::QueueGone {
-                        qid: 0,
-                        why: "closed",
-                    }),
-                    data,
-                )
-            }
-        };
+        match self.slot().await {
+            Ok(permit) => self.submit_and_wait(permit, cmd, data, len).await,
+            Err(e) => (Err(e), data),
+        }
+    }
+
+    /// Waits for a free queue slot.
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, NvmeError> {
+        self.inner
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| NvmeError::QueueGone {
+                qid: 0,
+                why: "closed",
+            })
+    }
+
+    /// Submits one command in the queue slot `permit` holds and awaits its completion.
+    async fn submit_and_wait(
+        &self,
+        permit: OwnedSemaphorePermit,
+        cmd: Command,
+        data: Option<DmaData>,
+        len: usize,
+    ) -> (Result<u32, NvmeError>, Option<DmaData>) {
         let (tx, rx) = oneshot::channel();
         let waiter = Waiter {
             reply: tx,

@@ -62,6 +62,7 @@ impl RawCompletion {
 
     /// Decodes the entry from its two little-endian 64-bit words (bytes 0..8 and 8..16),
     /// as [`RawCompletion::from_bytes`] would.
+    #[inline]
     pub fn from_words(lo: u64, hi: u64) -> RawCompletion {
         RawCompletion {
             result: lo as u32,
@@ -199,6 +200,7 @@ fn in_circular_span(from: u16, to: u16, x: u16, n: u16) -> bool {
 ///
 /// Order of checks: phase (else the rest is meaningless), CID range and outstanding-ness (so
 /// later errors can say which command to fail), SQ ID, SQ head.
+#[inline]
 pub fn validate(
     raw: &RawCompletion,
     expected: &Expected,
@@ -292,11 +294,13 @@ impl CompletionRing {
     }
 
     /// The slot the next entry will be read from: the value for the CQ head doorbell.
+    #[inline]
     pub fn head(&self) -> u16 {
         self.head
     }
 
     /// Entries in the ring.
+    #[inline]
     pub fn entries(&self) -> u16 {
         self.entries
     }
@@ -307,6 +311,7 @@ impl CompletionRing {
     ///
     /// The caller must validate the copy ([`validate`]) before acting on it, and ring the CQ
     /// head doorbell with [`CompletionRing::head`] to give the slots back.
+    #[inline]
     pub fn take_posted(&mut self) -> Option<Posted> {
         let slot = self.head;
         let at = usize::from(slot) * CQ_ENTRY_BYTES;
@@ -341,6 +346,7 @@ impl CompletionRing {
     }
 
     /// Copies the entry at byte `at` once: two volatile 64-bit loads (each byte read once).
+    #[inline]
     fn read_entry(&self, at: usize) -> (u64, u64) {
         let p = self.buf.as_ptr().wrapping_add(at).cast::<u64>();
         // SAFETY: `at + 16 <= entries * 16 <= capacity` (checked in `new`, `head < entries`);
@@ -356,6 +362,7 @@ impl CompletionRing {
     }
 
     /// One volatile load of the status halfword of the entry at byte `at`.
+    #[inline]
     fn read_status(&self, at: usize) -> u16 {
         let p = self.buf.as_ptr().wrapping_add(at + 14).cast::<u16>();
         // SAFETY: `at + 16 <= entries * 16 <= capacity` (checked in `new`, `head < entries`);

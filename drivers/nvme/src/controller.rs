@@ -176,6 +176,7 @@ pub struct Hw {
 
 impl Hw {
     /// The shadow doorbell pages, if the controller uses them now.
+    #[inline]
     pub(crate) fn shadow(&self) -> Option<&ShadowBuffer> {
         if self.shadow_on.load(Ordering::Acquire) {
             self.shadow.get()
@@ -190,6 +191,7 @@ impl Hw {
     }
 
     /// The current generation (bumped by every reset).
+    #[inline]
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }

@@ -48,6 +48,7 @@ use crate::spec::PAGE_BYTES;
 /// assert!(!need_event(9, 6, 5));  // it will look again at 9 on its own: no need
 /// assert!(need_event(65535, 1, 65534)); // wrap-around
 /// ```
+#[inline]
 pub fn need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
@@ -181,6 +182,7 @@ impl Doorbell {
     }
 
     /// Publishes `value`. The caller has fenced its ring writes (SQ entries) before.
+    #[inline]
     pub fn ring(
         &mut self,
         regs: &Registers,

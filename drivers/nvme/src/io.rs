@@ -109,6 +109,7 @@ impl Namespace {
 
     /// Checks that `len` bytes at `lba` are whole blocks inside the namespace; returns the
     /// block count.
+    #[inline]
     pub fn check(&self, lba: u64, len: usize) -> Result<u64, NvmeError> {
         let block = self.block_bytes;
         // Block sizes are powers of two (2^LBADS): masks and shifts, not divisions, on the
@@ -135,6 +136,7 @@ impl Namespace {
     }
 
     /// A read or write command for one transfer of `len` bytes at `lba`, checked.
+    #[inline]
     pub(crate) fn rw_command(
         &self,
         opcode: IoOpcode,
@@ -172,7 +174,6 @@ pub struct IoQueue<T> {
     qp: Option<QueuePair<Tag<T>>>,
     /// User completions seen by a blocking helper, for the next `poll`.
     stash: VecDeque<Done<T>>,
-    scratch: Vec<Done<Tag<T>>>,
     /// The CQ's MSI-X eventfd, for a queue made by [`Controller::create_interrupt_io_queue`].
     interrupt: Option<EventFd>,
 }
@@ -183,7 +184,6 @@ impl<T> IoQueue<T> {
             ctrl,
             qp: Some(qp),
             stash: VecDeque::new(),
-            scratch: Vec::new(),
             interrupt: None,
         }
     }
@@ -321,6 +321,7 @@ impl<T> IoQueue<T> {
     /// Submits a read of `data.len()` bytes at `lba` into `data` (a [`DmaBuf`] converts:
     /// zero copy). Returns the command ID; the data comes back with `user` from
     /// [`IoQueue::poll`].
+    #[inline]
     pub fn submit_read(
         &mut self,
         ns: &Namespace,
@@ -332,6 +333,7 @@ impl<T> IoQueue<T> {
     }
 
     /// Submits a write of `data.len()` bytes from `data` at `lba`.
+    #[inline]
     pub fn submit_write(
         &mut self,
         ns: &Namespace,
@@ -408,6 +410,7 @@ impl<T> IoQueue<T> {
         }
     }
 
+    #[inline]
     fn submit_rw(
         &mut self,
         ns: &Namespace,
@@ -477,6 +480,7 @@ impl<T> IoQueue<T> {
         }
     }
 
+    #[inline]
     fn submit_tagged(
         &mut self,
         cmd: Command,
@@ -492,6 +496,7 @@ impl<T> IoQueue<T> {
     /// Moves finished commands into `out` (appending); returns how many. Never blocks. An
     /// error means the controller was reset (see [`QueuePair::poll`]); the failed commands are
     /// in `out` all the same.
+    #[inline]
     pub fn poll(&mut self, out: &mut Vec<Done<T>>) -> Result<usize, NvmeError> {
         self.poll_with(out, false)
     }
@@ -501,23 +506,19 @@ impl<T> IoQueue<T> {
         if !self.stash.is_empty() {
             out.extend(self.stash.drain(..));
         }
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let r = if check {
-            self.qp().poll_checked(&mut scratch)
-        } else {
-            self.qp().poll(&mut scratch)
-        };
-        for d in scratch.drain(..) {
-            if let Tag::User(user) = d.user {
+        let qp = self.qp.as_mut().expect("queue present until drop");
+        // A blocking helper's chunk can only be here if the helper returned early (its error
+        // went to its caller): its buffer is the device's no more and just goes back.
+        let r = qp.poll_each(check, &mut |cid, tag, data, result| {
+            if let Tag::User(user) = tag {
                 out.push(Done {
-                    cid: d.cid,
+                    cid,
                     user,
-                    data: d.data,
-                    result: d.result,
+                    data,
+                    result,
                 });
             }
-        }
-        self.scratch = scratch;
+        });
         r.map(|_| out.len() - before)
     }
 
@@ -671,26 +672,23 @@ impl<T> IoQueue<T> {
 
     /// Polls once, stashing user completions, returning the helper's own.
     fn poll_internal(&mut self) -> Result<Vec<Done<Tag<T>>>, NvmeError> {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let r = self.qp().poll(&mut scratch);
+        let qp = self.qp.as_mut().expect("queue present until drop");
+        let stash = &mut self.stash;
         let mut own = Vec::new();
-        for d in scratch.drain(..) {
-            match d.user {
-                Tag::User(user) => self.stash.push_back(Done {
-                    cid: d.cid,
-                    user,
-                    data: d.data,
-                    result: d.result,
-                }),
-                Tag::Chunk { offset } => own.push(Done {
-                    cid: d.cid,
-                    user: Tag::Chunk { offset },
-                    data: d.data,
-                    result: d.result,
-                }),
-            }
-        }
-        self.scratch = scratch;
+        let r = qp.poll_each(false, &mut |cid, tag, data, result| match tag {
+            Tag::User(user) => stash.push_back(Done {
+                cid,
+                user,
+                data,
+                result,
+            }),
+            Tag::Chunk { offset } => own.push(Done {
+                cid,
+                user: Tag::Chunk { offset },
+                data,
+                result,
+            }),
+        });
         match r {
             Ok(_) => Ok(own),
             // Our chunks were failed into `own`; the caller sees the cause.
@@ -700,7 +698,6 @@ impl<T> IoQueue<T> {
     }
 }
 
-/// A refused user submission with the caller's data unwrapped from its [`Tag`].
 fn untag<T>(e: SubmitError<Tag<T>>) -> SubmitError<T> {
     SubmitError {
         error: e.error,

@@ -97,6 +97,24 @@ pub struct Done<T> {
     pub result: Result<u32, NvmeError>,
 }
 
+/// Where the cold paths (a reset failing every outstanding command) hand finished commands:
+/// command ID, user data, data, result.
+type Sink<'a, T> = dyn FnMut(u16, T, Option<DmaData>, Result<u32, NvmeError>) + 'a;
+
+/// A sink that appends each finished command to `out` as a [`Done`].
+fn push_to<T>(
+    out: &mut Vec<Done<T>>,
+) -> impl FnMut(u16, T, Option<DmaData>, Result<u32, NvmeError>) + '_ {
+    move |cid, user, data, result| {
+        out.push(Done {
+            cid,
+            user,
+            data,
+            result,
+        })
+    }
+}
+
 /// A submission that was refused, giving the caller's things back.
 #[derive(Debug)]
 pub struct SubmitError<T> {
@@ -575,21 +593,33 @@ impl<T> QueuePair<T> {
     /// ([`NvmeError::ControllerReset`]), and returns the cause as the error. If another queue
     /// reset the controller, the same happens with [`NvmeError::ControllerReset`].
     pub fn poll(&mut self, out: &mut Vec<Done<T>>) -> Result<usize, NvmeError> {
-        self.poll_inner(out, false)
+        self.poll_each(false, &mut push_to(out))
     }
 
     /// [`QueuePair::poll`], and the health check (clock, CSTS, command ages) now rather than
     /// every [`SCAN_EVERY`] polls: for owners that poll rarely (a timer tick).
     pub fn poll_checked(&mut self, out: &mut Vec<Done<T>>) -> Result<usize, NvmeError> {
-        self.poll_inner(out, true)
+        self.poll_each(true, &mut push_to(out))
     }
 
-    fn poll_inner(&mut self, out: &mut Vec<Done<T>>, check: bool) -> Result<usize, NvmeError> {
+    /// [`QueuePair::poll`] (`check`: [`QueuePair::poll_checked`]) handing each finished
+    /// command to `sink` as it is reaped, as the parts of a [`Done`] (command ID, user data,
+    /// data, result), so a caller that wraps or filters completions (the [`crate::IoQueue`])
+    /// builds its own in place: no intermediate vector and no intermediate struct, whose
+    /// field-by-field stores a whole-struct move reads back at once (a store-forwarding stall
+    /// per completion). Returns how many completions the ring delivered (commands failed by a
+    /// reset are handed to `sink` too, and the error says why).
+    #[inline]
+    pub(crate) fn poll_each<F: FnMut(u16, T, Option<DmaData>, Result<u32, NvmeError>)>(
+        &mut self,
+        check: bool,
+        sink: &mut F,
+    ) -> Result<usize, NvmeError> {
         if self.generation != self.hw.generation() {
-            return Err(self.fail_all_after_reset(out));
+            return Err(self.fail_all_after_reset(sink));
         }
         self.ring_sq()?;
-        let before = out.len();
+        let mut reaped = 0usize;
         let mut bad = None;
         let mut moved = false;
         // At most one ring's worth per poll (a device that keeps posting cannot pin the
@@ -636,12 +666,8 @@ impl<T> QueuePair<T> {
                             status: c.status,
                         })
                     };
-                    out.push(Done {
-                        cid: c.cid,
-                        user: inflight.user,
-                        data: inflight.data,
-                        result,
-                    });
+                    reaped += 1;
+                    sink(c.cid, inflight.user, inflight.data, result);
                 }
                 Err(e) => {
                     bad = Some(e);
@@ -656,21 +682,20 @@ impl<T> QueuePair<T> {
         if let Some(e) = bad {
             self.hw
                 .reset(self.generation, format!("queue {}: {e}", self.qid));
-            self.fail_all_after_reset(out);
+            self.fail_all_after_reset(sink);
             return Err(NvmeError::BadCompletion(e));
         }
-        let reaped = out.len() - before;
         self.polls_since_scan += 1;
         if check || self.polls_since_scan >= SCAN_EVERY {
             self.polls_since_scan = 0;
-            self.scan(out)?;
+            self.scan(sink)?;
         }
         Ok(reaped)
     }
 
     /// The health check: advances the timeout epoch when a quarter timeout has passed, and
     /// then checks CSTS.CFS and whether a command is [`TIMEOUT_EPOCHS`] epochs old.
-    fn scan(&mut self, out: &mut Vec<Done<T>>) -> Result<(), NvmeError> {
+    fn scan(&mut self, out: &mut Sink<'_, T>) -> Result<(), NvmeError> {
         let now = Instant::now();
         let quarter = (self.timeout / 4).max(Duration::from_millis(1));
         if now.duration_since(self.epoch_start) < quarter {
@@ -718,7 +743,7 @@ impl<T> QueuePair<T> {
     /// reset could not stop the device ([`Hw::quarantined`]), the data is leaked instead and
     /// the commands fail with [`NvmeError::DmaQuarantined`], without data. Marks the queue
     /// dead.
-    fn fail_all_after_reset(&mut self, out: &mut Vec<Done<T>>) -> NvmeError {
+    fn fail_all_after_reset(&mut self, out: &mut Sink<'_, T>) -> NvmeError {
         let reason = self.hw.reset_reason();
         let quarantined = self.hw.quarantined().is_some();
         for (cid, slot) in self.slots.iter_mut().enumerate() {
@@ -738,12 +763,7 @@ impl<T> QueuePair<T> {
                     };
                     (Err(e), i.data)
                 };
-                out.push(Done {
-                    cid: cid as u16,
-                    user: i.user,
-                    data,
-                    result,
-                });
+                out(cid as u16, i.user, data, result);
             }
         }
         self.dead = Some("the controller was reset");

@@ -361,6 +361,7 @@ pub enum SglError {
 
 /// The one Data Block descriptor for `len` bytes at `addr` (a contiguous buffer), checking the
 /// controller's alignment requirement (`dword_aligned`) and the 32-bit length field.
+#[inline]
 pub fn contiguous(addr: u64, len: usize, dword_aligned: bool) -> Result<Descriptor, SglError> {
     if len == 0 {
         return Err(SglError::Empty);

@@ -157,6 +157,7 @@ impl Command {
     }
 
     /// An I/O command with `opcode` for namespace `nsid`, everything else zero.
+    #[inline]
     pub fn io(opcode: IoOpcode, nsid: u32) -> Command {
         Command {
             opcode: opcode as u8,
@@ -245,6 +246,7 @@ impl Command {
     }
 
     /// Read or Write of `blocks` logical blocks (≥ 1) at `lba` (data pointer set separately).
+    #[inline]
     pub fn read_write(opcode: IoOpcode, nsid: u32, lba: u64, blocks: u32) -> Command {
         Command {
             cdw10: lba as u32,
@@ -286,6 +288,7 @@ impl Command {
     /// assert_eq!(&b[32..36], &4096u32.to_le_bytes());
     /// assert_eq!(b[39], 0x00); // Data Block, sub type Address
     /// ```
+    #[inline]
     pub fn set_sgl1(&mut self, sgl1: crate::sgl::Descriptor) {
         let [address, rest] = sgl1.to_words();
         self.prp1 = address;
@@ -295,6 +298,7 @@ impl Command {
 
     /// The 64 wire bytes as eight little-endian 64-bit words (word `i` = bytes `8i..8i+8`),
     /// what the queue stores into the ring.
+    #[inline]
     pub fn to_words(&self) -> [u64; 8] {
         let dw = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
         let cdw0 =

@@ -250,3 +250,48 @@ fn a_failed_eventfd_registration_deletes_the_queue_and_frees_its_id() {
     drop(rt);
     rig.finish();
 }
+
+/// A read waiting behind a full queue holds no pool memory: each command takes its queue slot
+/// before its bounce buffer, so while eight 64 KiB reads share a queue of depth 2 (the device
+/// slowed down so that they pile up) at most two buffers are allocated at any time. Before,
+/// every waiting read held its buffer: the pool had to hold the backlog.
+#[test]
+fn reads_behind_a_full_queue_hold_no_pool_memory() {
+    const LEN: usize = 64 << 10;
+    let rig = Rig::with(emu_config(), async_config());
+    let rt = runtime();
+    let q = rt.block_on(async { AsyncQueue::new(&rig.ctrl, 2, AsyncConfig::default()).unwrap() });
+    let with_queue = rig.in_use();
+    rig.nvme
+        .faults()
+        .delay_completions(Duration::from_millis(30));
+    let peak = rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..8u64 {
+            let (q, ns) = (q.clone(), rig.ns);
+            tasks.spawn(async move {
+                let mut buf = vec![0u8; LEN];
+                q.read(&ns, i * 128, &mut buf).await
+            });
+        }
+        let mut peak = 0;
+        while !tasks.is_empty() {
+            peak = peak.max(rig.in_use() - with_queue);
+            tokio::select! {
+                done = tasks.join_next() => done.unwrap().unwrap().unwrap(),
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+            }
+        }
+        peak
+    });
+    rig.nvme.faults().delay_completions(Duration::ZERO);
+    assert!(peak > 0, "the reads were sampled while in flight");
+    assert!(
+        peak <= 2 * LEN as u64,
+        "{peak} B of buffers at once for a queue of depth 2"
+    );
+    drop(q);
+    drop(rt);
+    assert_eq!(rig.in_use(), rig.baseline);
+    rig.finish();
+}
