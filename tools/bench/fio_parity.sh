@@ -21,6 +21,9 @@
 # Usage: tools/bench/fio_parity.sh [--rounds N] [--runtime SECONDS] [--rw "randread randwrite"]
 #                                  [--bs "4k 128k"] [--iodepth "1 32 128"] [--size 1G]
 #                                  [--device /dev/X] [--tolerance PCT] [--out DIR]
+#                                  [--engine-opts "--fixedbufs=1 --registerfiles=1"]
+# --engine-opts: options given to both tools (fio's io_uring engine options, which tpio takes
+# too); by default both run with fio's defaults (plain buffers and fd, batch 1).
 # Results: DIR (default target/bench/fio_parity): rounds.tsv (one line per job run: cell, round,
 # position, tool, IOPS, bandwidth, load), summary.md (the per-cell table), and every JSON output.
 
@@ -35,6 +38,7 @@ SIZE=1G
 DEVICE=
 TOLERANCE=3
 OUT=${CARGO_TARGET_DIR:-$ROOT/target}/bench/fio_parity
+ENGINE_OPTS=
 while [ $# -gt 0 ]; do
     case "$1" in
     --rounds) ROUNDS=${2:?}; shift ;;
@@ -46,7 +50,8 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=${2:?}; shift ;;
     --tolerance) TOLERANCE=${2:?}; shift ;;
     --out) OUT=${2:?}; shift ;;
-    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    --engine-opts) ENGINE_OPTS=${2?}; shift ;;
+    -h | --help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "tools/bench/fio_parity.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -89,9 +94,10 @@ printf 'cell\tround\tposition\ttool\tiops\tbw_bytes\tload1\n' >"$OUT/rounds.tsv"
 job() {
     local tool=$1 rw=$2 bs=$3 depth=$4 json=$5 bin
     case "$tool" in fio*) bin=fio ;; tpio) bin=$TPIO ;; esac
+    # shellcheck disable=SC2086 # ENGINE_OPTS is split into options on purpose
     "$bin" --name=parity --filename="$DEVICE" --ioengine=io_uring --direct=1 --rw="$rw" \
         --bs="$bs" --iodepth="$depth" --runtime="$RUNTIME" --time_based \
-        --output-format=json --output="$json" >/dev/null
+        --output-format=json --output="$json" $ENGINE_OPTS >/dev/null
     python3 - "$json" <<'PY'
 import json, sys
 job = json.load(open(sys.argv[1]))["jobs"][0]
@@ -102,7 +108,7 @@ PY
 
 load1() { cut -d' ' -f1 /proc/loadavg; }
 
-echo "fio_parity: device $DEVICE, $ROUNDS rounds x ${RUNTIME}s per job, tpio $TPIO, $(fio --version), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "fio_parity: device $DEVICE, $ROUNDS rounds x ${RUNTIME}s per job, tpio $TPIO, $(fio --version), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)${ENGINE_OPTS:+, engine options: $ENGINE_OPTS}"
 for rw in $RWS; do
     for bs in $BSS; do
         for depth in $DEPTHS; do

@@ -156,7 +156,7 @@ impl RwMode {
 /// fio's `ioengine=`: which engine moves the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EngineKind {
-    /// Linux io_uring with registered buffers and files.
+    /// Linux io_uring, set up and batched as fio's io_uring engine (`--fixedbufs`, `--registerfiles`).
     #[value(name = "io_uring")]
     IoUring,
     /// No I/O at all: completes every request at once (tests the harness).
@@ -232,6 +232,18 @@ pub struct JobArgs {
     /// I/Os kept in flight per job.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16384))]
     pub iodepth: u32,
+    /// Commit queued I/Os to the engine every N (fio's `iodepth_batch_submit`, alias
+    /// `iodepth_batch`); default: the engine's own choice (io_uring 1, as fio; the tidepool
+    /// and vhost-user-blk engines one commit per refill round).
+    #[arg(long = "iodepth_batch_submit", visible_alias = "iodepth_batch",
+          alias = "iodepth-batch-submit", alias = "iodepth-batch",
+          value_parser = clap::value_parser!(u32).range(1..=16384), value_name = "N")]
+    pub iodepth_batch_submit: Option<u32>,
+    /// Take at most N completions before refilling their slots (fio's
+    /// `iodepth_batch_complete_max`); default: the engine's own choice (io_uring 1, as fio).
+    #[arg(long = "iodepth_batch_complete_max", alias = "iodepth-batch-complete-max",
+          value_parser = clap::value_parser!(u32).range(1..=16384), value_name = "N")]
+    pub iodepth_batch_complete_max: Option<u32>,
     /// Clones of this job, run together, one thread each.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub numjobs: u32,
@@ -282,6 +294,16 @@ pub struct JobArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "0",
           value_parser = parse_bool, action = ArgAction::Set)]
     pub norandommap: bool,
+    /// ioengine=io_uring: register the slot buffers once (READ_FIXED/WRITE_FIXED) instead of
+    /// letting the kernel pin a buffer per request (fio's `fixedbufs`, off by default there too).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "0",
+          value_parser = parse_bool, action = ArgAction::Set)]
+    pub fixedbufs: bool,
+    /// ioengine=io_uring: register the file once, requests name it by index (fio's
+    /// `registerfiles`, off by default there too).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "0",
+          value_parser = parse_bool, action = ArgAction::Set)]
+    pub registerfiles: bool,
     /// Seed the generators the same way every run (0: from the clock, unless --randseed is given).
     #[arg(long, num_args = 0..=1, default_missing_value = "1", default_value = "1",
           value_parser = parse_bool, action = ArgAction::Set)]
@@ -441,6 +463,10 @@ pub struct JobSpec {
     pub block_sizes: BlockSizes,
     /// Queue depth.
     pub iodepth: u32,
+    /// `iodepth_batch_submit`, if given (else the engine's batching).
+    pub iodepth_batch_submit: Option<u32>,
+    /// `iodepth_batch_complete_max`, if given (else the engine's batching).
+    pub iodepth_batch_complete_max: Option<u32>,
     /// Clones.
     pub numjobs: u32,
     /// Run-time limit (after ramp).
@@ -479,6 +505,10 @@ pub struct JobSpec {
     pub wait_for: Option<String>,
     /// Random offsets with replacement (fio's norandommap).
     pub norandommap: bool,
+    /// io_uring: registered buffers (fio's `fixedbufs`).
+    pub fixedbufs: bool,
+    /// io_uring: registered file (fio's `registerfiles`).
+    pub registerfiles: bool,
     /// CPUs the clones run on (`cpus_allowed`), if restricted.
     pub cpus_allowed: Option<crate::affinity::CpuList>,
     /// How clones share `cpus_allowed`.
@@ -677,6 +707,8 @@ impl JobArgs {
             rwmixread: self.rwmixread,
             block_sizes,
             iodepth: self.iodepth,
+            iodepth_batch_submit: self.iodepth_batch_submit,
+            iodepth_batch_complete_max: self.iodepth_batch_complete_max,
             numjobs: self.numjobs,
             runtime: self.runtime,
             time_based: self.time_based,
@@ -709,6 +741,8 @@ impl JobArgs {
             new_group: self.new_group,
             wait_for: self.wait_for.clone(),
             norandommap: self.norandommap,
+            fixedbufs: self.fixedbufs,
+            registerfiles: self.registerfiles,
             cpus_allowed: self.cpus_allowed.clone(),
             cpus_allowed_policy: self.cpus_allowed_policy,
             thread: self.thread,

@@ -6,10 +6,13 @@
 //! before any output, so bad input never produces a partial report.
 //!
 //! Each clone (`numjobs`) runs [`run_clone`] on its own thread with its own engine. The loop keeps
-//! `iodepth` slots busy: it queues requests into every free slot, commits them in one batch, then
-//! reaps at least one completion. Timestamps: `queued` when a request is queued, `issued` once per
-//! batch after `commit` returns, `done` once per reap batch. fio's names follow: slat = issued -
-//! queued, clat = done - issued, lat = done - queued. I/Os queued during `ramp_time` are not
+//! `iodepth` slots busy: it queues requests into every free slot, committing as the engine's
+//! [`Batching`](crate::engine::Batching) says (every request for io_uring, as fio; the whole
+//! round for the others), then reaps at least one completion and takes as many as the batching
+//! allows before refilling. Timestamps (one clock read per round, per commit and per reap, none
+//! per request): `queued` is the latest of these reads before the request was prepared, `issued`
+//! the end of its commit, `done` the end of the reap that returned it. fio's names follow: slat
+//! = issued - queued, clat = done - issued, lat = done - queued. I/Os queued during `ramp_time` are not
 //! counted, and a direction's runtime starts when the ramp ends.
 //!
 //! Jobs run together, as in fio, unless ordered: `stonewall` makes a job wait for every job above
@@ -700,6 +703,9 @@ struct SlotState {
     offset: u64,
     len: u32,
     pass: u64,
+    /// The clock read that preceded the I/O's preparation: its round's start or the previous
+    /// commit's end. So its slat also holds the preparing of the I/Os queued before it in its
+    /// batch (a few tens of ns each), which were submitted with it, as in fio's batches.
     queued: Instant,
     issued: Instant,
 }
@@ -714,6 +720,10 @@ struct PhaseSettings {
     deadline: Option<Instant>,
     /// Stop after this many I/Os (verify replay of what the write phase issued).
     limit: Option<u64>,
+    /// The job's `iodepth_batch_submit` / `iodepth_batch_complete_max`, overriding the
+    /// engine's [`Batching`](crate::engine::Batching) where given.
+    batch_submit: Option<u32>,
+    batch_complete: Option<u32>,
 }
 
 /// Accumulated state of a clone across phases.
@@ -923,6 +933,8 @@ fn run_clone(mut prepared: PreparedClone, progress: &Progress) -> CloneResult {
             counted_from: ramp_end,
             deadline: spec.runtime.map(|runtime| ramp_end + runtime),
             limit: None,
+            batch_submit: spec.iodepth_batch_submit,
+            batch_complete: spec.iodepth_batch_complete_max,
         };
         let mut replay = prepared.workload.replay_as_reads();
         let backlog = spec.verify_backlog.filter(|_| spec.has_verify_phase());
@@ -955,6 +967,7 @@ fn run_clone(mut prepared: PreparedClone, progress: &Progress) -> CloneResult {
                 counted_from: ramp_end,
                 deadline: None,
                 limit: Some(issued),
+                ..main
             };
             run_phase(
                 engine,
@@ -983,6 +996,7 @@ fn run_clone(mut prepared: PreparedClone, progress: &Progress) -> CloneResult {
                 counted_from: main_end,
                 deadline: None,
                 limit: Some(issued_total),
+                ..main
             };
             run_phase(
                 engine,
@@ -1063,6 +1077,10 @@ fn fill_slots_with_noise(engine: &mut dyn Engine, slots: u32, slot_bytes: u32, s
 
 /// Runs `workload` through `engine` until it ends, the deadline passes, the limit is reached or an
 /// error occurs; waits for every in-flight I/O. Returns the number of I/Os issued.
+///
+/// Batching follows the engine's [`Batching`](crate::engine::Batching): requests are committed every `submit` queued,
+/// and at most `complete` completions are taken per round before their slots are refilled (the
+/// others wait, as in the engine's completion queue, and are taken without waiting next round).
 fn run_phase(
     engine: &mut dyn Engine,
     workload: &mut Workload,
@@ -1073,6 +1091,15 @@ fn run_phase(
     slot_bytes: u32,
 ) -> u64 {
     let now = Instant::now();
+    let batching = engine.batching();
+    let submit_batch = settings
+        .batch_submit
+        .map_or(batching.submit, |n| n as usize)
+        .max(1);
+    let complete_batch = settings
+        .batch_complete
+        .map_or(batching.complete, |n| n as usize)
+        .max(1);
     let mut slot_states = vec![
         SlotState {
             direction: IoDirection::Read,
@@ -1085,22 +1112,28 @@ fn run_phase(
         slots as usize
     ];
     let mut free: Vec<u32> = (0..slots).rev().collect();
+    // Queued since the last commit.
     let mut batch: Vec<u32> = Vec::with_capacity(slots as usize);
+    // The last reap's completions; those before `taken` are handled.
     let mut completions = Vec::with_capacity(slots as usize);
+    let mut taken = 0;
     let mut scratch = vec![0u8; slot_bytes as usize];
     let mut issuing = true;
     let mut issued = 0u64;
     let mut pending: Option<PlannedIo> = None;
-    // The last reap's successful completions, accounted after the next commit.
+    // The last round's successful completions, accounted after the next commit.
     let mut finished: Vec<SlotState> = Vec::with_capacity(slots as usize);
     let mut finished_at = now;
+    let mut reaped_at = now;
     loop {
-        if issuing
-            && settings
-                .deadline
-                .is_some_and(|deadline| Instant::now() >= deadline)
-        {
-            issuing = false;
+        // The latest clock read, the `queued` time of the next I/O: the round's start, then
+        // each commit's end (one read fewer per I/O than stamping each; see `SlotState`).
+        let mut clock = reaped_at;
+        if issuing {
+            clock = Instant::now();
+            if settings.deadline.is_some_and(|deadline| clock >= deadline) {
+                issuing = false;
+            }
         }
         batch.clear();
         while issuing {
@@ -1128,10 +1161,8 @@ fn run_phase(
                         .deadline
                         .map_or(ready, |deadline| ready.min(deadline));
                     std::thread::sleep(until.saturating_duration_since(now));
-                    if settings
-                        .deadline
-                        .is_some_and(|deadline| Instant::now() >= deadline)
-                    {
+                    clock = Instant::now();
+                    if settings.deadline.is_some_and(|deadline| clock >= deadline) {
                         issuing = false;
                         break;
                     }
@@ -1157,22 +1188,29 @@ fn run_phase(
                 offset: io.offset,
                 len: io.len,
                 pass: io.pass,
-                queued: Instant::now(),
-                issued: now,
+                queued: clock,
+                issued: clock,
             };
             batch.push(slot);
+            if batch.len() >= submit_batch {
+                let in_flight = slots as usize - free.len();
+                match commit(engine, &batch, in_flight, &mut slot_states, state) {
+                    Ok(issued_at) => clock = issued_at,
+                    Err(error) => {
+                        account(&finished, finished_at, settings, state, progress);
+                        state.fail(libc::EIO, error.to_string());
+                        return issued;
+                    }
+                }
+                batch.clear();
+            }
         }
         if !batch.is_empty() {
-            if let Err(error) = engine.commit() {
+            let in_flight = slots as usize - free.len();
+            if let Err(error) = commit(engine, &batch, in_flight, &mut slot_states, state) {
                 account(&finished, finished_at, settings, state, progress);
                 state.fail(libc::EIO, error.to_string());
                 return issued;
-            }
-            let issued_at = Instant::now();
-            state.submit_buckets[batch_bucket(batch.len())] += batch.len() as u64;
-            state.depth_buckets[depth_bucket(slots as usize - free.len())] += batch.len() as u64;
-            for slot in &batch {
-                slot_states[*slot as usize].issued = issued_at;
             }
         }
         account(&finished, finished_at, settings, state, progress);
@@ -1180,19 +1218,22 @@ fn run_phase(
         if free.len() == slots as usize {
             return issued;
         }
-        completions.clear();
-        if let Err(error) = engine.reap(1, &mut completions) {
-            state.fail(libc::EIO, error.to_string());
-            return issued;
+        if taken == completions.len() {
+            completions.clear();
+            taken = 0;
+            if let Err(error) = engine.reap(1, &mut completions) {
+                state.fail(libc::EIO, error.to_string());
+                return issued;
+            }
+            reaped_at = Instant::now();
         }
-        let done = Instant::now();
-        state.complete_buckets[batch_bucket(completions.len())] += completions.len() as u64;
+        let take = (completions.len() - taken).min(complete_batch);
+        state.complete_buckets[batch_bucket(take)] += take as u64;
         // Triage only what must happen before a slot is reused (errors, verify reads); the
         // accounting (latencies, histograms, counters) waits until the next batch is committed,
         // so the device works while it runs.
-        finished.clear();
-        finished_at = done;
-        for completion in &completions {
+        finished_at = reaped_at;
+        for completion in &completions[taken..taken + take] {
             let Some(slot_state) = slot_states.get(completion.slot as usize).copied() else {
                 state.fail(
                     libc::EIO,
@@ -1242,7 +1283,27 @@ fn run_phase(
             }
             finished.push(slot_state);
         }
+        taken += take;
     }
+}
+
+/// Commits the requests queued on `batch`'s slots (`in_flight` requests outstanding with them)
+/// and stamps their issue time, which it returns; counts the batch in the submit and depth maps.
+fn commit(
+    engine: &mut dyn Engine,
+    batch: &[u32],
+    in_flight: usize,
+    slot_states: &mut [SlotState],
+    state: &mut CloneState,
+) -> Result<Instant, EngineError> {
+    engine.commit()?;
+    let issued_at = Instant::now();
+    state.submit_buckets[batch_bucket(batch.len())] += batch.len() as u64;
+    state.depth_buckets[depth_bucket(in_flight)] += batch.len() as u64;
+    for slot in batch {
+        slot_states[*slot as usize].issued = issued_at;
+    }
+    Ok(issued_at)
 }
 
 /// Accounts I/Os that completed successfully at `done`: latencies into the statistics (from

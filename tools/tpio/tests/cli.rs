@@ -407,3 +407,109 @@ fn numjobs_clones_each_report_and_plot_draws_a_png() {
     ]);
     assert_bad_input(&bad, "cannot read");
 }
+
+/// `jobs[0][map][bucket]` as a number.
+fn bucket(report: &Value, map: &str, key: &str) -> f64 {
+    report["jobs"][0][map][key].as_f64().unwrap_or(0.0)
+}
+
+#[test]
+fn io_uring_batches_as_fio_and_the_json_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = target(dir.path(), 4 << 20);
+    for registered in [false, true] {
+        let mut args = vec![
+            "--name=batching",
+            "--ioengine=io_uring",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=4m",
+            "--verify=crc32c",
+            "--output-format=json",
+            "--filename",
+            &path,
+        ];
+        if registered {
+            args.extend(["--fixedbufs", "--registerfiles=1"]);
+        }
+        let run = tpio(&args);
+        assert_eq!(
+            run.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let report: Value = serde_json::from_slice(&run.stdout).expect("json");
+        assert_eq!(report["jobs"][0]["verify"]["mismatches"], 0);
+        assert_eq!(report["jobs"][0]["verify"]["checked"], 1024);
+        // fio's defaults: one I/O per io_uring_enter, one completion taken per refill.
+        assert_eq!(bucket(&report, "iodepth_submit", "4"), 100.0, "{report}");
+        assert_eq!(bucket(&report, "iodepth_complete", "4"), 100.0, "{report}");
+    }
+    // The null engine keeps whole batches: 16 slots filled and committed at once first.
+    let run = tpio(&[
+        "--ioengine=null",
+        "--rw=randread",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=4m",
+        "--output-format=json",
+    ]);
+    assert_eq!(run.status.code(), Some(0));
+    let report: Value = serde_json::from_slice(&run.stdout).expect("json");
+    assert!(bucket(&report, "iodepth_submit", "16") > 90.0, "{report}");
+    assert!(bucket(&report, "iodepth_complete", "16") > 90.0, "{report}");
+}
+
+/// fio's `iodepth_batch_submit` (alias `iodepth_batch`) and `iodepth_batch_complete_max`
+/// override an engine's batching: the null engine, which keeps whole batches by default,
+/// commits one I/O at a time and refills each slot as its completion is taken; and in a job
+/// file under fio's alias. Zero is refused with one line.
+#[test]
+fn iodepth_batch_options_override_the_engines_batching() {
+    let run = tpio(&[
+        "--ioengine=null",
+        "--rw=randread",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=4m",
+        "--iodepth_batch_submit=1",
+        "--iodepth_batch_complete_max=1",
+        "--output-format=json",
+    ]);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: Value = serde_json::from_slice(&run.stdout).expect("json");
+    assert_eq!(bucket(&report, "iodepth_submit", "4"), 100.0, "{report}");
+    assert_eq!(bucket(&report, "iodepth_complete", "4"), 100.0, "{report}");
+    let opts = &report["jobs"][0]["job options"];
+    assert_eq!(opts["iodepth_batch_submit"], "1", "{report}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = dir.path().join("batch.fio");
+    std::fs::write(
+        &job,
+        "[global]\nioengine=null\nrw=randread\nbs=4k\nsize=4m\niodepth=16\n\n[one]\niodepth_batch=1\n",
+    )
+    .expect("job file");
+    let run = tpio(&["--output-format=json", job.to_str().expect("path")]);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: Value = serde_json::from_slice(&run.stdout).expect("json");
+    assert_eq!(bucket(&report, "iodepth_submit", "4"), 100.0, "{report}");
+
+    let run = tpio(&["--ioengine=null", "--size=1m", "--iodepth_batch_submit=0"]);
+    assert_eq!(run.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("iodepth_batch_submit"), "{err}");
+}

@@ -1,32 +1,38 @@
-//! `ioengine=io_uring`: Linux io_uring with registered buffers (READ_FIXED/WRITE_FIXED) and a
-//! registered (fixed) file, on a regular file or a block device, optionally with O_DIRECT.
+//! `ioengine=io_uring`: Linux io_uring on a regular file or a block device, optionally with
+//! O_DIRECT, doing per I/O what fio's io_uring engine does with its defaults.
 //!
 //! The ring has as many entries as the job has slots, so the submission queue can never be full
-//! when the harness queues (it never has more than `slots` requests outstanding). `commit` is one
-//! `io_uring_enter` that submits everything queued; `reap(min)` drains the completion queue and only
-//! enters the kernel (`submit_and_wait`) when fewer than `min` completions are ready. That is the
-//! same two-syscall loop as fio's io_uring engine with its default batching.
+//! when the harness queues (it never has more than `slots` requests outstanding), and is set up
+//! with fio's flags (`DEFER_TASKRUN` and the rest, see [`crate::uring`]). `commit` is one
+//! `io_uring_enter(GETEVENTS)` that submits everything queued and posts the completions that
+//! arrived; `reap(min)` drains the completion queue and only enters the kernel when fewer than
+//! `min` completions are ready. The engine asks the harness for fio's default batching
+//! ([`Batching::FIO_DEFAULT`]: commit each I/O, take one completion at a time and refill its slot
+//! at once), so the device sees the stream fio gives it: a queue kept full one request at a time,
+//! not a batch that drains and refills in a convoy (BENCHMARKS.md, "tpio vs fio").
 //!
-//! The slot buffers are registered once in `prepare`, so the kernel pins them for the ring's life.
-//! The ring and its buffers are one [`FixedRing`], which keeps the kernel's rules for memory in
+//! Buffers and file are plain by default, as fio's (`fixedbufs=0`, `registerfiles=0`: the kernel
+//! pins a buffer's pages per request); `--fixedbufs` and `--registerfiles` register them once.
+//! The ring and its buffers are one [`SlotRing`], which keeps the kernel's rules for memory in
 //! flight (and holds this engine's only `unsafe`, outside this directory).
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 
-use super::{target_label, Engine, EngineError, Geometry, IoCompletion, IoRequest};
+use super::{target_label, Batching, Engine, EngineError, Geometry, IoCompletion, IoRequest};
 use crate::blockdev::geometry as block_device_geometry;
 use crate::options::{JobSpec, SECTOR};
-use crate::uring::FixedRing;
+use crate::uring::{RingOptions, SlotRing};
 
 /// An open target and, after `prepare`, its ring and registered buffers.
 pub struct IoUringEngine {
     /// The ring and its registered slot buffers, from `prepare` to `close`. Dropped before
     /// the file (field order), after draining its requests.
-    ring: Option<FixedRing>,
+    ring: Option<SlotRing>,
     file: File,
     geometry: Geometry,
+    options: RingOptions,
 }
 
 impl IoUringEngine {
@@ -68,11 +74,15 @@ impl IoUringEngine {
             ring: None,
             file,
             geometry,
+            options: RingOptions {
+                fixed_buffers: spec.fixedbufs,
+                fixed_file: spec.registerfiles,
+            },
         })
     }
 
     /// The ring, or a misuse error before `prepare`.
-    fn ring(&mut self) -> Result<&mut FixedRing, EngineError> {
+    fn ring(&mut self) -> Result<&mut SlotRing, EngineError> {
         self.ring
             .as_mut()
             .ok_or_else(|| EngineError::Misuse("I/O before prepare".into()))
@@ -89,7 +99,7 @@ impl Engine for IoUringEngine {
     }
 
     fn prepare(&mut self, slots: u32, slot_bytes: u32) -> Result<(), EngineError> {
-        self.ring = Some(FixedRing::new(&self.file, slots, slot_bytes)?);
+        self.ring = Some(SlotRing::new(&self.file, slots, slot_bytes, self.options)?);
         Ok(())
     }
 
@@ -116,14 +126,22 @@ impl Engine for IoUringEngine {
     fn reap(&mut self, min: usize, out: &mut Vec<IoCompletion>) -> Result<(), EngineError> {
         let ring = self.ring()?;
         let min = min.min(ring.outstanding());
-        let mut got = 0;
-        loop {
-            got += ring.completions(out);
-            if got >= min {
-                return Ok(());
-            }
-            ring.submit_and_wait(min - got)?;
+        let mut got = ring.completions(out);
+        if got == 0 && min == 0 && ring.outstanding() > 0 {
+            // With DEFER_TASKRUN completions are posted only by an enter that asks for events.
+            ring.submit_and_wait(0)?;
+            ring.completions(out);
+            return Ok(());
         }
+        while got < min {
+            ring.submit_and_wait(min - got)?;
+            got += ring.completions(out);
+        }
+        Ok(())
+    }
+
+    fn batching(&self) -> Batching {
+        Batching::FIO_DEFAULT
     }
 
     fn close(&mut self) -> Result<(), EngineError> {

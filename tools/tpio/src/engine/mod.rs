@@ -121,6 +121,34 @@ pub struct IoCompletion {
     pub result: Result<u32, i32>,
 }
 
+/// How the harness batches an engine's submissions and completions: fio's `iodepth_batch`
+/// (`iodepth_batch_submit`) and `iodepth_batch_complete_max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Commit after this many queued requests (the rest of a round is committed at its end).
+    pub submit: usize,
+    /// Take at most this many completions before refilling their slots; completions reaped
+    /// beyond it wait for the next round, as in the engine's completion queue.
+    pub complete: usize,
+}
+
+impl Batching {
+    /// fio's defaults (`iodepth_batch=1`, `iodepth_batch_complete_max` = its minimum, 1): one
+    /// request per commit, each freed slot refilled before the next completion is taken, so the
+    /// queue is kept as full as the device allows.
+    pub const FIO_DEFAULT: Batching = Batching {
+        submit: 1,
+        complete: 1,
+    };
+
+    /// Every free slot queued and committed at once, every ready completion taken at once: one
+    /// doorbell per round, for engines whose commit is costly (a device register write).
+    pub const WHOLE: Batching = Batching {
+        submit: usize::MAX,
+        complete: usize::MAX,
+    };
+}
+
 /// A block I/O engine driven by one job thread. See the module doc for the call order.
 pub trait Engine: Send {
     /// The `ioengine=` name, for reports.
@@ -153,6 +181,11 @@ pub trait Engine: Send {
 
     /// Releases the target and buffers. No request may be in flight.
     fn close(&mut self) -> Result<(), EngineError>;
+
+    /// How the harness should batch this engine's commits and completions.
+    fn batching(&self) -> Batching {
+        Batching::WHOLE
+    }
 
     /// Engine-specific statistics for the JSON report's `tidepool` object (pool use, waits, ...).
     fn stats(&self) -> Option<serde_json::Value> {
