@@ -10,7 +10,7 @@ use tidepool_lab::report::{
 };
 use tidepool_lab::run::RunOptions;
 use tidepool_lab::trace::Trace;
-use tidepool_lab::{capture, coco, demo, growth, sweep, vhost, workload};
+use tidepool_lab::{capture, coco, demo, growth, nvme, sweep, vhost, workload};
 
 /// Tidepool's policy lab: static swiotlb vs SWIOTLB_DYNAMIC vs throttling vs Tidepool, on the
 /// real pool with an in-process device model.
@@ -113,6 +113,35 @@ enum Cmd {
         #[arg(long)]
         hugepages: bool,
     },
+    /// Replay workloads through the NVMe driver on a controller bound to vfio-pci (opened
+    /// afresh per run, its pool made from each policy) under every policy; the same table as
+    /// `report`, with I/O latency. In the test VM: the VM test `lab_nvme_replay`.
+    NvmeReplay {
+        /// The controller's PCI address (bound to vfio-pci), e.g. 0000:00:04.0.
+        #[arg(long)]
+        bdf: String,
+        /// Output directory.
+        #[arg(long, default_value = "target/lab-nvme")]
+        out: PathBuf,
+        /// Built-in workloads (repeatable); default bursty and multi.
+        #[arg(long = "workload")]
+        workloads: Vec<String>,
+        /// CSV traces to replay as well (repeatable).
+        #[arg(long = "trace")]
+        traces: Vec<PathBuf>,
+        /// Workload seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Workload length factor.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// The I/O queue's depth.
+        #[arg(long, default_value_t = 256)]
+        queue_depth: u32,
+        /// Back chunks with 2 MiB hugepages.
+        #[arg(long)]
+        hugepages: bool,
+    },
     /// Growth speed: low-watermark crossing → usable chunk, and a burst's new capacity per
     /// second, per view, page size (4 KiB, 2 MiB, 1 GiB) and chunk size.
     Growth {
@@ -131,6 +160,19 @@ enum Cmd {
         /// Directory for the daemon's image, socket and log (with --vhost).
         #[arg(long, default_value = "/tmp/tplab-growth")]
         dir: PathBuf,
+        /// `PoolConfig::growth_threads` settings to compare (repeatable; 0 = one per CPU,
+        /// 1 = one chunk at a time); default 1 and 0, alternating ABBA.
+        #[arg(long = "threads")]
+        threads: Vec<usize>,
+        /// Only these page sizes (repeatable: 4K, 2M, 1G); default all.
+        #[arg(long = "page")]
+        pages: Vec<String>,
+        /// Only these chunk sizes, MiB (repeatable; default 2, 8, 32 and 1024 for 1G pages).
+        #[arg(long = "chunk-mib")]
+        chunk_mib: Vec<usize>,
+        /// Skip the identity view (with --vhost: only the vhost-user rows).
+        #[arg(long)]
+        no_identity: bool,
     },
     /// CoCo scale: Linux's confidential-VM swiotlb (6 % of memory, at most 1 GiB) against
     /// tidepool on the `coco` multi-device workload.
@@ -150,6 +192,42 @@ enum Cmd {
         /// Workload length factor.
         #[arg(long, default_value_t = 1.0)]
         scale: f64,
+    },
+    /// A few tidepool knob sets and the static pool on one workload, repeated in alternating
+    /// order: medians and every round (for ranking frontier points on a noisy host).
+    Tune {
+        /// Output directory (tune.md, tune.json).
+        #[arg(long, default_value = "target/lab-tune")]
+        out: PathBuf,
+        /// A built-in workload.
+        #[arg(long, default_value = "bursty")]
+        workload: String,
+        /// A CSV trace instead of a built-in workload.
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// Tidepool knob sets as `tplab sweep` labels them (repeatable), e.g.
+        /// `low=4M,halflife=0ms`; `default` for the lab's default.
+        #[arg(long = "knobs", required = true)]
+        knobs: Vec<String>,
+        /// The static pool's size, MiB (default: found by the static search).
+        #[arg(long)]
+        static_mib: Option<u64>,
+        /// Rounds.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Workload seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Workload length factor.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Back chunks with 2 MiB hugepages (falls back to locked 4 KiB pages).
+        #[arg(long)]
+        hugepages: bool,
+        /// Also write every run's memory samples (samples_CONFIG_roundN.csv; config 0 is
+        /// static).
+        #[arg(long)]
+        samples: bool,
     },
     /// Rewrite a sweep's sweep.md and frontier plots from its sweep.json.
     SweepReplot {
@@ -187,12 +265,6 @@ enum Cmd {
     },
 }
 
-/// A trace file's name without its extension, for reports.
-fn stem(path: &std::path::Path) -> String {
-    path.file_stem()
-        .map_or("trace".into(), |s| s.to_string_lossy().into_owned())
-}
-
 fn main() -> ExitCode {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let result = match Cli::parse().cmd {
@@ -226,25 +298,12 @@ fn main() -> ExitCode {
             workloads,
             traces,
         } => (|| {
-            let mut named = Vec::new();
             let builtin = if workloads.is_empty() && traces.is_empty() {
                 workload::WORKLOADS.map(String::from).to_vec()
             } else {
                 workloads
             };
-            for name in builtin {
-                let t = workload::generate(&name, seed, scale).ok_or_else(|| {
-                    format!(
-                        "unknown workload {name:?}; built-in: {:?}",
-                        workload::ALL_WORKLOADS
-                    )
-                })?;
-                named.push((name, t));
-            }
-            for path in traces {
-                let t = Trace::load(&path).map_err(|e| e.to_string())?;
-                named.push((stem(&path), t));
-            }
+            let named = workload::named_traces(&builtin, &traces, seed, scale)?;
             let (_, choice) =
                 sweep::sweep(&out, named, hugepages, &RunOptions::default(), command)?;
             eprintln!(
@@ -290,25 +349,12 @@ fn main() -> ExitCode {
             dir,
             hugepages,
         } => (|| {
-            let mut named = Vec::new();
             let builtin = if workloads.is_empty() && traces.is_empty() {
                 vec!["bursty".to_string(), "multi".to_string()]
             } else {
                 workloads
             };
-            for name in builtin {
-                let t = workload::generate(&name, seed, scale).ok_or_else(|| {
-                    format!(
-                        "unknown workload {name:?}; built-in: {:?}",
-                        workload::ALL_WORKLOADS
-                    )
-                })?;
-                named.push((name, t));
-            }
-            for path in traces {
-                let t = Trace::load(&path).map_err(|e| e.to_string())?;
-                named.push((stem(&path), t));
-            }
+            let named = workload::named_traces(&builtin, &traces, seed, scale)?;
             let backend = vhost::BackendOptions {
                 dir,
                 image_bytes: image_mib << 20,
@@ -349,17 +395,66 @@ fn main() -> ExitCode {
             })
             .map(|_| out.clone())
         })(),
+        Cmd::NvmeReplay {
+            bdf,
+            out,
+            workloads,
+            traces,
+            seed,
+            scale,
+            queue_depth,
+            hugepages,
+        } => {
+            let workloads = if workloads.is_empty() && traces.is_empty() {
+                vec!["bursty".to_string(), "multi".to_string()]
+            } else {
+                workloads
+            };
+            let opts = nvme::NvmeReportOptions {
+                nvme: nvme::NvmeOptions::vfio(&bdf, queue_depth),
+                out: out.clone(),
+                workloads,
+                traces,
+                seed,
+                scale,
+                hugepages,
+            };
+            nvme::report(&opts, command).map(|_| out)
+        }
         Cmd::Growth {
             out,
             rounds,
             burst_mib,
             vhost,
             dir,
+            threads,
+            pages,
+            chunk_mib,
+            no_identity,
         } => (|| {
             use tidepool::memory::PageSize;
             std::fs::create_dir_all(&out)
                 .map_err(|e| format!("creating {}: {e}", out.display()))?;
             const M: usize = 1 << 20;
+            let threads = if threads.is_empty() {
+                vec![1, 0]
+            } else {
+                threads
+            };
+            let page_ok = |p: PageSize| {
+                let name = match p {
+                    PageSize::Small4K => "4K",
+                    PageSize::Huge2M => "2M",
+                    PageSize::Huge1G => "1G",
+                };
+                pages.is_empty() || pages.iter().any(|x| x.eq_ignore_ascii_case(name))
+            };
+            for p in &pages {
+                if !["4K", "2M", "1G"].iter().any(|n| p.eq_ignore_ascii_case(n)) {
+                    return Err(format!("--page {p:?}: expected 4K, 2M or 1G"));
+                }
+            }
+            let chunk_ok = |c: usize| chunk_mib.is_empty() || chunk_mib.contains(&(c / M));
             let mut combos: Vec<(PageSize, usize, u64)> = Vec::new();
             for page in [PageSize::Small4K, PageSize::Huge2M] {
                 for chunk in [2 * M, 8 * M, 32 * M] {
@@ -367,18 +462,25 @@ fn main() -> ExitCode {
                 }
             }
             combos.push((PageSize::Huge1G, 1 << 30, 1 << 30));
+            combos.retain(|&(p, c, _)| page_ok(p) && chunk_ok(c));
+            if combos.is_empty() {
+                return Err("no page size and chunk size left to measure".into());
+            }
             let mut rows = Vec::new();
-            for &(page, chunk, burst) in &combos {
-                let r = growth::measure(
-                    "identity",
-                    &mut growth::identity_view,
-                    page,
-                    chunk,
-                    burst,
-                    rounds,
-                );
-                eprintln!("{r:?}");
-                rows.push(r);
+            if !no_identity {
+                for &(page, chunk, burst) in &combos {
+                    let r = growth::measure(
+                        "identity",
+                        &mut growth::identity_view,
+                        page,
+                        chunk,
+                        burst,
+                        rounds,
+                        &threads,
+                    );
+                    eprintln!("{r:?}");
+                    rows.extend(r);
+                }
             }
             if vhost {
                 let mut daemons = Vec::new();
@@ -392,11 +494,22 @@ fn main() -> ExitCode {
                             image_bytes: 64 << 20,
                             bps: None,
                         })?;
-                        let conn = tidepool_vhost_user_blk::Connection::connect(
-                            b.socket(),
-                            &Default::default(),
-                        )
-                        .map_err(|e| e.to_string())?;
+                        // The socket file appears at bind(), a moment before listen():
+                        // a refused connection is retried for up to a second.
+                        let mut tries = 0;
+                        let conn = loop {
+                            match tidepool_vhost_user_blk::Connection::connect(
+                                b.socket(),
+                                &Default::default(),
+                            ) {
+                                Ok(c) => break c,
+                                Err(e) if tries < 100 && e.to_string().contains("refused") => {
+                                    tries += 1;
+                                    std::thread::sleep(std::time::Duration::from_millis(10));
+                                }
+                                Err(e) => return Err(e.to_string()),
+                            }
+                        };
                         daemons.push(b);
                         Ok(std::sync::Arc::new(
                             tidepool_vhost_user_blk::VhostUserView::new(
@@ -408,9 +521,17 @@ fn main() -> ExitCode {
                 for &(page, chunk, burst) in combos.iter().filter(|c| c.1 < 1 << 30) {
                     // 31 regions: keep the burst within them.
                     let burst = burst.min(24 * chunk as u64);
-                    let r = growth::measure("vhost-user", &mut make, page, chunk, burst, rounds);
+                    let r = growth::measure(
+                        "vhost-user",
+                        &mut make,
+                        page,
+                        chunk,
+                        burst,
+                        rounds,
+                        &threads,
+                    );
                     eprintln!("{r:?}");
-                    rows.push(r);
+                    rows.extend(r);
                 }
             }
             let json = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
@@ -450,6 +571,56 @@ fn main() -> ExitCode {
             std::fs::write(out.join("coco.md"), md).map_err(|e| e.to_string())?;
             Ok(out.clone())
         })(),
+        Cmd::Tune {
+            out,
+            workload: name,
+            trace,
+            knobs,
+            static_mib,
+            repeat,
+            seed,
+            scale,
+            hugepages,
+            samples,
+        } => (|| {
+            let knobs = knobs
+                .iter()
+                .map(|k| tidepool_lab::policy::Knobs::parse(k).map_err(|e| format!("--knobs: {e}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (name, t) = match trace {
+                Some(path) => (
+                    workload::trace_name(&path),
+                    Trace::load(&path).map_err(|e| e.to_string())?,
+                ),
+                None => {
+                    let t = workload::generate(&name, seed, scale).ok_or_else(|| {
+                        format!(
+                            "unknown workload {name:?}; built-in: {:?}",
+                            workload::ALL_WORKLOADS
+                        )
+                    })?;
+                    (name, t)
+                }
+            };
+            std::fs::create_dir_all(&out)
+                .map_err(|e| format!("creating {}: {e}", out.display()))?;
+            let rows = tidepool_lab::tune::tune(
+                &t,
+                hugepages,
+                &knobs,
+                static_mib.map(|m| m << 20),
+                repeat,
+                &RunOptions::default(),
+                samples.then_some(out.as_path()),
+            )
+            .map_err(|e| e.to_string())?;
+            let json = serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?;
+            std::fs::write(out.join("tune.json"), json).map_err(|e| e.to_string())?;
+            let md = tidepool_lab::tune::markdown(&rows, &command, &name);
+            print!("{md}");
+            std::fs::write(out.join("tune.md"), md).map_err(|e| e.to_string())?;
+            Ok(out.clone())
+        })(),
         Cmd::SweepReplot { json, out, pages } => {
             sweep::replot(&json, &out, command, &pages).map(|c| {
                 eprintln!("default chosen: {:?} ({})", c.chosen, c.why);
@@ -473,7 +644,7 @@ fn main() -> ExitCode {
             hugepages,
         } => (|| {
             let t = Trace::load(&trace).map_err(|e| e.to_string())?;
-            let name = stem(&trace);
+            let name = workload::trace_name(&trace);
             let opts = ReportOptions {
                 out: out.clone(),
                 seed: 0,

@@ -256,7 +256,7 @@ async fn serve(shared: Arc<Shared>, index: usize, req: Request, hold_tx: mpsc::S
 }
 
 /// The pool's memory now, timed from `start`.
-fn sample(pool: &Pool, start: Instant) -> Sample {
+pub(crate) fn sample(pool: &Pool, start: Instant) -> Sample {
     let s = pool.stats();
     Sample {
         t_us: start.elapsed().as_micros() as u64,
@@ -267,7 +267,7 @@ fn sample(pool: &Pool, start: Instant) -> Sample {
 }
 
 /// Samples the pool's memory every `every` after `first` until `running` is cleared.
-fn sample_loop(
+pub(crate) fn sample_loop(
     pool: &Pool,
     start: Instant,
     first: Sample,

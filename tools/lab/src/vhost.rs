@@ -6,18 +6,13 @@
 //! and shrinking pay the real protocol round trips, and the device is real: the daemon reads
 //! and writes a file image through io_uring. Nothing is modelled except arrivals.
 //!
-//! For each request, at its arrival time (tokio's timer: ≤ 1 ms late, measured as the arrival
-//! lag), a task takes a slot of its trace device (the trace's queue depth), then calls
-//! `BlockDevice::read_at` / `write_at` with a private buffer of the request's size (rounded up
-//! to 512 B) at an offset that walks the image. That call allocates from the pool (awaiting
-//! capacity, or failing at once when the policy does not wait), copies, submits, awaits the
-//! completion and copies out. What differs from the model:
-//! - **latency** is the whole I/O (pool wait + queueing + the daemon's service), not the map
-//!   call alone; the pool's own wait histogram is in the "pool waits" column;
+//! The request loop is [`crate::replay`]'s: each request, at its arrival time, is a
+//! `BlockDevice::read_at` / `write_at` of a private buffer of its size (rounded up to 512 B).
+//! That call allocates from the pool (awaiting capacity), copies, submits, awaits the
+//! completion and copies out. What differs from the model, beyond what [`crate::replay`] says:
 //! - **holds** are the daemon's real service times, not the trace's `hold_us`. With
 //!   `--bps` the daemon is throttled (a QEMU throttle group) to the bandwidth the trace's
 //!   disk was modelled with (400 MB/s for `bursty`), so that bursts pile up as they do there;
-//! - the block API always awaits: a trace's `may_wait = false` requests await as well;
 //! - the virtqueue rings (one queue of 256 descriptors) live in the pool too, and a request
 //!   holds its pool buffer while it waits for free descriptors.
 //!
@@ -27,18 +22,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tidepool::pool::{Direction, Pool, PoolConfig};
+use tidepool::pool::{Pool, PoolConfig};
 use tidepool_vhost_user_blk::{
     BlockDevice, ConnectOptions, Connection, DeviceOptions, VhostUserView, ViewOptions,
 };
-use tokio::sync::Semaphore;
 
-use crate::device::ClockReport;
-use crate::run::{MapResult, Outcome, RunResult, Sample};
+use crate::replay::{self, BlockTarget};
+use crate::run::RunResult;
 use crate::trace::Trace;
 
 /// How to reach the backend.
@@ -183,124 +176,55 @@ async fn replay_on(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("making the pool on the vhost-user view: {e}"))?;
-    let dev = Arc::new(
-        BlockDevice::start(
-            conn,
-            pool.clone(),
-            DeviceOptions {
-                io_timeout: Duration::from_secs(60),
-                ..DeviceOptions::default()
-            },
-        )
-        .await
-        .map_err(|e| format!("starting the block device: {e}"))?,
-    );
-    let start = Instant::now();
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let (pool, sampling) = (pool.clone(), sampling.clone());
-        std::thread::Builder::new()
-            .name("tplab-sampler".into())
-            .spawn(move || {
-                let mut out = Vec::new();
-                while sampling.load(Ordering::SeqCst) {
-                    out.push(sample(&pool, start));
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                out
-            })
-            .map_err(|e| e.to_string())?
-    };
-    let slots: Vec<Option<Arc<Semaphore>>> = trace
-        .devices
-        .iter()
-        .map(|d| d.queue_depth.map(|q| Arc::new(Semaphore::new(q))))
-        .collect();
-    let outcomes = Arc::new(Mutex::new(Vec::with_capacity(trace.requests.len())));
-    let failed = Arc::new(AtomicBool::new(false));
-    let span = image_bytes.saturating_sub(4 << 20).max(1 << 20);
-    let mut lags = Vec::with_capacity(trace.requests.len());
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut offset = 0u64;
-    for (index, req) in trace.requests.iter().enumerate() {
-        if stop_on_failure && failed.load(Ordering::SeqCst) {
-            break;
-        }
-        let due = start + Duration::from_micros(req.time_us);
-        tokio::time::sleep_until(due.into()).await;
-        lags.push(Instant::now().saturating_duration_since(due).as_micros() as u64);
-        let len = req.size.div_ceil(512) * 512;
-        let at = offset;
-        offset = (offset + len as u64).next_multiple_of(4096) % span;
-        let (dev, slot, outcomes, failed) = (
-            dev.clone(),
-            slots[req.device].clone(),
-            outcomes.clone(),
-            failed.clone(),
-        );
-        let direction = req.direction;
-        tasks.spawn(async move {
-            let _permit = match slot {
-                Some(s) => s.acquire_owned().await.ok(),
-                None => None,
-            };
-            let t0 = Instant::now();
-            let r = if direction == Direction::FromDevice {
-                let mut buf = vec![0u8; len];
-                dev.read_at(at, &mut buf).await
-            } else {
-                let buf = vec![0x5au8; len];
-                dev.write_at(at, &buf).await
-            };
-            let map_ns = t0.elapsed().as_nanos() as u64;
-            let result = match r {
-                Ok(()) => MapResult::Completed {
-                    done_us: start.elapsed().as_micros() as u64,
-                },
-                Err(_) => {
-                    failed.store(true, Ordering::SeqCst);
-                    MapResult::Failed
-                }
-            };
-            outcomes.lock().expect("outcomes lock").push(Outcome {
-                index,
-                map_ns,
-                result,
-            });
-        });
-    }
-    let released = lags.len();
-    while tasks.join_next().await.is_some() {}
-    let elapsed_us = start.elapsed().as_micros() as u64;
-    sampling.store(false, Ordering::SeqCst);
-    let mut samples = sampler.join().map_err(|_| "the sampler panicked")?;
-    samples.push(sample(&pool, start));
-    let dev = Arc::try_unwrap(dev).map_err(|_| "a replay task still holds the device")?;
-    dev.shutdown().await;
-    // After the shutdown, so that the rings' memory is back too: in use must be 0.
-    let stats = pool.stats();
-    lags.sort_unstable();
-    let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes lock"));
-    Ok(RunResult {
-        config,
-        samples,
-        outcomes,
-        stats,
-        elapsed_us,
-        stopped_early: stop_on_failure && failed.load(Ordering::SeqCst),
-        clock: ClockReport {
-            arrival_lag_us: lags,
-            released,
+    let dev = BlockDevice::start(
+        conn,
+        pool.clone(),
+        DeviceOptions {
+            io_timeout: Duration::from_secs(60),
+            ..DeviceOptions::default()
         },
-    })
+    )
+    .await
+    .map_err(|e| format!("starting the block device: {e}"))?;
+    let target = Arc::new(VhostTarget {
+        dev,
+        span: image_bytes,
+    });
+    let mut result =
+        replay::replay_requests(trace, config, &pool, target.clone(), stop_on_failure).await?;
+    let target = Arc::try_unwrap(target).map_err(|_| "a replay task still holds the device")?;
+    target.dev.shutdown().await;
+    // After the shutdown, so that the rings' memory is back too: in use must be 0.
+    result.stats = pool.stats();
+    Ok(result)
 }
 
-fn sample(pool: &Pool, start: Instant) -> Sample {
-    let s = pool.stats();
-    Sample {
-        t_us: start.elapsed().as_micros() as u64,
-        capacity_bytes: s.capacity_bytes,
-        in_use_bytes: s.in_use_bytes,
-        waiters: s.waiters,
+/// The vhost-user-blk device as a replay target.
+struct VhostTarget {
+    dev: BlockDevice,
+    span: u64,
+}
+
+impl BlockTarget for VhostTarget {
+    fn span_bytes(&self) -> u64 {
+        self.span
+    }
+
+    fn block_bytes(&self) -> usize {
+        512
+    }
+
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.dev
+            .read_at(offset, buf)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), String> {
+        self.dev
+            .write_at(offset, buf)
+            .await
+            .map_err(|e| e.to_string())
     }
 }

@@ -67,6 +67,34 @@ pub fn describe(name: &str) -> &'static str {
     }
 }
 
+/// A trace file's name without its extension, for reports.
+pub fn trace_name(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map_or("trace".into(), |s| s.to_string_lossy().into_owned())
+}
+
+/// The built-in workloads `names` (generated from `seed` at `scale`) and the CSV traces at
+/// `paths`, each with its report name; an unknown workload name or an unreadable trace is one
+/// error line.
+pub fn named_traces(
+    names: &[String],
+    paths: &[std::path::PathBuf],
+    seed: u64,
+    scale: f64,
+) -> Result<Vec<(String, Trace)>, String> {
+    let mut named = Vec::with_capacity(names.len() + paths.len());
+    for name in names {
+        let t = generate(name, seed, scale)
+            .ok_or_else(|| format!("unknown workload {name:?}; built-in: {ALL_WORKLOADS:?}"))?;
+        named.push((name.clone(), t));
+    }
+    for path in paths {
+        let t = Trace::load(path).map_err(|e| e.to_string())?;
+        named.push((trace_name(path), t));
+    }
+    Ok(named)
+}
+
 /// Generates the built-in workload `name` from `seed`, `scale` times its normal length
 /// (1.0 for reports; tests use less). Returns `None` for an unknown name.
 pub fn generate(name: &str, seed: u64, scale: f64) -> Option<Trace> {
