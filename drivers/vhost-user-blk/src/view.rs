@@ -16,8 +16,9 @@
 //! is the `guest_phys_addr`.
 //!
 //! # Slots
-//! The backend has `max_mem_slots` slots (32 for `qemu-storage-daemon`, the SET_MEM_TABLE
-//! region included); a 33rd region makes it panic and drop the connection. [`DeviceView::usage`]
+//! The backend has `max_mem_slots` slots, the SET_MEM_TABLE region included (`qemu-storage-daemon`
+//! reported 32 in the build these notes were first written against, 509 in 10.0.2); one region
+//! beyond them makes it panic and drop the connection. [`DeviceView::usage`]
 //! reports the limit so that the pool's grower sizes chunks to keep its cap reachable, and
 //! `share` refuses a region beyond it with [`ShareError::MappingLimit`] before sending anything.
 //!
