@@ -83,7 +83,10 @@ async fn interrupts_drive_async(ctrl: &Controller) -> Res<()> {
             "expected all {READS} completions after interrupt wakes: {w:?}"
         ));
     }
-    if w.interrupts < READS || el > Duration::from_secs(9) {
+    // One MSI-X message may announce two completions (the device posted both before it
+    // signalled): 499 interrupts for 500 reads, once, on a loaded host. A queue not driven by
+    // interrupts would show next to none.
+    if w.interrupts < READS * 95 / 100 || el > Duration::from_secs(9) {
         return Err(format!(
             "interrupts {} for {READS} reads in {el:?}: not interrupt driven",
             w.interrupts
