@@ -9,15 +9,16 @@
 #       --test-timeout 600 nvme_bench tpio_vs_loop:5:2
 # Usage: tpio_vs_loop [RUNTIME_SECONDS] [ROUNDS]
 # Env TPIO_VS_LOOP_VARIANTS: the tpio variants, space-separated (default "tpio tpio-s1");
-# TPIO_VS_LOOP_CASES: the cases (default "4k 128k").
+# TPIO_VS_LOOP_CASES: the cases (default "4k 128k"); TPIO_VS_LOOP_LOOPS: the loop's variants
+# (default "loop"; loop-sN rings the SQ doorbell every N resubmitted commands, as tpio-sN does).
 # Each round, per case: loop, the variants in order, then in reverse order, loop (ABBA). tpio
 # runs with the engine's default batching (one SQ doorbell per refill round); tpio-sN commits
 # every N commands as they are queued (--iodepth_batch_submit=N: an SQ doorbell per N commands,
 # so the device may start on the first N while the rest are prepared). (fio's full per-I/O batching, with
 # --iodepth_batch_complete_max=1 too, also polls and rings the CQ doorbell per completion: 0.16
 # of the loop at 4 KiB in one loaded boot, against 0.48 for the default.)
-# Prints "RUN <case> <loop|tpio|tpio-s1> <IOPS>" per run and "RATIO <case> <variant>/loop ..."
-# per case and variant (medians).
+# Prints "RUN <case> <variant> <IOPS>" per run and "RATIO <case> <tpio variant>/<loop variant> ..."
+# per case and pair of variants (medians).
 
 RUNTIME=${1:-5}
 ROUNDS=${2:-2}
@@ -26,15 +27,23 @@ FAILED=0
 RESULTS=/tmp/tpio_vs_loop.txt
 VARIANTS=${TPIO_VS_LOOP_VARIANTS:-tpio tpio-s1}
 CASES=${TPIO_VS_LOOP_CASES:-4k 128k}
-REVERSED=$(for v in $VARIANTS; do echo "$v"; done | awk '{l[NR] = $0} END {for (i = NR; i > 0; i--) print l[i]}')
+LOOPS=${TPIO_VS_LOOP_LOOPS:-loop}
+reverse() { for v in "$@"; do echo "$v"; done | awk '{l[NR] = $0} END {for (i = NR; i > 0; i--) print l[i]}'; }
+# shellcheck disable=SC2086 # word lists on purpose
+REVERSED=$(reverse $VARIANTS)
+# shellcheck disable=SC2086
+REVLOOPS=$(reverse $LOOPS)
 : >"$RESULTS"
 
-loop_run() { # case
+loop_run() { # case variant
+    every=0
+    case $2 in loop-s*) every=${2#loop-s} ;; esac
     out=$(TIDEPOOL_NVME_BENCH_SECS=$RUNTIME TIDEPOOL_NVME_BENCH_ROUNDS=1 \
+        TIDEPOOL_NVME_BENCH_RING_EVERY=$every \
         TIDEPOOL_NVME_BENCH_VARIANTS=reference TIDEPOOL_NVME_BENCH_ONLY=$1 /tests/nvme_bench)
     iops=$(echo "$out" | awk '/^RESULT reference/ {print $4; exit}')
     [ -n "$iops" ] || { echo "$out"; FAILED=1; iops=0; }
-    echo "RUN $1 loop $iops" | tee -a "$RESULTS"
+    echo "RUN $1 $2 $iops" | tee -a "$RESULTS"
 }
 
 tpio_run() { # case variant
@@ -52,20 +61,22 @@ tpio_run() { # case variant
 round=1
 while [ "$round" -le "$ROUNDS" ]; do
     for c in $CASES; do
-        loop_run "$c"
+        for l in $LOOPS; do loop_run "$c" "$l"; done
         for v in $VARIANTS; do tpio_run "$c" "$v"; done
         for v in $REVERSED; do tpio_run "$c" "$v"; done
-        loop_run "$c"
+        for l in $REVLOOPS; do loop_run "$c" "$l"; done
     done
     round=$((round + 1))
 done
 
 median() { sort -n | awk '{v[NR] = $1} END {if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 for c in $CASES; do
-    l=$(awk -v c="$c" '$2 == c && $3 == "loop" {print $4}' "$RESULTS" | median)
-    for v in $VARIANTS; do
-        t=$(awk -v c="$c" -v v="$v" '$2 == c && $3 == v {print $4}' "$RESULTS" | median)
-        echo "RATIO $c $v/loop $(awk -v t="$t" -v l="$l" 'BEGIN {printf "%.3f", (l > 0 ? t / l : 0)}') (median $v $t, median loop $l IOPS)"
+    for lv in $LOOPS; do
+        l=$(awk -v c="$c" -v lv="$lv" '$2 == c && $3 == lv {print $4}' "$RESULTS" | median)
+        for v in $VARIANTS; do
+            t=$(awk -v c="$c" -v v="$v" '$2 == c && $3 == v {print $4}' "$RESULTS" | median)
+            echo "RATIO $c $v/$lv $(awk -v t="$t" -v l="$l" 'BEGIN {printf "%.3f", (l > 0 ? t / l : 0)}') (median $v $t, median $lv $l IOPS)"
+        done
     done
 done
 exit $FAILED

@@ -513,26 +513,35 @@ fn reference_loop(bdf: &str, size: usize, random: bool, limit: Duration) -> Res<
     let mut ios = 0u64;
     let mut polls = 0u64;
     let mut outstanding = QD;
+    // TIDEPOOL_NVME_BENCH_RING_EVERY=N rings the SQ doorbell after every N resubmitted commands
+    // (the device may start on them while the rest are written); 0 (default): once per pass.
+    let ring_every = env_u64("TIDEPOOL_NVME_BENCH_RING_EVERY", 0) as usize;
+    let mut reaped_cids: Vec<u16> = Vec::with_capacity(QD);
     loop {
         polls += 1;
         let stop = polls % 256 == 0 && start.elapsed() >= limit;
-        let mut reaped = 0;
+        reaped_cids.clear();
         while let Some((cid, status)) = io.pop() {
             if status != 0 {
                 return Err(format!("reference read failed: status {status:#x}"));
             }
-            reaped += 1;
-            outstanding -= 1;
-            if !stop {
-                submit(&mut io, &mut cmds, usize::from(cid), lbas.next());
-                outstanding += 1;
-            }
+            reaped_cids.push(cid);
         }
-        if reaped > 0 {
-            ios += reaped;
+        if !reaped_cids.is_empty() {
+            ios += reaped_cids.len() as u64;
+            outstanding -= reaped_cids.len();
             io.ring_cq(&bar)?;
             if !stop {
-                io.ring_sq(&bar)?;
+                for (n, &cid) in reaped_cids.iter().enumerate() {
+                    submit(&mut io, &mut cmds, usize::from(cid), lbas.next());
+                    outstanding += 1;
+                    if ring_every > 0 && (n + 1) % ring_every == 0 {
+                        io.ring_sq(&bar)?;
+                    }
+                }
+                if ring_every == 0 || reaped_cids.len() % ring_every != 0 {
+                    io.ring_sq(&bar)?;
+                }
             }
         }
         if stop {
