@@ -150,21 +150,30 @@ mod spin {
         /// Takes the lock, spinning (then yielding the CPU) while another thread holds it.
         /// Never fails: there is no poisoning (a panic while it is held releases it through
         /// the guard's drop, as a `Mutex` whose poisoning is ignored would).
+        #[inline]
         pub(crate) fn lock(&self) -> SpinGuard<'_, T> {
+            // Acquire: pairs with the Release store of the guard's drop, so this thread's
+            // accesses to `value` come after the previous holder's. A compare-and-swap rather
+            // than a swap: a loser writes nothing (a failed swap would store `true` again,
+            // which loom cannot order against the holder's later release, so its model would
+            // let the loser read its own `true` forever).
+            if self
+                .locked
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return SpinGuard { lock: self };
+            }
+            self.lock_contended()
+        }
+
+        /// [`SpinLock::lock`] after a failed first attempt: kept out of line, so that the hot
+        /// paths that inline `lock` carry no spin loop (fewer registers and bytes of code).
+        #[cold]
+        #[inline(never)]
+        fn lock_contended(&self) -> SpinGuard<'_, T> {
             let mut spins = 0u32;
             loop {
-                // Acquire: pairs with the Release store of the guard's drop, so this thread's
-                // accesses to `value` come after the previous holder's. A compare-and-swap
-                // rather than a swap: a loser writes nothing (a failed swap would store `true`
-                // again, which loom cannot order against the holder's later release, so its
-                // model would let the loser read its own `true` forever).
-                if self
-                    .locked
-                    .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    return SpinGuard { lock: self };
-                }
                 // Wait with plain loads (no cache-line ping-pong), yielding if the holder was
                 // descheduled. (Under loom both the hint and the yield hand the turn to
                 // another thread, so the model's spin is finite.)
@@ -175,6 +184,14 @@ mod spin {
                     } else {
                         thread::yield_now();
                     }
+                }
+                // Acquire, compare-and-swap: as in `lock`.
+                if self
+                    .locked
+                    .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return SpinGuard { lock: self };
                 }
             }
         }

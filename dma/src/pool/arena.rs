@@ -114,29 +114,6 @@ impl Block {
         self.meta &= !Block::ZEROED;
         was
     }
-
-    /// Moves the block out of `*src` one 8-byte word at a time.
-    ///
-    /// A plain `ptr::read` copies the first two words with one 16-byte load. When the block
-    /// was written word by word just before (a buffer made and dropped in a tight loop), that
-    /// load cannot be served from the store buffer and stalls until the stores retire (~12
-    /// cycles, the largest single cost `perf annotate` found in `DmaBuf::drop`). Volatile
-    /// word loads are never merged, so each is forwarded from its own store.
-    ///
-    /// # Safety
-    /// As [`std::ptr::read`]: `src` is valid and aligned, and the caller treats `*src` as moved
-    /// out (never uses or drops it again; `Block` has no destructor).
-    #[inline(always)]
-    pub unsafe fn read_by_words(src: *const Block) -> Block {
-        // SAFETY: forwarded from the caller; each field is a plain 8-byte value.
-        unsafe {
-            Block {
-                ptr: std::ptr::read_volatile(&raw const (*src).ptr),
-                dev: std::ptr::read_volatile(&raw const (*src).dev),
-                meta: std::ptr::read_volatile(&raw const (*src).meta),
-            }
-        }
-    }
 }
 
 /// One chunk in the arena.

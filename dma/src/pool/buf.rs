@@ -193,11 +193,10 @@ impl Drop for DmaBuf {
     fn drop(&mut self) {
         // SAFETY: `pool` is taken exactly once, here, and never used again.
         let pool = unsafe { ManuallyDrop::take(&mut self.pool) };
-        // SAFETY: `block` is read out exactly once, here, and `self` is not used again; `Block`
-        // has no destructor, so the field left behind is never dropped twice. Read word by
-        // word: see `Block::read_by_words` (a 16-byte load here stalled on store forwarding).
-        let block = unsafe { Block::read_by_words(&self.block) };
-        Shared::release(Claim { block, pool });
+        // SAFETY: `release` moves the block out of `self.block` exactly once, and `self` is
+        // not used again; `Block` has no destructor, so the field left behind is never dropped
+        // twice.
+        unsafe { Shared::release(&raw const self.block, pool) };
     }
 }
 

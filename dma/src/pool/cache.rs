@@ -3,8 +3,9 @@
 //! Each CPU has a small cache of free blocks per size class, behind its own spinlock. The lock
 //! is almost never contended (only a thread migrating between CPUs mid-operation, or the
 //! shrinker draining caches, can meet it), so an allocation or release costs one atomic swap, a
-//! plain store, a `Vec` push or pop and a `sched_getcpu` (an rseq/vDSO read). Misses refill a
-//! batch from the shared arena under the pool lock; overflows give half back.
+//! plain store, a `Vec` push or pop and a read of the CPU number (inline from the thread's rseq
+//! area where glibc registered one, else `sched_getcpu`). Misses refill a batch from the shared
+//! arena under the pool lock; overflows give half back.
 //!
 //! Each cache also holds *credits*: references to the pool that buffers allocated here take
 //! and buffers released here give back, so that a buffer keeps the pool alive without an
@@ -136,12 +137,16 @@ impl Caches {
         crate::sync::model_cpu::COUNT
     }
 
-    /// The CPU the calling thread runs on: `sched_getcpu` (an rseq/vDSO read); under loom, the
+    /// The CPU the calling thread runs on: the `cpu_id` the kernel keeps in the thread's rseq
+    /// area where glibc registered one ([`rseq_cpu`]), else `sched_getcpu`; under loom, the
     /// CPU the model gave the thread ([`crate::sync::model_cpu`]), so that which cache a
     /// thread meets is part of the model, not of the host's scheduling.
     #[cfg(not(loom))]
     #[inline]
     fn current_cpu() -> usize {
+        if let Some(cpu) = rseq_cpu::current() {
+            return cpu;
+        }
         // SAFETY: sched_getcpu has no memory effects; it returns -1 on error.
         unsafe { libc::sched_getcpu() }.max(0) as usize
     }
@@ -204,5 +209,134 @@ impl Caches {
     #[inline]
     pub fn limit(&self, order: u32) -> usize {
         self.limits[self.class(order)]
+    }
+}
+
+/// The calling thread's CPU read inline from its rseq area (x86_64 glibc): what glibc's own
+/// `sched_getcpu` does, without the call through the PLT, which on the hot path cost a few
+/// percent by itself and made the compiler save and reload the registers live across it.
+///
+/// glibc (2.35 and later) registers an rseq area for every thread at `thread pointer +
+/// __rseq_offset`; the kernel writes the thread's current CPU into its `cpu_id` field (offset
+/// 4) before the thread runs again after any migration. The symbol is looked up once at run
+/// time (`dlsym`, so the binary still loads on an older glibc or another libc); where it is
+/// missing, or `__rseq_size` says registration failed, or `cpu_id` is negative (not
+/// registered), [`current`] returns None and the caller asks `sched_getcpu`, as glibc does.
+/// The value is a hint, as `sched_getcpu`'s is: the thread may migrate right after the read,
+/// and the cache lock, not the CPU number, makes the caches' accesses exclusive.
+#[cfg(all(
+    not(loom),
+    target_arch = "x86_64",
+    target_os = "linux",
+    target_env = "gnu"
+))]
+mod rseq_cpu {
+    use std::sync::atomic::{AtomicIsize, Ordering};
+
+    /// Not looked up yet.
+    const UNKNOWN: isize = isize::MIN;
+    /// No usable rseq area: use `sched_getcpu`.
+    const NONE: isize = isize::MIN + 1;
+
+    /// The offset of the rseq area from the thread pointer, or [`UNKNOWN`] / [`NONE`].
+    static OFFSET: AtomicIsize = AtomicIsize::new(UNKNOWN);
+
+    /// The calling thread's CPU, or None where there is no rseq area to read it from.
+    #[inline(always)]
+    pub(super) fn current() -> Option<usize> {
+        let off = OFFSET.load(Ordering::Relaxed);
+        if off < NONE + 1 {
+            return if off == UNKNOWN { lookup() } else { None };
+        }
+        let cpu: i32;
+        // SAFETY: `off` is glibc's `__rseq_offset`, and `__rseq_size` said the area is
+        // registered, so `fs:[off + 4]` (the thread pointer is the `fs` base on x86_64) is the
+        // `cpu_id` field of this thread's rseq area, a 4-byte aligned word of the thread's
+        // own control block that lives as long as the thread. The read has no other effect.
+        unsafe {
+            std::arch::asm!(
+                "mov {cpu:e}, dword ptr fs:[{off} + 4]",
+                cpu = lateout(reg) cpu,
+                off = in(reg) off,
+                options(nostack, readonly, preserves_flags),
+            );
+        }
+        usize::try_from(cpu).ok()
+    }
+
+    /// Looks the offset up (once per process in effect: racing first callers store the same
+    /// value) and answers as [`current`].
+    #[cold]
+    #[inline(never)]
+    fn lookup() -> Option<usize> {
+        // SAFETY: dlsym with RTLD_DEFAULT and NUL-terminated names only searches the loaded
+        // objects' symbol tables.
+        let (offset, size) = unsafe {
+            (
+                libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()),
+                libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()),
+            )
+        };
+        let off = if offset.is_null() || size.is_null() {
+            NONE
+        } else {
+            // SAFETY: glibc defines `__rseq_offset` as a `ptrdiff_t` and `__rseq_size` as an
+            // `unsigned int`, both constant once the program runs (set before `main`).
+            let (offset, size) = unsafe { (*(offset as *const isize), *(size as *const u32)) };
+            // A registered area holds at least the 20 bytes of the original ABI; the offsets
+            // we could mistake for our sentinels are not plausible ones.
+            if size >= 20 && offset > NONE + 1 {
+                offset
+            } else {
+                NONE
+            }
+        };
+        OFFSET.store(off, Ordering::Relaxed);
+        if off == NONE {
+            None
+        } else {
+            current()
+        }
+    }
+}
+
+/// Elsewhere: no inline read; `sched_getcpu` answers.
+#[cfg(all(
+    not(loom),
+    not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))
+))]
+mod rseq_cpu {
+    #[inline(always)]
+    pub(super) fn current() -> Option<usize> {
+        None
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    /// The inline rseq read agrees with `sched_getcpu` (retried: the thread may migrate
+    /// between the two reads), and on x86_64 glibc it is available unless turned off.
+    #[test]
+    fn rseq_cpu_matches_sched_getcpu() {
+        let avail = super::rseq_cpu::current().is_some();
+        // `GLIBC_TUNABLES=glibc.pthread.rseq=0` turns registration off: then the fallback
+        // must be taken.
+        let disabled = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("rseq=0"));
+        if cfg!(all(
+            target_arch = "x86_64",
+            target_os = "linux",
+            target_env = "gnu"
+        )) {
+            assert_eq!(avail, !disabled, "rseq area available: {avail}");
+        }
+        if !avail {
+            return;
+        }
+        let agree = (0..1000).any(|_| {
+            // SAFETY: sched_getcpu has no memory effects.
+            let sys = unsafe { libc::sched_getcpu() };
+            super::rseq_cpu::current() == usize::try_from(sys).ok()
+        });
+        assert!(agree);
     }
 }
