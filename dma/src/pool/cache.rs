@@ -322,12 +322,20 @@ mod tests {
         // `GLIBC_TUNABLES=glibc.pthread.rseq=0` turns registration off: then the fallback
         // must be taken.
         let disabled = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("rseq=0"));
-        if cfg!(all(
-            target_arch = "x86_64",
-            target_os = "linux",
-            target_env = "gnu"
-        )) {
-            assert_eq!(avail, !disabled, "rseq area available: {avail}");
+        #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+        {
+            // glibc registers an rseq area (and exports `__rseq_offset`) from 2.35 on.
+            // SAFETY: returns a pointer to a static NUL-terminated string.
+            let version = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+            let version = version.to_str().unwrap_or("0.0");
+            let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+            let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+            let registers = (major, minor) >= (2, 35);
+            assert_eq!(
+                avail,
+                registers && !disabled,
+                "rseq area available: {avail}, glibc {version}"
+            );
         }
         if !avail {
             return;
