@@ -8,9 +8,12 @@
 #       --env TIDEPOOL_NVME_BENCH_SECS=1 --env TIDEPOOL_NVME_BENCH_ROUNDS=1 \
 #       --test-timeout 600 nvme_bench tpio_vs_loop:5:2
 # Usage: tpio_vs_loop [RUNTIME_SECONDS] [ROUNDS]
-# Env TPIO_VS_LOOP_VARIANTS: the tpio variants, space-separated (default "tpio tpio-s1");
+# Env TPIO_VS_LOOP_VARIANTS: the tpio variants, space-separated (default "tpio tpio-s1"; also
+# tpio-null, the harness on the null engine);
 # TPIO_VS_LOOP_CASES: the cases (default "4k 128k"); TPIO_VS_LOOP_LOOPS: the loop's variants
-# (default "loop"; loop-sN rings the SQ doorbell every N resubmitted commands, as tpio-sN does).
+# (default "loop"; loop-sN rings the SQ doorbell every N resubmitted commands, as tpio-sN does;
+# "driver" is nvme_bench's own loop over the NVMe driver's IoQueue, zero-copy: between the two,
+# the driver's share of the gap).
 # Each round, per case: loop, the variants in order, then in reverse order, loop (ABBA). tpio
 # runs with the engine's default batching (one SQ doorbell per refill round); tpio-sN commits
 # every N commands as they are queued (--iodepth_batch_submit=N: an SQ doorbell per N commands,
@@ -37,11 +40,15 @@ REVLOOPS=$(reverse $LOOPS)
 
 loop_run() { # case variant
     every=0
-    case $2 in loop-s*) every=${2#loop-s} ;; esac
+    which=reference
+    case $2 in
+    loop-s*) every=${2#loop-s} ;;
+    driver) which="mmio zero-copy" ;;
+    esac
     out=$(TIDEPOOL_NVME_BENCH_SECS=$RUNTIME TIDEPOOL_NVME_BENCH_ROUNDS=1 \
         TIDEPOOL_NVME_BENCH_RING_EVERY=$every \
-        TIDEPOOL_NVME_BENCH_VARIANTS=reference TIDEPOOL_NVME_BENCH_ONLY=$1 /tests/nvme_bench)
-    iops=$(echo "$out" | awk '/^RESULT reference/ {print $4; exit}')
+        TIDEPOOL_NVME_BENCH_VARIANTS="$which" TIDEPOOL_NVME_BENCH_ONLY=$1 /tests/nvme_bench)
+    iops=$(echo "$out" | awk -v w="RESULT $which " 'index($0, w) == 1 {n = split(w, p, " "); print $(n + 2); exit}')
     [ -n "$iops" ] || { echo "$out"; FAILED=1; iops=0; }
     echo "RUN $1 $2 $iops" | tee -a "$RESULTS"
 }
@@ -50,12 +57,20 @@ tpio_run() { # case variant
     batch=""
     case $2 in tpio-s*) batch="--iodepth_batch_submit=${2#tpio-s}" ;; esac
     case $1 in 4k) rw=randread ;; *) rw=read ;; esac
-    json=$(tpio --name="tpio-$1" --ioengine=tidepool --filename="$BDF" --dma=zero-copy \
+    target="--ioengine=tidepool --filename=$BDF --dma=zero-copy"
+    # tpio-null: the harness alone on the null engine (its guest CPU per I/O is 1 / IOPS).
+    [ "$2" = tpio-null ] && target="--ioengine=null"
+    # shellcheck disable=SC2086 # option lists on purpose
+    json=$(tpio --name="tpio-$1" $target \
         --rw="$rw" --bs="$1" --iodepth=32 --size=1g --runtime="$RUNTIME" --time_based $batch \
         --output-format=json 2>&1)
     iops=$(echo "$json" | tr ',' '\n' | awk -F: '/"iops"/ {gsub(/[ }]/, "", $2); print $2; exit}')
     [ -n "$iops" ] || { echo "$json"; FAILED=1; iops=0; }
     echo "RUN $1 $2 $iops" | tee -a "$RESULTS"
+    # Where a run's time went: its CPU use, and its queue's completions and doorbell writes.
+    echo "$json" | grep -oE '"(usr_cpu|sys_cpu|ctx)": *[0-9.]*' | head -3 | tr '\n' ' '
+    echo
+    echo "$json" | tr -d '\n' | grep -o '"queue" *: *{[^}]*}' | head -1
 }
 
 round=1
