@@ -9,11 +9,12 @@
 #       --test-timeout 600 nvme_bench tpio_vs_loop:5:2
 # Usage: tpio_vs_loop [RUNTIME_SECONDS] [ROUNDS]
 # Env TPIO_VS_LOOP_VARIANTS: the tpio variants, space-separated (default "tpio tpio-s1"; also
-# tpio-null, the harness on the null engine);
+# tpio-null, the harness on the null engine; tpio-cpuN, the job pinned to guest CPU N);
 # TPIO_VS_LOOP_CASES: the cases (default "4k 128k"); TPIO_VS_LOOP_LOOPS: the loop's variants
 # (default "loop"; loop-sN rings the SQ doorbell every N resubmitted commands, as tpio-sN does;
 # "driver" is nvme_bench's own loop over the NVMe driver's IoQueue, zero-copy: between the two,
-# the driver's share of the gap).
+# the driver's share of the gap; "driver-tpio-config" the same loop on a controller opened as
+# tpio opens it).
 # Each round, per case: loop, the variants in order, then in reverse order, loop (ABBA). tpio
 # runs with the engine's default batching (one SQ doorbell per refill round); tpio-sN commits
 # every N commands as they are queued (--iodepth_batch_submit=N: an SQ doorbell per N commands,
@@ -44,6 +45,7 @@ loop_run() { # case variant
     case $2 in
     loop-s*) every=${2#loop-s} ;;
     driver) which="mmio zero-copy" ;;
+    driver-tpio-config) which="tpio-config zero-copy" ;;
     esac
     out=$(TIDEPOOL_NVME_BENCH_SECS=$RUNTIME TIDEPOOL_NVME_BENCH_ROUNDS=1 \
         TIDEPOOL_NVME_BENCH_RING_EVERY=$every \
@@ -55,7 +57,10 @@ loop_run() { # case variant
 
 tpio_run() { # case variant
     batch=""
-    case $2 in tpio-s*) batch="--iodepth_batch_submit=${2#tpio-s}" ;; esac
+    case $2 in
+    tpio-s*) batch="--iodepth_batch_submit=${2#tpio-s}" ;;
+    tpio-cpu*) batch="--cpus_allowed=${2#tpio-cpu}" ;;
+    esac
     case $1 in 4k) rw=randread ;; *) rw=read ;; esac
     target="--ioengine=tidepool --filename=$BDF --dma=zero-copy"
     # tpio-null: the harness alone on the null engine (its guest CPU per I/O is 1 / IOPS).
