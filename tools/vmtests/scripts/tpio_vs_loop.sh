@@ -76,6 +76,10 @@ tpio_run() { # case variant
     echo "$json" | grep -oE '"(usr_cpu|sys_cpu|ctx)": *[0-9.]*' | head -3 | tr '\n' ' '
     echo
     echo "$json" | tr -d '\n' | grep -o '"queue" *: *{[^}]*}' | head -1
+    # The pool behind the slots (its chunks are IOMMU mappings) and the guest's hugepages.
+    echo "$json" | grep -oE '"(capacity_bytes|chunks|grows|transient_allocs|cache_refills)": *[0-9]+' | head -5 | tr '\n' ' '
+    grep -E 'HugePages_(Total|Free)' /proc/meminfo | tr -s ' \n' ' '
+    echo
 }
 
 round=1
