@@ -129,17 +129,7 @@ pub fn tune(
 }
 
 fn median(v: impl Iterator<Item = f64>) -> f64 {
-    let mut s: Vec<f64> = v.collect();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
+    crate::growth::median(&v.collect::<Vec<_>>())
 }
 
 /// The rows as a markdown table: medians, then every run; each tidepool row's median average
