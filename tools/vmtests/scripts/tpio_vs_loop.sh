@@ -9,7 +9,8 @@
 #       --test-timeout 600 nvme_bench tpio_vs_loop:5:2
 # Usage: tpio_vs_loop [RUNTIME_SECONDS] [ROUNDS]
 # Env TPIO_VS_LOOP_VARIANTS: the tpio variants, space-separated (default "tpio tpio-s1"; also
-# tpio-null, the harness on the null engine; tpio-cpuN, the job pinned to guest CPU N);
+# tpio-null, the harness on the null engine; tpio-cpuN, the job pinned to guest CPU N;
+# tpio-pause, with a PAUSE after each empty poll as tpio did before session 7: TPIO_POLL_PAUSE=1);
 # TPIO_VS_LOOP_CASES: the cases (default "4k 128k"); TPIO_VS_LOOP_LOOPS: the loop's variants
 # (default "loop"; loop-sN rings the SQ doorbell every N resubmitted commands, as tpio-sN does;
 # "driver" is nvme_bench's own loop over the NVMe driver's IoQueue, zero-copy: between the two,
@@ -21,7 +22,8 @@
 # so the device may start on the first N while the rest are prepared). (fio's full per-I/O batching, with
 # --iodepth_batch_complete_max=1 too, also polls and rings the CQ doorbell per completion: 0.16
 # of the loop at 4 KiB in one loaded boot, against 0.48 for the default.)
-# Prints "RUN <case> <variant> <IOPS>" per run and "RATIO <case> <tpio variant>/<loop variant> ..."
+# Prints "START <case> <variant>" as a run begins (a host-side profiler can key on it),
+# "RUN <case> <variant> <IOPS>" per run and "RATIO <case> <tpio variant>/<loop variant> ..."
 # per case and pair of variants (medians).
 
 RUNTIME=${1:-5}
@@ -38,8 +40,11 @@ REVERSED=$(reverse $VARIANTS)
 # shellcheck disable=SC2086
 REVLOOPS=$(reverse $LOOPS)
 : >"$RESULTS"
+# The guest's clock: under TCG a clock other than the TSC costs microseconds per read.
+echo "clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null)"
 
 loop_run() { # case variant
+    echo "START $1 $2"
     every=0
     which=reference
     case $2 in
@@ -56,10 +61,12 @@ loop_run() { # case variant
 }
 
 tpio_run() { # case variant
+    echo "START $1 $2"
     batch=""
     case $2 in
     tpio-s*) batch="--iodepth_batch_submit=${2#tpio-s}" ;;
     tpio-cpu*) batch="--cpus_allowed=${2#tpio-cpu}" ;;
+    tpio-pause) export TPIO_POLL_PAUSE=1 ;;
     esac
     case $1 in 4k) rw=randread ;; *) rw=read ;; esac
     target="--ioengine=tidepool --filename=$BDF --dma=zero-copy"
@@ -71,6 +78,7 @@ tpio_run() { # case variant
         --output-format=json 2>&1)
     iops=$(echo "$json" | tr ',' '\n' | awk -F: '/"iops"/ {gsub(/[ }]/, "", $2); print $2; exit}')
     [ -n "$iops" ] || { echo "$json"; FAILED=1; iops=0; }
+    unset TPIO_POLL_PAUSE
     echo "RUN $1 $2 $iops" | tee -a "$RESULTS"
     # Where a run's time went: its CPU use, and its queue's completions and doorbell writes.
     echo "$json" | grep -oE '"(usr_cpu|sys_cpu|ctx)": *[0-9.]*' | head -3 | tr '\n' ' '

@@ -7,7 +7,12 @@
 //! submission ring, `commit` rings the SQ tail doorbell once for the whole batch, and `reap(min)`
 //! polls until `min` commands have completed:
 //! - `--completion=poll` (default): spins on [`IoQueue::poll`]; no system call and no interrupt
-//!   on the I/O path.
+//!   on the I/O path, and no `PAUSE` between polls (a poll is one load of the next completion's
+//!   phase bit, as SPDK's poll loop is). A `PAUSE` per empty poll cost 16–19 % of the IOPS at
+//!   4 KiB in the QEMU VM (BENCHMARKS.md, session 7): under TCG each `PAUSE` leaves the
+//!   translated code and takes QEMU's big lock, which the emulated controller needs; under KVM
+//!   a tight `PAUSE` loop triggers pause-loop exits. `TPIO_POLL_PAUSE=1` in the environment puts
+//!   it back, for that comparison.
 //! - `--completion=interrupt`: the queue's CQ raises its MSI-X vector
 //!   ([`Controller::create_interrupt_io_queue`]); when a poll finds too little, the thread
 //!   sleeps on the vector's eventfd ([`IoQueue::wait_interrupt`]) and polls again. A wait that
@@ -64,6 +69,10 @@ const NSID: u32 = 1;
 
 /// Rounds of [`DmaPolicy::calibrate`] per size for `--dma=auto` without `--dma-threshold`.
 const CALIBRATION_ROUNDS: usize = 15;
+
+/// `TPIO_POLL_PAUSE` is set: a `PAUSE` after each empty poll (see the module doc). Read once.
+static POLL_PAUSE: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os("TPIO_POLL_PAUSE").is_some());
 
 /// The longest `--completion=interrupt` sleeps before polling with the health check.
 const INTERRUPT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
@@ -653,7 +662,7 @@ impl Engine for TidepoolEngine {
                         return Err(error);
                     }
                 }
-            } else {
+            } else if *POLL_PAUSE {
                 std::hint::spin_loop();
             }
         }
