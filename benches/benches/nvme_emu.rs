@@ -13,7 +13,8 @@
 //! inside polls that reaped something (a poll that finds the ring empty is waiting for the
 //! device, not work), converted to ns with the TSC rate measured over the run. Two regimes:
 //! - `inline`: the controller runs on the driver's thread inside each doorbell write
-//!   ([`EmuNvmeConfig::inline_doorbells`]) and its own time is subtracted, so the figure is the
+//!   ([`EmuNvmeConfig::inline_doorbells`]) and its own time (TSC ticks from the doorbell's hand-off
+//!   to the model to its return) is subtracted, so the figure is the
 //!   driver's work alone: no second core, no cross-core cache transfers, no preemption of a
 //!   device thread. This is the regime of the ≤ 150 ns goal.
 //! - `threaded`: the controller on its own thread, as in the tests; every completion and doorbell
@@ -93,12 +94,13 @@ struct Run {
     iops: f64,
 }
 
-/// Converts ticks to ns with the TSC rate over `(t0, w0)..now`, less `device_ns` (the
-/// controller's inline time, which the work ticks include).
-fn finish(work_ticks: u64, device_ns: u64, ios: usize, t0: u64, w0: Instant) -> Run {
+/// Converts ticks to ns with the TSC rate over `(t0, w0)..now`, less `device_ticks` (the
+/// controller's inline time in TSC ticks, [`tidepool_emu::EmuNvmeStats::inline_ticks`], which the work ticks
+/// include).
+fn finish(work_ticks: u64, device_ticks: u64, ios: usize, t0: u64, w0: Instant) -> Run {
     let wall = w0.elapsed();
     let rate = (ticks() - t0) as f64 / wall.as_nanos() as f64;
-    let work_ns = (work_ticks as f64 / rate - device_ns as f64).max(0.0);
+    let work_ns = (work_ticks.saturating_sub(device_ticks)) as f64 / rate;
     Run {
         ns_per_io: work_ns / ios as f64,
         iops: ios as f64 / wall.as_secs_f64(),
@@ -142,7 +144,7 @@ fn driver_run(qd: usize, ios: usize, bounce: bool, inline: bool) -> Run {
     let mut out: Vec<Done<u64>> = Vec::with_capacity(qd);
     let (mut done, mut submitted) = (0usize, qd);
     let mut work = 0u64;
-    let device0 = device.stats().inline_nanos;
+    let device0 = device.stats().inline_ticks;
     let (t0, w0) = (ticks(), Instant::now());
     while done < ios {
         let a = ticks();
@@ -173,7 +175,7 @@ fn driver_run(qd: usize, ios: usize, bounce: bool, inline: bool) -> Run {
         q.ring_doorbell().expect("doorbell");
         work += ticks() - a;
     }
-    let run = finish(work, device.stats().inline_nanos - device0, ios, t0, w0);
+    let run = finish(work, device.stats().inline_ticks - device0, ios, t0, w0);
     drop(q);
     assert_eq!(pool.stats().in_use_bytes, ctrl.pool_stats().in_use_bytes);
     run
@@ -223,7 +225,7 @@ fn minimal_run(qd: usize, ios: usize, inline: bool) -> Run {
     io.ring_sq(&*bar);
     let (mut done, mut submitted) = (0usize, qd);
     let mut work = 0u64;
-    let device0 = nvme.stats().inline_nanos;
+    let device0 = nvme.stats().inline_ticks;
     let (t0, w0) = (ticks(), Instant::now());
     while done < ios {
         let a = ticks();
@@ -246,7 +248,7 @@ fn minimal_run(qd: usize, ios: usize, inline: bool) -> Run {
             work += ticks() - a;
         }
     }
-    finish(work, nvme.stats().inline_nanos - device0, ios, t0, w0)
+    finish(work, nvme.stats().inline_ticks - device0, ios, t0, w0)
 }
 
 /// A queue pair driven by hand.

@@ -460,7 +460,7 @@ fn inline_doorbells_complete_commands_before_the_write_returns() {
     let data = pattern(4096, 3);
     let mut buf = rig.pool.try_alloc(4096).unwrap();
     buf.write_at(0, &data).unwrap();
-    let before = rig.nvme.stats().inline_nanos;
+    let before = rig.nvme.stats().inline_ticks;
     for lba in [0u32, 8, 16] {
         let write = sqe(0x01, 0, 1, [buf.device_addr().0, 0], [lba, 0, 7]);
         let cid = q.submit(&*bar, write);
@@ -468,7 +468,7 @@ fn inline_doorbells_complete_commands_before_the_write_returns() {
         let (got, sct, sc, _) = q.poll(&*bar, Duration::ZERO).expect("completed inline");
         assert_eq!((got, sct, sc), (cid, 0, 0));
     }
-    assert!(rig.nvme.stats().inline_nanos > before);
+    assert!(rig.nvme.stats().inline_ticks > before);
     let mut ns = vec![0u8; 4096];
     rig.nvme.read_namespace(16 * 512, &mut ns).unwrap();
     assert_eq!(ns, data);
