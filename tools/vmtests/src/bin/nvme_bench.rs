@@ -134,11 +134,15 @@ fn run() -> Res<()> {
         // engine opens it (MSI-X enabled, 64 I/O queues asked for), to tell the controller's
         // setup from the engine in tpio's cost.
         "tpio-config zero-copy",
+        // Not run by default: the bounce loop with the pool's background pre-zeroing off, to
+        // tell the grower's zeroing (on the other vCPU, sharing the host's cores with the
+        // emulated device) from the bounce path's own cost.
+        "mmio bounce no-prezero",
     ]
     .into_iter()
     .filter(|v| {
         if wanted.is_empty() {
-            !v.starts_with("tpio-config")
+            !v.starts_with("tpio-config") && !v.ends_with("no-prezero")
         } else {
             wanted.split(',').any(|w| w == *v)
         }
@@ -147,7 +151,8 @@ fn run() -> Res<()> {
     if variants.is_empty() || cases.is_empty() {
         return Err(
             "TIDEPOOL_NVME_BENCH_VARIANTS must name at least one of reference, \
-                    mmio zero-copy, shadow zero-copy, mmio bounce (comma-separated), and \
+                    mmio zero-copy, shadow zero-copy, mmio bounce, tpio-config zero-copy, mmio \
+                    bounce no-prezero (comma-separated), and \
                     TIDEPOOL_NVME_BENCH_ONLY must be 4k or 128k"
                 .into(),
         );
@@ -155,14 +160,21 @@ fn run() -> Res<()> {
     let mut results: Vec<Vec<Vec<Measured>>> = vec![vec![Vec::new(); variants.len()]; cases.len()];
     for round in 0..rounds {
         for (c, &(size, random)) in cases.iter().enumerate() {
-            for (v, variant) in variants.iter().enumerate() {
+            // Odd rounds run the variants in reverse: ABBA over pairs of rounds.
+            let mut order: Vec<usize> = (0..variants.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for v in order {
+                let variant = &variants[v];
                 let m = match *variant {
                     "reference" => reference_loop(&bdf, size, random, secs)?,
                     _ => {
                         let shadow = variant.starts_with("shadow");
-                        let bounce = variant.ends_with("bounce");
+                        let bounce = variant.contains("bounce");
                         let as_tpio = variant.starts_with("tpio-config");
-                        with_driver(&bdf, shadow, as_tpio, |ctrl, ns| {
+                        let prezero = !variant.ends_with("no-prezero");
+                        with_driver(&bdf, shadow, as_tpio, prezero, |ctrl, ns| {
                             driver_loop(ctrl, ns, size, random, secs, bounce)
                         })?
                     }
@@ -196,13 +208,20 @@ fn median(runs: &[Measured]) -> Measured {
 }
 
 /// Opens the controller with shadow doorbells on or off (polling only), runs `f`, closes it.
+/// `prezero: false` turns the pool's background pre-zeroing off.
 fn with_driver(
     bdf: &str,
     shadow: bool,
     as_tpio: bool,
+    prezero: bool,
     f: impl FnOnce(&Controller, &Namespace) -> Res<Measured>,
 ) -> Res<Measured> {
+    let mut pool = ControllerConfig::default().pool;
+    if !prezero {
+        pool.prezero_bytes_per_pass = 0;
+    }
     let cfg = ControllerConfig {
+        pool,
         shadow_doorbells: shadow,
         interrupts: as_tpio,
         io_queues: if as_tpio {
