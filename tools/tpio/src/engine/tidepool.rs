@@ -8,7 +8,7 @@
 //! polls until `min` commands have completed:
 //! - `--completion=poll` (default): spins on [`IoQueue::poll`]; no system call and no interrupt
 //!   on the I/O path, and no `PAUSE` between polls (a poll is one load of the next completion's
-//!   phase bit, as SPDK's poll loop is). A `PAUSE` per empty poll cost 16–19 % of the IOPS at
+//!   phase bit, as SPDK's poll loop is). A `PAUSE` per empty poll cost 16–27 % of the IOPS at
 //!   4 KiB in the QEMU VM (BENCHMARKS.md, session 7): under TCG each `PAUSE` leaves the
 //!   translated code and takes QEMU's big lock, which the emulated controller needs; under KVM
 //!   a tight `PAUSE` loop triggers pause-loop exits. `TPIO_POLL_PAUSE=1` in the environment puts
