@@ -36,10 +36,9 @@
 //! The [`HostRegion`] contract of [`super::vfio`] holds here too: a shared region stays mapped
 //! in this process until it is unshared and is touched only through raw pointers meanwhile.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use iommufd_bindings::iommufd::{
     iommu_hw_info, iommu_hw_info_type_IOMMU_HW_INFO_TYPE_AMD,
@@ -53,7 +52,8 @@ use iommufd_bindings::iommufd::{
 };
 use iommufd_ioctls::{IommuFd, IommufdError, IommufdIoas};
 
-use super::vfio::{check_region, iova_adapter::IovaSpace, Mapping};
+use super::mappings::Mappings;
+use super::vfio::check_region;
 use super::{DeviceView, ShareError, ShareUsage};
 pub use crate::iova::IovaRange;
 use crate::memory::HostRegion;
@@ -347,17 +347,13 @@ impl Ioas {
             )));
         }
         let ranges = self.iova_ranges()?;
-        let iova = IovaSpace::new(&ranges.allowed, dma_mask)?;
+        let mappings = Mappings::new(&ranges.allowed, dma_mask)?;
         let view = Arc::new(IommufdView {
             iommufd: Arc::clone(&self.iommufd),
             ioas: Arc::clone(&self.ioas),
             dma_mask,
             ranges,
-            state: Mutex::new(IoasState {
-                iova,
-                live: BTreeMap::new(),
-                bytes: 0,
-            }),
+            mappings,
         });
         *slot = Some(Arc::clone(&view));
         Ok(view)
@@ -408,15 +404,6 @@ fn query_iova_ranges(iommufd: &IommuFd, ioas_id: u32) -> Result<IoasRanges, Shar
     })
 }
 
-/// The view's bookkeeping, behind its one lock.
-#[derive(Debug)]
-struct IoasState {
-    iova: IovaSpace,
-    /// Live mappings by IOVA.
-    live: BTreeMap<u64, Mapping>,
-    bytes: u64,
-}
-
 /// The [`DeviceView`] of an IOAS: device address = an IOVA we allocate inside the allowed
 /// ranges. Get it from [`Ioas::view`] or [`crate::device::iommufd::CdevDevice::open`].
 pub struct IommufdView {
@@ -424,7 +411,7 @@ pub struct IommufdView {
     ioas: Arc<IommufdIoas>,
     dma_mask: u64,
     ranges: IoasRanges,
-    state: Mutex<IoasState>,
+    mappings: Mappings,
 }
 
 impl std::fmt::Debug for IommufdView {
@@ -452,10 +439,6 @@ impl IommufdView {
     /// The IOAS id.
     pub fn ioas_id(&self) -> u32 {
         self.ioas.id()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, IoasState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// `IOMMU_IOAS_MAP` of `len` bytes at `vaddr` to the fixed `iova`, readable and writeable.
@@ -498,26 +481,17 @@ impl DeviceView for IommufdView {
         check_region(region)?;
         let len = region.len as u64;
         let align = (region.page_size as u64).max(self.ranges.alignment);
-        let iova = self.lock().iova.alloc(len, align)?;
+        let iova = self.mappings.reserve(len, align)?;
         // SAFETY: the HostRegion contract (module docs): the region stays mapped until it is
         // unshared and is touched only through raw pointers while shared.
         let mapped = unsafe { self.map(iova, region.start(), region.len) };
-        let mut state = self.lock();
         match mapped {
             Ok(()) => {
-                state.live.insert(
-                    iova,
-                    Mapping {
-                        vaddr: region.start(),
-                        len: region.len,
-                    },
-                );
-                state.bytes += len;
+                self.mappings.mapped(iova, region);
                 Ok(DeviceAddr(iova))
             }
             Err(e) => {
-                state.iova.free(iova, len);
-                drop(state);
+                self.mappings.map_failed(iova, len);
                 if errno_of(&e) == Some(libc::ENOMEM) {
                     return Err(ShareError::Backend {
                         what: "IOMMU_IOAS_MAP",
@@ -535,32 +509,16 @@ impl DeviceView for IommufdView {
     /// Unmaps a region shared at `addr`; frees its IOVA once the kernel reports exactly its
     /// length unmapped. The ioctl runs unlocked.
     fn unshare(&self, region: &HostRegion<'_>, addr: DeviceAddr) -> Result<(), ShareError> {
-        let not_shared = || ShareError::NotShared {
-            addr: region.start(),
-            len: region.len,
-            iova: addr.0,
-        };
-        let mapping = {
-            let mut state = self.lock();
-            match state.live.get(&addr.0) {
-                Some(m) if m.vaddr == region.start() && m.len == region.len => {}
-                _ => return Err(not_shared()),
-            }
-            let m = state.live.remove(&addr.0).ok_or_else(not_shared)?;
-            state.bytes -= m.len as u64;
-            m
-        };
+        let mapping = self.mappings.take(region, addr)?;
         let unmapped = self.unmap(addr.0, mapping.len as u64);
-        let mut state = self.lock();
         match unmapped {
             Ok(n) if n == mapping.len as u64 => {
-                state.iova.free(addr.0, mapping.len as u64);
+                self.mappings.unmapped(addr.0, mapping);
                 Ok(())
             }
             other => {
                 // The device may still reach it: keep the IOVA reserved and the record.
-                state.live.insert(addr.0, mapping);
-                state.bytes += mapping.len as u64;
+                self.mappings.unmap_failed(addr.0, mapping);
                 Err(match other {
                     Ok(n) => ShareError::Backend {
                         what: "IOMMU_IOAS_UNMAP",
@@ -576,12 +534,7 @@ impl DeviceView for IommufdView {
     }
 
     fn usage(&self) -> ShareUsage {
-        let state = self.lock();
-        ShareUsage {
-            mappings: state.live.len() as u64,
-            mapping_limit: None,
-            bytes: state.bytes,
-        }
+        self.mappings.usage(None)
     }
 
     fn kind(&self) -> &'static str {

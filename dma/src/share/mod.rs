@@ -24,6 +24,7 @@
 pub mod direct;
 pub mod identity;
 pub mod iommufd;
+mod mappings;
 pub mod noiommu;
 pub mod vfio;
 
