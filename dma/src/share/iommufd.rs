@@ -52,7 +52,7 @@ use iommufd_bindings::iommufd::{
 };
 use iommufd_ioctls::{IommuFd, IommufdError, IommufdIoas};
 
-use super::mappings::Mappings;
+use super::mappings::{one_view, Mappings};
 use super::vfio::check_region;
 use super::{DeviceView, ShareError, ShareUsage};
 pub use crate::iova::IovaRange;
@@ -335,28 +335,23 @@ impl Ioas {
     /// ranges at that moment (attach the devices first). Later calls return the same view if
     /// its mask is no wider than `dma_mask`, as [`super::vfio::VfioContainer::view`] does.
     pub fn view(&self, dma_mask: u64) -> Result<Arc<IommufdView>, ShareError> {
-        let mut slot = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(view) = slot.as_ref() {
-            if view.dma_mask <= dma_mask {
-                return Ok(Arc::clone(view));
-            }
-            return Err(ShareError::Unsuitable(format!(
-                "this IOAS's view was made with DMA mask {:#x}, wider than {dma_mask:#x}; \
-                 create the view with the narrowest mask of all devices first",
-                view.dma_mask
-            )));
-        }
-        let ranges = self.iova_ranges()?;
-        let mappings = Mappings::new(&ranges.allowed, dma_mask)?;
-        let view = Arc::new(IommufdView {
-            iommufd: Arc::clone(&self.iommufd),
-            ioas: Arc::clone(&self.ioas),
+        one_view(
+            &self.view,
             dma_mask,
-            ranges,
-            mappings,
-        });
-        *slot = Some(Arc::clone(&view));
-        Ok(view)
+            "IOAS",
+            |v| v.dma_mask,
+            || {
+                let ranges = self.iova_ranges()?;
+                let mappings = Mappings::new(&ranges.allowed, dma_mask)?;
+                Ok(IommufdView {
+                    iommufd: Arc::clone(&self.iommufd),
+                    ioas: Arc::clone(&self.ioas),
+                    dma_mask,
+                    ranges,
+                    mappings,
+                })
+            },
+        )
     }
 }
 

@@ -1,6 +1,8 @@
 //! The bookkeeping of the two IOMMU views, type1 ([`super::vfio::VfioType1`]) and iommufd
 //! ([`super::iommufd::IommufdView`]): which IOVA extents are handed out and which mappings are
-//! live, behind the view's one lock.
+//! live, behind the view's one lock; and [`one_view`], the rule that keeps it to one view (one
+//! allocator) per IOVA space, since two allocators over one space would hand out the same
+//! addresses twice.
 //!
 //! Both views follow the same protocol around their own map and unmap ioctls, which run
 //! unlocked (the kernel serialises changes to one IOVA space, and this bookkeeping guarantees no
@@ -13,7 +15,7 @@
 //!   address the device may still reach is never handed out again.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{ShareError, ShareUsage};
 use crate::iova::IovaRange;
@@ -25,6 +27,33 @@ use crate::DeviceAddr;
 pub(super) struct Mapping {
     pub(super) vaddr: usize,
     pub(super) len: usize,
+}
+
+/// The one view of an IOVA space (`space`: "container", "IOAS"), kept in `slot`: made by `make`
+/// on the first call, the same one after that if its DMA mask (`mask_of`) is no wider than
+/// `dma_mask`. Asking for a narrower mask than the view was made with is an error, because
+/// addresses already handed out might be unreachable. Holds the slot's lock while making.
+pub(super) fn one_view<V>(
+    slot: &Mutex<Option<Arc<V>>>,
+    dma_mask: u64,
+    space: &str,
+    mask_of: impl Fn(&V) -> u64,
+    make: impl FnOnce() -> Result<V, ShareError>,
+) -> Result<Arc<V>, ShareError> {
+    let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(view) = slot.as_ref() {
+        if mask_of(view) <= dma_mask {
+            return Ok(Arc::clone(view));
+        }
+        return Err(ShareError::Unsuitable(format!(
+            "this {space}'s view was made with DMA mask {:#x}, wider than {dma_mask:#x}; \
+             create the view with the narrowest mask of all devices first",
+            mask_of(view)
+        )));
+    }
+    let view = Arc::new(make()?);
+    *slot = Some(Arc::clone(&view));
+    Ok(view)
 }
 
 /// A view's IOVA extents and live mappings, behind one lock taken briefly by each method.
@@ -221,5 +250,28 @@ mod tests {
         // A failed map gives the extent back.
         let again = m.reserve(0x2000, 4096).unwrap();
         assert_eq!(m.map_failed(again, 0x2000), 0);
+    }
+
+    #[test]
+    fn one_view_per_space_and_no_narrower_mask_later() {
+        let slot = Mutex::new(None);
+        let make = |mask: u64| move || Ok::<u64, ShareError>(mask);
+        let first = one_view(&slot, 0xffff_ffff, "IOAS", |v| *v, make(0xffff_ffff)).unwrap();
+        let wider = one_view(&slot, u64::MAX, "IOAS", |v| *v, || panic!("made twice")).unwrap();
+        assert!(Arc::ptr_eq(&first, &wider));
+        match one_view(&slot, 0xffff, "IOAS", |v| *v, || panic!("made twice")) {
+            Err(ShareError::Unsuitable(why)) => assert!(
+                why.starts_with(
+                    "this IOAS's view was made with DMA mask 0xffffffff, wider than 0xffff"
+                ),
+                "{why}"
+            ),
+            other => panic!("expected Unsuitable, got {other:?}"),
+        }
+        // A failed make leaves the slot empty for the next try.
+        let empty = Mutex::new(None::<Arc<u64>>);
+        let fail = || Err(ShareError::Unsuitable("no".into()));
+        assert!(one_view(&empty, 1, "container", |v: &u64| *v, fail).is_err());
+        assert!(empty.lock().unwrap().is_none());
     }
 }

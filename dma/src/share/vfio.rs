@@ -54,7 +54,7 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_ioctls::{VfioContainer as RawContainer, VfioError};
 
-use super::mappings::Mappings;
+use super::mappings::{one_view, Mappings};
 use super::{DeviceView, ShareError, ShareUsage};
 pub use crate::iova::IovaRange;
 use crate::memory::HostRegion;
@@ -300,21 +300,16 @@ impl VfioContainer {
     /// out might be unreachable: make the view with the narrowest mask of all devices first.
     /// Needs at least one device opened. Takes the container's view lock.
     pub fn view(&self, dma_mask: u64) -> Result<Arc<VfioType1>, ShareError> {
-        let mut slot = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(view) = slot.as_ref() {
-            if view.dma_mask <= dma_mask {
-                return Ok(Arc::clone(view));
-            }
-            return Err(ShareError::Unsuitable(format!(
-                "this container's view was made with DMA mask {:#x}, wider than {dma_mask:#x}; \
-                 create the view with the narrowest mask of all devices first",
-                view.dma_mask
-            )));
-        }
-        let info = self.iommu_info()?;
-        let view = Arc::new(VfioType1::new(Arc::clone(&self.raw), info, dma_mask)?);
-        *slot = Some(Arc::clone(&view));
-        Ok(view)
+        one_view(
+            &self.view,
+            dma_mask,
+            "container",
+            |v| v.dma_mask,
+            || {
+                let info = self.iommu_info()?;
+                VfioType1::new(Arc::clone(&self.raw), info, dma_mask)
+            },
+        )
     }
 
     /// The vfio-ioctls container, for the device layer to open devices into.
