@@ -54,7 +54,7 @@ use iommufd_ioctls::{IommuFd, IommufdError, IommufdIoas};
 
 use super::mappings::{one_view, Mappings};
 use super::vfio::check_region;
-use super::{DeviceView, ShareError, ShareUsage};
+use super::{error_chain, DeviceView, ShareError, ShareUsage};
 pub use crate::iova::IovaRange;
 use crate::memory::HostRegion;
 use crate::DeviceAddr;
@@ -71,14 +71,10 @@ pub(crate) const HINT_NO_IOMMUFD: &str = "this kernel has no iommufd (CONFIG_IOM
 
 /// Turns an iommufd-ioctls error into ours: the operation and the kernel's errno text.
 pub(crate) fn iommufd_error(what: &'static str, e: IommufdError) -> ShareError {
-    let mut detail = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
+    ShareError::Backend {
+        what,
+        detail: error_chain(&e),
     }
-    ShareError::Backend { what, detail }
 }
 
 /// The errno inside an iommufd-ioctls error, if it carries one.

@@ -55,7 +55,7 @@ use vfio_bindings::bindings::vfio::{
 use vfio_ioctls::{VfioContainer as RawContainer, VfioError};
 
 use super::mappings::{one_view, Mappings};
-use super::{DeviceView, ShareError, ShareUsage};
+use super::{error_chain, DeviceView, ShareError, ShareUsage};
 pub use crate::iova::IovaRange;
 use crate::memory::HostRegion;
 use crate::DeviceAddr;
@@ -226,14 +226,10 @@ fn ioctl_iommu_get_info(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
 
 /// Turns a vfio-ioctls error into ours.
 pub(crate) fn vfio_error(what: &'static str, e: VfioError) -> ShareError {
-    let mut detail = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
+    ShareError::Vfio {
+        what,
+        detail: error_chain(&e),
     }
-    ShareError::Vfio { what, detail }
 }
 
 /// One VFIO container (one IOMMU domain, one IOVA space) using the type1v2 IOMMU driver.
