@@ -54,12 +54,10 @@ pub(super) fn read_config(
     offset: u16,
     buf: &mut [u8],
 ) -> Result<(), DeviceError> {
-    let at = config_offset(config, offset, buf.len())?;
-    let n = nix::sys::uio::pread(fd, buf, at as libc::off_t).map_err(|e| DeviceError::Os {
-        what: "pread of PCI config space",
-        source: e.into(),
-    })?;
-    short_io(n, buf.len(), "pread of PCI config space")
+    let len = buf.len();
+    config_io(config, offset, len, "pread of PCI config space", |at| {
+        nix::sys::uio::pread(fd, buf, at)
+    })
 }
 
 /// Writes `buf` to PCI config space at `offset` through the config region `config` of the
@@ -71,12 +69,30 @@ pub(super) fn write_config(
     offset: u16,
     buf: &[u8],
 ) -> Result<(), DeviceError> {
-    let at = config_offset(config, offset, buf.len())?;
-    let n = nix::sys::uio::pwrite(fd, buf, at as libc::off_t).map_err(|e| DeviceError::Os {
-        what: "pwrite of PCI config space",
+    config_io(
+        config,
+        offset,
+        buf.len(),
+        "pwrite of PCI config space",
+        |at| nix::sys::uio::pwrite(fd, buf, at),
+    )
+}
+
+/// One `len`-byte config-space access at `offset`: checked against the region, then `io` (a
+/// `pread` or `pwrite`, `what`) at the file offset, which must move every byte.
+fn config_io(
+    config: Region,
+    offset: u16,
+    len: usize,
+    what: &'static str,
+    io: impl FnOnce(libc::off_t) -> nix::Result<usize>,
+) -> Result<(), DeviceError> {
+    let at = config_offset(config, offset, len)?;
+    let n = io(at as libc::off_t).map_err(|e| DeviceError::Os {
+        what,
         source: e.into(),
     })?;
-    short_io(n, buf.len(), "pwrite of PCI config space")
+    short_io(n, len, what)
 }
 
 /// Checks a `pread`/`pwrite` moved every byte.
@@ -160,6 +176,48 @@ mod tests {
             Err(DeviceError::BadAccess { size: 256, .. })
         ));
         assert!(config_offset(config, u16::MAX, usize::MAX).is_err());
+    }
+
+    #[test]
+    fn config_reads_and_writes_go_through_the_region_and_must_be_whole() {
+        // A plain file stands in for the device fd: the region starts at file offset 128.
+        let path = std::env::temp_dir().join(format!("tidepool-vfio-fd-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(128 + 256).unwrap();
+        let fd = std::os::fd::AsFd::as_fd(&file);
+        let config = Region {
+            size: 256,
+            offset: 128,
+            flags: 0,
+        };
+        write_config(fd, config, 4, &[0x06, 0x04]).unwrap();
+        let mut got = [0u8; 2];
+        read_config(fd, config, 4, &mut got).unwrap();
+        assert_eq!(got, [0x06, 0x04]);
+        assert_eq!(std::fs::read(&path).unwrap()[132..134], [0x06, 0x04]);
+        assert!(matches!(
+            read_config(fd, config, 255, &mut got),
+            Err(DeviceError::BadAccess { .. })
+        ));
+        // A region that runs past the end of the file: the read comes back short.
+        let past = Region {
+            size: 4096,
+            ..config
+        };
+        match read_config(fd, past, 300, &mut got) {
+            Err(DeviceError::Os { what, source }) => {
+                assert_eq!(what, "pread of PCI config space");
+                assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof);
+            }
+            other => panic!("expected a short read, got {other:?}"),
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
