@@ -182,14 +182,12 @@ mod tests {
     fn config_reads_and_writes_go_through_the_region_and_must_be_whole() {
         // A plain file stands in for the device fd: the region starts at file offset 128.
         let path = std::env::temp_dir().join(format!("tidepool-vfio-fd-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 128 + 256]).unwrap();
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
             .open(&path)
             .unwrap();
-        file.set_len(128 + 256).unwrap();
         let fd = std::os::fd::AsFd::as_fd(&file);
         let config = Region {
             size: 256,
