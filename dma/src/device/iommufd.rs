@@ -25,12 +25,12 @@ use std::sync::Arc;
 use vfio_bindings::bindings::vfio::{
     vfio_device_attach_iommufd_pt, vfio_device_bind_iommufd, vfio_irq_info, vfio_irq_set,
     vfio_region_info, VFIO_BASE, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD,
-    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_BAR5_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
-    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_TYPE,
+    VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_TYPE,
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use super::vfio::{current_driver, ioctl_device_reset, short_io, Bar, Bdf};
+use super::vfio::{check_bound_to_vfio_pci, Bar, Bdf};
+use super::vfio_fd::{self, Region};
 use super::{config, DeviceError, Mmio, PciDevice};
 use crate::share::iommufd::{Ioas, IommuHwInfo, IommufdView};
 use crate::share::{DeviceView, ShareError};
@@ -61,14 +61,6 @@ pub fn cdev_path(sysfs: &Path) -> Option<PathBuf> {
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
         })
         .map(|name| Path::new("/dev/vfio/devices").join(name))
-}
-
-/// One region of the device fd, from `VFIO_DEVICE_GET_REGION_INFO`.
-#[derive(Copy, Clone, Debug, Default)]
-struct Region {
-    size: u64,
-    offset: u64,
-    flags: u32,
 }
 
 /// One PCI function bound to `vfio-pci`, opened through its cdev and attached to an [`Ioas`].
@@ -117,26 +109,13 @@ impl CdevDevice {
     /// attach. Blocking; setup only.
     pub fn open_in(ioas: &Arc<Ioas>, bdf: &str) -> Result<CdevDevice, DeviceError> {
         let bdf = Bdf::parse(bdf)?;
-        let sysfs = bdf.sysfs_path();
+        let sysfs = check_bound_to_vfio_pci(&bdf, |_| {
+            format!("bind it with `tpsetup bind {bdf}` (as root)")
+        })?;
         let device_err = |problem: String| DeviceError::Pci {
             bdf: bdf.to_string(),
             problem,
         };
-        if !sysfs.exists() {
-            return Err(device_err(format!(
-                "no such PCI device ({} does not exist); list devices with `lspci -D`",
-                sysfs.display()
-            )));
-        }
-        match current_driver(&sysfs).as_deref() {
-            Some("vfio-pci") => {}
-            other => {
-                let now = other.map_or("no driver".to_string(), |d| format!("driver {d}"));
-                return Err(device_err(format!(
-                    "bound to {now}, not vfio-pci; bind it with `tpsetup bind {bdf}` (as root)"
-                )));
-            }
-        }
         let cdev = cdev_path(&sysfs).ok_or_else(|| {
             device_err(format!(
                 "has no VFIO cdev ({}/vfio-dev/vfioN is missing): {HINT_NO_CDEV}",
@@ -229,39 +208,9 @@ impl CdevDevice {
 
     /// Maps BAR `index` (0-5), as [`super::vfio::VfioDevice::bar`] does.
     pub fn bar(&self, index: u32) -> Result<Bar, DeviceError> {
-        if index > VFIO_PCI_BAR5_REGION_INDEX {
-            return Err(DeviceError::Unsupported(format!(
-                "BAR{index} of {}: BAR index must be 0-5",
-                self.bdf
-            )));
-        }
-        let r = self.regions[index as usize];
-        Bar::map(
-            self.file.as_fd(),
-            self.bdf.as_str(),
-            index,
-            r.size,
-            r.flags,
-            r.offset,
-        )
-    }
-
-    /// The device-fd file offset of config-space `offset`, checked against the region.
-    fn config_offset(&self, offset: u16, len: usize) -> Result<u64, DeviceError> {
-        let region = self.regions[VFIO_PCI_CONFIG_REGION_INDEX as usize];
-        let offset = u64::from(offset);
-        if offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > region.size)
-        {
-            return Err(DeviceError::BadAccess {
-                what: "PCI config space",
-                offset,
-                width: len as u64,
-                size: region.size,
-            });
-        }
-        Ok(region.offset + offset)
+        vfio_fd::map_bar(self.file.as_fd(), &self.bdf, index, |i| {
+            self.regions[i as usize]
+        })
     }
 }
 
@@ -271,25 +220,13 @@ impl PciDevice for CdevDevice {
     }
 
     fn read_config(&self, offset: u16, buf: &mut [u8]) -> Result<(), DeviceError> {
-        let at = self.config_offset(offset, buf.len())?;
-        let n = nix::sys::uio::pread(self.file.as_fd(), buf, at as libc::off_t).map_err(|e| {
-            DeviceError::Os {
-                what: "pread of PCI config space",
-                source: e.into(),
-            }
-        })?;
-        short_io(n, buf.len(), "pread of PCI config space")
+        let config = self.regions[VFIO_PCI_CONFIG_REGION_INDEX as usize];
+        vfio_fd::read_config(self.file.as_fd(), config, offset, buf)
     }
 
     fn write_config(&self, offset: u16, buf: &[u8]) -> Result<(), DeviceError> {
-        let at = self.config_offset(offset, buf.len())?;
-        let n = nix::sys::uio::pwrite(self.file.as_fd(), buf, at as libc::off_t).map_err(|e| {
-            DeviceError::Os {
-                what: "pwrite of PCI config space",
-                source: e.into(),
-            }
-        })?;
-        short_io(n, buf.len(), "pwrite of PCI config space")
+        let config = self.regions[VFIO_PCI_CONFIG_REGION_INDEX as usize];
+        vfio_fd::write_config(self.file.as_fd(), config, offset, buf)
     }
 
     fn map_bar(&self, index: u8) -> Result<Arc<dyn Mmio>, DeviceError> {
@@ -301,14 +238,7 @@ impl PciDevice for CdevDevice {
     }
 
     fn enable_msix(&self, fds: &[EventFd]) -> Result<(), DeviceError> {
-        if fds.is_empty() || fds.len() as u64 > u64::from(self.msix_count) {
-            return Err(DeviceError::Unsupported(format!(
-                "asked for {} MSI-X vectors, {} has {}",
-                fds.len(),
-                self.bdf,
-                self.msix_count
-            )));
-        }
+        vfio_fd::check_msix_request(&self.bdf, fds.len(), self.msix_count)?;
         let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
         set_irqs(
             self.file.as_fd(),
@@ -337,10 +267,7 @@ impl PciDevice for CdevDevice {
 
     /// `VFIO_DEVICE_RESET`, as for type1.
     fn function_reset(&self) -> Result<(), DeviceError> {
-        ioctl_device_reset(self.file.as_fd()).map_err(|e| DeviceError::Vfio {
-            what: "VFIO_DEVICE_RESET",
-            detail: format!("{e}; the device may not support function reset"),
-        })
+        vfio_fd::function_reset(self.file.as_fd())
     }
 
     /// The IOAS's view ([`Ioas::view`]; made with the full 64-bit mask if no one made it before).

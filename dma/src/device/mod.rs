@@ -34,6 +34,7 @@
 pub mod backend;
 pub mod iommufd;
 pub mod vfio;
+mod vfio_fd;
 
 use std::sync::Arc;
 

@@ -17,18 +17,16 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_BASE, VFIO_PCI_BAR5_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-    VFIO_REGION_INFO_FLAG_MMAP, VFIO_TYPE,
+    VFIO_PCI_BAR5_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP,
 };
 use vfio_ioctls::{VfioDevice as RawDevice, VfioError, VfioOps};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::vfio_fd::{self, Region};
 use super::{check_access, config, DeviceError, Mmio, PciDevice};
 use crate::share::vfio::{borrow_fd, vfio_error, VfioContainer, VfioType1, HINT_NO_VFIO};
 use crate::share::{DeviceView, ShareError};
-
-/// `VFIO_DEVICE_RESET` = `_IO(VFIO_TYPE, VFIO_BASE + 11)`.
-pub(super) const VFIO_DEVICE_RESET: u64 = ((VFIO_TYPE as u64) << 8) | (VFIO_BASE as u64 + 11);
 
 /// A PCI address `domain:bus:device.function`, e.g. `0000:00:04.0`, validated.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -92,6 +90,33 @@ impl std::fmt::Display for Bdf {
 pub(super) fn current_driver(sysfs: &Path) -> Option<String> {
     let link = std::fs::read_link(sysfs.join("driver")).ok()?;
     Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+/// The first checks of both VFIO backends' open: that the PCI function `bdf` exists and is bound
+/// to `vfio-pci`. Returns its sysfs folder; `bind_hint` (given that folder) says how to bind it.
+pub(super) fn check_bound_to_vfio_pci(
+    bdf: &Bdf,
+    bind_hint: impl FnOnce(&Path) -> String,
+) -> Result<PathBuf, DeviceError> {
+    let sysfs = bdf.sysfs_path();
+    let device_err = |problem: String| DeviceError::Pci {
+        bdf: bdf.to_string(),
+        problem,
+    };
+    if !sysfs.exists() {
+        return Err(device_err(format!(
+            "no such PCI device ({} does not exist); list devices with `lspci -D`",
+            sysfs.display()
+        )));
+    }
+    match current_driver(&sysfs).as_deref() {
+        Some("vfio-pci") => Ok(sysfs),
+        other => {
+            let now = other.map_or("no driver".to_string(), |d| format!("driver {d}"));
+            let hint = bind_hint(&sysfs);
+            Err(device_err(format!("bound to {now}, not vfio-pci; {hint}")))
+        }
+    }
 }
 
 /// The IOMMU group number of the device at `sysfs`, if it has one.
@@ -171,29 +196,18 @@ impl VfioDevice {
     /// (type1v2). Devices of a group already in this container reuse it. Blocking; setup only.
     pub fn open_in(container: &Arc<VfioContainer>, bdf: &str) -> Result<VfioDevice, DeviceError> {
         let bdf = Bdf::parse(bdf)?;
-        let sysfs = bdf.sysfs_path();
+        let sysfs = check_bound_to_vfio_pci(&bdf, |sysfs| {
+            format!(
+                "bind it as root: `modprobe vfio-pci; \
+                 echo vfio-pci > {p}/driver_override; \
+                 echo {bdf} > {p}/driver/unbind; echo {bdf} > /sys/bus/pci/drivers_probe`",
+                p = sysfs.display()
+            )
+        })?;
         let device_err = |problem: String| DeviceError::Pci {
             bdf: bdf.to_string(),
             problem,
         };
-        if !sysfs.exists() {
-            return Err(device_err(format!(
-                "no such PCI device ({} does not exist); list devices with `lspci -D`",
-                sysfs.display()
-            )));
-        }
-        match current_driver(&sysfs).as_deref() {
-            Some("vfio-pci") => {}
-            other => {
-                let now = other.map_or("no driver".to_string(), |d| format!("driver {d}"));
-                return Err(device_err(format!(
-                    "bound to {now}, not vfio-pci; bind it as root: `modprobe vfio-pci; \
-                     echo vfio-pci > {p}/driver_override; \
-                     echo {bdf} > {p}/driver/unbind; echo {bdf} > /sys/bus/pci/drivers_probe`",
-                    p = sysfs.display()
-                )));
-            }
-        }
         let group = iommu_group(&sysfs).ok_or_else(|| {
             device_err(
                 "has no IOMMU group: the IOMMU is off or absent; boot with intel_iommu=on \
@@ -259,20 +273,7 @@ impl VfioDevice {
     /// Maps BAR `index` (0-5) into this process. The BAR must be memory (not I/O ports) and
     /// mmappable; the mapping stays valid after the device is dropped, until the [`Bar`] is.
     pub fn bar(&self, index: u32) -> Result<Bar, DeviceError> {
-        if index > VFIO_PCI_BAR5_REGION_INDEX {
-            return Err(DeviceError::Unsupported(format!(
-                "BAR{index} of {}: BAR index must be 0-5",
-                self.bdf
-            )));
-        }
-        Bar::map(
-            self.device_fd(),
-            self.bdf.as_str(),
-            index,
-            self.raw.get_region_size(index),
-            self.raw.get_region_flags(index),
-            self.raw.get_region_offset(index),
-        )
+        vfio_fd::map_bar(self.device_fd(), &self.bdf, index, |i| self.region(i))
     }
 
     /// The underlying vfio-ioctls device, for what this wrapper does not cover.
@@ -284,20 +285,13 @@ impl VfioDevice {
         borrow_fd(self.raw.as_raw_fd(), self)
     }
 
-    /// The device-fd file offset of config-space `offset`, checked against the region.
-    fn config_offset(&self, offset: u16, len: usize) -> Result<u64, DeviceError> {
-        let size = self.raw.get_region_size(VFIO_PCI_CONFIG_REGION_INDEX);
-        let offset = u64::from(offset);
-        let end = offset.checked_add(len as u64);
-        if end.is_none_or(|end| end > size) {
-            return Err(DeviceError::BadAccess {
-                what: "PCI config space",
-                offset,
-                width: len as u64,
-                size,
-            });
+    /// Region `index` of the device fd, as vfio-ioctls read it at open.
+    fn region(&self, index: u32) -> Region {
+        Region {
+            size: self.raw.get_region_size(index),
+            offset: self.raw.get_region_offset(index),
+            flags: self.raw.get_region_flags(index),
         }
-        Ok(self.raw.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX) + offset)
     }
 }
 
@@ -308,27 +302,15 @@ impl PciDevice for VfioDevice {
 
     /// Reads `buf.len()` bytes of PCI config space at `offset` (VFIO region 7).
     fn read_config(&self, offset: u16, buf: &mut [u8]) -> Result<(), DeviceError> {
-        let at = self.config_offset(offset, buf.len())?;
-        let n = nix::sys::uio::pread(self.device_fd(), buf, at as libc::off_t).map_err(|e| {
-            DeviceError::Os {
-                what: "pread of PCI config space",
-                source: e.into(),
-            }
-        })?;
-        short_io(n, buf.len(), "pread of PCI config space")
+        let config = self.region(VFIO_PCI_CONFIG_REGION_INDEX);
+        vfio_fd::read_config(self.device_fd(), config, offset, buf)
     }
 
     /// Writes `buf` to PCI config space at `offset`. VFIO filters what may be written
     /// (it virtualises BARs and the MSI/MSI-X capabilities).
     fn write_config(&self, offset: u16, buf: &[u8]) -> Result<(), DeviceError> {
-        let at = self.config_offset(offset, buf.len())?;
-        let n = nix::sys::uio::pwrite(self.device_fd(), buf, at as libc::off_t).map_err(|e| {
-            DeviceError::Os {
-                what: "pwrite of PCI config space",
-                source: e.into(),
-            }
-        })?;
-        short_io(n, buf.len(), "pwrite of PCI config space")
+        let config = self.region(VFIO_PCI_CONFIG_REGION_INDEX);
+        vfio_fd::write_config(self.device_fd(), config, offset, buf)
     }
 
     fn map_bar(&self, index: u8) -> Result<Arc<dyn Mmio>, DeviceError> {
@@ -342,14 +324,7 @@ impl PciDevice for VfioDevice {
     }
 
     fn enable_msix(&self, fds: &[EventFd]) -> Result<(), DeviceError> {
-        let available = self.msix_vectors();
-        if fds.is_empty() || fds.len() as u64 > u64::from(available) {
-            return Err(DeviceError::Unsupported(format!(
-                "asked for {} MSI-X vectors, {} has {available}",
-                fds.len(),
-                self.bdf
-            )));
-        }
+        vfio_fd::check_msix_request(&self.bdf, fds.len(), self.msix_vectors())?;
         self.raw
             .enable_msix(fds.iter().collect())
             .map_err(|e| vfio_device_error("enable MSI-X", e))
@@ -364,10 +339,7 @@ impl PciDevice for VfioDevice {
     /// `VFIO_DEVICE_RESET`: FLR, PM or bus reset, whichever the kernel has for the function.
     /// Blocking (up to ~100 ms for an FLR).
     fn function_reset(&self) -> Result<(), DeviceError> {
-        ioctl_device_reset(self.device_fd()).map_err(|e| DeviceError::Vfio {
-            what: "VFIO_DEVICE_RESET",
-            detail: format!("{e}; the device may not support function reset"),
-        })
+        vfio_fd::function_reset(self.device_fd())
     }
 
     /// The container's view ([`VfioContainer::view`]; made with the full 64-bit mask if no
@@ -383,30 +355,6 @@ fn vfio_device_error(what: &'static str, e: VfioError) -> DeviceError {
         ShareError::Vfio { what, detail } => DeviceError::Vfio { what, detail },
         other => DeviceError::Share(other),
     }
-}
-
-/// Checks a `pread`/`pwrite` moved every byte.
-pub(super) fn short_io(done: usize, wanted: usize, what: &'static str) -> Result<(), DeviceError> {
-    if done == wanted {
-        return Ok(());
-    }
-    Err(DeviceError::Os {
-        what,
-        source: io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("moved {done} of {wanted} bytes"),
-        ),
-    })
-}
-
-/// The raw `VFIO_DEVICE_RESET` ioctl.
-pub(super) fn ioctl_device_reset(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: VFIO_DEVICE_RESET takes no argument and touches no memory of ours.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), VFIO_DEVICE_RESET as _) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Maps `len` bytes of a device-fd region at file offset `offset`, shared, read-write.
@@ -559,6 +507,18 @@ mod tests {
             Bdf::parse("0000:00:04.0").unwrap().sysfs_path(),
             Path::new("/sys/bus/pci/devices/0000:00:04.0")
         );
+    }
+
+    #[test]
+    fn a_missing_function_is_named_before_the_bind_hint_is_made() {
+        let bdf = Bdf::parse("ffff:ff:1f.7").unwrap();
+        match check_bound_to_vfio_pci(&bdf, |_| panic!("asked for a bind hint")) {
+            Err(DeviceError::Pci { bdf, problem }) => {
+                assert_eq!(bdf, "ffff:ff:1f.7");
+                assert!(problem.contains("no such PCI device"), "{problem}");
+            }
+            other => panic!("expected a missing-device error, got {other:?}"),
+        }
     }
 
     #[test]

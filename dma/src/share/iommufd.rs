@@ -36,10 +36,9 @@
 //! The [`HostRegion`] contract of [`super::vfio`] holds here too: a shared region stays mapped
 //! in this process until it is unshared and is touched only through raw pointers meanwhile.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use iommufd_bindings::iommufd::{
     iommu_hw_info, iommu_hw_info_type_IOMMU_HW_INFO_TYPE_AMD,
@@ -53,8 +52,9 @@ use iommufd_bindings::iommufd::{
 };
 use iommufd_ioctls::{IommuFd, IommufdError, IommufdIoas};
 
-use super::vfio::{check_region, iova_adapter::IovaSpace, Mapping};
-use super::{DeviceView, ShareError, ShareUsage};
+use super::mappings::{one_view, Mappings};
+use super::vfio::check_region;
+use super::{error_chain, DeviceView, ShareError, ShareUsage};
 pub use crate::iova::IovaRange;
 use crate::memory::HostRegion;
 use crate::DeviceAddr;
@@ -71,14 +71,10 @@ pub(crate) const HINT_NO_IOMMUFD: &str = "this kernel has no iommufd (CONFIG_IOM
 
 /// Turns an iommufd-ioctls error into ours: the operation and the kernel's errno text.
 pub(crate) fn iommufd_error(what: &'static str, e: IommufdError) -> ShareError {
-    let mut detail = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
+    ShareError::Backend {
+        what,
+        detail: error_chain(&e),
     }
-    ShareError::Backend { what, detail }
 }
 
 /// The errno inside an iommufd-ioctls error, if it carries one.
@@ -335,32 +331,23 @@ impl Ioas {
     /// ranges at that moment (attach the devices first). Later calls return the same view if
     /// its mask is no wider than `dma_mask`, as [`super::vfio::VfioContainer::view`] does.
     pub fn view(&self, dma_mask: u64) -> Result<Arc<IommufdView>, ShareError> {
-        let mut slot = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(view) = slot.as_ref() {
-            if view.dma_mask <= dma_mask {
-                return Ok(Arc::clone(view));
-            }
-            return Err(ShareError::Unsuitable(format!(
-                "this IOAS's view was made with DMA mask {:#x}, wider than {dma_mask:#x}; \
-                 create the view with the narrowest mask of all devices first",
-                view.dma_mask
-            )));
-        }
-        let ranges = self.iova_ranges()?;
-        let iova = IovaSpace::new(&ranges.allowed, dma_mask)?;
-        let view = Arc::new(IommufdView {
-            iommufd: Arc::clone(&self.iommufd),
-            ioas: Arc::clone(&self.ioas),
+        one_view(
+            &self.view,
             dma_mask,
-            ranges,
-            state: Mutex::new(IoasState {
-                iova,
-                live: BTreeMap::new(),
-                bytes: 0,
-            }),
-        });
-        *slot = Some(Arc::clone(&view));
-        Ok(view)
+            "IOAS",
+            |v| v.dma_mask,
+            || {
+                let ranges = self.iova_ranges()?;
+                let mappings = Mappings::new(&ranges.allowed, dma_mask)?;
+                Ok(IommufdView {
+                    iommufd: Arc::clone(&self.iommufd),
+                    ioas: Arc::clone(&self.ioas),
+                    dma_mask,
+                    ranges,
+                    mappings,
+                })
+            },
+        )
     }
 }
 
@@ -408,15 +395,6 @@ fn query_iova_ranges(iommufd: &IommuFd, ioas_id: u32) -> Result<IoasRanges, Shar
     })
 }
 
-/// The view's bookkeeping, behind its one lock.
-#[derive(Debug)]
-struct IoasState {
-    iova: IovaSpace,
-    /// Live mappings by IOVA.
-    live: BTreeMap<u64, Mapping>,
-    bytes: u64,
-}
-
 /// The [`DeviceView`] of an IOAS: device address = an IOVA we allocate inside the allowed
 /// ranges. Get it from [`Ioas::view`] or [`crate::device::iommufd::CdevDevice::open`].
 pub struct IommufdView {
@@ -424,7 +402,7 @@ pub struct IommufdView {
     ioas: Arc<IommufdIoas>,
     dma_mask: u64,
     ranges: IoasRanges,
-    state: Mutex<IoasState>,
+    mappings: Mappings,
 }
 
 impl std::fmt::Debug for IommufdView {
@@ -452,10 +430,6 @@ impl IommufdView {
     /// The IOAS id.
     pub fn ioas_id(&self) -> u32 {
         self.ioas.id()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, IoasState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// `IOMMU_IOAS_MAP` of `len` bytes at `vaddr` to the fixed `iova`, readable and writeable.
@@ -498,26 +472,17 @@ impl DeviceView for IommufdView {
         check_region(region)?;
         let len = region.len as u64;
         let align = (region.page_size as u64).max(self.ranges.alignment);
-        let iova = self.lock().iova.alloc(len, align)?;
+        let iova = self.mappings.reserve(len, align)?;
         // SAFETY: the HostRegion contract (module docs): the region stays mapped until it is
         // unshared and is touched only through raw pointers while shared.
         let mapped = unsafe { self.map(iova, region.start(), region.len) };
-        let mut state = self.lock();
         match mapped {
             Ok(()) => {
-                state.live.insert(
-                    iova,
-                    Mapping {
-                        vaddr: region.start(),
-                        len: region.len,
-                    },
-                );
-                state.bytes += len;
+                self.mappings.mapped(iova, region);
                 Ok(DeviceAddr(iova))
             }
             Err(e) => {
-                state.iova.free(iova, len);
-                drop(state);
+                self.mappings.map_failed(iova, len);
                 if errno_of(&e) == Some(libc::ENOMEM) {
                     return Err(ShareError::Backend {
                         what: "IOMMU_IOAS_MAP",
@@ -535,32 +500,16 @@ impl DeviceView for IommufdView {
     /// Unmaps a region shared at `addr`; frees its IOVA once the kernel reports exactly its
     /// length unmapped. The ioctl runs unlocked.
     fn unshare(&self, region: &HostRegion<'_>, addr: DeviceAddr) -> Result<(), ShareError> {
-        let not_shared = || ShareError::NotShared {
-            addr: region.start(),
-            len: region.len,
-            iova: addr.0,
-        };
-        let mapping = {
-            let mut state = self.lock();
-            match state.live.get(&addr.0) {
-                Some(m) if m.vaddr == region.start() && m.len == region.len => {}
-                _ => return Err(not_shared()),
-            }
-            let m = state.live.remove(&addr.0).ok_or_else(not_shared)?;
-            state.bytes -= m.len as u64;
-            m
-        };
+        let mapping = self.mappings.take(region, addr)?;
         let unmapped = self.unmap(addr.0, mapping.len as u64);
-        let mut state = self.lock();
         match unmapped {
             Ok(n) if n == mapping.len as u64 => {
-                state.iova.free(addr.0, mapping.len as u64);
+                self.mappings.unmapped(addr.0, mapping);
                 Ok(())
             }
             other => {
                 // The device may still reach it: keep the IOVA reserved and the record.
-                state.live.insert(addr.0, mapping);
-                state.bytes += mapping.len as u64;
+                self.mappings.unmap_failed(addr.0, mapping);
                 Err(match other {
                     Ok(n) => ShareError::Backend {
                         what: "IOMMU_IOAS_UNMAP",
@@ -576,12 +525,7 @@ impl DeviceView for IommufdView {
     }
 
     fn usage(&self) -> ShareUsage {
-        let state = self.lock();
-        ShareUsage {
-            mappings: state.live.len() as u64,
-            mapping_limit: None,
-            bytes: state.bytes,
-        }
+        self.mappings.usage(None)
     }
 
     fn kind(&self) -> &'static str {

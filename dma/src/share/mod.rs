@@ -24,6 +24,7 @@
 pub mod direct;
 pub mod identity;
 pub mod iommufd;
+mod mappings;
 pub mod noiommu;
 pub mod vfio;
 
@@ -172,4 +173,32 @@ pub enum ShareError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+/// `e`'s text followed by each of its sources', joined with ": ", for an error's `detail`
+/// (the backends' crates wrap the kernel's errno as a source).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut detail = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    detail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_names_every_source() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::other("inner"));
+        assert_eq!(error_chain(&e), "outer: inner");
+        assert_eq!(error_chain(&std::io::Error::other("alone")), "alone");
+    }
 }

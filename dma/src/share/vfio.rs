@@ -44,10 +44,9 @@
 //! is unshared, and must only be accessed through raw pointers while shared (the pool's chunks
 //! and [`super::direct`]'s unsafe constructors guarantee this).
 
-use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use vfio_bindings::bindings::vfio::{
     VFIO_BASE, VFIO_IOMMU_INFO_CAPS, VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE,
@@ -55,7 +54,8 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_ioctls::{VfioContainer as RawContainer, VfioError};
 
-use super::{DeviceView, ShareError, ShareUsage};
+use super::mappings::{one_view, Mappings};
+use super::{error_chain, DeviceView, ShareError, ShareUsage};
 pub use crate::iova::IovaRange;
 use crate::memory::HostRegion;
 use crate::DeviceAddr;
@@ -226,14 +226,10 @@ fn ioctl_iommu_get_info(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
 
 /// Turns a vfio-ioctls error into ours.
 pub(crate) fn vfio_error(what: &'static str, e: VfioError) -> ShareError {
-    let mut detail = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
+    ShareError::Vfio {
+        what,
+        detail: error_chain(&e),
     }
-    ShareError::Vfio { what, detail }
 }
 
 /// One VFIO container (one IOMMU domain, one IOVA space) using the type1v2 IOMMU driver.
@@ -300,21 +296,16 @@ impl VfioContainer {
     /// out might be unreachable: make the view with the narrowest mask of all devices first.
     /// Needs at least one device opened. Takes the container's view lock.
     pub fn view(&self, dma_mask: u64) -> Result<Arc<VfioType1>, ShareError> {
-        let mut slot = self.view.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(view) = slot.as_ref() {
-            if view.dma_mask <= dma_mask {
-                return Ok(Arc::clone(view));
-            }
-            return Err(ShareError::Unsuitable(format!(
-                "this container's view was made with DMA mask {:#x}, wider than {dma_mask:#x}; \
-                 create the view with the narrowest mask of all devices first",
-                view.dma_mask
-            )));
-        }
-        let info = self.iommu_info()?;
-        let view = Arc::new(VfioType1::new(Arc::clone(&self.raw), info, dma_mask)?);
-        *slot = Some(Arc::clone(&view));
-        Ok(view)
+        one_view(
+            &self.view,
+            dma_mask,
+            "container",
+            |v| v.dma_mask,
+            || {
+                let info = self.iommu_info()?;
+                VfioType1::new(Arc::clone(&self.raw), info, dma_mask)
+            },
+        )
     }
 
     /// The vfio-ioctls container, for the device layer to open devices into.
@@ -334,22 +325,6 @@ pub(crate) fn borrow_fd<T: ?Sized>(fd: RawFd, _owner: &T) -> BorrowedFd<'_> {
     unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
-/// One live IOMMU mapping made by [`VfioType1::share`] (or the iommufd view's).
-#[derive(Copy, Clone, Debug)]
-pub(super) struct Mapping {
-    pub(super) vaddr: usize,
-    pub(super) len: usize,
-}
-
-/// The view's bookkeeping, behind its one lock.
-#[derive(Debug)]
-struct Type1State {
-    iova: iova_adapter::IovaSpace,
-    /// Live mappings by IOVA.
-    live: BTreeMap<u64, Mapping>,
-    bytes: u64,
-}
-
 /// The [`DeviceView`] of a VFIO type1 container: device address = an IOVA we allocate.
 ///
 /// Get it from [`VfioContainer::view`] or [`crate::device::vfio::VfioDevice::open`]. See the module docs for the
@@ -360,7 +335,7 @@ pub struct VfioType1 {
     ranges: Vec<IovaRange>,
     /// `dma_avail` when the view was made (no mapping existed then): the container's limit.
     limit: Option<u64>,
-    state: Mutex<Type1State>,
+    mappings: Mappings,
 }
 
 impl std::fmt::Debug for VfioType1 {
@@ -379,17 +354,13 @@ impl VfioType1 {
         info: IommuInfo,
         dma_mask: u64,
     ) -> Result<VfioType1, ShareError> {
-        let iova = iova_adapter::IovaSpace::new(&info.iova_ranges, dma_mask)?;
+        let mappings = Mappings::new(&info.iova_ranges, dma_mask)?;
         Ok(VfioType1 {
             container,
             dma_mask,
             ranges: info.iova_ranges,
             limit: info.dma_avail.map(u64::from),
-            state: Mutex::new(Type1State {
-                iova,
-                live: BTreeMap::new(),
-                bytes: 0,
-            }),
+            mappings,
         })
     }
 
@@ -407,12 +378,6 @@ impl VfioType1 {
     /// remaining `dma_avail`. Blocking ioctl; for diagnostics and tests.
     pub fn iommu_info(&self) -> Result<IommuInfo, ShareError> {
         query_iommu_info(borrow_fd(self.container.as_raw_fd(), self))
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Type1State> {
-        // A panic while holding the lock cannot leave the allocator and table half-updated in a
-        // way that matters more than refusing all further DMA, so keep going.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -442,7 +407,7 @@ impl DeviceView for VfioType1 {
     fn share(&self, region: &HostRegion<'_>) -> Result<DeviceAddr, ShareError> {
         check_region(region)?;
         let len = region.len as u64;
-        let iova = self.lock().iova.alloc(len, region.page_size as u64)?;
+        let iova = self.mappings.reserve(len, region.page_size as u64)?;
         // SAFETY: the HostRegion contract (module docs): the region stays mapped in this process
         // until it is unshared, and while shared it is touched only through raw pointers, never
         // Rust references — the requirements of vfio_dma_map.
@@ -450,23 +415,13 @@ impl DeviceView for VfioType1 {
             self.container
                 .vfio_dma_map(iova, region.len, region.addr.as_ptr())
         };
-        let mut state = self.lock();
         match mapped {
             Ok(()) => {
-                state.live.insert(
-                    iova,
-                    Mapping {
-                        vaddr: region.start(),
-                        len: region.len,
-                    },
-                );
-                state.bytes += len;
+                self.mappings.mapped(iova, region);
                 Ok(DeviceAddr(iova))
             }
             Err(e) => {
-                state.iova.free(iova, len);
-                let used = state.live.len() as u64;
-                drop(state);
+                let used = self.mappings.map_failed(iova, len);
                 match e {
                     VfioError::IommuDmaMap(errno) if errno.errno() == libc::ENOSPC => {
                         Err(ShareError::MappingLimit {
@@ -492,21 +447,7 @@ impl DeviceView for VfioType1 {
     /// Unmaps a region shared at `addr` and frees its IOVA once the kernel confirmed the unmap.
     /// Takes the state lock twice, briefly; the ioctl runs unlocked.
     fn unshare(&self, region: &HostRegion<'_>, addr: DeviceAddr) -> Result<(), ShareError> {
-        let not_shared = || ShareError::NotShared {
-            addr: region.start(),
-            len: region.len,
-            iova: addr.0,
-        };
-        let mapping = {
-            let mut state = self.lock();
-            match state.live.get(&addr.0) {
-                Some(m) if m.vaddr == region.start() && m.len == region.len => {}
-                _ => return Err(not_shared()),
-            }
-            let m = state.live.remove(&addr.0).ok_or_else(not_shared)?;
-            state.bytes -= m.len as u64;
-            m
-        };
+        let mapping = self.mappings.take(region, addr)?;
         let unmapped = self.container.vfio_dma_unmap(addr.0, mapping.len);
         // A container whose last device (group) was closed has lost its IOMMU domain, and the
         // kernel dropped every mapping with it: the unmap then fails (EINVAL), but nothing is
@@ -525,80 +466,25 @@ impl DeviceView for VfioType1 {
                 Err(e)
             }
         });
-        let mut state = self.lock();
         match unmapped {
             Ok(()) => {
-                state.iova.free(addr.0, mapping.len as u64);
+                self.mappings.unmapped(addr.0, mapping);
                 Ok(())
             }
             Err(e) => {
                 // The device may still reach it: keep the IOVA reserved and the record.
-                state.live.insert(addr.0, mapping);
-                state.bytes += mapping.len as u64;
+                self.mappings.unmap_failed(addr.0, mapping);
                 Err(vfio_error("VFIO_IOMMU_UNMAP_DMA", e))
             }
         }
     }
 
     fn usage(&self) -> ShareUsage {
-        let state = self.lock();
-        ShareUsage {
-            mappings: state.live.len() as u64,
-            mapping_limit: self.limit,
-            bytes: state.bytes,
-        }
+        self.mappings.usage(self.limit)
     }
 
     fn kind(&self) -> &'static str {
         "vfio-type1"
-    }
-}
-
-/// The seam between the IOMMU views (type1, iommufd) and [`crate::iova`]: keeps the
-/// allocator's API in one place.
-pub(super) mod iova_adapter {
-    use super::{IovaRange, ShareError};
-
-    /// The container's IOVA space.
-    #[derive(Debug)]
-    pub(in crate::share) struct IovaSpace {
-        mask: u64,
-        inner: crate::iova::IovaAllocator,
-    }
-
-    impl IovaSpace {
-        /// An allocator over `ranges` (inclusive ends) clipped to `mask`.
-        pub(in crate::share) fn new(
-            ranges: &[IovaRange],
-            mask: u64,
-        ) -> Result<IovaSpace, ShareError> {
-            let inner = crate::iova::IovaAllocator::new(ranges, mask).map_err(|e| {
-                ShareError::AddressSpace {
-                    len: 0,
-                    mask,
-                    detail: e.to_string(),
-                }
-            })?;
-            Ok(IovaSpace { mask, inner })
-        }
-
-        /// `len` bytes aligned to `align`, all at or below the mask.
-        pub(in crate::share) fn alloc(&mut self, len: u64, align: u64) -> Result<u64, ShareError> {
-            self.inner
-                .alloc(len, align)
-                .map_err(|e| ShareError::AddressSpace {
-                    len,
-                    mask: self.mask,
-                    detail: e.to_string(),
-                })
-        }
-
-        /// Gives back an extent from [`IovaSpace::alloc`].
-        pub(in crate::share) fn free(&mut self, iova: u64, len: u64) {
-            // A failed free means our own bookkeeping is wrong; the address stays reserved,
-            // which is the safe outcome.
-            let _ = self.inner.free(iova, len);
-        }
     }
 }
 
