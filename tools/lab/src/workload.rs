@@ -165,51 +165,12 @@ fn steady(rng: &mut Rng, secs: f64) -> Trace {
 
 fn bursty(rng: &mut Rng, secs: f64) -> Trace {
     const BASE_RATE: f64 = 500.0; // req/s
-    const BANDWIDTH: f64 = 400e6; // B/s of the modelled disk
     let end = secs * 1e6;
     // Burst windows: gaps ~ exp(mean 1 s), lengths U[50, 150] ms, multiplier U[10, 50].
-    let mut bursts = Vec::new();
-    let mut at = rng.exponential(1e6);
-    while at < end {
-        let len = rng.uniform(50e3, 150e3);
-        let mult = rng.uniform(10.0, 50.0);
-        bursts.push((at, at + len, mult));
-        at += len + rng.exponential(1e6);
-    }
-    let rate_at = |t: f64| -> f64 {
-        bursts
-            .iter()
-            .find(|(s, e, _)| *s <= t && t < *e)
-            .map_or(BASE_RATE, |(_, _, m)| BASE_RATE * m)
-    };
-    // Thinning (Lewis–Shedler): candidates at the peak rate, kept with probability rate/peak.
-    let peak = BASE_RATE * 50.0;
-    let mut reqs = Vec::new();
-    let mut t = 0.0;
-    let mut disk_free_at = 0.0f64;
-    loop {
-        t += rng.exponential(1e6 / peak);
-        if t >= end {
-            break;
-        }
-        if !rng.chance(rate_at(t) / peak) {
-            continue;
-        }
-        let size = storage_size(rng, &[0.3, 0.15, 0.15, 0.15, 0.15, 0.1]);
-        let latency = rng.lognormal(100.0, 0.5);
-        let start = disk_free_at.max(t);
-        disk_free_at = start + size as f64 / BANDWIDTH * 1e6;
-        let done = disk_free_at + latency;
-        reqs.push(Request {
-            time_us: t as u64,
-            size,
-            direction: storage_direction(rng),
-            hold_us: (done - t).max(1.0) as u64,
-            may_wait: rng.chance(0.95),
-            device: 0,
-        });
-    }
-    Trace::new(disk(), reqs)
+    let bursts = burst_windows(rng, end, 1e6, 10.0, 50.0);
+    let rate_at = |t: f64| BASE_RATE * burst_factor(&bursts, t);
+    // One FIFO disk of 400 MB/s, thinned from the peak rate.
+    Trace::new(disk(), fifo_disk(rng, end, BASE_RATE * 50.0, rate_at, 0))
 }
 
 /// Burst windows over `[0, end)` µs: gaps ~ exp(mean `gap_us`), lengths U[50, 150] ms,
@@ -234,8 +195,9 @@ fn burst_factor(bursts: &[(f64, f64, f64)], t: f64) -> f64 {
         .map_or(1.0, |(_, _, m)| *m)
 }
 
-/// Storage requests to one FIFO disk of 400 MB/s (as in `bursty`) arriving at `rate_at(t)`
-/// req/s (never above `peak`), by thinning; for `device`.
+/// Storage requests to one FIFO disk of 400 MB/s arriving at `rate_at(t)` req/s (never above
+/// `peak`), by thinning (Lewis–Shedler: candidates at the peak rate, kept with probability
+/// rate/peak); for `device`.
 fn fifo_disk(
     rng: &mut Rng,
     end: f64,
@@ -283,6 +245,30 @@ fn fifo_disk_at(
     reqs
 }
 
+/// One packet of the `network` mix at `t` µs on `device`: 30 % ≤ 512 B, 27.7 % ≤ 2 KiB,
+/// 33.6 % ≤ 4 KiB, 8.7 % up to 64 KiB (TSO/GRO); half sent (may wait), half received.
+fn packet(rng: &mut Rng, t: f64, device: usize) -> Request {
+    let size = match rng.weighted(&[30.0, 27.7, 33.6, 8.7]) {
+        0 => rng.range(64, 512),
+        1 => rng.range(513, 2048),
+        2 => rng.range(2049, 4096),
+        _ => rng.range(4097, 65536),
+    } as usize;
+    let tx = rng.chance(0.5);
+    Request {
+        time_us: t as u64,
+        size,
+        direction: if tx {
+            Direction::ToDevice
+        } else {
+            Direction::FromDevice
+        },
+        hold_us: rng.lognormal(100.0, 0.8).max(1.0) as u64,
+        may_wait: tx,
+        device,
+    }
+}
+
 /// NIC requests (the `network` mix) at `rate_at(t)` packets/s (never above `peak`).
 fn nic(
     rng: &mut Rng,
@@ -301,25 +287,7 @@ fn nic(
         if !rng.chance((rate_at(t) / peak).min(1.0)) {
             continue;
         }
-        let size = match rng.weighted(&[30.0, 27.7, 33.6, 8.7]) {
-            0 => rng.range(64, 512),
-            1 => rng.range(513, 2048),
-            2 => rng.range(2049, 4096),
-            _ => rng.range(4097, 65536),
-        } as usize;
-        let tx = rng.chance(0.5);
-        reqs.push(Request {
-            time_us: t as u64,
-            size,
-            direction: if tx {
-                Direction::ToDevice
-            } else {
-                Direction::FromDevice
-            },
-            hold_us: rng.lognormal(100.0, 0.8).max(1.0) as u64,
-            may_wait: tx,
-            device,
-        });
+        reqs.push(packet(rng, t, device));
     }
     reqs
 }
@@ -445,26 +413,7 @@ fn network(rng: &mut Rng, secs: f64) -> Trace {
         if t >= end {
             break;
         }
-        // 30 % ≤ 512 B, 27.7 % ≤ 2 KiB, 33.6 % ≤ 4 KiB, 8.7 % up to 64 KiB (TSO/GRO).
-        let size = match rng.weighted(&[30.0, 27.7, 33.6, 8.7]) {
-            0 => rng.range(64, 512),
-            1 => rng.range(513, 2048),
-            2 => rng.range(2049, 4096),
-            _ => rng.range(4097, 65536),
-        } as usize;
-        let tx = rng.chance(0.5);
-        reqs.push(Request {
-            time_us: t as u64,
-            size,
-            direction: if tx {
-                Direction::ToDevice
-            } else {
-                Direction::FromDevice
-            },
-            hold_us: rng.lognormal(100.0, 0.8).max(1.0) as u64,
-            may_wait: tx,
-            device: 0,
-        });
+        reqs.push(packet(rng, t, 0));
     }
     Trace::new(
         vec![DeviceSpec {
