@@ -348,54 +348,43 @@ fn shared(rng: &mut Rng, secs: f64) -> Trace {
 }
 
 fn coco(rng: &mut Rng, secs: f64) -> Trace {
-    let end = secs * 1e6;
-    let mut reqs = Vec::new();
-    let mut devices = Vec::new();
-    for d in 0..4 {
-        let bursts = burst_windows(rng, end, 1e6, 20.0, 20.0);
-        reqs.extend(fifo_disk(
-            rng,
-            end,
-            6000.0,
-            |t| 300.0 * burst_factor(&bursts, t),
-            d,
-        ));
-        devices.push(DeviceSpec {
-            name: format!("disk{d}"),
-            queue_depth: None,
-        });
-    }
-    for n in 0..2 {
-        reqs.extend(nic(rng, end, 4000.0, |_| 4000.0, 4 + n));
-        devices.push(DeviceSpec {
-            name: format!("nic{n}"),
-            queue_depth: None,
-        });
-    }
-    Trace::new(devices, reqs)
+    disks_and_nics(rng, secs, 4, "disk", 300.0, 400e6)
 }
 
 fn coco_cloud(rng: &mut Rng, secs: f64) -> Trace {
+    disks_and_nics(rng, secs, 8, "vol", 150.0, 50e6)
+}
+
+/// A confidential VM's devices: `disks` FIFO disks (`{disk_name}N`) of `bandwidth` B/s, each at
+/// `base` req/s with its own bursts of 20×, then two NICs (`nicN`) at 4000 packets/s.
+fn disks_and_nics(
+    rng: &mut Rng,
+    secs: f64,
+    disks: usize,
+    disk_name: &str,
+    base: f64,
+    bandwidth: f64,
+) -> Trace {
     let end = secs * 1e6;
     let mut reqs = Vec::new();
     let mut devices = Vec::new();
-    for d in 0..8 {
+    for d in 0..disks {
         let bursts = burst_windows(rng, end, 1e6, 20.0, 20.0);
         reqs.extend(fifo_disk_at(
             rng,
             end,
-            3000.0,
-            |t| 150.0 * burst_factor(&bursts, t),
+            base * 20.0,
+            |t| base * burst_factor(&bursts, t),
             d,
-            50e6,
+            bandwidth,
         ));
         devices.push(DeviceSpec {
-            name: format!("vol{d}"),
+            name: format!("{disk_name}{d}"),
             queue_depth: None,
         });
     }
     for n in 0..2 {
-        reqs.extend(nic(rng, end, 4000.0, |_| 4000.0, 8 + n));
+        reqs.extend(nic(rng, end, 4000.0, |_| 4000.0, disks + n));
         devices.push(DeviceSpec {
             name: format!("nic{n}"),
             queue_depth: None,
