@@ -20,6 +20,7 @@ use plotters::prelude::*;
 use tidepool::pool::{Direction, PoolConfig};
 
 use crate::metrics::{compute, Metrics};
+use crate::plot;
 use crate::policy::{Base, Policy};
 use crate::rng::Rng;
 use crate::run::{run, MapResult, RunOptions, RunResult};
@@ -345,23 +346,9 @@ fn plot_timeline(path: &Path, tt: &[Bin], ft: &[Bin], text: bool) -> Result<(), 
         }
         mesh.draw().map_err(|x| e(&x))?;
         for (name, col, pts) in series {
-            let s = c
-                .draw_series(LineSeries::new(pts, col.stroke_width(2)))
-                .map_err(|x| e(&x))?;
-            if text {
-                s.label(name).legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2))
-                });
-            }
+            plot::labelled_line(&mut c, pts, col, name, text).map_err(|x| e(&x))?;
         }
-        if text {
-            c.configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|x| e(&x))?;
-        }
+        plot::legend(&mut c, Some(SeriesLabelPosition::UpperRight), text).map_err(|x| e(&x))?;
     }
     root.present().map_err(|x| e(&x))
 }

@@ -47,12 +47,8 @@ enum Cmd {
         /// Output directory.
         #[arg(long, default_value = "target/lab-sweep")]
         out: PathBuf,
-        /// Workload seed.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Workload length factor.
-        #[arg(long, default_value_t = 1.0)]
-        scale: f64,
+        #[command(flatten)]
+        generation: Generation,
         /// Back chunks with 2 MiB hugepages (falls back to locked 4 KiB pages).
         #[arg(long)]
         hugepages: bool,
@@ -88,18 +84,8 @@ enum Cmd {
         /// Output directory.
         #[arg(long, default_value = "target/lab-vhost")]
         out: PathBuf,
-        /// Built-in workloads (repeatable); default bursty and multi.
-        #[arg(long = "workload")]
-        workloads: Vec<String>,
-        /// CSV traces to replay as well (repeatable).
-        #[arg(long = "trace")]
-        traces: Vec<PathBuf>,
-        /// Workload seed.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Workload length factor.
-        #[arg(long, default_value_t = 1.0)]
-        scale: f64,
+        #[command(flatten)]
+        replayed: Replayed,
         /// Throttle the daemon to this many MB/s (10^6 B/s), reads + writes; 0 = unthrottled.
         #[arg(long, default_value_t = 400)]
         mbps: u64,
@@ -123,18 +109,8 @@ enum Cmd {
         /// Output directory.
         #[arg(long, default_value = "target/lab-nvme")]
         out: PathBuf,
-        /// Built-in workloads (repeatable); default bursty and multi.
-        #[arg(long = "workload")]
-        workloads: Vec<String>,
-        /// CSV traces to replay as well (repeatable).
-        #[arg(long = "trace")]
-        traces: Vec<PathBuf>,
-        /// Workload seed.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Workload length factor.
-        #[arg(long, default_value_t = 1.0)]
-        scale: f64,
+        #[command(flatten)]
+        replayed: Replayed,
         /// The I/O queue's depth.
         #[arg(long, default_value_t = 256)]
         queue_depth: u32,
@@ -186,12 +162,8 @@ enum Cmd {
         /// The workload (`coco` or `coco-cloud`, or any built-in).
         #[arg(long, default_value = "coco")]
         workload: String,
-        /// Workload seed.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Workload length factor.
-        #[arg(long, default_value_t = 1.0)]
-        scale: f64,
+        #[command(flatten)]
+        generation: Generation,
     },
     /// A few tidepool knob sets and the static pool on one workload, repeated in alternating
     /// order: medians and every round (for ranking frontier points on a noisy host).
@@ -215,12 +187,8 @@ enum Cmd {
         /// Rounds.
         #[arg(long, default_value_t = 3)]
         repeat: usize,
-        /// Workload seed.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Workload length factor.
-        #[arg(long, default_value_t = 1.0)]
-        scale: f64,
+        #[command(flatten)]
+        generation: Generation,
         /// Back chunks with 2 MiB hugepages (falls back to locked 4 KiB pages).
         #[arg(long)]
         hugepages: bool,
@@ -245,12 +213,8 @@ enum Cmd {
         /// Output directory.
         #[arg(long, default_value = "target/lab/traces")]
         out: PathBuf,
-        /// Workload seed.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Workload length factor.
-        #[arg(long, default_value_t = 1.0)]
-        scale: f64,
+        #[command(flatten)]
+        generation: Generation,
     },
     /// Replay a CSV trace (time_us,size,direction,hold_us,may_wait[,device]) under every policy.
     Replay {
@@ -263,6 +227,42 @@ enum Cmd {
         #[arg(long)]
         hugepages: bool,
     },
+}
+
+/// How built-in workloads are generated.
+#[derive(clap::Args)]
+struct Generation {
+    /// Workload seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Workload length factor.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+}
+
+/// What `vhost-replay` and `nvme-replay` replay.
+#[derive(clap::Args)]
+struct Replayed {
+    /// Built-in workloads (repeatable); default bursty and multi.
+    #[arg(long = "workload")]
+    workloads: Vec<String>,
+    /// CSV traces to replay as well (repeatable).
+    #[arg(long = "trace")]
+    traces: Vec<PathBuf>,
+    #[command(flatten)]
+    generation: Generation,
+}
+
+impl Replayed {
+    /// The built-in workloads to replay: those named, or bursty and multi when neither a
+    /// workload nor a trace is named.
+    fn builtin(&self) -> Vec<String> {
+        if self.workloads.is_empty() && self.traces.is_empty() {
+            vec!["bursty".to_string(), "multi".to_string()]
+        } else {
+            self.workloads.clone()
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -292,8 +292,7 @@ fn main() -> ExitCode {
         }
         Cmd::Sweep {
             out,
-            seed,
-            scale,
+            generation: Generation { seed, scale },
             hugepages,
             workloads,
             traces,
@@ -340,21 +339,14 @@ fn main() -> ExitCode {
         })(),
         Cmd::VhostReplay {
             out,
-            workloads,
-            traces,
-            seed,
-            scale,
+            replayed,
             mbps,
             image_mib,
             dir,
             hugepages,
         } => (|| {
-            let builtin = if workloads.is_empty() && traces.is_empty() {
-                vec!["bursty".to_string(), "multi".to_string()]
-            } else {
-                workloads
-            };
-            let named = workload::named_traces(&builtin, &traces, seed, scale)?;
+            let Generation { seed, scale } = replayed.generation;
+            let named = workload::named_traces(&replayed.builtin(), &replayed.traces, seed, scale)?;
             let backend = vhost::BackendOptions {
                 dir,
                 image_bytes: image_mib << 20,
@@ -398,25 +390,17 @@ fn main() -> ExitCode {
         Cmd::NvmeReplay {
             bdf,
             out,
-            workloads,
-            traces,
-            seed,
-            scale,
+            replayed,
             queue_depth,
             hugepages,
         } => {
-            let workloads = if workloads.is_empty() && traces.is_empty() {
-                vec!["bursty".to_string(), "multi".to_string()]
-            } else {
-                workloads
-            };
             let opts = nvme::NvmeReportOptions {
                 nvme: nvme::NvmeOptions::vfio(&bdf, queue_depth),
                 out: out.clone(),
-                workloads,
-                traces,
-                seed,
-                scale,
+                workloads: replayed.builtin(),
+                traces: replayed.traces,
+                seed: replayed.generation.seed,
+                scale: replayed.generation.scale,
                 hugepages,
             };
             nvme::report(&opts, command).map(|_| out)
@@ -544,8 +528,7 @@ fn main() -> ExitCode {
         Cmd::Coco {
             out,
             vm_gib,
-            seed,
-            scale,
+            generation: Generation { seed, scale },
             workload,
         } => (|| {
             std::fs::create_dir_all(&out)
@@ -578,8 +561,7 @@ fn main() -> ExitCode {
             knobs,
             static_mib,
             repeat,
-            seed,
-            scale,
+            generation: Generation { seed, scale },
             hugepages,
             samples,
         } => (|| {
@@ -627,7 +609,10 @@ fn main() -> ExitCode {
                 out.clone()
             })
         }
-        Cmd::Generate { out, seed, scale } => (|| {
+        Cmd::Generate {
+            out,
+            generation: Generation { seed, scale },
+        } => (|| {
             std::fs::create_dir_all(&out)
                 .map_err(|e| format!("creating {}: {e}", out.display()))?;
             for name in workload::ALL_WORKLOADS {

@@ -6,6 +6,8 @@
 
 use std::path::Path;
 
+use plotters::coord::CoordTranslate;
+use plotters::drawing::DrawingAreaErrorKind;
 use plotters::prelude::*;
 
 use crate::policy::Policy;
@@ -116,27 +118,55 @@ pub fn memory_over_time(
     }
     mesh.draw().map_err(|x| e(&x))?;
     for l in lines {
-        let col = color(l.policy);
-        let s = c
-            .draw_series(LineSeries::new(
-                l.points.iter().copied(),
-                col.stroke_width(2),
-            ))
-            .map_err(|x| e(&x))?;
-        if text {
-            s.label(l.policy.name()).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2))
-            });
-        }
+        let points = l.points.iter().copied();
+        labelled_line(&mut c, points, color(l.policy), l.policy.name(), text).map_err(|x| e(&x))?;
     }
-    if text {
-        c.configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|x| e(&x))?;
-    }
+    legend(&mut c, None, text).map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))
+}
+
+/// Draws `points` as a 2 px line in `col`; with `text`, names it `name` in the legend.
+pub(crate) fn labelled_line<DB, CT>(
+    c: &mut ChartContext<'_, DB, CT>,
+    points: impl IntoIterator<Item = (f64, f64)>,
+    col: RGBColor,
+    name: &str,
+    text: bool,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
+where
+    DB: DrawingBackend,
+    CT: CoordTranslate<From = (f64, f64)>,
+{
+    let s = c.draw_series(LineSeries::new(points, col.stroke_width(2)))?;
+    if text {
+        s.label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2)));
+    }
+    Ok(())
+}
+
+/// With `text`, the legend of the labelled lines: at `position` (plotters' default when
+/// `None`), on a translucent white box with a black border.
+pub(crate) fn legend<'a, DB, CT>(
+    c: &mut ChartContext<'a, DB, CT>,
+    position: Option<SeriesLabelPosition>,
+    text: bool,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
+where
+    DB: DrawingBackend + 'a,
+    CT: CoordTranslate,
+{
+    if !text {
+        return Ok(());
+    }
+    let mut labels = c.configure_series_labels();
+    if let Some(position) = position {
+        labels.position(position);
+    }
+    labels
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
 }
 
 /// CDFs of map latency (µs, log scale), one line per policy; points are (µs, fraction).
@@ -172,27 +202,10 @@ pub fn latency_cdf(path: &Path, title: &str, lines: &[Line<'_>], text: bool) -> 
     }
     mesh.draw().map_err(|x| e(&x))?;
     for l in lines {
-        let col = color(l.policy);
-        let s = c
-            .draw_series(LineSeries::new(
-                l.points.iter().map(|&(x, y)| (x.max(xmin), y)),
-                col.stroke_width(2),
-            ))
-            .map_err(|x| e(&x))?;
-        if text {
-            s.label(l.policy.name()).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2))
-            });
-        }
+        let points = l.points.iter().map(|&(x, y)| (x.max(xmin), y));
+        labelled_line(&mut c, points, color(l.policy), l.policy.name(), text).map_err(|x| e(&x))?;
     }
-    if text {
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|x| e(&x))?;
-    }
+    legend(&mut c, Some(SeriesLabelPosition::LowerRight), text).map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))
 }
 
@@ -265,14 +278,7 @@ pub fn frontier(
                 .map(|p| at(p))
                 .collect();
             front.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let s = c
-                .draw_series(LineSeries::new(front, col.stroke_width(2)))
-                .map_err(|x| e(&x))?;
-            if text {
-                s.label(policy.name()).legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2))
-                });
-            }
+            labelled_line(&mut c, front, col, policy.name(), text).map_err(|x| e(&x))?;
             c.draw_series(
                 mine.iter()
                     .filter(|p| p.failed == 0)
@@ -286,14 +292,7 @@ pub fn frontier(
             )
             .map_err(|x| e(&x))?;
         }
-        if text {
-            c.configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|x| e(&x))?;
-        }
+        legend(&mut c, Some(SeriesLabelPosition::UpperRight), text).map_err(|x| e(&x))?;
     }
     root.present().map_err(|x| e(&x))
 }

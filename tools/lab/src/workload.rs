@@ -165,51 +165,12 @@ fn steady(rng: &mut Rng, secs: f64) -> Trace {
 
 fn bursty(rng: &mut Rng, secs: f64) -> Trace {
     const BASE_RATE: f64 = 500.0; // req/s
-    const BANDWIDTH: f64 = 400e6; // B/s of the modelled disk
     let end = secs * 1e6;
     // Burst windows: gaps ~ exp(mean 1 s), lengths U[50, 150] ms, multiplier U[10, 50].
-    let mut bursts = Vec::new();
-    let mut at = rng.exponential(1e6);
-    while at < end {
-        let len = rng.uniform(50e3, 150e3);
-        let mult = rng.uniform(10.0, 50.0);
-        bursts.push((at, at + len, mult));
-        at += len + rng.exponential(1e6);
-    }
-    let rate_at = |t: f64| -> f64 {
-        bursts
-            .iter()
-            .find(|(s, e, _)| *s <= t && t < *e)
-            .map_or(BASE_RATE, |(_, _, m)| BASE_RATE * m)
-    };
-    // Thinning (Lewis–Shedler): candidates at the peak rate, kept with probability rate/peak.
-    let peak = BASE_RATE * 50.0;
-    let mut reqs = Vec::new();
-    let mut t = 0.0;
-    let mut disk_free_at = 0.0f64;
-    loop {
-        t += rng.exponential(1e6 / peak);
-        if t >= end {
-            break;
-        }
-        if !rng.chance(rate_at(t) / peak) {
-            continue;
-        }
-        let size = storage_size(rng, &[0.3, 0.15, 0.15, 0.15, 0.15, 0.1]);
-        let latency = rng.lognormal(100.0, 0.5);
-        let start = disk_free_at.max(t);
-        disk_free_at = start + size as f64 / BANDWIDTH * 1e6;
-        let done = disk_free_at + latency;
-        reqs.push(Request {
-            time_us: t as u64,
-            size,
-            direction: storage_direction(rng),
-            hold_us: (done - t).max(1.0) as u64,
-            may_wait: rng.chance(0.95),
-            device: 0,
-        });
-    }
-    Trace::new(disk(), reqs)
+    let bursts = burst_windows(rng, end, 1e6, 10.0, 50.0);
+    let rate_at = |t: f64| BASE_RATE * burst_factor(&bursts, t);
+    // One FIFO disk of 400 MB/s, thinned from the peak rate.
+    Trace::new(disk(), fifo_disk(rng, end, BASE_RATE * 50.0, rate_at, 0))
 }
 
 /// Burst windows over `[0, end)` µs: gaps ~ exp(mean `gap_us`), lengths U[50, 150] ms,
@@ -234,8 +195,9 @@ fn burst_factor(bursts: &[(f64, f64, f64)], t: f64) -> f64 {
         .map_or(1.0, |(_, _, m)| *m)
 }
 
-/// Storage requests to one FIFO disk of 400 MB/s (as in `bursty`) arriving at `rate_at(t)`
-/// req/s (never above `peak`), by thinning; for `device`.
+/// Storage requests to one FIFO disk of 400 MB/s arriving at `rate_at(t)` req/s (never above
+/// `peak`), by thinning (Lewis–Shedler: candidates at the peak rate, kept with probability
+/// rate/peak); for `device`.
 fn fifo_disk(
     rng: &mut Rng,
     end: f64,
@@ -283,6 +245,30 @@ fn fifo_disk_at(
     reqs
 }
 
+/// One packet of the `network` mix at `t` µs on `device`: 30 % ≤ 512 B, 27.7 % ≤ 2 KiB,
+/// 33.6 % ≤ 4 KiB, 8.7 % up to 64 KiB (TSO/GRO); half sent (may wait), half received.
+fn packet(rng: &mut Rng, t: f64, device: usize) -> Request {
+    let size = match rng.weighted(&[30.0, 27.7, 33.6, 8.7]) {
+        0 => rng.range(64, 512),
+        1 => rng.range(513, 2048),
+        2 => rng.range(2049, 4096),
+        _ => rng.range(4097, 65536),
+    } as usize;
+    let tx = rng.chance(0.5);
+    Request {
+        time_us: t as u64,
+        size,
+        direction: if tx {
+            Direction::ToDevice
+        } else {
+            Direction::FromDevice
+        },
+        hold_us: rng.lognormal(100.0, 0.8).max(1.0) as u64,
+        may_wait: tx,
+        device,
+    }
+}
+
 /// NIC requests (the `network` mix) at `rate_at(t)` packets/s (never above `peak`).
 fn nic(
     rng: &mut Rng,
@@ -301,25 +287,7 @@ fn nic(
         if !rng.chance((rate_at(t) / peak).min(1.0)) {
             continue;
         }
-        let size = match rng.weighted(&[30.0, 27.7, 33.6, 8.7]) {
-            0 => rng.range(64, 512),
-            1 => rng.range(513, 2048),
-            2 => rng.range(2049, 4096),
-            _ => rng.range(4097, 65536),
-        } as usize;
-        let tx = rng.chance(0.5);
-        reqs.push(Request {
-            time_us: t as u64,
-            size,
-            direction: if tx {
-                Direction::ToDevice
-            } else {
-                Direction::FromDevice
-            },
-            hold_us: rng.lognormal(100.0, 0.8).max(1.0) as u64,
-            may_wait: tx,
-            device,
-        });
+        reqs.push(packet(rng, t, device));
     }
     reqs
 }
@@ -380,54 +348,43 @@ fn shared(rng: &mut Rng, secs: f64) -> Trace {
 }
 
 fn coco(rng: &mut Rng, secs: f64) -> Trace {
-    let end = secs * 1e6;
-    let mut reqs = Vec::new();
-    let mut devices = Vec::new();
-    for d in 0..4 {
-        let bursts = burst_windows(rng, end, 1e6, 20.0, 20.0);
-        reqs.extend(fifo_disk(
-            rng,
-            end,
-            6000.0,
-            |t| 300.0 * burst_factor(&bursts, t),
-            d,
-        ));
-        devices.push(DeviceSpec {
-            name: format!("disk{d}"),
-            queue_depth: None,
-        });
-    }
-    for n in 0..2 {
-        reqs.extend(nic(rng, end, 4000.0, |_| 4000.0, 4 + n));
-        devices.push(DeviceSpec {
-            name: format!("nic{n}"),
-            queue_depth: None,
-        });
-    }
-    Trace::new(devices, reqs)
+    disks_and_nics(rng, secs, 4, "disk", 300.0, 400e6)
 }
 
 fn coco_cloud(rng: &mut Rng, secs: f64) -> Trace {
+    disks_and_nics(rng, secs, 8, "vol", 150.0, 50e6)
+}
+
+/// A confidential VM's devices: `disks` FIFO disks (`{disk_name}N`) of `bandwidth` B/s, each at
+/// `base` req/s with its own bursts of 20×, then two NICs (`nicN`) at 4000 packets/s.
+fn disks_and_nics(
+    rng: &mut Rng,
+    secs: f64,
+    disks: usize,
+    disk_name: &str,
+    base: f64,
+    bandwidth: f64,
+) -> Trace {
     let end = secs * 1e6;
     let mut reqs = Vec::new();
     let mut devices = Vec::new();
-    for d in 0..8 {
+    for d in 0..disks {
         let bursts = burst_windows(rng, end, 1e6, 20.0, 20.0);
         reqs.extend(fifo_disk_at(
             rng,
             end,
-            3000.0,
-            |t| 150.0 * burst_factor(&bursts, t),
+            base * 20.0,
+            |t| base * burst_factor(&bursts, t),
             d,
-            50e6,
+            bandwidth,
         ));
         devices.push(DeviceSpec {
-            name: format!("vol{d}"),
+            name: format!("{disk_name}{d}"),
             queue_depth: None,
         });
     }
     for n in 0..2 {
-        reqs.extend(nic(rng, end, 4000.0, |_| 4000.0, 8 + n));
+        reqs.extend(nic(rng, end, 4000.0, |_| 4000.0, disks + n));
         devices.push(DeviceSpec {
             name: format!("nic{n}"),
             queue_depth: None,
@@ -445,26 +402,7 @@ fn network(rng: &mut Rng, secs: f64) -> Trace {
         if t >= end {
             break;
         }
-        // 30 % ≤ 512 B, 27.7 % ≤ 2 KiB, 33.6 % ≤ 4 KiB, 8.7 % up to 64 KiB (TSO/GRO).
-        let size = match rng.weighted(&[30.0, 27.7, 33.6, 8.7]) {
-            0 => rng.range(64, 512),
-            1 => rng.range(513, 2048),
-            2 => rng.range(2049, 4096),
-            _ => rng.range(4097, 65536),
-        } as usize;
-        let tx = rng.chance(0.5);
-        reqs.push(Request {
-            time_us: t as u64,
-            size,
-            direction: if tx {
-                Direction::ToDevice
-            } else {
-                Direction::FromDevice
-            },
-            hold_us: rng.lognormal(100.0, 0.8).max(1.0) as u64,
-            may_wait: tx,
-            device: 0,
-        });
+        reqs.push(packet(rng, t, 0));
     }
     Trace::new(
         vec![DeviceSpec {

@@ -1499,3 +1499,114 @@ mod status_tests {
         );
     }
 }
+
+#[cfg(test)]
+mod panic_tests {
+    use super::*;
+    use crate::engine::{Batching, Geometry, IoCompletion};
+
+    /// Wraps a real engine and panics at the first `commit`, after `prepare` and the first
+    /// requests are queued: a clone that dies mid-run.
+    struct PanicsOnCommit(Box<dyn Engine>);
+
+    impl Engine for PanicsOnCommit {
+        fn name(&self) -> &'static str {
+            self.0.name()
+        }
+        fn geometry(&self) -> Geometry {
+            self.0.geometry()
+        }
+        fn prepare(&mut self, slots: u32, slot_bytes: u32) -> Result<(), EngineError> {
+            self.0.prepare(slots, slot_bytes)
+        }
+        fn fill_slot(&mut self, slot: u32, data: &[u8]) -> Result<(), EngineError> {
+            self.0.fill_slot(slot, data)
+        }
+        fn read_slot(&self, slot: u32, out: &mut [u8]) -> Result<(), EngineError> {
+            self.0.read_slot(slot, out)
+        }
+        fn queue(&mut self, request: IoRequest) -> Result<(), EngineError> {
+            self.0.queue(request)
+        }
+        fn commit(&mut self) -> Result<(), EngineError> {
+            panic!("injected test panic: this clone's engine fails mid-run");
+        }
+        fn reap(&mut self, min: usize, out: &mut Vec<IoCompletion>) -> Result<(), EngineError> {
+            self.0.reap(min, out)
+        }
+        fn close(&mut self) -> Result<(), EngineError> {
+            self.0.close()
+        }
+        fn batching(&self) -> Batching {
+            self.0.batching()
+        }
+    }
+
+    /// A null-engine job named `name`: `numjobs` clones, each reading 64 KiB in 4 KiB blocks.
+    fn null_job(name: &str, numjobs: u32) -> JobSpec {
+        let argv: Vec<std::ffi::OsString> = [
+            "tpio".to_string(),
+            format!("--name={name}"),
+            "--ioengine=null".into(),
+            "--rw=read".into(),
+            "--bs=4k".into(),
+            "--size=64k".into(),
+            format!("--numjobs={numjobs}"),
+        ]
+        .into_iter()
+        .map(Into::into)
+        .collect();
+        let (mut specs, _) = crate::cli::parse(&argv).expect("options parse");
+        specs.pop().expect("one job")
+    }
+
+    /// Runs `specs` with the clones at `(job, clone)` in `panicking` made to panic; returns
+    /// `(job_index, clone, read I/Os, error)` of every result reported.
+    fn run_with_panics(
+        specs: &[JobSpec],
+        panicking: &[(usize, u32)],
+    ) -> Vec<(usize, u32, u64, i32)> {
+        let mut jobs = prepare_jobs(specs).expect("null jobs prepare");
+        for &(job, clone) in panicking {
+            let prepared = &mut jobs[job][clone as usize];
+            let real = std::mem::replace(
+                &mut prepared.engine,
+                Box::new(crate::engine::null::NullEngine::new(&prepared.spec)),
+            );
+            prepared.engine = Box::new(PanicsOnCommit(real));
+        }
+        run_jobs(jobs, false, None)
+            .into_iter()
+            .map(|r| (r.job_index, r.clone, r.read.total_ios, r.error))
+            .collect()
+    }
+
+    #[test]
+    fn clones_that_panic_lose_only_their_own_results() {
+        // 64 KiB / 4 KiB = 16 reads per clone that completes.
+        let specs = [null_job("first", 3), null_job("second", 2)];
+        assert_eq!(
+            run_with_panics(&specs, &[]),
+            [
+                (0, 0, 16, 0),
+                (0, 1, 16, 0),
+                (0, 2, 16, 0),
+                (1, 0, 16, 0),
+                (1, 1, 16, 0)
+            ],
+            "without a panic every clone reports"
+        );
+        // Clone 0 runs on the job's own thread under catch_unwind; clone 1 of the second job
+        // runs on a thread of its own. Each loses its own result and nothing else: its
+        // siblings and the other job still report in full.
+        assert_eq!(
+            run_with_panics(&specs, &[(0, 0), (1, 1)]),
+            [(0, 1, 16, 0), (0, 2, 16, 0), (1, 0, 16, 0)]
+        );
+        // Every clone of a job panicking loses the job's results, not the other job's.
+        assert_eq!(
+            run_with_panics(&specs, &[(1, 0), (1, 1)]),
+            [(0, 0, 16, 0), (0, 1, 16, 0), (0, 2, 16, 0)]
+        );
+    }
+}

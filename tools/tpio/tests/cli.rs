@@ -1,40 +1,16 @@
 //! End-to-end tests of the `tpio` binary: parsing, verify with a corrupted block, JSON vs human
 //! numbers, and exit codes for bad input.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
+use common::{assert_bad_input, assert_success, json_of, tpio};
 use serde_json::Value;
-
-/// Runs tpio with `args`.
-fn tpio(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tpio"))
-        .args(args)
-        .output()
-        .expect("tpio runs")
-}
 
 /// A file of `bytes` zero bytes in `dir`.
 fn target(dir: &Path, bytes: u64) -> String {
-    let path = dir.join("target.img");
-    let file = std::fs::File::create(&path).expect("create");
-    file.set_len(bytes).expect("size");
-    path.display().to_string()
-}
-
-/// Asserts a bad-input failure: status 1, a message on stderr containing `needle`, empty stdout.
-fn assert_bad_input(output: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
-    assert!(
-        output.stdout.is_empty(),
-        "stdout must stay empty, got {:?}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    assert!(
-        stderr.contains(needle),
-        "stderr {stderr:?} lacks {needle:?}"
-    );
+    common::target(dir, "target.img", bytes)
 }
 
 #[test]
@@ -97,13 +73,7 @@ fn verify_reports_exactly_the_corrupted_block() {
         "--filename",
         &path,
     ]);
-    assert_eq!(
-        write.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&write.stderr)
-    );
-    let report: Value = serde_json::from_slice(&write.stdout).expect("json");
+    let report = json_of(&write);
     assert_eq!(report["jobs"][0]["verify"]["checked"], 1024);
     assert_eq!(report["jobs"][0]["verify"]["mismatches"], 0);
     assert_eq!(report["jobs"][0]["write"]["total_ios"], 1024);
@@ -171,13 +141,7 @@ fn pattern_verify_finds_a_zeroed_block_in_a_bsrange_layout() {
         "--filename",
         &path,
     ]);
-    assert_eq!(
-        write.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&write.stderr)
-    );
-    let report: Value = serde_json::from_slice(&write.stdout).expect("json");
+    let report = json_of(&write);
     assert_eq!(
         report["jobs"][0]["verify"]["checked"], 0,
         "do_verify=0 skips the read-back"
@@ -221,12 +185,7 @@ fn json_and_human_reports_carry_the_same_numbers() {
         "--size=64m",
         "--output-format=normal,json",
     ]);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let json_start = stdout.find("\n{").expect("json after the human text") + 1;
     let (human, json) = stdout.split_at(json_start);
@@ -321,13 +280,7 @@ fn job_file_jobs_inherit_globals_and_echo_options_as_written() {
     )
     .expect("write job file");
     let output = tpio(&[job_file.to_str().expect("utf8"), "--output-format=json"]);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).expect("json");
+    let report = json_of(&output);
     let jobs = report["jobs"].as_array().expect("jobs");
     assert_eq!(jobs.len(), 2);
     assert_eq!(jobs[0]["jobname"], "seq");
@@ -352,7 +305,7 @@ fn job_file_jobs_inherit_globals_and_echo_options_as_written() {
         "--size=4m",
         "--output-format=json",
     ]);
-    let report: Value = serde_json::from_slice(&output.stdout).expect("json");
+    let report = json_of(&output);
     assert_eq!(report["jobs"][0]["read"]["total_ios"], 32);
 }
 
@@ -370,12 +323,7 @@ fn numjobs_clones_each_report_and_plot_draws_a_png() {
         "--output",
         json_path.to_str().expect("utf8"),
     ]);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     assert!(
         output.stdout.is_empty(),
         "--output sends the report to the file"
@@ -391,12 +339,7 @@ fn numjobs_clones_each_report_and_plot_draws_a_png() {
         "-o",
         png.to_str().expect("utf8"),
     ]);
-    assert_eq!(
-        plot.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&plot.stderr)
-    );
+    assert_success(&plot);
     let bytes = std::fs::read(&png).expect("png written");
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     let bad = tpio(&[
@@ -434,13 +377,7 @@ fn io_uring_batches_as_fio_and_the_json_says_so() {
             args.extend(["--fixedbufs", "--registerfiles=1"]);
         }
         let run = tpio(&args);
-        assert_eq!(
-            run.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        let report: Value = serde_json::from_slice(&run.stdout).expect("json");
+        let report = json_of(&run);
         assert_eq!(report["jobs"][0]["verify"]["mismatches"], 0);
         assert_eq!(report["jobs"][0]["verify"]["checked"], 1024);
         // fio's defaults: one I/O per io_uring_enter, one completion taken per refill.
@@ -456,8 +393,7 @@ fn io_uring_batches_as_fio_and_the_json_says_so() {
         "--size=4m",
         "--output-format=json",
     ]);
-    assert_eq!(run.status.code(), Some(0));
-    let report: Value = serde_json::from_slice(&run.stdout).expect("json");
+    let report = json_of(&run);
     assert!(bucket(&report, "iodepth_submit", "16") > 90.0, "{report}");
     assert!(bucket(&report, "iodepth_complete", "16") > 90.0, "{report}");
 }
@@ -478,13 +414,7 @@ fn iodepth_batch_options_override_the_engines_batching() {
         "--iodepth_batch_complete_max=1",
         "--output-format=json",
     ]);
-    assert_eq!(
-        run.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let report: Value = serde_json::from_slice(&run.stdout).expect("json");
+    let report = json_of(&run);
     assert_eq!(bucket(&report, "iodepth_submit", "4"), 100.0, "{report}");
     assert_eq!(bucket(&report, "iodepth_complete", "4"), 100.0, "{report}");
     let opts = &report["jobs"][0]["job options"];
@@ -498,13 +428,7 @@ fn iodepth_batch_options_override_the_engines_batching() {
     )
     .expect("job file");
     let run = tpio(&["--output-format=json", job.to_str().expect("path")]);
-    assert_eq!(
-        run.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let report: Value = serde_json::from_slice(&run.stdout).expect("json");
+    let report = json_of(&run);
     assert_eq!(bucket(&report, "iodepth_submit", "4"), 100.0, "{report}");
 
     let run = tpio(&["--ioengine=null", "--size=1m", "--iodepth_batch_submit=0"]);

@@ -1,8 +1,9 @@
 //! tpio's JSON against a real fio 3.33 report (tests/data/fio-3.33.json): every key fio writes
 //! is there with the same JSON type, recursively, less the omissions listed here.
 
-use std::process::Command;
+mod common;
 
+use common::{json_of, tpio};
 use serde_json::Value;
 
 /// Paths (`/`-joined keys) fio has and tpio leaves out on purpose.
@@ -88,20 +89,11 @@ fn json_has_fio_keys_and_types() {
     )
     .expect("write");
     for format in ["json", "json+"] {
-        let output = Command::new(env!("CARGO_BIN_EXE_tpio"))
-            .args([
-                job.to_str().expect("utf8"),
-                &format!("--output-format={format}"),
-            ])
-            .output()
-            .expect("tpio runs");
-        assert_eq!(
-            output.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let ours: Value = serde_json::from_slice(&output.stdout).expect("json");
+        let output = tpio(&[
+            job.to_str().expect("utf8"),
+            &format!("--output-format={format}"),
+        ]);
+        let ours = json_of(&output);
         let mut problems = Vec::new();
         compare("", &fio, &ours, &mut problems);
         assert!(problems.is_empty(), "{format}:\n{}", problems.join("\n"));

@@ -1,18 +1,13 @@
 //! fio job-file options: each is parsed and does what fio's does (null engine or a temp file
 //! through io_uring), or is refused with one `not supported:` line.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
+use common::{assert_success, json_of, target, tpio};
 use serde_json::Value;
-
-/// Runs tpio with `args`.
-fn tpio(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tpio"))
-        .args(args)
-        .output()
-        .expect("tpio runs")
-}
 
 /// Writes `text` as a job file in `dir` and runs it with JSON output; panics unless it succeeds.
 fn run_file(dir: &Path, text: &str, extra: &[&str]) -> Value {
@@ -20,22 +15,7 @@ fn run_file(dir: &Path, text: &str, extra: &[&str]) -> Value {
     std::fs::write(&path, text).expect("write job file");
     let mut args = vec![path.to_str().expect("utf8"), "--output-format=json"];
     args.extend_from_slice(extra);
-    let output = tpio(&args);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("json")
-}
-
-/// A file of `bytes` zero bytes in `dir`.
-fn target(dir: &Path, name: &str, bytes: u64) -> String {
-    let path = dir.join(name);
-    let file = std::fs::File::create(&path).expect("create");
-    file.set_len(bytes).expect("size");
-    path.display().to_string()
+    json_of(&tpio(&args))
 }
 
 /// The (action, offset, len) lines of an iolog.
@@ -398,13 +378,7 @@ fn include_variables_section_and_thread() {
         .env("TPIO_TEST_SIZE", "1m")
         .output()
         .expect("runs");
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_slice(&output.stdout).expect("json");
+    let report = json_of(&output);
     let jobs = report["jobs"].as_array().expect("jobs");
     assert_eq!(jobs.len(), 1, "--section=small runs only [small]");
     assert_eq!(
@@ -479,12 +453,7 @@ fn unsupported_options_are_one_line_naming_the_option() {
         "--stonewall",
         "--parse-only",
     ]);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_success(&output);
     let output = tpio(&["--ioengine=null", "--size=1m", "--zonemode=strided"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.trim(), "tpio: not supported: --zonemode");

@@ -2,14 +2,9 @@
 //! file, and one clear error line for an unusable stats file. The null engine has no pool, so
 //! these check tpio's own counters; tests/vhost.rs checks a pool's.
 
-use std::process::{Command, Output};
+mod common;
 
-fn tpio(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tpio"))
-        .args(args)
-        .output()
-        .expect("tpio runs")
-}
+use common::tpio;
 
 const JOB: [&str; 6] = [
     "--ioengine=null",

@@ -4,19 +4,13 @@
 //! randread job with two clones sharing the device, and bad sockets. Each test is skipped with
 //! a printed reason when `qemu-storage-daemon` is not installed.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-/// Runs tpio with `args`.
-fn tpio(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tpio"))
-        .args(args)
-        .output()
-        .expect("tpio runs")
-}
+use common::{assert_bad_input, json_of, tpio};
 
 /// Whether `qemu-storage-daemon` is on the PATH; prints why a test is skipped when not.
 fn have_daemon(test: &str) -> bool {
@@ -127,22 +121,6 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
-}
-
-/// Parses a successful run's JSON output, asserting exit status 0 and no job error.
-fn json_of(output: &Output) -> Value {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
-    let json: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "JSON does not parse ({e}): {}",
-            String::from_utf8_lossy(&output.stdout)
-        )
-    });
-    for job in json["jobs"].as_array().expect("jobs") {
-        assert_eq!(job["error"], 0, "job failed: {job}");
-    }
-    json
 }
 
 /// The verify options both the vhost-user write and the io_uring read-back use.
@@ -315,21 +293,6 @@ fn stats_interval_exports_the_vhost_pool_as_prometheus_text() {
         prometheus_parse::Value::Counter(json["jobs"][0]["read"]["total_ios"].as_f64().unwrap())
     );
     daemon.assert_quiet_log();
-}
-
-/// Asserts a bad-input failure: status 1, `needle` on stderr, nothing on stdout.
-fn assert_bad_input(output: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
-    assert!(
-        output.stdout.is_empty(),
-        "stdout must stay empty, got {:?}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    assert!(
-        stderr.contains(needle),
-        "stderr {stderr:?} lacks {needle:?}"
-    );
 }
 
 /// A unix socket at `path` whose peer accepts and answers nothing: not a vhost-user backend.
