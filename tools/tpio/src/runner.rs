@@ -518,9 +518,10 @@ pub fn run_jobs(
                     finished.wait_for(waits);
                     let delay = clones[0].spec.startdelay;
                     std::thread::sleep(delay.saturating_sub(run_start.elapsed()));
+                    let started_clones = clones.len() as u64;
                     progress
                         .running
-                        .fetch_add(clones.len() as u64, Ordering::Relaxed);
+                        .fetch_add(started_clones, Ordering::Relaxed);
                     // The job's thread runs its first clone itself, as fio's job process runs
                     // its job (one thread fewer between the I/O and the scheduler: QD 1 4 KiB
                     // reads 0.566/0.549 -> 0.685/0.602 of fio, ABBA, BENCHMARKS.md); the
@@ -547,9 +548,11 @@ pub fn run_jobs(
                         results.extend(handles.into_iter().filter_map(|handle| handle.join().ok()));
                         results
                     });
+                    // Every clone started has ended, those that panicked (and left no result)
+                    // included.
                     progress
                         .running
-                        .fetch_sub(job_results.len() as u64, Ordering::Relaxed);
+                        .fetch_sub(started_clones, Ordering::Relaxed);
                     finished.finish(index);
                     job_results
                         .into_iter()
