@@ -35,8 +35,38 @@ fn children_of(parent: i32) -> Vec<(i32, i32, i32)> {
     }
 }
 
+/// `pid`'s session id once it leads its own session, or its last one seen (`None` if it is
+/// gone) after `wait`.
+fn session_of(pid: i32, wait: Duration) -> Option<i32> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let session = processes()
+            .into_iter()
+            .find(|(p, _, _)| *p == pid)
+            .map(|(_, _, session)| session);
+        if session == Some(pid) || session.is_none() || Instant::now() > deadline {
+            return session;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A 30 s null job, started as a terminal's foreground command is: with the default action for
+/// SIGINT. (A shell without job control starts its background commands with SIGINT ignored, and
+/// that is inherited: `./tools/test &` would otherwise run this with Ctrl-C ignored by both tpio
+/// processes, as the caller asked.)
 fn long_null_job(extra: &[&str]) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_tpio"))
+    use std::os::unix::process::CommandExt;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tpio"));
+    // SAFETY: runs in the forked child before exec; `signal` is async-signal-safe and takes no
+    // pointers.
+    unsafe {
+        command.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    command
         .args([
             "--ioengine=null",
             "--size=1m",
@@ -70,8 +100,14 @@ fn the_jobs_lead_their_own_session_and_ctrl_c_reaches_them() {
     let parent_pid = parent.id() as i32;
     let children = children_of(parent_pid);
     assert_eq!(children.len(), 1, "one job process: {children:?}");
-    let (child, _, session) = children[0];
-    assert_eq!(session, child, "the job process leads its own session");
+    let child = children[0].0;
+    // The child shows in /proc as soon as it is forked, a moment before its `setsid()`.
+    let session = session_of(child, Duration::from_secs(5));
+    assert_eq!(
+        session,
+        Some(child),
+        "the job process leads its own session"
+    );
     // SAFETY: kill takes no pointers; the pid is our own child.
     assert_eq!(unsafe { libc::kill(parent_pid, libc::SIGINT) }, 0);
     let output = parent.wait_with_output().expect("tpio ends");
