@@ -565,6 +565,11 @@ pub fn run_jobs(
                 })
             })
             .collect();
+        // Look at the jobs every JOB_WAIT_POLL rather than block in `join`, as fio's main
+        // process does (see `crate::session::JOB_WAIT_POLL`).
+        while !handles.iter().all(|handle| handle.is_finished()) {
+            std::thread::sleep(crate::session::JOB_WAIT_POLL);
+        }
         let results: Vec<CloneResult> = handles
             .into_iter()
             .filter_map(|handle| handle.join().ok())

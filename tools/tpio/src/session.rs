@@ -140,15 +140,29 @@ fn forward_signals() {
     }
 }
 
-/// Waits for `child` and turns its end into an exit status: its own, or, if a signal killed it,
-/// death by the same signal here (128 + signal should that not end this process).
+/// How often the waiting side looks at its jobs while they run: fio's main process wakes every
+/// 10 ms while its jobs run (its status loop), and tpio's waiting side does the same rather than
+/// block. That is not only fidelity: on the 2-vCPU VM hosts this project measures on, a process
+/// that wakes every 10 ms beside a QD 1 job changes where the kernel runs the block device's
+/// worker relative to the job (fewer cross-CPU wake-ups per I/O), and blocking instead cost
+/// tpio 40 % of fio's QD 1 IOPS on a loop device (BENCHMARKS.md, session 7). 100 wake-ups a
+/// second cost nothing measurable.
+pub const JOB_WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Waits for `child` (looking every [`JOB_WAIT_POLL`]) and turns its end into an exit status:
+/// its own, or, if a signal killed it, death by the same signal here (128 + signal should that
+/// not end this process).
 fn wait_for(child: libc::pid_t) -> Result<i32, SessionError> {
     let mut status: libc::c_int = 0;
     loop {
         // SAFETY: status is a valid c_int to write to.
-        let rc = unsafe { libc::waitpid(child, &mut status, 0) };
+        let rc = unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) };
         if rc == child {
             break;
+        }
+        if rc == 0 {
+            std::thread::sleep(JOB_WAIT_POLL);
+            continue;
         }
         let error = io::Error::last_os_error();
         if error.raw_os_error() != Some(libc::EINTR) {
