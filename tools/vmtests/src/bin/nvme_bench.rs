@@ -125,37 +125,23 @@ fn run() -> Res<()> {
     // The host is shared and TCG speed drifts, so every variant runs once per round, rounds
     // interleave the variants, and the report gives each variant's median.
     let wanted = std::env::var("TIDEPOOL_NVME_BENCH_VARIANTS").unwrap_or_default();
-    let variants: Vec<&str> = [
-        "reference",
-        "mmio zero-copy",
-        "shadow zero-copy",
-        "mmio bounce",
-        // Not run by default: the zero-copy loop on a controller opened as tpio's tidepool
-        // engine opens it (MSI-X enabled, 64 I/O queues asked for), to tell the controller's
-        // setup from the engine in tpio's cost.
-        "tpio-config zero-copy",
-        // Not run by default: the bounce loop with the pool's background pre-zeroing off, to
-        // tell the grower's zeroing (on the other vCPU, sharing the host's cores with the
-        // emulated device) from the bounce path's own cost.
-        "mmio bounce no-prezero",
-    ]
-    .into_iter()
-    .filter(|v| {
-        if wanted.is_empty() {
-            !v.starts_with("tpio-config") && !v.ends_with("no-prezero")
-        } else {
-            wanted.split(',').any(|w| w == *v)
-        }
-    })
-    .collect();
+    let variants: Vec<&Variant> = VARIANTS
+        .iter()
+        .filter(|v| {
+            if wanted.is_empty() {
+                v.by_default
+            } else {
+                wanted.split(',').any(|w| w == v.name)
+            }
+        })
+        .collect();
     if variants.is_empty() || cases.is_empty() {
-        return Err(
-            "TIDEPOOL_NVME_BENCH_VARIANTS must name at least one of reference, \
-                    mmio zero-copy, shadow zero-copy, mmio bounce, tpio-config zero-copy, mmio \
-                    bounce no-prezero (comma-separated), and \
-                    TIDEPOOL_NVME_BENCH_ONLY must be 4k or 128k"
-                .into(),
-        );
+        let names: Vec<&str> = VARIANTS.iter().map(|v| v.name).collect();
+        return Err(format!(
+            "TIDEPOOL_NVME_BENCH_VARIANTS must name at least one of {} (comma-separated), and \
+             TIDEPOOL_NVME_BENCH_ONLY must be 4k or 128k",
+            names.join(", ")
+        ));
     }
     let mut results: Vec<Vec<Vec<Measured>>> = vec![vec![Vec::new(); variants.len()]; cases.len()];
     for round in 0..rounds {
@@ -166,21 +152,16 @@ fn run() -> Res<()> {
                 order.reverse();
             }
             for v in order {
-                let variant = &variants[v];
-                let m = match *variant {
-                    "reference" => reference_loop(&bdf, size, random, secs)?,
-                    _ => {
-                        let shadow = variant.starts_with("shadow");
-                        let bounce = variant.contains("bounce");
-                        let as_tpio = variant.starts_with("tpio-config");
-                        let prezero = !variant.ends_with("no-prezero");
-                        with_driver(&bdf, shadow, as_tpio, prezero, |ctrl, ns| {
-                            driver_loop(ctrl, ns, size, random, secs, bounce)
-                        })?
-                    }
+                let variant = variants[v];
+                let m = match variant.driver {
+                    None => reference_loop(&bdf, size, random, secs)?,
+                    Some(setup) => with_driver(&bdf, setup, |ctrl, ns| {
+                        driver_loop(ctrl, ns, size, random, secs, setup.bounce)
+                    })?,
                 };
                 println!(
-                    "round {round} {variant} {}: {:.0} IOPS {:.3} GB/s",
+                    "round {round} {} {}: {:.0} IOPS {:.3} GB/s",
+                    variant.name,
                     case_name(size, random),
                     m.iops(),
                     m.gbps()
@@ -191,9 +172,9 @@ fn run() -> Res<()> {
     }
     for (c, &(size, random)) in cases.iter().enumerate() {
         // Percentages against the reference loop when it ran (it is listed first).
-        let reference = (variants[0] == "reference").then(|| median(&results[c][0]));
+        let reference = variants[0].driver.is_none().then(|| median(&results[c][0]));
         for (v, variant) in variants.iter().enumerate() {
-            let name = format!("{variant} {}", case_name(size, random));
+            let name = format!("{} {}", variant.name, case_name(size, random));
             report(&name, median(&results[c][v]), reference);
         }
     }
@@ -207,30 +188,113 @@ fn median(runs: &[Measured]) -> Measured {
     sorted[sorted.len() / 2]
 }
 
-/// Opens the controller with shadow doorbells on or off (polling only), runs `f`, closes it.
-/// `prezero: false` turns the pool's background pre-zeroing off.
+/// One benchmarked loop: the reference loop (`driver: None`) or the driver's own loop on a
+/// controller set up as `driver` says.
+struct Variant {
+    /// Its name in `TIDEPOOL_NVME_BENCH_VARIANTS` and in the report.
+    name: &'static str,
+    /// Run when `TIDEPOOL_NVME_BENCH_VARIANTS` is empty.
+    by_default: bool,
+    driver: Option<DriverSetup>,
+}
+
+/// How [`with_driver`] opens the controller, and whether the loop bounces.
+#[derive(Clone, Copy)]
+struct DriverSetup {
+    /// Shadow doorbells (Doorbell Buffer Config) on.
+    shadow: bool,
+    /// Reads bounce through a private buffer (zero-copy otherwise).
+    bounce: bool,
+    /// Opened as tpio's tidepool engine opens it: MSI-X enabled, 64 I/O queues asked for.
+    as_tpio: bool,
+    /// The pool's background pre-zeroing on (the default).
+    prezero: bool,
+}
+
+impl DriverSetup {
+    const MMIO: DriverSetup = DriverSetup {
+        shadow: false,
+        bounce: false,
+        as_tpio: false,
+        prezero: true,
+    };
+}
+
+/// Every variant, the reference loop first (the report's percentages are against it).
+const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "reference",
+        by_default: true,
+        driver: None,
+    },
+    Variant {
+        name: "mmio zero-copy",
+        by_default: true,
+        driver: Some(DriverSetup::MMIO),
+    },
+    Variant {
+        name: "shadow zero-copy",
+        by_default: true,
+        driver: Some(DriverSetup {
+            shadow: true,
+            ..DriverSetup::MMIO
+        }),
+    },
+    Variant {
+        name: "mmio bounce",
+        by_default: true,
+        driver: Some(DriverSetup {
+            bounce: true,
+            ..DriverSetup::MMIO
+        }),
+    },
+    // The zero-copy loop on a controller opened as tpio's tidepool engine opens it, to tell
+    // the controller's setup from the engine in tpio's cost.
+    Variant {
+        name: "tpio-config zero-copy",
+        by_default: false,
+        driver: Some(DriverSetup {
+            as_tpio: true,
+            ..DriverSetup::MMIO
+        }),
+    },
+    // The bounce loop with the pool's background pre-zeroing off, to tell the grower's zeroing
+    // (on the other vCPU, sharing the host's cores with the emulated device) from the bounce
+    // path's own cost.
+    Variant {
+        name: "mmio bounce no-prezero",
+        by_default: false,
+        driver: Some(DriverSetup {
+            bounce: true,
+            prezero: false,
+            ..DriverSetup::MMIO
+        }),
+    },
+];
+
+/// Opens the controller as `setup` says (polling only), runs `f`, closes it.
 fn with_driver(
     bdf: &str,
-    shadow: bool,
-    as_tpio: bool,
-    prezero: bool,
+    setup: DriverSetup,
     f: impl FnOnce(&Controller, &Namespace) -> Res<Measured>,
 ) -> Res<Measured> {
-    let mut pool = ControllerConfig::default().pool;
-    if !prezero {
+    let defaults = ControllerConfig::default();
+    let mut pool = defaults.pool.clone();
+    if !setup.prezero {
         pool.prezero_bytes_per_pass = 0;
     }
     let cfg = ControllerConfig {
         pool,
-        shadow_doorbells: shadow,
-        interrupts: as_tpio,
-        io_queues: if as_tpio {
+        shadow_doorbells: setup.shadow,
+        interrupts: setup.as_tpio,
+        io_queues: if setup.as_tpio {
             64
         } else {
-            ControllerConfig::default().io_queues
+            defaults.io_queues
         },
-        ..ControllerConfig::default()
+        ..defaults
     };
+    let shadow = setup.shadow;
     let ctrl = Controller::open(bdf, cfg).map_err(|e| format!("open {bdf}: {e}"))?;
     if ctrl.shadow_doorbells() != shadow {
         return Err(format!(
