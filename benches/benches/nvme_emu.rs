@@ -13,10 +13,10 @@
 //! inside polls that reaped something (a poll that finds the ring empty is waiting for the
 //! device, not work), converted to ns with the TSC rate measured over the run. Two regimes:
 //! - `inline`: the controller runs on the driver's thread inside each doorbell write
-//!   ([`EmuNvmeConfig::inline_doorbells`]) and its own time (TSC ticks from the doorbell's hand-off
-//!   to the model to its return) is subtracted, so the figure is the
-//!   driver's work alone: no second core, no cross-core cache transfers, no preemption of a
-//!   device thread. This is the regime of the ≤ 150 ns goal.
+//!   ([`EmuNvmeConfig::inline_doorbells`]) and its own time (TSC ticks from the doorbell's
+//!   hand-off to the model to its return) is subtracted, so the figure is the driver's work
+//!   alone: no second core, no cross-core cache transfers, no preemption of a device thread.
+//!   This is the regime of the ≤ 150 ns goal.
 //! - `threaded`: the controller on its own thread, as in the tests; every completion and doorbell
 //!   crosses cores, which on this 2-core host costs more than the driver's work.
 //!
@@ -95,8 +95,8 @@ struct Run {
 }
 
 /// Converts ticks to ns with the TSC rate over `(t0, w0)..now`, less `device_ticks` (the
-/// controller's inline time in TSC ticks, [`tidepool_emu::EmuNvmeStats::inline_ticks`], which the work ticks
-/// include).
+/// controller's inline time in TSC ticks, [`tidepool_emu::EmuNvmeStats::inline_ticks`], which
+/// the work ticks include).
 fn finish(work_ticks: u64, device_ticks: u64, ios: usize, t0: u64, w0: Instant) -> Run {
     let wall = w0.elapsed();
     let rate = (ticks() - t0) as f64 / wall.as_nanos() as f64;

@@ -144,9 +144,9 @@ fn forward_signals() {
 /// 10 ms while its jobs run (its status loop), and tpio's waiting side does the same rather than
 /// block. That is not only fidelity: on the 2-vCPU VM hosts this project measures on, a process
 /// that wakes every 10 ms beside a QD 1 job changes where the kernel runs the block device's
-/// worker relative to the job (fewer cross-CPU wake-ups per I/O), and blocking instead cost
-/// tpio 40 % of fio's QD 1 IOPS on a loop device (BENCHMARKS.md, session 7). 100 wake-ups a
-/// second cost nothing measurable.
+/// worker relative to the job (fewer cross-CPU wake-ups per I/O): with it, QD 1 4 KiB reads on a
+/// loop device went from 0.60 and 0.83 of fio's IOPS to 0.82 and 0.89 (ABBA; BENCHMARKS.md,
+/// session 7). 100 wake-ups a second cost nothing measurable.
 pub const JOB_WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Waits for `child` (looking every [`JOB_WAIT_POLL`]) and turns its end into an exit status:
