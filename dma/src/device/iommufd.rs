@@ -49,6 +49,24 @@ const VFIO_DEVICE_ATTACH_IOMMUFD_PT: u64 = vfio_io(19);
 const HINT_NO_CDEV: &str = "this kernel has no VFIO device cdevs (CONFIG_VFIO_DEVICE_CDEV, Linux \
      ≥ 6.6); use the VFIO type1 backend (TIDEPOOL_VFIO_BACKEND=type1)";
 
+/// What a failed `VFIO_DEVICE_BIND_IOMMUFD` most likely means, by its errno.
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        // vfio_df_open: a cdev is bound through one open file at a time.
+        Some(libc::EINVAL) => {
+            "the device is already open through another file (a VFIO cdev is bound once at a \
+             time): another process, or a handle of this one still alive (a driver's background \
+             task, such as an NVMe AsyncQueue's reaper until `close` returns)"
+        }
+        // vfio_device_block_group: the group is open through /dev/vfio/<group>.
+        Some(libc::EBUSY) => {
+            "its IOMMU group is open through /dev/vfio/<group> (the type1 backend), in this or \
+             another process"
+        }
+        _ => "is every device of its IOMMU group bound to vfio-pci or to no driver?",
+    }
+}
+
 /// The cdev of the VFIO device at `sysfs` (`<sysfs>/vfio-dev/vfioN` → `/dev/vfio/devices/vfioN`),
 /// if the kernel made one.
 pub fn cdev_path(sysfs: &Path) -> Option<PathBuf> {
@@ -143,9 +161,7 @@ impl CdevDevice {
         let dev_id = bind_iommufd(file.as_fd(), ioas.iommufd().as_raw_fd()).map_err(|e| {
             DeviceError::Vfio {
                 what: "VFIO_DEVICE_BIND_IOMMUFD",
-                detail: format!(
-                    "{e}; is every device of its IOMMU group bound to vfio-pci or to no driver?"
-                ),
+                detail: format!("{e}; {}", bind_hint(&e)),
             }
         })?;
         attach_pt(file.as_fd(), ioas.id()).map_err(|e| DeviceError::Vfio {
@@ -390,6 +406,14 @@ fn set_irqs(fd: BorrowedFd<'_>, flags: u32, index: u32, fds: &[i32]) -> io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bind_failures_say_what_their_errno_means() {
+        let hint = |errno| bind_hint(&std::io::Error::from_raw_os_error(errno));
+        assert!(hint(libc::EINVAL).contains("already open"));
+        assert!(hint(libc::EBUSY).contains("/dev/vfio/<group>"));
+        assert!(hint(libc::EPERM).contains("bound to vfio-pci"));
+    }
 
     #[test]
     fn ioctl_numbers_match_linux_vfio_h() {

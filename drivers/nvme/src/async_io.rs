@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use tidepool::data::DmaData;
 use tidepool::pool::DmaBuf;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::controller::Controller;
@@ -106,7 +106,10 @@ struct Inner {
 /// Dropping the last handle stops the reaper, which deletes the queue. If the runtime shuts
 /// down first (the reaper never runs again), the queue pair's own drop guard deletes the queue
 /// on the controller (or resets it) when the last handle goes, before any of its memory is
-/// freed.
+/// freed. The reaper holds a [`Controller`] handle until it is done, so the controller (and
+/// its device) outlive the last `AsyncQueue` by that long: [`AsyncQueue::close`] waits for it,
+/// for a caller that drops the controller and opens the device again (a VFIO cdev is bound once
+/// at a time).
 ///
 /// ```no_run
 /// # async fn demo(ctrl: tidepool_nvme::Controller) -> Result<(), tidepool_nvme::NvmeError> {
@@ -122,6 +125,8 @@ struct Inner {
 pub struct AsyncQueue {
     inner: Arc<Inner>,
     _handle: Arc<StopOnDrop>,
+    /// Becomes `true` when the reaper has deleted the queue and dropped its controller handle.
+    reaper_done: watch::Receiver<bool>,
 }
 
 /// Tells the reaper to stop when the last [`AsyncQueue`] handle goes.
@@ -162,11 +167,25 @@ impl AsyncQueue {
             stop: Notify::new(),
             counters: Counters::default(),
         });
-        tokio::spawn(reaper(inner.clone(), afd, cfg));
+        let (done_tx, reaper_done) = watch::channel(false);
+        tokio::spawn(reaper(inner.clone(), afd, cfg, done_tx));
         Ok(AsyncQueue {
             _handle: Arc::new(StopOnDrop(inner.clone())),
             inner,
+            reaper_done,
         })
+    }
+
+    /// Drops this handle and waits until every other handle is gone too and the reaper has
+    /// deleted the queue and let go of its [`Controller`] handle. After it returns, dropping
+    /// the caller's own `Controller` closes the device. Returns at once if the reaper's runtime
+    /// has shut down (the queue pair's drop guard deleted the queue then).
+    pub async fn close(self) {
+        let mut done = self.reaper_done.clone();
+        drop(self);
+        // Err: the reaper's task is gone without finishing (its runtime shut down), and with
+        // it the controller handle it held.
+        let _ = done.wait_for(|finished| *finished).await;
     }
 
     /// How the reaper has been woken so far (interrupts against timer ticks).
@@ -402,7 +421,12 @@ enum Wake {
 }
 
 /// The reaper task: interrupt → clear → poll → deliver; optional spin; timer for timeouts.
-async fn reaper(inner: Arc<Inner>, afd: AsyncFd<EventFd>, cfg: AsyncConfig) {
+async fn reaper(
+    inner: Arc<Inner>,
+    afd: AsyncFd<EventFd>,
+    cfg: AsyncConfig,
+    done: watch::Sender<bool>,
+) {
     let mut out = Vec::new();
     let c = &inner.counters;
     loop {
@@ -448,4 +472,7 @@ async fn reaper(inner: Arc<Inner>, afd: AsyncFd<EventFd>, cfg: AsyncConfig) {
         let _ = tokio::task::spawn_blocking(move || ctrl.delete_queue_pair(qp)).await;
     }
     drop(afd);
+    // The last controller handle of the queue's: after this, `close` may return.
+    drop(inner);
+    done.send_replace(true);
 }

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -297,4 +298,47 @@ fn reads_behind_a_full_queue_hold_no_pool_memory() {
     drop(rt);
     assert_eq!(rig.in_use(), rig.baseline);
     rig.finish();
+}
+
+/// `close` returns only once every handle is gone and the reaper has deleted the queue and
+/// dropped its controller handle: the caller's controller is then the last one, and dropping
+/// it releases the device at once (what reopening a VFIO cdev needs: it binds once at a time).
+#[test]
+fn close_waits_for_every_handle_and_the_reaper() {
+    let Rig {
+        nvme,
+        ctrl,
+        ns,
+        pool,
+        baseline,
+    } = Rig::with(emu_config(), async_config());
+    let rt = runtime();
+    let held_for = Duration::from_millis(100);
+    let waited = rt.block_on(async {
+        let q = AsyncQueue::new(&ctrl, 8, AsyncConfig::default()).unwrap();
+        let mut buf = vec![0u8; 4096];
+        q.read(&ns, 0, &mut buf).await.unwrap();
+        let other = q.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(held_for).await;
+            drop(other);
+        });
+        let start = std::time::Instant::now();
+        q.close().await;
+        start.elapsed()
+    });
+    assert!(
+        waited >= held_for,
+        "close returned after {waited:?}, while a handle was alive"
+    );
+    // The queue is deleted and its rings are back.
+    assert_eq!(pool.stats().in_use_bytes, baseline);
+    assert_eq!(nvme.admin_commands(0x00), 1, "one Delete I/O SQ");
+    // The reaper's controller handle is gone: this drop is the controller's last, so the
+    // device handle the controller held goes with it.
+    let with_controller = Arc::strong_count(&nvme);
+    drop(ctrl);
+    assert_eq!(Arc::strong_count(&nvme), with_controller - 1);
+    drop(rt);
+    drop(pool);
 }

@@ -92,11 +92,11 @@ async fn interrupts_drive_async(ctrl: &Controller) -> Res<()> {
             w.interrupts
         ));
     }
+    q.close().await;
     Ok(())
 }
 
-/// `before`: the pool's bytes in use with no I/O queue (the earlier test's queue may still
-/// be being deleted by its reaper when this starts).
+/// `before`: the pool's bytes in use with no I/O queue.
 async fn cancellation_loses_nothing(ctrl: &Controller, before: u64) -> Res<()> {
     let q = AsyncQueue::new(ctrl, 64, AsyncConfig::default()).map_err(|e| e.to_string())?;
     let ns = ctrl.namespace(1).map_err(|e| e.to_string())?;
@@ -131,12 +131,10 @@ async fn cancellation_loses_nothing(ctrl: &Controller, before: u64) -> Res<()> {
     // The queue still works.
     let mut buf = vec![0u8; 4096];
     q.read(&ns, 0, &mut buf).await.map_err(|e| e.to_string())?;
-    // Dropping the last handle deletes the queue (its rings and kept PRP list pages go back).
-    drop(q);
-    let t = Instant::now();
-    while ctrl.pool_stats().in_use_bytes != before && t.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Closing the last handle deletes the queue (its rings and kept PRP list pages go back)
+    // and lets go of the reaper's controller handle, so that the device closes with `ctrl`
+    // (the next test opens it again; a VFIO cdev is bound once at a time).
+    q.close().await;
     let after = ctrl.pool_stats().in_use_bytes;
     println!(
         "cancellation: {cancelled} of 64 futures dropped with {in_flight} commands in flight; outstanding then {outstanding}; pool in use {before} B before the queue, {after} B after it is gone"
@@ -313,5 +311,6 @@ async fn back_pressure(bdf: &str) -> Res<()> {
     if s.capacity_bytes > cap as u64 || s.waits == 0 {
         return Err("expected the pool to stay at its cap and requests to wait".into());
     }
+    q.close().await;
     Ok(())
 }
