@@ -509,13 +509,13 @@ impl<T> IoQueue<T> {
         let qp = self.qp.as_mut().expect("queue present until drop");
         // A blocking helper's chunk can only be here if the helper returned early (its error
         // went to its caller): its buffer is the device's no more and just goes back.
-        let r = qp.poll_each(check, &mut |cid, tag, data, result| {
+        let r = qp.poll_each(check, &mut |cid, tag, data, outcome| {
             if let Tag::User(user) = tag {
-                out.push(Done {
+                crate::queue::push_with(out, || Done {
                     cid,
                     user,
                     data,
-                    result,
+                    result: outcome.into_result(),
                 });
             }
         });
@@ -675,18 +675,18 @@ impl<T> IoQueue<T> {
         let qp = self.qp.as_mut().expect("queue present until drop");
         let stash = &mut self.stash;
         let mut own = Vec::new();
-        let r = qp.poll_each(false, &mut |cid, tag, data, result| match tag {
+        let r = qp.poll_each(false, &mut |cid, tag, data, outcome| match tag {
             Tag::User(user) => stash.push_back(Done {
                 cid,
                 user,
                 data,
-                result,
+                result: outcome.into_result(),
             }),
             Tag::Chunk { offset } => own.push(Done {
                 cid,
                 user: Tag::Chunk { offset },
                 data,
-                result,
+                result: outcome.into_result(),
             }),
         });
         match r {
