@@ -52,11 +52,13 @@ impl Daemon {
             .stdin(Stdio::null())
             .spawn()
             .expect("qemu-storage-daemon must be installed (apt-get install qemu-system-common)");
+        // Ready when the socket listens: the file appears at bind(), a moment before listen(),
+        // and a connection in between is refused (seen under load).
         let t = Instant::now();
-        while !socket.exists() {
+        while !listening(&socket) {
             assert!(
                 t.elapsed() < Duration::from_secs(10),
-                "daemon did not create its socket"
+                "daemon did not listen on its socket within 10 s"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -206,4 +208,19 @@ impl Rng {
             c.copy_from_slice(&v[..c.len()]);
         }
     }
+}
+
+/// Whether a Unix socket bound at `path` is listening: its line in `/proc/net/unix` has
+/// `__SO_ACCEPTCON` (0x10000) in its flags column.
+fn listening(path: &std::path::Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let path = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        cols.len() >= 8
+            && cols[7] == path
+            && u32::from_str_radix(cols[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+    })
 }
