@@ -12,7 +12,11 @@
 #   SET tpio   tpio, QD 32: tidepool engine zero-copy and bounce 4 KiB random reads and
 #              zero-copy 128 KiB sequential reads on the vfio controller; io_uring --direct=1
 #              4 KiB random and 128 KiB sequential reads on the kernel's NVMe namespace
-#                                                                     (needs --kernel-nvme)
+#                                                                     (needs --kernel-nvme);
+#              and io_uring 4 KiB random reads with the after build given
+#              --iodepth_batch_submit=32: builds from before tpio took fio's default of one
+#              submission per I/O batched all they had, so this case compares the engines
+#              at the same batching
 #   SET vnet   vnet_bench RUNTIME (its own 7 TX / 5 RX alternating rounds; per run, the medians
 #              it prints)                                            (needs --virtio-net)
 #   RUNTIME    seconds per measured run (default 2; vnet_bench takes fractions)
@@ -63,8 +67,9 @@ nvme_run() { # side
 }
 
 # tpio's JSON: the first "iops" is the job's read IOPS (in both commits' reports).
-tpio_run() { # side case engine dma rw bs
-    side=$1 case=$2 engine=$3 dma=$4 rw=$5 bs=$6
+tpio_run() { # side case engine dma rw bs [options for the after side only]
+    side=$1 case=$2 engine=$3 dma=$4 rw=$5 bs=$6 after_opts=""
+    [ "$side" = after ] && after_opts=${7:-}
     if [ "$engine" = tidepool ]; then
         target="--filename=${TIDEPOOL_NVME_BDF:?no vfio NVMe} --dma=$dma"
     else
@@ -73,7 +78,7 @@ tpio_run() { # side case engine dma rw bs
     # shellcheck disable=SC2086 # target is two options
     out=$("/opt/$side/tpio" --name="$case" --ioengine="$engine" $target --rw="$rw" --bs="$bs" \
         --iodepth=32 --size=1g --runtime="$RUNTIME" --time_based --output-format=json \
-        --output="/tmp/$case-$side.json" 2>&1)
+        --output="/tmp/$case-$side.json" $after_opts 2>&1)
     rc=$?
     iops=$(tr ',' '\n' <"/tmp/$case-$side.json" 2>/dev/null | awk -F: '/"iops"/ {gsub(/[ }]/, "", $2); print $2; exit}')
     if [ "$rc" != 0 ] || [ -z "$iops" ]; then
@@ -121,7 +126,8 @@ while [ "$round" -le "$ROUNDS" ]; do
             "tidepool-bounce-randread-4k tidepool bounce randread 4k" \
             "tidepool-zero-copy-read-128k tidepool zero-copy read 128k" \
             "io_uring-randread-4k io_uring - randread 4k" \
-            "io_uring-read-128k io_uring - read 128k"; do
+            "io_uring-read-128k io_uring - read 128k" \
+            "io_uring-randread-4k-batch32 io_uring - randread 4k --iodepth_batch_submit=32"; do
             for side in before after after before; do
                 # shellcheck disable=SC2086 # the case's words are the arguments
                 tpio_run "$side" $c
