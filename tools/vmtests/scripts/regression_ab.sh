@@ -14,9 +14,9 @@
 #              4 KiB random and 128 KiB sequential reads on the kernel's NVMe namespace
 #                                                                     (needs --kernel-nvme);
 #              and io_uring 4 KiB random reads with the after build given
-#              --iodepth_batch_submit=32: builds from before tpio took fio's default of one
-#              submission per I/O batched all they had, so this case compares the engines
-#              at the same batching
+#              --iodepth_batch_submit=32 --iodepth_batch_complete_max=32: builds from before
+#              tpio took fio's defaults (one submission and one completion at a time) batched
+#              all they had, so this case compares the engines at the same batching
 #   SET vnet   vnet_bench RUNTIME (its own 7 TX / 5 RX alternating rounds; per run, the medians
 #              it prints)                                            (needs --virtio-net)
 #   RUNTIME    seconds per measured run (default 2; vnet_bench takes fractions)
@@ -69,7 +69,7 @@ nvme_run() { # side
 # tpio's JSON: the first "iops" is the job's read IOPS (in both commits' reports).
 tpio_run() { # side case engine dma rw bs [options for the after side only]
     side=$1 case=$2 engine=$3 dma=$4 rw=$5 bs=$6 after_opts=""
-    [ "$side" = after ] && after_opts=${7:-}
+    if [ "$side" = after ]; then shift 6; after_opts="$*"; fi
     if [ "$engine" = tidepool ]; then
         target="--filename=${TIDEPOOL_NVME_BDF:?no vfio NVMe} --dma=$dma"
     else
@@ -127,7 +127,7 @@ while [ "$round" -le "$ROUNDS" ]; do
             "tidepool-zero-copy-read-128k tidepool zero-copy read 128k" \
             "io_uring-randread-4k io_uring - randread 4k" \
             "io_uring-read-128k io_uring - read 128k" \
-            "io_uring-randread-4k-batch32 io_uring - randread 4k --iodepth_batch_submit=32"; do
+            "io_uring-randread-4k-batch32 io_uring - randread 4k --iodepth_batch_submit=32 --iodepth_batch_complete_max=32"; do
             for side in before after after before; do
                 # shellcheck disable=SC2086 # the case's words are the arguments
                 tpio_run "$side" $c
