@@ -195,6 +195,18 @@ pub enum DmaMode {
     Auto,
 }
 
+/// `--nvme-data-pointer`: how the tidepool engine's NVMe commands describe their data
+/// (`tidepool_nvme::DataPointer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NvmeDataPointer {
+    /// SGLs if the controller supports them, PRPs otherwise (the driver's default).
+    Auto,
+    /// Always PRPs.
+    Prp,
+    /// Always SGLs (opening fails on a controller without them).
+    Sgl,
+}
+
 /// How the NVMe engine learns about completions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CompletionMode {
@@ -395,6 +407,14 @@ pub struct JobArgs {
     /// eventfd.
     #[arg(long, value_enum, default_value = "poll")]
     pub completion: CompletionMode,
+    /// tidepool engine: PRPs or SGLs for the commands' data.
+    #[arg(
+        long = "nvme-data-pointer",
+        alias = "nvme_data_pointer",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub nvme_data_pointer: NvmeDataPointer,
 }
 
 /// The block sizes a job uses: one size, a range to draw from, or a weighted split.
@@ -448,6 +468,8 @@ pub struct PoolSettings {
     pub chunk: Option<u64>,
     /// Completion mode.
     pub completion: CompletionMode,
+    /// PRPs or SGLs.
+    pub data_pointer: NvmeDataPointer,
 }
 
 /// A job with every default applied and every device-independent check passed.
@@ -735,6 +757,7 @@ impl JobArgs {
                 max: self.pool_max,
                 chunk: self.pool_chunk,
                 completion: self.completion,
+                data_pointer: self.nvme_data_pointer,
             },
             group_reporting: self.group_reporting,
             stonewall: self.stonewall,

@@ -16,7 +16,9 @@
 #              and io_uring 4 KiB random reads with the after build given
 #              --iodepth_batch_submit=32 --iodepth_batch_complete_max=32: builds from before
 #              tpio took fio's defaults (one submission and one completion at a time) batched
-#              all they had, so this case compares the engines at the same batching
+#              all they had, so this case compares the engines at the same batching; and
+#              the 128 KiB zero-copy case with the after build on PRPs (--nvme-data-pointer=prp),
+#              as builds from before always were
 #   SET vnet   vnet_bench RUNTIME (its own 7 TX / 5 RX alternating rounds; per run, the medians
 #              it prints)                                            (needs --virtio-net)
 #   RUNTIME    seconds per measured run (default 2; vnet_bench takes fractions)
@@ -127,7 +129,8 @@ while [ "$round" -le "$ROUNDS" ]; do
             "tidepool-zero-copy-read-128k tidepool zero-copy read 128k" \
             "io_uring-randread-4k io_uring - randread 4k" \
             "io_uring-read-128k io_uring - read 128k" \
-            "io_uring-randread-4k-batch32 io_uring - randread 4k --iodepth_batch_submit=32 --iodepth_batch_complete_max=32"; do
+            "io_uring-randread-4k-batch32 io_uring - randread 4k --iodepth_batch_submit=32 --iodepth_batch_complete_max=32" \
+            "tidepool-zero-copy-read-128k-prp tidepool zero-copy read 128k --nvme-data-pointer=prp"; do
             for side in before after after before; do
                 # shellcheck disable=SC2086 # the case's words are the arguments
                 tpio_run "$side" $c

@@ -56,13 +56,15 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use tidepool::data::{Calibration, Completed, DataKind, DmaData, DmaPolicy, HostMemory, PageBuf};
 use tidepool::pool::{Direction, DmaBuf, Pool, PoolConfig};
 use tidepool::share::direct::DirectMapper;
-use tidepool_nvme::{Controller, ControllerConfig, Done, IoQueue, Namespace, NvmeError};
+use tidepool_nvme::{
+    Controller, ControllerConfig, DataPointer, Done, IoQueue, Namespace, NvmeError,
+};
 
 use super::{
     fill_page, idle_slot, idle_slot_ref, read_page, target_label, Engine, EngineError, Geometry,
     IoCompletion, IoDirection, IoRequest,
 };
-use crate::options::{CompletionMode, DmaMode, JobSpec, PoolSettings};
+use crate::options::{CompletionMode, DmaMode, JobSpec, NvmeDataPointer, PoolSettings};
 
 /// The namespace the engine works on.
 const NSID: u32 = 1;
@@ -229,6 +231,11 @@ impl TidepoolEngine {
             // `qid` even for polled queues: so MSI-X stays enabled (a driver fix is pending).
             interrupts: true,
             pool: pool_config(&spec.pool),
+            data_pointer: match spec.pool.data_pointer {
+                NvmeDataPointer::Auto => DataPointer::Auto,
+                NvmeDataPointer::Prp => DataPointer::Prp,
+                NvmeDataPointer::Sgl => DataPointer::Sgl,
+            },
             ..ControllerConfig::default()
         };
         let ctrl = shared_controller(&bdf, cfg).map_err(|e| EngineError::Open {
@@ -727,6 +734,7 @@ mod tests {
             max,
             chunk,
             completion: CompletionMode::Poll,
+            data_pointer: NvmeDataPointer::Auto,
         };
         let cfg = pool_config(&settings(Some(5 << 20), Some(256 << 20), Some(4 << 20)));
         assert_eq!(cfg.chunk_bytes, 4 << 20);
