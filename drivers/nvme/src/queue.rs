@@ -169,8 +169,8 @@ fn push_to<T>(out: &mut Vec<Done<T>>) -> impl FnMut(u16, T, Option<DmaData>, Out
 /// building the value and storing it: the compiler can then build it in its slot. (`Vec::push`
 /// takes the value built on the stack before its capacity check, which may grow the vector,
 /// and then copies it over with wide loads of fields just stored one by one: a
-/// store-forwarding stall per field group, ~45 % of the poll's samples in `perf annotate` of
-/// `nvme_emu`'s inline QD 1, for a 128-byte [`Done`].)
+/// store-forwarding stall, one of the three that together took ~45 % of the poll's samples in
+/// `perf annotate` of `nvme_emu`'s inline QD 1, for a 128-byte [`Done`].)
 #[inline(always)]
 pub(crate) fn push_with<T>(out: &mut Vec<T>, make: impl FnOnce() -> T) {
     out.reserve(1);
