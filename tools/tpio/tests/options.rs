@@ -222,3 +222,35 @@ fn cpus_allowed_parses_fio_lists_and_refuses_bad_ones() {
     .expect_err("backwards range");
     assert!(err.to_string().contains("runs backwards"), "{err}");
 }
+
+#[test]
+fn nvme_data_pointer_takes_auto_prp_or_sgl() {
+    use tpio::options::NvmeDataPointer;
+    let (jobs, _) = parse(&["--name=t", "--ioengine=null", "--size=1m"]).expect("valid");
+    assert_eq!(jobs[0].pool.data_pointer, NvmeDataPointer::Auto);
+    let (jobs, _) = parse(&[
+        "--name=t",
+        "--ioengine=null",
+        "--size=1m",
+        "--nvme_data_pointer=prp",
+    ])
+    .expect("valid");
+    assert_eq!(jobs[0].pool.data_pointer, NvmeDataPointer::Prp);
+    let (jobs, _) = parse(&[
+        "--name=t",
+        "--ioengine=null",
+        "--size=1m",
+        "--nvme-data-pointer=sgl",
+    ])
+    .expect("valid");
+    assert_eq!(jobs[0].pool.data_pointer, NvmeDataPointer::Sgl);
+    let e = parse(&[
+        "--name=t",
+        "--ioengine=null",
+        "--size=1m",
+        "--nvme-data-pointer=bogus",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("auto, prp, sgl"), "{e}");
+}
